@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Installs (when missing) and starts, stops or reports the services the worker needs,
+# on 127.0.0.1 only: RabbitMQ from Debian's package, and Elasticsearch (or OpenSearch
+# with ENGINE=opensearch) from its test distribution on Maven Central.
+#
+#   scripts/services.sh start|stop|status
+#
+# Idempotent: `start` leaves running services alone; `stop` ends only what this script
+# started, found by its pid files under .services/.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+# shellcheck source=versions.env
+. "$here/versions.env"
+
+ENGINE=${ENGINE:-elasticsearch}
+STATE=${MUPDATE_SERVICES_DIR:-$root/.services}
+CACHE=${MUPDATE_CACHE_DIR:-/var/cache/mupdate-worker}
+ES_USER=${MUPDATE_ES_USER:-mupdate-es}
+ES_HEAP=${ES_HEAP:-1g}
+ES_PORT=9200
+AMQP_PORT=5672
+
+log() { printf '[services] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+need_root() {
+  [ "$(id -u)" = 0 ] || die "run as root: it installs packages and creates the '$ES_USER' user"
+}
+
+# ---------------------------------------------------------------- RabbitMQ
+
+rabbit_env() {
+  export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+  export RABBITMQ_NODE_PORT=$AMQP_PORT
+  export ERL_EPMD_ADDRESS=127.0.0.1
+  export RABBITMQ_DIST_PORT=25672
+  export RABBITMQ_PID_FILE=$STATE/rabbitmq/rabbitmq.pid
+  export RABBITMQ_NODENAME=${RABBITMQ_NODENAME:-rabbit@localhost}
+}
+
+rabbit_install() {
+  command -v rabbitmq-server >/dev/null && return
+  need_root
+  log "installing rabbitmq-server from Debian's packages"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
+}
+
+rabbit_up() { timeout 5 bash -c "</dev/tcp/127.0.0.1/$AMQP_PORT" 2>/dev/null; }
+
+rabbit_start() {
+  rabbit_env
+  if rabbit_up; then log "rabbitmq already listening on $AMQP_PORT"; return; fi
+  rabbit_install
+  mkdir -p "$STATE/rabbitmq"
+  chown rabbitmq: "$STATE/rabbitmq" 2>/dev/null || true
+  log "starting rabbitmq"
+  rabbitmq-server -detached
+  local t0=$SECONDS
+  until rabbit_up && rabbitmqctl -q await_startup >/dev/null 2>&1; do
+    [ $((SECONDS - t0)) -lt 120 ] || die "rabbitmq did not start in 120 s"
+    sleep 1
+  done
+  # The tests publish with user_id and read the broker's server properties as guest;
+  # guest may only connect from loopback, which is all we listen on.
+  log "rabbitmq ready in $((SECONDS - t0)) s"
+}
+
+rabbit_stop() {
+  rabbit_env
+  [ -f "$RABBITMQ_PID_FILE" ] || { log "rabbitmq: not started by this script"; return; }
+  log "stopping rabbitmq"
+  rabbitmqctl -q stop "$RABBITMQ_PID_FILE" >/dev/null 2>&1 || true
+  rm -f "$RABBITMQ_PID_FILE"
+}
+
+# ---------------------------------------------------------------- Elasticsearch / OpenSearch
+
+engine_coords() {
+  case "$ENGINE" in
+    elasticsearch)
+      GROUP=org.elasticsearch.distribution.integ-test-zip; ARTIFACT=elasticsearch; VERSION=$ES_VERSION
+      JAVA_VAR=ES_JAVA_HOME; OPTS_VAR=ES_JAVA_OPTS; CONF_VAR=ES_PATH_CONF ;;
+    opensearch)
+      GROUP=org.opensearch.distribution.integ-test-zip; ARTIFACT=opensearch; VERSION=$OPENSEARCH_VERSION
+      JAVA_VAR=OPENSEARCH_JAVA_HOME; OPTS_VAR=OPENSEARCH_JAVA_OPTS; CONF_VAR=OPENSEARCH_PATH_CONF ;;
+    *) die "ENGINE must be elasticsearch or opensearch, not '$ENGINE'" ;;
+  esac
+  HOME_DIR=$CACHE/$ARTIFACT-$VERSION
+  ENGINE_STATE=$STATE/$ENGINE
+}
+
+java_home() {
+  # 8.x and OpenSearch 2.x run on Java 17, the machine's default JDK.
+  local java
+  java=$(readlink -f "$(command -v java)")
+  dirname "$(dirname "$java")"
+}
+
+engine_up() { curl -fsS "http://127.0.0.1:$ES_PORT/_cluster/health" >/dev/null 2>&1; }
+
+engine_install() {
+  [ -x "$HOME_DIR/bin/$ARTIFACT" ] && return
+  need_root
+  command -v mvn >/dev/null || die "mvn is needed to fetch $ARTIFACT"
+  command -v unzip >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq unzip >/dev/null; }
+  log "fetching $GROUP:$ARTIFACT:$VERSION:zip from Maven Central"
+  local dl
+  dl=$(mktemp -d)
+  mvn -q -B dependency:copy -Dartifact="$GROUP:$ARTIFACT:$VERSION:zip" -DoutputDirectory="$dl" >&2
+  mkdir -p "$CACHE"
+  unzip -q -o "$dl/$ARTIFACT-$VERSION.zip" -d "$CACHE"
+  rm -rf "$dl"
+  chmod -R a+rX "$HOME_DIR"
+}
+
+engine_user() {
+  id "$ES_USER" >/dev/null 2>&1 && return
+  need_root
+  useradd --system --no-create-home --shell /usr/sbin/nologin "$ES_USER"
+}
+
+engine_config() {
+  local conf=$ENGINE_STATE/config
+  mkdir -p "$conf" "$ENGINE_STATE/data" "$ENGINE_STATE/logs"
+  cp -r "$HOME_DIR/config/." "$conf/"
+  local yml=$conf/$ARTIFACT.yml
+  {
+    echo "cluster.name: mupdate-dev"
+    echo "node.name: node-1"
+    echo "discovery.type: single-node"
+    echo "network.host: 127.0.0.1"
+    echo "http.port: $ES_PORT"
+    echo "path.data: $ENGINE_STATE/data"
+    echo "path.logs: $ENGINE_STATE/logs"
+    # Development machines often have little free disk; don't turn indices read-only.
+    echo "cluster.routing.allocation.disk.threshold_enabled: false"
+    if [ "$ENGINE" = elasticsearch ]; then
+      echo "xpack.security.enabled: false"
+    fi
+  } >"$yml"
+  chown -R "$ES_USER": "$ENGINE_STATE"
+}
+
+engine_start() {
+  engine_coords
+  if engine_up; then log "$ENGINE (or another engine) already answers on $ES_PORT"; return; fi
+  engine_install
+  engine_user
+  engine_config
+  log "starting $ENGINE $VERSION (heap $ES_HEAP)"
+  local jh
+  jh=$(java_home)
+  rm -f "$ENGINE_STATE/engine.pid"
+  runuser -u "$ES_USER" -- env "$JAVA_VAR=$jh" "$CONF_VAR=$ENGINE_STATE/config" \
+    "$OPTS_VAR=-Xms$ES_HEAP -Xmx$ES_HEAP" \
+    "$HOME_DIR/bin/$ARTIFACT" -d -p "$ENGINE_STATE/engine.pid" \
+    >"$STATE/$ENGINE.out" 2>&1 || { cat "$STATE/$ENGINE.out" >&2; die "$ENGINE failed to start"; }
+  local t0=$SECONDS
+  until curl -fsS "http://127.0.0.1:$ES_PORT/_cluster/health?wait_for_status=yellow&timeout=5s" >/dev/null 2>&1; do
+    if [ $((SECONDS - t0)) -ge 180 ]; then
+      tail -n 50 "$ENGINE_STATE/logs/"*.log >&2 || true
+      die "$ENGINE did not become healthy in 180 s"
+    fi
+    sleep 1
+  done
+  log "$ENGINE ready in $((SECONDS - t0)) s"
+}
+
+engine_stop() {
+  engine_coords
+  local pidf=$ENGINE_STATE/engine.pid
+  [ -f "$pidf" ] || { log "$ENGINE: not started by this script"; return; }
+  local pid
+  pid=$(cat "$pidf")
+  log "stopping $ENGINE (pid $pid)"
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$pidf"
+}
+
+# ---------------------------------------------------------------- main
+
+case "${1:-}" in
+  start)
+    mkdir -p "$STATE"
+    rabbit_start
+    engine_start ;;
+  stop)
+    engine_stop
+    rabbit_stop ;;
+  status)
+    rabbit_up && echo "rabbitmq: up on 127.0.0.1:$AMQP_PORT" || echo "rabbitmq: down"
+    if engine_up; then
+      echo "engine: up on 127.0.0.1:$ES_PORT ($(curl -fsS "http://127.0.0.1:$ES_PORT/" | tr -d '\n ' | grep -o '"number":"[^"]*"'))"
+    else echo "engine: down"; fi ;;
+  *) echo "usage: $0 start|stop|status   (ENGINE=elasticsearch|opensearch)" >&2; exit 2 ;;
+esac

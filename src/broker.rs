@@ -1,0 +1,155 @@
+//! RabbitMQ over AMQP 0-9-1: topology, the request consumer and confirmed reply
+//! publishing. Knows nothing of the storage engine.
+
+use lapin::Confirmation;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+
+use crate::config::AmqpSettings;
+use crate::envelope::Properties;
+use crate::reply::Destination;
+
+/// What the broker said of a published reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Routed and confirmed: the request can be acked.
+    Confirmed,
+    /// Confirmed but routed nowhere (no such queue or binding).
+    Unroutable,
+    /// The broker refused it.
+    Nacked,
+}
+
+/// One connection with a consuming channel and a confirming publishing channel.
+pub struct Broker {
+    connection: Connection,
+    consume: Channel,
+    publish: Channel,
+    consumer_tag: String,
+}
+
+impl Broker {
+    pub async fn connect(settings: &AmqpSettings) -> Result<Self, lapin::Error> {
+        let connection = Connection::connect(
+            &settings.url,
+            ConnectionProperties::default().with_connection_name("mupdate-worker".into()),
+        )
+        .await?;
+        let consume = connection.create_channel().await?;
+        consume
+            .basic_qos(settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let publish = connection.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let consumer_tag = format!("mupdate-worker-{}", uuid::Uuid::new_v4());
+        Ok(Broker {
+            connection,
+            consume,
+            publish,
+            consumer_tag,
+        })
+    }
+
+    /// Declares the request queue and the default reply queue, both durable.
+    pub async fn declare(&self, settings: &AmqpSettings) -> Result<(), lapin::Error> {
+        for queue in [&settings.request_queue, &settings.reply_queue] {
+            self.consume
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions::durable(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Starts consuming with manual acks.
+    pub async fn consume(&self, queue: &str) -> Result<Consumer, lapin::Error> {
+        self.consume
+            .basic_consume(
+                queue.into(),
+                self.consumer_tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+
+    /// Stops the broker from sending more requests; unacked ones stay with us.
+    pub async fn cancel(&self) -> Result<(), lapin::Error> {
+        self.consume
+            .basic_cancel(
+                self.consumer_tag.as_str().into(),
+                BasicCancelOptions::default(),
+            )
+            .await
+    }
+
+    /// Publishes a reply and waits for the broker's confirm.
+    pub async fn publish_reply(
+        &self,
+        destination: &Destination,
+        request_id: &str,
+        status: u16,
+        body: &[u8],
+    ) -> Result<Published, lapin::Error> {
+        let mut headers = FieldTable::default();
+        headers.insert("status".into(), AMQPValue::ShortInt(status as i16));
+        let mut properties = BasicProperties::default()
+            .with_correlation_id(request_id.into())
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        if destination.persistent() {
+            properties = properties.with_delivery_mode(2);
+        }
+        let (exchange, routing_key) = destination.route();
+        let confirm = self
+            .publish
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await?
+            .await?;
+        Ok(match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Published::Confirmed,
+            Confirmation::Ack(Some(_)) => Published::Unroutable,
+            Confirmation::Nack(_) => Published::Nacked,
+        })
+    }
+
+    pub async fn close(&self) {
+        let _ = self.consume.close(200, "shutdown".into()).await;
+        let _ = self.publish.close(200, "shutdown".into()).await;
+        let _ = self.connection.close(200, "shutdown".into()).await;
+    }
+}
+
+fn text(value: &Option<ShortString>) -> Option<String> {
+    value.as_ref().map(|s| s.as_str().to_owned())
+}
+
+/// The properties of a delivery the envelope reads.
+pub fn properties(delivery: &Delivery) -> Properties {
+    let p = &delivery.properties;
+    Properties {
+        reply_to: text(p.reply_to()),
+        correlation_id: text(p.correlation_id()),
+        message_id: text(p.message_id()),
+        user_id: text(p.user_id()),
+    }
+}

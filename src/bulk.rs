@@ -1,0 +1,223 @@
+//! The `_bulk` request body (SPEC section 2) and the reading of its response. Pure
+//! functions: the engine client sends the bytes, this module makes and reads them.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// `_kuzzle_info` written into every updated document.
+#[derive(Debug, Clone, Copy)]
+pub struct Metadata<'a> {
+    /// Epoch milliseconds.
+    pub updated_at: i64,
+    /// The broker-verified AMQP `user_id`, if any.
+    pub updater: Option<&'a str>,
+}
+
+/// Options shared by every item of one request.
+#[derive(Debug, Clone, Copy)]
+pub struct ItemOptions<'a> {
+    pub target: &'a str,
+    pub retry_on_conflict: u32,
+    pub include_source: bool,
+    pub metadata: Option<Metadata<'a>>,
+}
+
+/// Appends one `update` action and its partial document to an NDJSON body.
+pub fn append_update(
+    buf: &mut Vec<u8>,
+    opts: &ItemOptions<'_>,
+    id: &str,
+    body: &Map<String, Value>,
+) {
+    let action = serde_json::json!({"update": {
+        "_index": opts.target, "_id": id, "retry_on_conflict": opts.retry_on_conflict}});
+    // Serializing a Value to a Vec can't fail.
+    let _ = serde_json::to_writer(&mut *buf, &action);
+    buf.push(b'\n');
+
+    let mut doc = body.clone();
+    // Clients can't forge metadata: theirs goes, ours comes in.
+    doc.remove("_kuzzle_info");
+    if let Some(meta) = opts.metadata {
+        doc.insert(
+            "_kuzzle_info".into(),
+            serde_json::json!({"updatedAt": meta.updated_at, "updater": meta.updater}),
+        );
+    }
+    let line = serde_json::json!({"doc": doc, "_source": opts.include_source});
+    let _ = serde_json::to_writer(&mut *buf, &line);
+    buf.push(b'\n');
+}
+
+/// One item of a bulk response.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Item {
+    pub status: u16,
+    #[serde(rename = "_version")]
+    pub version: Option<i64>,
+    pub result: Option<String>,
+    #[serde(rename = "_shards")]
+    pub shards: Option<Value>,
+    pub get: Option<Get>,
+    pub error: Option<ItemError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Get {
+    #[serde(rename = "_source")]
+    pub source: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ItemError {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl Item {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status) && self.error.is_none()
+    }
+
+    /// A busy engine refused this item: it is worth sending again.
+    pub fn is_rejected(&self) -> bool {
+        matches!(self.status, 429 | 503)
+    }
+
+    /// The reason given to the client for a failed item.
+    pub fn reason(&self) -> String {
+        if self.status == 404 {
+            return "document not found".into();
+        }
+        match &self.error {
+            Some(ItemError {
+                reason: Some(reason),
+                ..
+            }) => reason.clone(),
+            Some(ItemError { kind, .. }) if !kind.is_empty() => kind.clone(),
+            _ => format!("storage engine answered {}", self.status),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Response {
+    items: Vec<std::collections::HashMap<String, Item>>,
+}
+
+/// Reads a bulk response: its items, in the order of the request's actions.
+pub fn parse_response(bytes: &[u8], expected: usize) -> Result<Vec<Item>, String> {
+    let response: Response =
+        serde_json::from_slice(bytes).map_err(|e| format!("unreadable bulk response: {e}"))?;
+    if response.items.len() != expected {
+        return Err(format!(
+            "bulk response has {} items for {expected} actions",
+            response.items.len()
+        ));
+    }
+    response
+        .items
+        .into_iter()
+        .map(|mut entry| {
+            entry
+                .remove("update")
+                .ok_or_else(|| "bulk response item is not an update".to_owned())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn opts(metadata: Option<Metadata<'_>>) -> ItemOptions<'_> {
+        ItemOptions {
+            target: "&shop.products",
+            retry_on_conflict: 3,
+            include_source: true,
+            metadata,
+        }
+    }
+
+    fn lines(buf: &[u8]) -> Vec<Value> {
+        buf.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn an_update_is_an_action_line_and_a_doc_line() {
+        let mut buf = Vec::new();
+        let body = json!({"price": 10, "_kuzzle_info": {"updater": "forged"}});
+        let meta = Metadata {
+            updated_at: 1234,
+            updater: Some("alice"),
+        };
+        append_update(&mut buf, &opts(Some(meta)), "p1", body.as_object().unwrap());
+        assert!(buf.ends_with(b"\n"));
+        let l = lines(&buf);
+        assert_eq!(
+            l[0],
+            json!({"update": {"_index": "&shop.products", "_id": "p1", "retry_on_conflict": 3}})
+        );
+        assert_eq!(
+            l[1],
+            json!({"doc": {"price": 10, "_kuzzle_info": {"updatedAt": 1234, "updater": "alice"}},
+                   "_source": true})
+        );
+    }
+
+    #[test]
+    fn client_metadata_is_dropped_even_without_ours() {
+        let mut buf = Vec::new();
+        let body = json!({"a": 1, "_kuzzle_info": {"author": "x"}});
+        append_update(&mut buf, &opts(None), "p1", body.as_object().unwrap());
+        assert_eq!(lines(&buf)[1]["doc"], json!({"a": 1}));
+    }
+
+    // Recorded from Elasticsearch 8.19.
+    const RECORDED: &str = r#"{"errors":true,"took":1000,"items":[
+      {"update":{"_index":"t1","_id":"a","_version":2,"result":"updated","_shards":{"total":2,"successful":1,"failed":0},"_seq_no":1,"_primary_term":1,"get":{"_seq_no":1,"_primary_term":1,"found":true,"_source":{"x":1,"n":"k","y":1}},"status":200}},
+      {"update":{"_index":"t1","_id":"b","status":404,"error":{"type":"document_missing_exception","reason":"[b]: document missing","index_uuid":"TVFyVqk-SqCkDFhiIu3Nmg","shard":"0","index":"t1"}}},
+      {"update":{"_index":"t1","_id":"a","status":400,"error":{"type":"document_parsing_exception","reason":"[1:6] failed to parse field [x] of type [long] in document with id 'a'. Preview of field's value: 'notanumber'","caused_by":{"type":"illegal_argument_exception","reason":"For input string: \"notanumber\""}}}},
+      {"update":{"_index":"t1","_id":"a","_version":2,"result":"noop","_shards":{"total":2,"successful":1,"failed":0},"_seq_no":1,"_primary_term":1,"status":200}},
+      {"update":{"_index":"t1","_id":"c","status":429,"error":{"type":"es_rejected_execution_exception","reason":"rejected execution of coordinating operation"}}},
+      {"update":{"_index":"t1","_id":"d","status":409,"error":{"type":"version_conflict_engine_exception","reason":"[d]: version conflict, required seqNo [5], primary term [1]. current document has seqNo [6] and primary term [1]"}}}
+    ]}"#;
+
+    #[test]
+    fn recorded_items_map_to_successes_and_reasons() {
+        let items = parse_response(RECORDED.as_bytes(), 6).unwrap();
+        assert!(items[0].is_success());
+        assert_eq!(items[0].version, Some(2));
+        assert_eq!(
+            items[0].get.as_ref().unwrap().source,
+            Some(json!({"x":1,"n":"k","y":1}))
+        );
+        assert_eq!(
+            (items[1].status, items[1].reason()),
+            (404, "document not found".into())
+        );
+        assert!(
+            items[2]
+                .reason()
+                .starts_with("[1:6] failed to parse field [x]")
+        );
+        assert!(items[3].is_success());
+        assert_eq!(items[3].result.as_deref(), Some("noop"));
+        assert!(items[4].is_rejected() && !items[4].is_success());
+        assert_eq!(items[5].status, 409);
+        assert!(items[5].reason().contains("version conflict"));
+    }
+
+    #[test]
+    fn a_short_or_garbled_response_is_an_error() {
+        assert!(parse_response(RECORDED.as_bytes(), 5).is_err());
+        assert!(parse_response(b"<html>", 1).is_err());
+        assert!(parse_response(br#"{"items":[{"index":{"status":200}}]}"#, 1).is_err());
+    }
+}

@@ -1,0 +1,175 @@
+//! A request/reply client over direct reply-to: what `mupdate-worker send` uses, and
+//! what an RPC-over-AMQP caller does.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::reply::DIRECT_REPLY_TO;
+
+type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("the broker refused the request")]
+    Refused,
+    #[error("{0}")]
+    Input(String),
+}
+
+pub struct Client {
+    _connection: Connection,
+    channel: Channel,
+    waiting: Waiting,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let mut replies = channel
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                "mupdate-client".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let waiting: Waiting = Arc::default();
+        let dispatch = waiting.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = replies.next().await {
+                let id = delivery
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|c| c.to_string());
+                let sender = id.and_then(|id| dispatch.lock().expect("poisoned").remove(&id));
+                if let Some(sender) = sender {
+                    let _ = sender.send(delivery.data);
+                }
+            }
+        });
+        Ok(Client {
+            _connection: connection,
+            channel,
+            waiting,
+        })
+    }
+
+    /// Publishes one envelope to `queue` and waits for its reply.
+    pub async fn request(
+        &self,
+        queue: &str,
+        body: &[u8],
+        correlation_id: &str,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .expect("poisoned")
+            .insert(correlation_id.to_owned(), tx);
+        let properties = BasicProperties::default()
+            .with_reply_to(DIRECT_REPLY_TO.into())
+            .with_correlation_id(correlation_id.into())
+            .with_content_type("application/json".into());
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await?
+            .await?;
+        if confirm.is_nack() {
+            self.waiting
+                .lock()
+                .expect("poisoned")
+                .remove(correlation_id);
+            return Err(ClientError::Refused);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            _ => {
+                self.waiting
+                    .lock()
+                    .expect("poisoned")
+                    .remove(correlation_id);
+                Err(ClientError::Timeout(timeout))
+            }
+        }
+    }
+}
+
+/// Reads documents given as one JSON array or as NDJSON, one document a line.
+pub fn read_documents(text: &str) -> Result<Vec<Value>, ClientError> {
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        return serde_json::from_str(trimmed)
+            .map_err(|e| ClientError::Input(format!("documents: {e}")));
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(n, line)| {
+            serde_json::from_str(line)
+                .map_err(|e| ClientError::Input(format!("documents line {}: {e}", n + 1)))
+        })
+        .collect()
+}
+
+/// An mUpdate envelope.
+pub fn envelope(
+    index: &str,
+    collection: &str,
+    documents: Vec<Value>,
+    refresh: Option<&str>,
+    retry_on_conflict: Option<u32>,
+) -> Value {
+    let mut envelope = json!({
+        "controller": "document", "action": "mUpdate",
+        "index": index, "collection": collection,
+        "body": {"documents": documents}});
+    if let Some(refresh) = refresh {
+        envelope["refresh"] = refresh.into();
+    }
+    if let Some(retries) = retry_on_conflict {
+        envelope["retryOnConflict"] = retries.into();
+    }
+    envelope
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_as_ndjson_or_array() {
+        let nd = "{\"_id\":\"a\",\"body\":{}}\n\n{\"_id\":\"b\",\"body\":{}}\n";
+        assert_eq!(read_documents(nd).unwrap().len(), 2);
+        assert_eq!(read_documents("[{\"_id\":\"a\"}]").unwrap().len(), 1);
+        let err = read_documents("{}\n{nope").unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+    }
+}

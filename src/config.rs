@@ -1,0 +1,239 @@
+//! Typed settings: `config/default.toml` (compiled in), an optional file, then
+//! `MUPDATE__<SECTION>__<KEY>` environment variables. Validated once, at start-up.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Settings {
+    pub amqp: AmqpSettings,
+    pub storage: StorageSettings,
+    pub response: ResponseSettings,
+    pub limits: Limits,
+    pub metrics: MetricsSettings,
+    pub worker: WorkerSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct AmqpSettings {
+    pub url: String,
+    pub request_queue: String,
+    pub reply_queue: String,
+    pub reply_exchange: String,
+    pub prefetch: u16,
+    pub declare: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct StorageSettings {
+    pub url: String,
+    pub index_template: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub api_key: Option<String>,
+    pub kuzzle_metadata: bool,
+    pub default_retry_on_conflict: u32,
+    pub timeout_ms: u64,
+    pub retry_min_delay_ms: u64,
+    pub retry_max_delay_ms: u64,
+    pub item_retries: u32,
+    pub index_cache_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ResponseSettings {
+    pub format: Format,
+    pub include_source: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Limits {
+    pub documents_write_count: usize,
+    pub max_message_bytes: usize,
+    pub max_retry_on_conflict: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MetricsSettings {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct WorkerSettings {
+    pub shutdown_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct LogSettings {
+    pub level: String,
+}
+
+/// A setting that can't be used, named by its key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl Settings {
+    /// Defaults, then `file` when given, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix("MUPDATE")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The compiled-in defaults alone.
+    pub fn defaults() -> Self {
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .expect("config/default.toml is valid");
+        settings
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if !self.amqp.url.starts_with("amqp://") && !self.amqp.url.starts_with("amqps://") {
+            return invalid("amqp.url", "must be an amqp:// or amqps:// URL");
+        }
+        if self.amqp.request_queue.is_empty() {
+            return invalid("amqp.request_queue", "must not be empty");
+        }
+        if self.amqp.prefetch == 0 {
+            return invalid("amqp.prefetch", "must be at least 1");
+        }
+        for url in self.storage.urls() {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return invalid("storage.url", "must be http:// or https:// URLs");
+            }
+        }
+        if !self.storage.index_template.contains("{index}") {
+            return invalid("storage.index_template", "must contain {index}");
+        }
+        if self.limits.documents_write_count == 0 {
+            return invalid("limits.documents_write_count", "must be at least 1");
+        }
+        if self.storage.default_retry_on_conflict > self.limits.max_retry_on_conflict {
+            return invalid(
+                "storage.default_retry_on_conflict",
+                "must not exceed limits.max_retry_on_conflict",
+            );
+        }
+        Ok(())
+    }
+
+    /// The settings as TOML-ready JSON with every secret replaced.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut copy = self.clone();
+        copy.amqp.url = redact_url(&copy.amqp.url);
+        copy.storage.url = copy
+            .storage
+            .urls()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",");
+        for secret in [&mut copy.storage.password, &mut copy.storage.api_key] {
+            if secret.is_some() {
+                *secret = Some("<redacted>".into());
+            }
+        }
+        serde_json::to_value(copy).unwrap_or_default()
+    }
+}
+
+impl StorageSettings {
+    /// The engine's node URLs.
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.url.split(',').map(str::trim).filter(|u| !u.is_empty())
+    }
+}
+
+/// Removes the password of `scheme://user:password@host…`, for logs and `config`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("{}{user}:<redacted>{}", &url[..scheme_end + 3], &rest[at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_spec_defaults() {
+        let s = Settings::defaults();
+        assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.amqp.request_queue, "mupdate.requests");
+        assert_eq!(s.amqp.reply_queue, "mupdate.replies");
+        assert_eq!(s.amqp.reply_exchange, "");
+        assert_eq!(s.storage.url, "http://127.0.0.1:9200");
+        assert_eq!(s.storage.index_template, "&{index}.{collection}");
+        assert!(s.storage.username.is_none() && s.storage.password.is_none());
+        assert!(s.storage.kuzzle_metadata);
+        assert_eq!(s.response.format, Format::V1);
+        assert!(s.response.include_source);
+        assert_eq!(s.limits.documents_write_count, 200);
+        assert_eq!(s.limits.max_message_bytes, 16_777_216);
+        assert_eq!(s.limits.max_retry_on_conflict, 100);
+        assert_eq!(s.metrics.listen, "127.0.0.1:9464");
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn url_passwords_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:<redacted>@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("http://127.0.0.1:9200"), "http://127.0.0.1:9200");
+    }
+
+    #[test]
+    fn zero_prefetch_is_refused_by_key() {
+        let mut s = Settings::defaults();
+        s.amqp.prefetch = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("amqp.prefetch"), "{err}");
+    }
+}

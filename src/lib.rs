@@ -1,0 +1,16 @@
+//! mupdate-worker: Kuzzle's `document:mUpdate` over RabbitMQ, applied to Elasticsearch.
+//!
+//! The pipeline reads in one direction: a delivery's bytes become an [`envelope`],
+//! its documents a [`bulk`] body sent by [`storage`], the bulk items a [`response`],
+//! published by [`broker`] to the [`reply`] destination, then acked ([`worker`]).
+
+pub mod broker;
+pub mod bulk;
+pub mod client;
+pub mod config;
+pub mod envelope;
+pub mod error;
+pub mod reply;
+pub mod response;
+pub mod storage;
+pub mod worker;

@@ -1,0 +1,163 @@
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use mupdate_worker::client::{self, Client};
+use mupdate_worker::config::Settings;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Executes Kuzzle's document:mUpdate requests from RabbitMQ against Elasticsearch.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// A TOML file overriding config/default.toml (environment variables
+    /// MUPDATE__SECTION__KEY override both).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume requests and reply (the default).
+    Run,
+    /// Publish one mUpdate request, wait for its reply and print it.
+    Send(SendArgs),
+    /// Print the effective configuration, secrets redacted.
+    Config,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    /// A whole envelope (JSON), or `-` for stdin. Not with --index/--collection.
+    #[arg(conflicts_with_all = ["index", "collection", "documents"])]
+    envelope: Option<PathBuf>,
+    /// Build the envelope: Kuzzle index.
+    #[arg(long, requires_all = ["collection", "documents"])]
+    index: Option<String>,
+    /// Build the envelope: Kuzzle collection.
+    #[arg(long)]
+    collection: Option<String>,
+    /// Build the envelope: documents as NDJSON or a JSON array, or `-` for stdin.
+    #[arg(long)]
+    documents: Option<PathBuf>,
+    /// `wait_for` to reply only once the documents are searchable.
+    #[arg(long)]
+    refresh: Option<String>,
+    #[arg(long)]
+    retry_on_conflict: Option<u32>,
+    /// Seconds to wait for the reply.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+}
+
+fn read_input(path: &PathBuf) -> std::io::Result<String> {
+    if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        Ok(text)
+    } else {
+        std::fs::read_to_string(path)
+    }
+}
+
+async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
+    let body = match (
+        &args.envelope,
+        &args.index,
+        &args.collection,
+        &args.documents,
+    ) {
+        (Some(path), ..) => read_input(path)?.into_bytes(),
+        (None, Some(index), Some(collection), Some(docs)) => {
+            let documents = client::read_documents(&read_input(docs)?)?;
+            let envelope = client::envelope(
+                index,
+                collection,
+                documents,
+                args.refresh.as_deref(),
+                args.retry_on_conflict,
+            );
+            serde_json::to_vec(&envelope)?
+        }
+        _ => anyhow::bail!("give an envelope file, or --index, --collection and --documents"),
+    };
+    let client = Client::connect(&settings.amqp.url).await?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let reply = client
+        .request(
+            &settings.amqp.request_queue,
+            &body,
+            &id,
+            Duration::from_secs(args.timeout),
+        )
+        .await?;
+    println!("{}", String::from_utf8_lossy(&reply));
+    let status = serde_json::from_slice::<serde_json::Value>(&reply)
+        .ok()
+        .and_then(|v| v["status"].as_u64())
+        .unwrap_or(0);
+    Ok(if (200..300).contains(&status) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn shutdown_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    token.cancel();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("mupdate-worker: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let token = CancellationToken::new();
+            tokio::spawn(shutdown_signal(token.clone()));
+            mupdate_worker::worker::run(settings, token)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Send(args) => send(&settings, args).await,
+        Command::Config => {
+            let text = serde_json::to_string_pretty(&settings.redacted()).unwrap_or_default();
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    result.unwrap_or_else(|err| {
+        eprintln!("mupdate-worker: {err:#}");
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,228 @@
+//! The storage engine (Elasticsearch or OpenSearch) over HTTP: index existence and the
+//! `_bulk` call, with capped exponential backoff while the engine is unreachable or
+//! busy. Knows nothing of AMQP or of Kuzzle envelopes.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use elasticsearch::Elasticsearch;
+use elasticsearch::auth::Credentials;
+use elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use elasticsearch::http::transport::{MultiNodeConnectionPool, TransportBuilder};
+use elasticsearch::http::{Method, Url};
+
+use crate::config::StorageSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// Worth retrying: the engine is down, slow or overloaded.
+    #[error("storage engine unavailable: {0}")]
+    Unavailable(String),
+    /// The engine refused the call itself; retrying would not help.
+    #[error("storage engine answered {status}: {reason}")]
+    Refused { status: u16, reason: String },
+    #[error("storage configuration: {0}")]
+    Config(String),
+}
+
+impl StorageError {
+    fn is_transient(&self) -> bool {
+        matches!(self, StorageError::Unavailable(_))
+    }
+}
+
+/// Whether a request's target can be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexState {
+    Exists,
+    UnknownIndex,
+    UnknownCollection,
+}
+
+pub struct Storage {
+    client: Elasticsearch,
+    timeout: Duration,
+    backoff: ExponentialBuilder,
+    cache_for: Duration,
+    /// Physical indexes seen to exist, and when.
+    known: Mutex<HashMap<String, Instant>>,
+}
+
+impl Storage {
+    pub fn new(settings: &StorageSettings) -> Result<Self, StorageError> {
+        let urls = settings
+            .urls()
+            .map(|u| Url::parse(u).map_err(|e| StorageError::Config(format!("storage.url: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pool = MultiNodeConnectionPool::round_robin(urls, None);
+        let mut builder = TransportBuilder::new(pool);
+        if let Some(key) = settings.api_key.as_ref().filter(|k| !k.is_empty()) {
+            builder = builder.auth(Credentials::EncodedApiKey(key.clone()));
+        } else if let Some(user) = settings.username.as_ref().filter(|u| !u.is_empty()) {
+            let password = settings.password.clone().unwrap_or_default();
+            builder = builder.auth(Credentials::Basic(user.clone(), password));
+        }
+        let transport = builder
+            .build()
+            .map_err(|e| StorageError::Config(e.to_string()))?;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(settings.retry_min_delay_ms))
+            .with_max_delay(Duration::from_millis(settings.retry_max_delay_ms))
+            .with_jitter()
+            .without_max_times();
+        Ok(Storage {
+            client: Elasticsearch::new(transport),
+            timeout: Duration::from_millis(settings.timeout_ms),
+            backoff,
+            cache_for: Duration::from_millis(settings.index_cache_ms),
+            known: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// One HTTP call; transport failures, 5xx and 429 are `Unavailable`.
+    async fn call_once(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Vec<u8>), StorageError> {
+        let mut headers = HeaderMap::new();
+        if body.is_some() {
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/x-ndjson"),
+            );
+        }
+        let response = self
+            .client
+            .send(method, path, headers, Some(query), body, Some(self.timeout))
+            .await
+            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        let status = response.status_code().as_u16();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        if status >= 500 || status == 429 {
+            let reason = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
+            return Err(StorageError::Unavailable(format!(
+                "HTTP {status}: {reason}"
+            )));
+        }
+        Ok((status, bytes.to_vec()))
+    }
+
+    /// `call_once`, retried for as long as the engine is unavailable.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Vec<u8>), StorageError> {
+        (|| self.call_once(method, path, query, body))
+            .retry(self.backoff)
+            .when(StorageError::is_transient)
+            .notify(|err, wait| tracing::warn!(error = %err, ?wait, "storage engine call failed; retrying"))
+            .await
+    }
+
+    async fn exists(&self, pattern: &str) -> Result<bool, StorageError> {
+        let path = format!("/{}", encode_path(pattern));
+        let query = [("allow_no_indices", "false"), ("expand_wildcards", "open")];
+        match self.call(Method::Head, &path, &query, None).await? {
+            (200, _) => Ok(true),
+            (404, _) => Ok(false),
+            (status, body) => Err(StorageError::Refused {
+                status,
+                reason: String::from_utf8_lossy(&body).into_owned(),
+            }),
+        }
+    }
+
+    /// Whether `target` exists; if not, whether any index of the Kuzzle index does
+    /// (`index_pattern`, the template with `*` for the collection).
+    pub async fn index_state(
+        &self,
+        target: &str,
+        index_pattern: Option<&str>,
+    ) -> Result<IndexState, StorageError> {
+        if let Some(seen) = self.known.lock().expect("poisoned").get(target)
+            && seen.elapsed() < self.cache_for
+        {
+            return Ok(IndexState::Exists);
+        }
+        if self.exists(target).await? {
+            self.known
+                .lock()
+                .expect("poisoned")
+                .insert(target.to_owned(), Instant::now());
+            return Ok(IndexState::Exists);
+        }
+        match index_pattern {
+            Some(pattern) if self.exists(pattern).await? => Ok(IndexState::UnknownCollection),
+            _ => Ok(IndexState::UnknownIndex),
+        }
+    }
+
+    /// Sends an NDJSON bulk body and returns the engine's response body.
+    pub async fn bulk(&self, body: &[u8], wait_for: bool) -> Result<Vec<u8>, StorageError> {
+        let query: &[(&str, &str)] = if wait_for {
+            &[("refresh", "wait_for")]
+        } else {
+            &[]
+        };
+        match self.call(Method::Post, "/_bulk", query, Some(body)).await? {
+            (200, bytes) => Ok(bytes),
+            (status, bytes) => Err(StorageError::Refused {
+                status,
+                reason: error_reason(&bytes),
+            }),
+        }
+    }
+}
+
+/// The `error.reason` of an engine error body, or its first bytes.
+fn error_reason(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["reason"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned())
+}
+
+/// Percent-encodes an index name for a URL path, keeping `*` for patterns.
+fn encode_path(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.*~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_names_are_path_encoded() {
+        assert_eq!(encode_path("&shop.products"), "%26shop.products");
+        assert_eq!(encode_path("&shop.*"), "%26shop.*");
+        assert_eq!(encode_path("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn error_reasons_come_from_the_body() {
+        assert_eq!(
+            error_reason(br#"{"error":{"reason":"bad"},"status":400}"#),
+            "bad"
+        );
+        assert_eq!(error_reason(b"plain"), "plain");
+    }
+}

@@ -1,0 +1,316 @@
+//! The pipeline, one delivery at a time: envelope → bulk update → response → reply →
+//! ack; and the consuming loop around it, with reconnection and graceful shutdown.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::broker::{self, Broker, Published};
+use crate::bulk::{self, ItemOptions, Metadata};
+use crate::config::Settings;
+use crate::envelope::{self, Properties, Refresh};
+use crate::error::RequestError;
+use crate::reply::Destination;
+use crate::response::{self, Outcome, Response};
+use crate::storage::{IndexState, Storage, StorageError};
+
+/// Turns request bytes into a response, talking to the storage engine as needed.
+pub struct Processor {
+    settings: Arc<Settings>,
+    storage: Storage,
+}
+
+impl Processor {
+    pub fn new(settings: Arc<Settings>) -> Result<Self, StorageError> {
+        let storage = Storage::new(&settings.storage)?;
+        Ok(Processor { settings, storage })
+    }
+
+    pub async fn process(&self, body: &[u8], props: &Properties) -> Response {
+        let s = &self.settings;
+        let parsed = envelope::parse(body, props, &s.limits, &s.storage);
+        let echo = parsed.echo;
+        let request = match parsed.request {
+            Ok(request) => request,
+            Err(err) => return response::error_response(&echo, &err),
+        };
+        let span = info_span!("request", request_id = %echo.request_id, index = %request.index,
+            collection = %request.collection, documents = request.documents.len());
+        async {
+            let outcomes = match self.update(&request, props).await {
+                Ok(outcomes) => outcomes,
+                Err(err) => return response::error_response(&echo, &err),
+            };
+            let response =
+                response::documents_response(&echo, &request, &outcomes, s.response.format);
+            info!(status = response.status, "replied");
+            response
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Applies the request's documents; per-document outcomes in the request's order.
+    async fn update(
+        &self,
+        request: &envelope::Request,
+        props: &Properties,
+    ) -> Result<Vec<Outcome>, RequestError> {
+        if request.documents.is_empty() {
+            return Ok(Vec::new());
+        }
+        let s = &self.settings.storage;
+        let target = envelope::target_index(&s.index_template, &request.index, &request.collection);
+        let pattern = s
+            .index_template
+            .contains("{collection}")
+            .then(|| envelope::target_index(&s.index_template, &request.index, "*"));
+        match self.storage.index_state(&target, pattern.as_deref()).await {
+            Ok(IndexState::Exists) => {}
+            Ok(IndexState::UnknownIndex) => {
+                return Err(RequestError::UnknownIndex(request.index.clone()));
+            }
+            Ok(IndexState::UnknownCollection) => {
+                return Err(RequestError::UnknownCollection {
+                    index: request.index.clone(),
+                    collection: request.collection.clone(),
+                });
+            }
+            Err(err) => return Err(RequestError::StorageRejected(err.to_string())),
+        }
+
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; request.documents.len()];
+        let mut pending = Vec::new();
+        for (slot, entry) in request.documents.iter().enumerate() {
+            match envelope::check_document(entry) {
+                Ok(_) => pending.push(slot),
+                Err(err) => {
+                    outcomes[slot] = Some(Outcome::Failed {
+                        document: entry.clone(),
+                        status: 400,
+                        reason: err.reason().into(),
+                    })
+                }
+            }
+        }
+
+        let options = ItemOptions {
+            target: &target,
+            retry_on_conflict: request.retry_on_conflict,
+            include_source: self.settings.response.include_source,
+            metadata: s.kuzzle_metadata.then(|| Metadata {
+                updated_at: now_millis(),
+                updater: props.user_id.as_deref(),
+            }),
+        };
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(s.retry_min_delay_ms))
+            .with_max_delay(Duration::from_millis(s.retry_max_delay_ms))
+            .with_jitter()
+            .build();
+        let mut attempt = 0;
+        let mut body = Vec::new();
+        while !pending.is_empty() {
+            body.clear();
+            for &slot in &pending {
+                let (id, doc) = envelope::check_document(&request.documents[slot])
+                    .expect("pending documents passed the check");
+                bulk::append_update(&mut body, &options, id, doc);
+            }
+            let items = self
+                .storage
+                .bulk(&body, request.refresh == Refresh::WaitFor)
+                .await
+                .map_err(|e| match e {
+                    StorageError::Refused { status, reason } => (status, reason),
+                    other => (500, other.to_string()),
+                })
+                .and_then(|bytes| {
+                    bulk::parse_response(&bytes, pending.len()).map_err(|e| (500, e))
+                });
+            let items = match items {
+                Ok(items) => items,
+                Err((status, reason)) => {
+                    warn!(status, %reason, "bulk call refused");
+                    for slot in pending.drain(..) {
+                        outcomes[slot] = Some(Outcome::Failed {
+                            document: request.documents[slot].clone(),
+                            status,
+                            reason: reason.clone(),
+                        });
+                    }
+                    break;
+                }
+            };
+            let retry_rejected = attempt < s.item_retries;
+            let mut rejected = Vec::new();
+            for (slot, item) in pending.iter().copied().zip(items) {
+                let entry = &request.documents[slot];
+                outcomes[slot] = Some(if item.is_success() {
+                    let id = entry["_id"].as_str().unwrap_or_default().to_owned();
+                    Outcome::Updated { id, item }
+                } else if item.is_rejected() && retry_rejected {
+                    rejected.push(slot);
+                    continue;
+                } else {
+                    Outcome::Failed {
+                        document: entry.clone(),
+                        status: item.status,
+                        reason: item.reason(),
+                    }
+                });
+            }
+            pending = rejected;
+            if !pending.is_empty() {
+                attempt += 1;
+                let wait = backoff.next().unwrap_or(Duration::from_secs(1));
+                debug!(
+                    items = pending.len(),
+                    ?wait,
+                    "engine rejected items; sending them again"
+                );
+                tokio::time::sleep(wait).await;
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.expect("every slot has an outcome"))
+            .collect())
+    }
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Runs the worker until `shutdown` is cancelled, reconnecting to the broker whenever
+/// the connection is lost.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    let processor = Arc::new(Processor::new(settings.clone())?);
+    let tracker = TaskTracker::new();
+    let mut backoff = reconnect_backoff();
+    while !shutdown.is_cancelled() {
+        match session(&settings, &processor, &tracker, &shutdown).await {
+            Ok(()) => break,
+            Err(err) => {
+                let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                warn!(error = %err, ?wait, "broker connection lost; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+    info!("worker stopped");
+    Ok(())
+}
+
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// One broker connection's life. `Ok` means a clean shutdown.
+async fn session(
+    settings: &Arc<Settings>,
+    processor: &Arc<Processor>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let broker = Arc::new(Broker::connect(&settings.amqp).await?);
+    if settings.amqp.declare {
+        broker.declare(&settings.amqp).await?;
+    }
+    let mut consumer = broker.consume(&settings.amqp.request_queue).await?;
+    info!(queue = %settings.amqp.request_queue, prefetch = settings.amqp.prefetch, "consuming");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let (broker, processor, settings) = (broker.clone(), processor.clone(), settings.clone());
+                    tracker.spawn(async move { handle(delivery, &broker, &processor, &settings).await });
+                }
+                Some(Err(err)) => return Err(err.into()),
+                None => anyhow::bail!("the broker cancelled the consumer"),
+            }
+        }
+    }
+    info!("shutting down: no new requests; finishing those in flight");
+    if let Err(err) = broker.cancel().await {
+        warn!(error = %err, "could not cancel the consumer");
+    }
+    let grace = Duration::from_millis(settings.worker.shutdown_timeout_ms);
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(
+            ?grace,
+            "in-flight requests did not finish in time; the broker will redeliver them"
+        );
+    }
+    broker.close().await;
+    Ok(())
+}
+
+/// Processes one delivery, replies, and acks once the reply is confirmed.
+async fn handle(delivery: Delivery, broker: &Broker, processor: &Processor, settings: &Settings) {
+    let props = broker::properties(&delivery);
+    let response = processor.process(&delivery.data, &props).await;
+    let a = &settings.amqp;
+    let destination = Destination::choose(
+        props.reply_to.as_deref(),
+        &a.reply_exchange,
+        &a.reply_queue,
+        &response.request_id,
+    );
+    let published = broker
+        .publish_reply(
+            &destination,
+            &response.request_id,
+            response.status,
+            &response.body,
+        )
+        .await;
+    let settled = match published {
+        Ok(Published::Confirmed) => delivery.ack(BasicAckOptions::default()).await,
+        Ok(Published::Unroutable) => {
+            warn!(request_id = %response.request_id, ?destination,
+                "reply could not be routed; rejecting the request to the dead-letter exchange");
+            delivery.reject(BasicRejectOptions { requeue: false }).await
+        }
+        Ok(Published::Nacked) => {
+            warn!(request_id = %response.request_id, "broker refused the reply; requeueing the request");
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+        Err(err) => {
+            // The channel is gone: the broker redelivers the request.
+            error!(request_id = %response.request_id, error = %err, "could not publish the reply");
+            return;
+        }
+    };
+    if let Err(err) = settled {
+        warn!(request_id = %response.request_id, error = %err, "could not settle the delivery; it will be redelivered");
+    }
+}
