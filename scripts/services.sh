@@ -3,7 +3,7 @@
 # on 127.0.0.1 only: RabbitMQ from Debian's package, and Elasticsearch (or OpenSearch
 # with ENGINE=opensearch) from its test distribution on Maven Central.
 #
-#   scripts/services.sh start|stop|status
+#   scripts/services.sh start|stop|status|running
 #
 # Idempotent: `start` leaves running services alone; `stop` ends only what this script
 # started, found by its pid files under .services/.
@@ -192,10 +192,13 @@ case "${1:-}" in
   stop)
     engine_stop
     rabbit_stop ;;
+  running)
+    # Exit 0 when both services answer (for scripts that must not stop what they didn't start).
+    rabbit_up && engine_up ;;
   status)
     rabbit_up && echo "rabbitmq: up on 127.0.0.1:$AMQP_PORT" || echo "rabbitmq: down"
     if engine_up; then
-      echo "engine: up on 127.0.0.1:$ES_PORT ($(curl -fsS "http://127.0.0.1:$ES_PORT/" | tr -d '\n ' | grep -o '"number":"[^"]*"'))"
+      echo "engine: up on 127.0.0.1:$ES_PORT ($(curl -fsS "http://127.0.0.1:$ES_PORT/_nodes/_local?filter_path=nodes.*.version" | grep -o '"version":"[^"]*"'))"
     else echo "engine: down"; fi ;;
-  *) echo "usage: $0 start|stop|status   (ENGINE=elasticsearch|opensearch)" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|running   (ENGINE=elasticsearch|opensearch)" >&2; exit 2 ;;
 esac

@@ -117,7 +117,9 @@ impl Broker {
                 exchange.into(),
                 routing_key.into(),
                 BasicPublishOptions {
-                    mandatory: true,
+                    // RabbitMQ counts direct reply-to as unroutable for mandatory
+                    // publishes, though it delivers them.
+                    mandatory: !destination.is_direct(),
                     ..BasicPublishOptions::default()
                 },
                 body,

@@ -32,6 +32,14 @@ pub struct Client {
     _connection: Connection,
     channel: Channel,
     waiting: Waiting,
+    /// Routes replies to their waiters; aborted on drop, which closes the connection.
+    dispatcher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.dispatcher.abort();
+    }
 }
 
 impl Client {
@@ -54,7 +62,7 @@ impl Client {
             .await?;
         let waiting: Waiting = Arc::default();
         let dispatch = waiting.clone();
-        tokio::spawn(async move {
+        let dispatcher = tokio::spawn(async move {
             while let Some(Ok(delivery)) = replies.next().await {
                 let id = delivery
                     .properties
@@ -71,6 +79,7 @@ impl Client {
             _connection: connection,
             channel,
             waiting,
+            dispatcher,
         })
     }
 
@@ -120,6 +129,15 @@ impl Client {
             }
         }
     }
+}
+
+/// The correlation id to wait on: the reply carries the envelope's `requestId` when it
+/// has one, else the request's own correlation id.
+pub fn correlation_id(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("requestId")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
 /// Reads documents given as one JSON array or as NDJSON, one document a line.

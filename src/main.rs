@@ -87,7 +87,7 @@ async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
         _ => anyhow::bail!("give an envelope file, or --index, --collection and --documents"),
     };
     let client = Client::connect(&settings.amqp.url).await?;
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = client::correlation_id(&body);
     let reply = client
         .request(
             &settings.amqp.request_queue,
@@ -133,8 +133,14 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // lapin logs every returned message in full; the worker reports those itself.
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.log.level))
+        .or_else(|_| {
+            EnvFilter::try_new(format!(
+                "{},lapin::returned_messages=off",
+                settings.log.level
+            ))
+        })
         .unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -44,9 +44,14 @@ impl Destination {
         }
     }
 
+    /// A direct reply-to address: the caller's channel, not a queue.
+    pub fn is_direct(&self) -> bool {
+        matches!(self, Destination::ReplyTo(to) if to.starts_with(DIRECT_REPLY_TO))
+    }
+
     /// Replies are persistent, except to direct reply-to, which can't hold them.
     pub fn persistent(&self) -> bool {
-        !matches!(self, Destination::ReplyTo(to) if to.starts_with(DIRECT_REPLY_TO))
+        !self.is_direct()
     }
 }
 

@@ -297,6 +297,8 @@ async fn handle(delivery: Delivery, broker: &Broker, processor: &Processor, sett
         }
         Ok(Published::Nacked) => {
             warn!(request_id = %response.request_id, "broker refused the reply; requeueing the request");
+            // Don't spin on a destination that keeps refusing.
+            tokio::time::sleep(Duration::from_secs(1)).await;
             delivery
                 .nack(BasicNackOptions {
                     requeue: true,

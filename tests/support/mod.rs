@@ -1,0 +1,324 @@
+//! Shared by the integration tests: the real servers' addresses, fresh names, a worker
+//! started in-process on fresh queues, and clean-up of what a test made.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use mupdate_worker::config::Settings;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const ES_URL: &str = "http://127.0.0.1:9200";
+/// Every wait in a test is bounded by this.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A lowercase name no other test or run uses.
+pub fn fresh(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}-{n}", &id[..10])
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(TIMEOUT).build().unwrap()
+}
+
+/// Percent-encodes `&` so a physical Kuzzle index name can stand in a URL path.
+pub fn path(name: &str) -> String {
+    name.replace('&', "%26")
+}
+
+/// A Kuzzle index and collection backed by a fresh physical index, deleted on drop.
+pub struct Collection {
+    pub index: String,
+    pub collection: String,
+    pub physical: String,
+}
+
+impl Collection {
+    /// Creates `&{index}.{collection}` holding `docs` (`(id, source)` pairs).
+    pub async fn create(docs: &[(&str, Value)]) -> Self {
+        Self::create_with(docs, json!({})).await
+    }
+
+    pub async fn create_with(docs: &[(&str, Value)], settings: Value) -> Self {
+        let index = fresh("idx");
+        let collection = "col".to_owned();
+        let physical = format!("&{index}.{collection}");
+        let es = http();
+        let r = es
+            .put(format!("{ES_URL}/{}", path(&physical)))
+            .json(&json!({"settings": settings}))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "create index: {}",
+            r.text().await.unwrap()
+        );
+        for (id, source) in docs {
+            let r = es
+                .put(format!("{ES_URL}/{}/_doc/{id}", path(&physical)))
+                .json(source)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+        }
+        es.post(format!("{ES_URL}/{}/_refresh", path(&physical)))
+            .send()
+            .await
+            .unwrap();
+        Collection {
+            index,
+            collection,
+            physical,
+        }
+    }
+
+    /// A stored document's `_source` and `_version`.
+    pub async fn get(&self, id: &str) -> (Value, u64) {
+        let doc: Value = http()
+            .get(format!("{ES_URL}/{}/_doc/{id}", path(&self.physical)))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (
+            doc["_source"].clone(),
+            doc["_version"].as_u64().unwrap_or(0),
+        )
+    }
+
+    /// An mUpdate envelope for this collection.
+    pub fn envelope(&self, documents: Value) -> Value {
+        json!({"index": self.index, "collection": self.collection,
+               "controller": "document", "action": "mUpdate",
+               "body": {"documents": documents}})
+    }
+}
+
+impl Drop for Collection {
+    fn drop(&mut self) {
+        let url = format!("{ES_URL}/{}", path(&self.physical));
+        delete_blocking(url);
+    }
+}
+
+/// Deletes an engine resource from a destructor, outside the test's runtime.
+pub fn delete_blocking(url: String) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async { http().delete(url).send().await })
+    })
+    .join();
+}
+
+/// Whether a physical index exists.
+pub async fn index_exists(name: &str) -> bool {
+    http()
+        .head(format!("{ES_URL}/{}", path(name)))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        == 200
+}
+
+/// Defaults, with fresh queue names so tests run in parallel.
+pub fn settings() -> Settings {
+    let mut s = Settings::defaults();
+    s.amqp.request_queue = fresh("mupdate.requests");
+    s.amqp.reply_queue = fresh("mupdate.replies");
+    s
+}
+
+/// A worker running in this test's runtime, on its own queues.
+pub struct Worker {
+    pub settings: Settings,
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Worker {
+    pub async fn start() -> Self {
+        Self::start_with(settings()).await
+    }
+
+    /// Starts a worker and waits until it consumes its request queue.
+    pub async fn start_with(settings: Settings) -> Self {
+        let token = CancellationToken::new();
+        let task = tokio::spawn(mupdate_worker::worker::run(settings.clone(), token.clone()));
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while queue_consumers(&settings.amqp.request_queue)
+            .await
+            .unwrap_or(0)
+            == 0
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "worker did not start consuming"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Worker {
+            settings,
+            token,
+            task,
+        }
+    }
+
+    pub fn request_queue(&self) -> &str {
+        &self.settings.amqp.request_queue
+    }
+
+    /// Stops the worker gracefully and deletes its queues.
+    pub async fn stop(self) {
+        let settings = self.halt().await;
+        let amqp = &settings.amqp;
+        delete_queues(&[&amqp.request_queue, &amqp.reply_queue]).await;
+    }
+
+    /// Stops the worker gracefully, keeping its queues; its settings start it again.
+    pub async fn halt(self) -> Settings {
+        self.token.cancel();
+        tokio::time::timeout(TIMEOUT, self.task)
+            .await
+            .expect("worker stops in time")
+            .unwrap()
+            .unwrap();
+        self.settings
+    }
+}
+
+pub async fn delete_queues(queues: &[&str]) {
+    let amqp = Amqp::open().await;
+    for q in queues {
+        let _ = amqp
+            .channel
+            .queue_delete((*q).into(), QueueDeleteOptions::default())
+            .await;
+    }
+    amqp.close().await;
+}
+
+/// Ready messages and consumers of a queue, or None when it doesn't exist.
+pub async fn queue_counts(queue: &str) -> Option<(u32, u32)> {
+    let amqp = Amqp::open().await;
+    let declared = amqp
+        .channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()
+        .map(|q| (q.message_count(), q.consumer_count()));
+    amqp.close().await;
+    declared
+}
+
+pub async fn queue_consumers(queue: &str) -> Option<u32> {
+    queue_counts(queue).await.map(|(_, c)| c)
+}
+
+/// A connection and one confirming channel on it.
+pub struct Amqp {
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+impl Amqp {
+    pub async fn open() -> Self {
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ on 127.0.0.1:5672");
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Amqp {
+            connection,
+            channel,
+        }
+    }
+
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "bye".into()).await;
+    }
+}
+
+/// Publishes bytes to a queue with the given properties, confirmed.
+pub async fn publish(channel: &Channel, queue: &str, body: &[u8], props: BasicProperties) {
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+}
+
+/// Sends an envelope over direct reply-to and returns the parsed reply.
+pub async fn call(worker: &Worker, envelope: &Value) -> Value {
+    call_bytes(worker, &serde_json::to_vec(envelope).unwrap()).await
+}
+
+pub async fn call_bytes(worker: &Worker, body: &[u8]) -> Value {
+    let client = mupdate_worker::client::Client::connect(AMQP_URL)
+        .await
+        .unwrap();
+    let id = mupdate_worker::client::correlation_id(body);
+    let reply = client
+        .request(worker.request_queue(), body, &id, TIMEOUT)
+        .await
+        .unwrap();
+    serde_json::from_slice(&reply).unwrap()
+}
+
+/// The next message of `queue` (consumed with auto-ack), within the test timeout.
+pub async fn next_message(channel: &Channel, queue: &str) -> lapin::message::Delivery {
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            fresh("test-consumer").as_str().into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(TIMEOUT, consumer.next())
+        .await
+        .expect("a message in time")
+        .unwrap()
+        .unwrap()
+}
