@@ -3,7 +3,9 @@
 # on 127.0.0.1 only: RabbitMQ from Debian's package, and Elasticsearch (or OpenSearch
 # with ENGINE=opensearch) from its test distribution on Maven Central.
 #
-#   scripts/services.sh start|stop|status|running
+#   scripts/services.sh start|stop [rabbitmq|engine]
+#   scripts/services.sh status|running
+#   scripts/services.sh rabbitmqctl ARGS…
 #
 # Idempotent: `start` leaves running services alone; `stop` ends only what this script
 # started, found by its pid files under .services/.
@@ -151,14 +153,13 @@ engine_start() {
   engine_user
   engine_config
   log "starting $ENGINE $VERSION (heap $ES_HEAP)"
-  local jh
+  local t0=$SECONDS jh
   jh=$(java_home)
   rm -f "$ENGINE_STATE/engine.pid"
   runuser -u "$ES_USER" -- env "$JAVA_VAR=$jh" "$CONF_VAR=$ENGINE_STATE/config" \
     "$OPTS_VAR=-Xms$ES_HEAP -Xmx$ES_HEAP" \
     "$HOME_DIR/bin/$ARTIFACT" -d -p "$ENGINE_STATE/engine.pid" \
     >"$STATE/$ENGINE.out" 2>&1 || { cat "$STATE/$ENGINE.out" >&2; die "$ENGINE failed to start"; }
-  local t0=$SECONDS
   until curl -fsS "http://127.0.0.1:$ES_PORT/_cluster/health?wait_for_status=yellow&timeout=5s" >/dev/null 2>&1; do
     if [ $((SECONDS - t0)) -ge 180 ]; then
       tail -n 50 "$ENGINE_STATE/logs/"*.log >&2 || true
@@ -184,14 +185,23 @@ engine_stop() {
 
 # ---------------------------------------------------------------- main
 
+# A second argument, rabbitmq or engine, limits start and stop to that service (the
+# fault tests stop and start one of them).
+only=${2:-all}
+[ "${1:-}" = rabbitmqctl ] || case "$only" in all|rabbitmq|engine) ;; *) die "unknown service '$only'" ;; esac
 case "${1:-}" in
   start)
     mkdir -p "$STATE"
-    rabbit_start
-    engine_start ;;
+    [ "$only" = engine ] || rabbit_start
+    [ "$only" = rabbitmq ] || engine_start ;;
   stop)
-    engine_stop
-    rabbit_stop ;;
+    [ "$only" = rabbitmq ] || engine_stop
+    [ "$only" = engine ] || rabbit_stop ;;
+  rabbitmqctl)
+    # rabbitmqctl against the node this script runs (its name and address).
+    shift
+    rabbit_env
+    exec rabbitmqctl "$@" ;;
   running)
     # Exit 0 when both services answer (for scripts that must not stop what they didn't start).
     rabbit_up && engine_up ;;
@@ -200,5 +210,5 @@ case "${1:-}" in
     if engine_up; then
       echo "engine: up on 127.0.0.1:$ES_PORT ($(curl -fsS "http://127.0.0.1:$ES_PORT/_nodes/_local?filter_path=nodes.*.version" | grep -o '"version":"[^"]*"'))"
     else echo "engine: down"; fi ;;
-  *) echo "usage: $0 start|stop|status|running   (ENGINE=elasticsearch|opensearch)" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop [rabbitmq|engine] | status | running   (ENGINE=elasticsearch|opensearch)" >&2; exit 2 ;;
 esac

@@ -5,12 +5,12 @@ use lapin::Confirmation;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 
-use crate::config::AmqpSettings;
+use crate::config::{AmqpSettings, QueueType};
 use crate::envelope::Properties;
 use crate::reply::Destination;
 
@@ -57,17 +57,65 @@ impl Broker {
         })
     }
 
-    /// Declares the request queue and the default reply queue, both durable.
+    /// Declares the topology, all durable: the dead-letter exchange and queue when
+    /// configured, the request queue (classic or quorum) and the default reply queue.
     pub async fn declare(&self, settings: &AmqpSettings) -> Result<(), lapin::Error> {
-        for queue in [&settings.request_queue, &settings.reply_queue] {
-            self.consume
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions::durable(),
-                    FieldTable::default(),
-                )
-                .await?;
+        let ch = &self.consume;
+        let mut request_args = FieldTable::default();
+        let dlx = settings.dead_letter_exchange.as_str();
+        if !dlx.is_empty() {
+            ch.exchange_declare(
+                dlx.into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+            let dlq = settings.dead_letter_queue.as_str();
+            ch.queue_declare(
+                dlq.into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+            ch.queue_bind(
+                dlq.into(),
+                dlx.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+            request_args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(dlx.into()),
+            );
         }
+        if settings.queue_type == QueueType::Quorum {
+            request_args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            if settings.delivery_limit > 0 {
+                let limit = i64::from(settings.delivery_limit);
+                request_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+            }
+        }
+        ch.queue_declare(
+            settings.request_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            request_args,
+        )
+        .await?;
+        ch.queue_declare(
+            settings.reply_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await?;
         Ok(())
     }
 

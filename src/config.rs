@@ -26,6 +26,17 @@ pub struct AmqpSettings {
     pub reply_exchange: String,
     pub prefetch: u16,
     pub declare: bool,
+    pub queue_type: QueueType,
+    pub delivery_limit: u32,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Classic,
+    Quorum,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -72,6 +83,7 @@ pub struct MetricsSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct WorkerSettings {
     pub shutdown_timeout_ms: u64,
+    pub max_hold_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -130,6 +142,9 @@ impl Settings {
         }
         if self.amqp.request_queue.is_empty() {
             return invalid("amqp.request_queue", "must not be empty");
+        }
+        if self.amqp.delivery_limit > 0 && self.amqp.queue_type != QueueType::Quorum {
+            return invalid("amqp.delivery_limit", "needs amqp.queue_type = \"quorum\"");
         }
         if self.amqp.prefetch == 0 {
             return invalid("amqp.prefetch", "must be at least 1");

@@ -10,7 +10,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::broker::{self, Broker, Published};
 use crate::bulk::{self, ItemOptions, Metadata};
@@ -240,13 +240,23 @@ async fn session(
     }
     let mut consumer = broker.consume(&settings.amqp.request_queue).await?;
     info!(queue = %settings.amqp.request_queue, prefetch = settings.amqp.prefetch, "consuming");
+    // Cancelled by a task whose reply channel failed: the session must start over.
+    let broken = CancellationToken::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = broken.cancelled() => anyhow::bail!("the reply channel failed"),
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let (broker, processor, settings) = (broker.clone(), processor.clone(), settings.clone());
-                    tracker.spawn(async move { handle(delivery, &broker, &processor, &settings).await });
+                    let broken = broken.clone();
+                    tracker.spawn(async move {
+                        if let Err(err) = handle(delivery, &broker, &processor, &settings).await {
+                            // The broker redelivers the request: its channel is gone.
+                            warn!(error = %err, "broker channel failed; the request will be redelivered");
+                            broken.cancel();
+                        }
+                    });
                 }
                 Some(Err(err)) => return Err(err.into()),
                 None => anyhow::bail!("the broker cancelled the consumer"),
@@ -269,10 +279,29 @@ async fn session(
     Ok(())
 }
 
-/// Processes one delivery, replies, and acks once the reply is confirmed.
-async fn handle(delivery: Delivery, broker: &Broker, processor: &Processor, settings: &Settings) {
+/// Processes one delivery, replies, and acks once the reply is confirmed. An error
+/// means the broker connection failed; the delivery is then redelivered by the broker.
+async fn handle(
+    delivery: Delivery,
+    broker: &Broker,
+    processor: &Processor,
+    settings: &Settings,
+) -> Result<(), lapin::Error> {
     let props = broker::properties(&delivery);
-    let response = processor.process(&delivery.data, &props).await;
+    let hold = Duration::from_millis(settings.worker.max_hold_ms);
+    let Ok(response) = tokio::time::timeout(hold, processor.process(&delivery.data, &props)).await
+    else {
+        warn!(
+            ?hold,
+            "request held too long (storage engine down?); requeueing it"
+        );
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        delivery.nack(requeue).await?;
+        return Ok(());
+    };
     let a = &settings.amqp;
     let destination = Destination::choose(
         props.reply_to.as_deref(),
@@ -287,15 +316,19 @@ async fn handle(delivery: Delivery, broker: &Broker, processor: &Processor, sett
             response.status,
             &response.body,
         )
-        .await;
-    let settled = match published {
-        Ok(Published::Confirmed) => delivery.ack(BasicAckOptions::default()).await,
-        Ok(Published::Unroutable) => {
+        .await?;
+    match published {
+        Published::Confirmed => {
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+        Published::Unroutable => {
             warn!(request_id = %response.request_id, ?destination,
                 "reply could not be routed; rejecting the request to the dead-letter exchange");
-            delivery.reject(BasicRejectOptions { requeue: false }).await
+            delivery
+                .reject(BasicRejectOptions { requeue: false })
+                .await?;
         }
-        Ok(Published::Nacked) => {
+        Published::Nacked => {
             warn!(request_id = %response.request_id, "broker refused the reply; requeueing the request");
             // Don't spin on a destination that keeps refusing.
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -304,15 +337,8 @@ async fn handle(delivery: Delivery, broker: &Broker, processor: &Processor, sett
                     requeue: true,
                     ..BasicNackOptions::default()
                 })
-                .await
+                .await?;
         }
-        Err(err) => {
-            // The channel is gone: the broker redelivers the request.
-            error!(request_id = %response.request_id, error = %err, "could not publish the reply");
-            return;
-        }
-    };
-    if let Err(err) = settled {
-        warn!(request_id = %response.request_id, error = %err, "could not settle the delivery; it will be redelivered");
     }
+    Ok(())
 }

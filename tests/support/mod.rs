@@ -2,6 +2,8 @@
 //! started in-process on fresh queues, and clean-up of what a test made.
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -304,6 +306,15 @@ pub async fn call_bytes(worker: &Worker, body: &[u8]) -> Value {
 
 /// The next message of `queue` (consumed with auto-ack), within the test timeout.
 pub async fn next_message(channel: &Channel, queue: &str) -> lapin::message::Delivery {
+    next_messages(channel, queue, 1).await.remove(0)
+}
+
+/// The next `n` messages of `queue`, from one auto-ack consumer.
+pub async fn next_messages(
+    channel: &Channel,
+    queue: &str,
+    n: usize,
+) -> Vec<lapin::message::Delivery> {
     let mut consumer = channel
         .basic_consume(
             queue.into(),
@@ -316,9 +327,14 @@ pub async fn next_message(channel: &Channel, queue: &str) -> lapin::message::Del
         )
         .await
         .unwrap();
-    tokio::time::timeout(TIMEOUT, consumer.next())
-        .await
-        .expect("a message in time")
-        .unwrap()
-        .unwrap()
+    let mut messages = Vec::new();
+    for _ in 0..n {
+        let message = tokio::time::timeout(TIMEOUT, consumer.next())
+            .await
+            .expect("a message in time")
+            .unwrap()
+            .unwrap();
+        messages.push(message);
+    }
+    messages
 }

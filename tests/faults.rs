@@ -1,0 +1,301 @@
+//! SPEC section 6 under faults: for each, N requests of mixed sizes, a fault injected
+//! mid-stream, then every request has its correct reply, the engine holds every update,
+//! and nothing is left in the request queue. The tests stop and start the real servers,
+//! so they run one at a time, and need the services started by scripts/services.sh.
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use mupdate_worker::config::{QueueType, Settings};
+use serde_json::Value;
+use support::load::Load;
+use support::*;
+
+const N: usize = 200;
+/// Long enough for a full load after a fault, on 2 cores.
+const SETTLE: Duration = Duration::from_secs(120);
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn services(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+    let status = Command::new(script).args(args).status().unwrap();
+    assert!(status.success(), "services.sh {args:?}");
+}
+
+/// rabbitmqctl, through the script that knows the node's name.
+fn rabbitmqctl(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+    let status = Command::new(script)
+        .args(["rabbitmqctl", "-q"])
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "rabbitmqctl {args:?}");
+}
+
+fn summary(name: &str, replies: &HashMap<String, Vec<Value>>) -> (usize, usize) {
+    let total: usize = replies.values().map(Vec::len).sum();
+    println!(
+        "{name}: N={N}, requests answered={}, replies={total}, duplicates={}",
+        replies.len(),
+        total - replies.len()
+    );
+    (replies.len(), total)
+}
+
+/// Every request answered correctly, every update in the engine, the queue empty.
+async fn assert_complete(load: &Load, replies: &HashMap<String, Vec<Value>>, request_queue: &str) {
+    assert_eq!(replies.len(), N, "every request answered");
+    load.check_replies(replies);
+    load.refresh().await;
+    load.check_engine(load.requests.keys()).await;
+    assert_eq!(
+        queue_counts(request_queue).await.unwrap().0,
+        0,
+        "nothing left queued"
+    );
+}
+
+#[tokio::test]
+async fn broker_connections_closed_mid_stream_lose_nothing() {
+    let _serial = SERIAL.lock().await;
+    // wait_for keeps requests in flight long enough for the fault to find some.
+    let load = Load::new(N, true).await;
+    let worker = Worker::start().await;
+    load.publish(worker.request_queue()).await;
+    let before = load.wait_for_replies(10, TIMEOUT).await;
+    rabbitmqctl(&["close_all_connections", "fault test"]);
+    println!("close_all_connections after {before} replies");
+    let replies = load.collect(SETTLE).await;
+    summary("close_all_connections", &replies);
+    let queue = worker.request_queue().to_owned();
+    let settings = worker.halt().await;
+    assert_complete(&load, &replies, &queue).await;
+    delete_queues(&[&queue, &settings.amqp.reply_queue]).await;
+    load.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_stream_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let load = Load::new(N, true).await;
+    let worker = Worker::start().await;
+    load.publish(worker.request_queue()).await;
+    let before = load.wait_for_replies(10, TIMEOUT).await;
+    rabbitmqctl(&["stop_app"]);
+    println!("stop_app after {before} replies");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    let replies = load.collect(SETTLE).await;
+    summary("stop_app/start_app", &replies);
+    let queue = worker.request_queue().to_owned();
+    let settings = worker.halt().await;
+    assert_complete(&load, &replies, &queue).await;
+    delete_queues(&[&queue, &settings.amqp.reply_queue]).await;
+    load.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_engine_outage_mid_stream_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let load = Load::new(N, true).await;
+    let mut settings = settings();
+    settings.storage.retry_max_delay_ms = 1000;
+    let worker = Worker::start_with(settings).await;
+    load.publish(worker.request_queue()).await;
+    let before = load.wait_for_replies(10, TIMEOUT).await;
+    services(&["stop", "engine"]);
+    println!("engine stopped after {before} replies");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during = load.replies_waiting().await;
+    services(&["start", "engine"]);
+    let replies = load.collect(SETTLE).await;
+    println!("engine outage: {during} replies before the engine came back");
+    summary("engine outage", &replies);
+    let queue = worker.request_queue().to_owned();
+    let settings = worker.halt().await;
+    assert_complete(&load, &replies, &queue).await;
+    delete_queues(&[&queue, &settings.amqp.reply_queue]).await;
+    load.cleanup().await;
+}
+
+/// The worker binary on `settings`' queues.
+fn spawn_binary(settings: &Settings) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_mupdate-worker"))
+        .env("MUPDATE__AMQP__REQUEST_QUEUE", &settings.amqp.request_queue)
+        .env("MUPDATE__AMQP__REPLY_QUEUE", &settings.amqp.reply_queue)
+        .env(
+            "MUPDATE__AMQP__PREFETCH",
+            settings.amqp.prefetch.to_string(),
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_consumers(queue: &str, n: u32) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while queue_consumers(queue).await.unwrap_or(0) < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "workers did not start consuming"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([name, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn wait_exit(mut child: Child) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_and_leaves_the_rest_queued() {
+    let _serial = SERIAL.lock().await;
+    // wait_for keeps requests in flight long enough for the signal to find some.
+    let load = Load::new(N, true).await;
+    let mut settings = settings();
+    settings.amqp.prefetch = 16;
+    let child = spawn_binary(&settings);
+    let queue = settings.amqp.request_queue.clone();
+    wait_consumers(&queue, 1).await;
+    load.publish(&queue).await;
+    load.wait_for_replies(20, TIMEOUT).await;
+    signal(&child, "-TERM");
+    let status = tokio::time::timeout(TIMEOUT, wait_exit(child))
+        .await
+        .expect("exits in time");
+    assert_eq!(status.code(), Some(0));
+
+    let replied = load.replies_waiting().await as usize;
+    let queued = queue_counts(&queue).await.unwrap().0 as usize;
+    println!("SIGTERM: N={N}, replied={replied}, still queued={queued}");
+    assert!(queued > 0, "the signal came mid-stream");
+    assert_eq!(
+        replied + queued,
+        N,
+        "each request either replied once or still queued"
+    );
+    let first = load.collect(Duration::from_secs(5)).await;
+    assert_eq!(first.len(), replied, "no duplicate replies");
+    load.check_replies(&first);
+
+    // A new worker finishes the rest.
+    let worker = Worker::start_with(settings).await;
+    let rest = load.collect(SETTLE).await;
+    let mut replies = first;
+    replies.extend(rest);
+    summary("SIGTERM then restart", &replies);
+    let settings = worker.halt().await;
+    assert_complete(&load, &replies, &queue).await;
+    delete_queues(&[&queue, &settings.amqp.reply_queue]).await;
+    load.cleanup().await;
+}
+
+#[tokio::test]
+async fn sigkill_of_one_of_two_workers_leaves_the_other_to_finish_everything() {
+    let _serial = SERIAL.lock().await;
+    let load = Load::new(N, true).await;
+    let mut settings = settings();
+    settings.amqp.prefetch = 16;
+    let victim = spawn_binary(&settings);
+    let survivor = spawn_binary(&settings);
+    let queue = settings.amqp.request_queue.clone();
+    wait_consumers(&queue, 2).await;
+    load.publish(&queue).await;
+    load.wait_for_replies(20, TIMEOUT).await;
+    signal(&victim, "-KILL");
+    wait_exit(victim).await;
+    let replies = load.collect(SETTLE).await;
+    summary("SIGKILL of one of two workers", &replies);
+    signal(&survivor, "-TERM");
+    let status = tokio::time::timeout(TIMEOUT, wait_exit(survivor))
+        .await
+        .expect("exits in time");
+    assert_eq!(status.code(), Some(0));
+    assert_complete(&load, &replies, &queue).await;
+    delete_queues(&[&queue, &settings.amqp.reply_queue]).await;
+    load.cleanup().await;
+}
+
+#[tokio::test]
+async fn poison_messages_on_a_quorum_queue_end_in_the_dead_letter_queue() {
+    let _serial = SERIAL.lock().await;
+    let mut settings = settings();
+    settings.amqp.queue_type = QueueType::Quorum;
+    settings.amqp.delivery_limit = 2;
+    settings.amqp.dead_letter_exchange = fresh("mupdate.dlx");
+    settings.amqp.dead_letter_queue = fresh("mupdate.dead");
+    let worker = Worker::start_with(settings).await;
+
+    let amqp = Amqp::open().await;
+    // One reply destination that doesn't exist: the request can't be answered at all.
+    let props = BasicProperties::default()
+        .with_reply_to(fresh("no-such-queue").as_str().into())
+        .with_message_id("unroutable".into());
+    publish(&amqp.channel, worker.request_queue(), b"{}", props).await;
+    // One that always refuses: redelivered until the delivery limit dead-letters it.
+    let full = fresh("mupdate.full");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    amqp.channel
+        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    let props = BasicProperties::default()
+        .with_reply_to(full.as_str().into())
+        .with_message_id("refused".into());
+    publish(&amqp.channel, worker.request_queue(), b"{}", props).await;
+
+    let dead = &worker.settings.amqp.dead_letter_queue;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while queue_counts(dead).await.map_or(0, |c| c.0) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both requests dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut ids = Vec::new();
+    for m in next_messages(&amqp.channel, dead, 2).await {
+        assert_eq!(m.data, b"{}", "dead-lettered as published");
+        ids.push(m.properties.message_id().as_ref().unwrap().to_string());
+    }
+    ids.sort();
+    assert_eq!(ids, ["refused", "unroutable"]);
+    assert_eq!(queue_counts(worker.request_queue()).await.unwrap().0, 0);
+    let settings = worker.settings.clone();
+    worker.stop().await;
+    delete_queues(&[&settings.amqp.dead_letter_queue, &full]).await;
+    let _ = amqp
+        .channel
+        .exchange_delete(
+            settings.amqp.dead_letter_exchange.as_str().into(),
+            Default::default(),
+        )
+        .await;
+    amqp.close().await;
+}
