@@ -10,16 +10,17 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::broker::{self, Broker, Published};
-use crate::bulk::{self, ItemOptions, Metadata};
+use crate::bulk::{ItemOptions, Metadata};
 use crate::config::Settings;
 use crate::envelope::{self, Properties, Refresh};
 use crate::error::RequestError;
 use crate::reply::Destination;
 use crate::response::{self, Outcome, Response};
 use crate::storage::{IndexState, Storage, StorageError};
+use crate::update;
 
 /// Turns request bytes into a response, talking to the storage engine as needed.
 pub struct Processor {
@@ -86,21 +87,6 @@ impl Processor {
             Err(err) => return Err(RequestError::StorageRejected(err.to_string())),
         }
 
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; request.documents.len()];
-        let mut pending = Vec::new();
-        for (slot, entry) in request.documents.iter().enumerate() {
-            match envelope::check_document(entry) {
-                Ok(_) => pending.push(slot),
-                Err(err) => {
-                    outcomes[slot] = Some(Outcome::Failed {
-                        document: entry.clone(),
-                        status: 400,
-                        reason: err.reason().into(),
-                    })
-                }
-            }
-        }
-
         let options = ItemOptions {
             target: &target,
             retry_on_conflict: request.retry_on_conflict,
@@ -110,79 +96,22 @@ impl Processor {
                 updater: props.user_id.as_deref(),
             }),
         };
-        let mut backoff = ExponentialBuilder::default()
+        let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(s.retry_min_delay_ms))
             .with_max_delay(Duration::from_millis(s.retry_max_delay_ms))
             .with_jitter()
             .build();
-        let mut attempt = 0;
-        let mut body = Vec::new();
-        while !pending.is_empty() {
-            body.clear();
-            for &slot in &pending {
-                let (id, doc) = envelope::check_document(&request.documents[slot])
-                    .expect("pending documents passed the check");
-                bulk::append_update(&mut body, &options, id, doc);
-            }
-            let items = self
-                .storage
-                .bulk(&body, request.refresh == Refresh::WaitFor)
+        let wait_for = request.refresh == Refresh::WaitFor;
+        let send = |body: Vec<u8>| async move {
+            self.storage
+                .bulk(&body, wait_for)
                 .await
                 .map_err(|e| match e {
                     StorageError::Refused { status, reason } => (status, reason),
                     other => (500, other.to_string()),
                 })
-                .and_then(|bytes| {
-                    bulk::parse_response(&bytes, pending.len()).map_err(|e| (500, e))
-                });
-            let items = match items {
-                Ok(items) => items,
-                Err((status, reason)) => {
-                    warn!(status, %reason, "bulk call refused");
-                    for slot in pending.drain(..) {
-                        outcomes[slot] = Some(Outcome::Failed {
-                            document: request.documents[slot].clone(),
-                            status,
-                            reason: reason.clone(),
-                        });
-                    }
-                    break;
-                }
-            };
-            let retry_rejected = attempt < s.item_retries;
-            let mut rejected = Vec::new();
-            for (slot, item) in pending.iter().copied().zip(items) {
-                let entry = &request.documents[slot];
-                outcomes[slot] = Some(if item.is_success() {
-                    let id = entry["_id"].as_str().unwrap_or_default().to_owned();
-                    Outcome::Updated { id, item }
-                } else if item.is_rejected() && retry_rejected {
-                    rejected.push(slot);
-                    continue;
-                } else {
-                    Outcome::Failed {
-                        document: entry.clone(),
-                        status: item.status,
-                        reason: item.reason(),
-                    }
-                });
-            }
-            pending = rejected;
-            if !pending.is_empty() {
-                attempt += 1;
-                let wait = backoff.next().unwrap_or(Duration::from_secs(1));
-                debug!(
-                    items = pending.len(),
-                    ?wait,
-                    "engine rejected items; sending them again"
-                );
-                tokio::time::sleep(wait).await;
-            }
-        }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.expect("every slot has an outcome"))
-            .collect())
+        };
+        Ok(update::apply(&request.documents, &options, s.item_retries, backoff, send).await)
     }
 }
 

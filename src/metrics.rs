@@ -1,0 +1,261 @@
+//! Prometheus metrics and the health endpoints: `/metrics`, `/healthz` (the process
+//! runs) and `/readyz` (the broker channel is open and the engine answers).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::response::Outcome;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// Every metric of one worker.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<StatusLabel, Counter>,
+    documents: Family<OutcomeLabel, Counter>,
+    pub request_seconds: Histogram,
+    pub bulk_seconds: Histogram,
+    pub in_flight: Gauge,
+    pub engine_retries: Counter,
+    pub reconnects: Counter,
+    pub unroutable_replies: Counter,
+    pub requeued: Counter,
+    broker_up_gauge: Gauge,
+    engine_up_gauge: Gauge,
+    broker_up: AtomicBool,
+    engine_up: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mupdate");
+        let requests = Family::<StatusLabel, Counter>::default();
+        let documents = Family::<OutcomeLabel, Counter>::default();
+        let request_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let bulk_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let (in_flight, broker_up_gauge, engine_up_gauge) =
+            (Gauge::default(), Gauge::default(), Gauge::default());
+        let (engine_retries, reconnects) = (Counter::default(), Counter::default());
+        let (unroutable_replies, requeued) = (Counter::default(), Counter::default());
+        registry.register(
+            "requests",
+            "Requests answered, by reply status",
+            requests.clone(),
+        );
+        registry.register("documents", "Documents, by outcome", documents.clone());
+        registry.register(
+            "request_duration_seconds",
+            "From delivery to confirmed reply",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "bulk_duration_seconds",
+            "One _bulk call",
+            bulk_seconds.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests being processed",
+            in_flight.clone(),
+        );
+        registry.register(
+            "engine_retries",
+            "Engine calls retried (down, 5xx, 429)",
+            engine_retries.clone(),
+        );
+        registry.register(
+            "broker_reconnects",
+            "Broker connections re-established",
+            reconnects.clone(),
+        );
+        registry.register(
+            "unroutable_replies",
+            "Replies no queue took; requests dead-lettered",
+            unroutable_replies.clone(),
+        );
+        registry.register(
+            "requests_requeued",
+            "Requests held too long and put back",
+            requeued.clone(),
+        );
+        registry.register(
+            "broker_up",
+            "1 when consuming from the broker",
+            broker_up_gauge.clone(),
+        );
+        registry.register(
+            "engine_up",
+            "1 when the storage engine answers",
+            engine_up_gauge.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            documents,
+            request_seconds,
+            bulk_seconds,
+            in_flight,
+            engine_retries,
+            reconnects,
+            unroutable_replies,
+            requeued,
+            broker_up_gauge,
+            engine_up_gauge,
+            broker_up: AtomicBool::new(false),
+            engine_up: AtomicBool::new(false),
+        }
+    }
+
+    pub fn reply(&self, status: u16) {
+        self.requests
+            .get_or_create(&StatusLabel {
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts each document of a request by what became of it.
+    pub fn outcomes(&self, outcomes: &[Outcome]) {
+        for outcome in outcomes {
+            let label = match outcome {
+                Outcome::Updated { item, .. } if item.result.as_deref() == Some("noop") => "noop",
+                Outcome::Updated { .. } => "updated",
+                Outcome::Failed { status: 404, .. } => "not_found",
+                Outcome::Failed { status: 409, .. } => "conflict",
+                Outcome::Failed {
+                    status: 429 | 503, ..
+                } => "rejected",
+                Outcome::Failed { status: 400, .. } => "invalid",
+                Outcome::Failed { .. } => "failed",
+            };
+            self.documents
+                .get_or_create(&OutcomeLabel { outcome: label })
+                .inc();
+        }
+    }
+
+    pub fn set_broker_up(&self, up: bool) {
+        self.broker_up.store(up, Ordering::Relaxed);
+        self.broker_up_gauge.set(i64::from(up));
+    }
+
+    pub fn set_engine_up(&self, up: bool) {
+        self.engine_up.store(up, Ordering::Relaxed);
+        self.engine_up_gauge.set(i64::from(up));
+    }
+
+    pub fn ready(&self) -> bool {
+        self.broker_up.load(Ordering::Relaxed) && self.engine_up.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(metrics);
+    axum::serve(listener, app).await
+}
+
+async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
+}
+
+async fn readyz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    if metrics.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bulk::Item;
+
+    #[test]
+    fn outcomes_and_statuses_are_counted() {
+        let m = Metrics::new();
+        m.reply(206);
+        let item = |result: &str| Item {
+            status: 200,
+            version: Some(2),
+            result: Some(result.into()),
+            shards: None,
+            get: None,
+            error: None,
+        };
+        m.outcomes(&[
+            Outcome::Updated {
+                id: "a".into(),
+                item: item("updated"),
+            },
+            Outcome::Updated {
+                id: "b".into(),
+                item: item("noop"),
+            },
+            Outcome::Failed {
+                document: serde_json::json!({}),
+                status: 404,
+                reason: String::new(),
+            },
+        ]);
+        let text = m.encode();
+        assert!(
+            text.contains("mupdate_requests_total{status=\"206\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("mupdate_documents_total{outcome=\"updated\"} 1"));
+        assert!(text.contains("mupdate_documents_total{outcome=\"noop\"} 1"));
+        assert!(text.contains("mupdate_documents_total{outcome=\"not_found\"} 1"));
+        assert!(!m.ready());
+        m.set_broker_up(true);
+        m.set_engine_up(true);
+        assert!(m.ready());
+    }
+}

@@ -1,0 +1,207 @@
+//! Applying one request's documents: the per-document checks, the bulk items, resending
+//! the items a busy engine rejected (429/503), and one outcome per document in the
+//! request's order. How the bytes reach the engine is the caller's `send`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde_json::Value;
+use tracing::{debug, warn};
+
+use crate::bulk::{self, ItemOptions};
+use crate::envelope;
+use crate::response::Outcome;
+
+/// Updates `documents`. `send` takes an NDJSON bulk body and returns the engine's
+/// response body, or the status and reason of a refused call (which fails every
+/// document of that call). Rejected items are sent again at most `item_retries` times,
+/// waiting `backoff` between rounds.
+pub async fn apply<F, Fut>(
+    documents: &[Value],
+    options: &ItemOptions<'_>,
+    item_retries: u32,
+    mut backoff: impl Iterator<Item = Duration>,
+    send: F,
+) -> Vec<Outcome>
+where
+    F: Fn(Vec<u8>) -> Fut,
+    Fut: Future<Output = Result<Vec<u8>, (u16, String)>>,
+{
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; documents.len()];
+    let mut pending = Vec::new();
+    for (slot, entry) in documents.iter().enumerate() {
+        match envelope::check_document(entry) {
+            Ok(_) => pending.push(slot),
+            Err(err) => {
+                outcomes[slot] = Some(failed(entry, 400, err.reason().into()));
+            }
+        }
+    }
+    let mut attempt = 0;
+    while !pending.is_empty() {
+        let mut body = Vec::new();
+        for &slot in &pending {
+            if let Ok((id, doc)) = envelope::check_document(&documents[slot]) {
+                bulk::append_update(&mut body, options, id, doc);
+            }
+        }
+        let items = send(body)
+            .await
+            .and_then(|bytes| bulk::parse_response(&bytes, pending.len()).map_err(|e| (500, e)));
+        let items = match items {
+            Ok(items) => items,
+            Err((status, reason)) => {
+                warn!(status, %reason, "bulk call refused");
+                for slot in pending.drain(..) {
+                    outcomes[slot] = Some(failed(&documents[slot], status, reason.clone()));
+                }
+                break;
+            }
+        };
+        let may_retry = attempt < item_retries;
+        let mut rejected = Vec::new();
+        for (slot, item) in pending.iter().copied().zip(items) {
+            let entry = &documents[slot];
+            if item.is_success() {
+                let id = entry["_id"].as_str().unwrap_or_default().to_owned();
+                outcomes[slot] = Some(Outcome::Updated { id, item });
+            } else if item.is_rejected() && may_retry {
+                rejected.push(slot);
+            } else {
+                outcomes[slot] = Some(failed(entry, item.status, item.reason()));
+            }
+        }
+        pending = rejected;
+        if !pending.is_empty() {
+            attempt += 1;
+            let wait = backoff.next().unwrap_or(Duration::from_secs(1));
+            debug!(
+                items = pending.len(),
+                ?wait,
+                "engine rejected items; sending them again"
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+    outcomes
+        .into_iter()
+        .zip(documents)
+        .map(|(outcome, entry)| outcome.unwrap_or_else(|| failed(entry, 500, "not sent".into())))
+        .collect()
+}
+
+fn failed(document: &Value, status: u16, reason: String) -> Outcome {
+    Outcome::Failed {
+        document: document.clone(),
+        status,
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::sync::Mutex;
+
+    const OPTIONS: ItemOptions<'static> = ItemOptions {
+        target: "&i.c",
+        retry_on_conflict: 0,
+        include_source: false,
+        metadata: None,
+    };
+
+    fn ok(id: &str) -> Value {
+        json!({"update": {"_id": id, "_version": 2, "result": "updated", "status": 200}})
+    }
+
+    fn rejected(id: &str) -> Value {
+        json!({"update": {"_id": id, "status": 429, "error": {
+            "type": "es_rejected_execution_exception", "reason": "rejected execution"}}})
+    }
+
+    fn ids_in(body: &[u8]) -> Vec<String> {
+        body.split(|b| *b == b'\n')
+            .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
+            .filter_map(|v| v["update"]["_id"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    async fn run(
+        docs: &Value,
+        retries: u32,
+        responses: Vec<Vec<Value>>,
+    ) -> (Vec<Outcome>, Vec<Vec<String>>) {
+        // Each call gets the next canned response; the ids each call sent are kept.
+        let responses = Mutex::new(responses);
+        let calls: Mutex<Vec<Vec<String>>> = Mutex::new(Vec::new());
+        let send = |body: Vec<u8>| {
+            calls.lock().unwrap().push(ids_in(&body));
+            let items = responses.lock().unwrap().remove(0);
+            async move { Ok(serde_json::to_vec(&json!({"items": items})).unwrap()) }
+        };
+        let backoff = std::iter::repeat(Duration::from_millis(1));
+        let outcomes = apply(docs.as_array().unwrap(), &OPTIONS, retries, backoff, send).await;
+        (outcomes, calls.into_inner().unwrap())
+    }
+
+    #[tokio::test]
+    async fn only_rejected_items_are_sent_again() {
+        let docs =
+            json!([{"_id": "a", "body": {}}, {"_id": "b", "body": {}}, {"_id": "c", "body": {}}]);
+        let responses = vec![vec![ok("a"), rejected("b"), ok("c")], vec![ok("b")]];
+        let (outcomes, calls) = run(&docs, 5, responses).await;
+        assert_eq!(calls, [vec!["a", "b", "c"], vec!["b"]]);
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Updated { .. }))
+        );
+        let ids: Vec<_> = outcomes
+            .iter()
+            .map(|o| match o {
+                Outcome::Updated { id, .. } => id.as_str(),
+                Outcome::Failed { .. } => "",
+            })
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"], "the request's order");
+    }
+
+    #[tokio::test]
+    async fn items_still_rejected_after_the_retries_are_per_document_errors() {
+        let docs = json!([{"_id": "a", "body": {}}]);
+        let responses = vec![vec![rejected("a")], vec![rejected("a")]];
+        let (outcomes, calls) = run(&docs, 1, responses).await;
+        assert_eq!(calls.len(), 2);
+        match &outcomes[0] {
+            Outcome::Failed { status, reason, .. } => {
+                assert_eq!((*status, reason.as_str()), (429, "rejected execution"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_documents_keep_their_place_and_are_never_sent() {
+        let docs =
+            json!([{"_id": 1, "body": {}}, {"_id": "b", "body": {}}, {"_id": "c", "body": 3}]);
+        let (outcomes, calls) = run(&docs, 0, vec![vec![ok("b")]]).await;
+        assert_eq!(calls, [vec!["b"]]);
+        assert!(matches!(&outcomes[0], Outcome::Failed { status: 400, .. }));
+        assert!(matches!(&outcomes[1], Outcome::Updated { .. }));
+        assert!(matches!(&outcomes[2], Outcome::Failed { status: 400, .. }));
+    }
+
+    #[tokio::test]
+    async fn a_refused_call_fails_each_of_its_documents() {
+        let docs = json!([{"_id": "a", "body": {}}, {"_id": "b", "body": {}}]);
+        let send = |_body: Vec<u8>| async { Err((413, "too large".to_owned())) };
+        let backoff = std::iter::empty();
+        let outcomes = apply(docs.as_array().unwrap(), &OPTIONS, 3, backoff, send).await;
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Failed { status: 413, .. }))
+        );
+    }
+}
