@@ -89,6 +89,14 @@ pub struct WorkerSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LogSettings {
     pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// A setting that can't be used, named by its key.
@@ -156,6 +164,20 @@ impl Settings {
         }
         if !self.storage.index_template.contains("{index}") {
             return invalid("storage.index_template", "must contain {index}");
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return invalid(
+                "metrics.listen",
+                "must be host:port (an IP address), or \"\" for none",
+            );
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid(
+                "log.level",
+                "must be a level (error, warn, info, debug, trace) or a filter",
+            );
         }
         if self.limits.documents_write_count == 0 {
             return invalid("limits.documents_write_count", "must be at least 1");

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use mupdate_worker::client::{self, Client};
-use mupdate_worker::config::Settings;
+use mupdate_worker::config::{LogFormat, Settings};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -142,10 +142,13 @@ async fn main() -> ExitCode {
             ))
         })
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match settings.log.format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
 
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => {

@@ -13,7 +13,10 @@ use elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use elasticsearch::http::transport::{MultiNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{Method, Url};
 
+use std::sync::Arc;
+
 use crate::config::StorageSettings;
+use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -48,10 +51,11 @@ pub struct Storage {
     cache_for: Duration,
     /// Physical indexes seen to exist, and when.
     known: Mutex<HashMap<String, Instant>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Storage {
-    pub fn new(settings: &StorageSettings) -> Result<Self, StorageError> {
+    pub fn new(settings: &StorageSettings, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
         let urls = settings
             .urls()
             .map(|u| Url::parse(u).map_err(|e| StorageError::Config(format!("storage.url: {e}"))))
@@ -78,6 +82,7 @@ impl Storage {
             backoff,
             cache_for: Duration::from_millis(settings.index_cache_ms),
             known: Mutex::new(HashMap::new()),
+            metrics,
         })
     }
 
@@ -100,12 +105,17 @@ impl Storage {
             .client
             .send(method, path, headers, Some(query), body, Some(self.timeout))
             .await
-            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+            .map_err(|e| {
+                self.metrics.set_engine_up(false);
+                StorageError::Unavailable(e.to_string())
+            })?;
         let status = response.status_code().as_u16();
         let bytes = response
             .bytes()
             .await
             .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        // A 429 is an engine that answers, busy; a 5xx is one that can't serve.
+        self.metrics.set_engine_up(status < 500);
         if status >= 500 || status == 429 {
             let reason = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
             return Err(StorageError::Unavailable(format!(
@@ -126,7 +136,10 @@ impl Storage {
         (|| self.call_once(method, path, query, body))
             .retry(self.backoff)
             .when(StorageError::is_transient)
-            .notify(|err, wait| tracing::warn!(error = %err, ?wait, "storage engine call failed; retrying"))
+            .notify(|err, wait| {
+                self.metrics.engine_retries.inc();
+                tracing::warn!(error = %err, ?wait, "storage engine call failed; retrying");
+            })
             .await
     }
 
@@ -168,6 +181,14 @@ impl Storage {
         }
     }
 
+    /// One health call, not retried: whether the engine answers. Updates `engine_up`.
+    pub async fn ping(&self) -> bool {
+        let query = [("timeout", "2s")];
+        self.call_once(Method::Get, "/_cluster/health", &query, None)
+            .await
+            .is_ok()
+    }
+
     /// Sends an NDJSON bulk body and returns the engine's response body.
     pub async fn bulk(&self, body: &[u8], wait_for: bool) -> Result<Vec<u8>, StorageError> {
         let query: &[(&str, &str)] = if wait_for {
@@ -175,7 +196,12 @@ impl Storage {
         } else {
             &[]
         };
-        match self.call(Method::Post, "/_bulk", query, Some(body)).await? {
+        let started = Instant::now();
+        let result = self.call(Method::Post, "/_bulk", query, Some(body)).await;
+        self.metrics
+            .bulk_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result? {
             (200, bytes) => Ok(bytes),
             (status, bytes) => Err(StorageError::Refused {
                 status,

@@ -10,13 +10,14 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::broker::{self, Broker, Published};
 use crate::bulk::{ItemOptions, Metadata};
 use crate::config::Settings;
 use crate::envelope::{self, Properties, Refresh};
 use crate::error::RequestError;
+use crate::metrics::{self, Metrics};
 use crate::reply::Destination;
 use crate::response::{self, Outcome, Response};
 use crate::storage::{IndexState, Storage, StorageError};
@@ -26,12 +27,17 @@ use crate::update;
 pub struct Processor {
     settings: Arc<Settings>,
     storage: Storage,
+    metrics: Arc<Metrics>,
 }
 
 impl Processor {
-    pub fn new(settings: Arc<Settings>) -> Result<Self, StorageError> {
-        let storage = Storage::new(&settings.storage)?;
-        Ok(Processor { settings, storage })
+    pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
+        let storage = Storage::new(&settings.storage, metrics.clone())?;
+        Ok(Processor {
+            settings,
+            storage,
+            metrics,
+        })
     }
 
     pub async fn process(&self, body: &[u8], props: &Properties) -> Response {
@@ -40,15 +46,27 @@ impl Processor {
         let echo = parsed.echo;
         let request = match parsed.request {
             Ok(request) => request,
-            Err(err) => return response::error_response(&echo, &err),
+            Err(err) => {
+                info!(request_id = %echo.request_id, status = err.status(), error = %err, "request refused");
+                return response::error_response(&echo, &err);
+            }
         };
         let span = info_span!("request", request_id = %echo.request_id, index = %request.index,
             collection = %request.collection, documents = request.documents.len());
         async {
             let outcomes = match self.update(&request, props).await {
                 Ok(outcomes) => outcomes,
-                Err(err) => return response::error_response(&echo, &err),
+                Err(err) => {
+                    info!(status = err.status(), error = %err, "request refused");
+                    return response::error_response(&echo, &err);
+                }
             };
+            self.metrics.outcomes(&outcomes);
+            for outcome in &outcomes {
+                if let Outcome::Failed { status, reason, .. } = outcome {
+                    debug!(status, %reason, "document not updated");
+                }
+            }
             let response =
                 response::documents_response(&echo, &request, &outcomes, s.response.format);
             info!(status = response.status, "replied");
@@ -125,11 +143,36 @@ fn now_millis() -> i64 {
 /// the connection is lost.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
-    let processor = Arc::new(Processor::new(settings.clone())?);
+    let metrics = Arc::new(Metrics::new());
+    let processor = Arc::new(Processor::new(settings.clone(), metrics.clone())?);
+    let background = CancellationToken::new();
+    let _stop_background = background.clone().drop_guard();
+    if !settings.metrics.listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&settings.metrics.listen).await?;
+        info!(listen = %settings.metrics.listen, "metrics on /metrics, /healthz, /readyz");
+        let (metrics, stop) = (metrics.clone(), background.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                served = metrics::serve(listener, metrics) => {
+                    if let Err(err) = served { warn!(error = %err, "metrics endpoint failed"); }
+                }
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+    tokio::spawn(probe_engine(processor.clone(), background.clone()));
+
     let tracker = TaskTracker::new();
     let mut backoff = reconnect_backoff();
+    let mut first = true;
     while !shutdown.is_cancelled() {
-        match session(&settings, &processor, &tracker, &shutdown).await {
+        if !first {
+            metrics.reconnects.inc();
+        }
+        first = false;
+        let outcome = session(&settings, &processor, &tracker, &shutdown).await;
+        metrics.set_broker_up(false);
+        match outcome {
             Ok(()) => break,
             Err(err) => {
                 let wait = backoff.next().unwrap_or(Duration::from_secs(5));
@@ -145,6 +188,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracker.wait().await;
     info!("worker stopped");
     Ok(())
+}
+
+/// Keeps `engine_up` current while no request is calling the engine.
+async fn probe_engine(processor: Arc<Processor>, stop: CancellationToken) {
+    loop {
+        processor.storage.ping().await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
@@ -168,7 +222,8 @@ async fn session(
         broker.declare(&settings.amqp).await?;
     }
     let mut consumer = broker.consume(&settings.amqp.request_queue).await?;
-    info!(queue = %settings.amqp.request_queue, prefetch = settings.amqp.prefetch, "consuming");
+    processor.metrics.set_broker_up(true);
+    info!(queue = %settings.amqp.request_queue, prefetch = settings.amqp.prefetch, "connected; consuming");
     // Cancelled by a task whose reply channel failed: the session must start over.
     let broken = CancellationToken::new();
     loop {
@@ -216,6 +271,24 @@ async fn handle(
     processor: &Processor,
     settings: &Settings,
 ) -> Result<(), lapin::Error> {
+    let metrics = &processor.metrics;
+    metrics.in_flight.inc();
+    let started = std::time::Instant::now();
+    let handled = reply_and_settle(delivery, broker, processor, settings).await;
+    metrics.in_flight.dec();
+    metrics
+        .request_seconds
+        .observe(started.elapsed().as_secs_f64());
+    handled
+}
+
+async fn reply_and_settle(
+    delivery: Delivery,
+    broker: &Broker,
+    processor: &Processor,
+    settings: &Settings,
+) -> Result<(), lapin::Error> {
+    let metrics = &processor.metrics;
     let props = broker::properties(&delivery);
     let hold = Duration::from_millis(settings.worker.max_hold_ms);
     let Ok(response) = tokio::time::timeout(hold, processor.process(&delivery.data, &props)).await
@@ -224,6 +297,7 @@ async fn handle(
             ?hold,
             "request held too long (storage engine down?); requeueing it"
         );
+        metrics.requeued.inc();
         let requeue = BasicNackOptions {
             requeue: true,
             ..BasicNackOptions::default()
@@ -249,8 +323,10 @@ async fn handle(
     match published {
         Published::Confirmed => {
             delivery.ack(BasicAckOptions::default()).await?;
+            metrics.reply(response.status);
         }
         Published::Unroutable => {
+            metrics.unroutable_replies.inc();
             warn!(request_id = %response.request_id, ?destination,
                 "reply could not be routed; rejecting the request to the dead-letter exchange");
             delivery

@@ -110,6 +110,15 @@ async fn an_engine_outage_mid_stream_loses_nothing() {
     let load = Load::new(N, true).await;
     let mut settings = settings();
     settings.storage.retry_max_delay_ms = 1000;
+    // Held requests go back to the queue after 3 s (RabbitMQ's consumer timeout stands
+    // behind this in production): the outage outlasts that.
+    settings.worker.max_hold_ms = 3000;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    settings.metrics.listen = format!("127.0.0.1:{port}");
     let worker = Worker::start_with(settings).await;
     load.publish(worker.request_queue()).await;
     let before = load.wait_for_replies(10, TIMEOUT).await;
@@ -121,6 +130,27 @@ async fn an_engine_outage_mid_stream_loses_nothing() {
     let replies = load.collect(SETTLE).await;
     println!("engine outage: {during} replies before the engine came back");
     summary("engine outage", &replies);
+    let metrics = http()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let requeued = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("mupdate_requests_requeued_total ")?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0);
+    println!("engine outage: {requeued} held requests requeued");
+    assert!(
+        requeued > 0,
+        "requests held through the outage were requeued"
+    );
     let queue = worker.request_queue().to_owned();
     let settings = worker.halt().await;
     assert_complete(&load, &replies, &queue).await;
@@ -133,6 +163,7 @@ fn spawn_binary(settings: &Settings) -> Child {
     Command::new(env!("CARGO_BIN_EXE_mupdate-worker"))
         .env("MUPDATE__AMQP__REQUEST_QUEUE", &settings.amqp.request_queue)
         .env("MUPDATE__AMQP__REPLY_QUEUE", &settings.amqp.reply_queue)
+        .env("MUPDATE__METRICS__LISTEN", "")
         .env(
             "MUPDATE__AMQP__PREFETCH",
             settings.amqp.prefetch.to_string(),
@@ -298,4 +329,46 @@ async fn poison_messages_on_a_quorum_queue_end_in_the_dead_letter_queue() {
         )
         .await;
     amqp.close().await;
+}
+
+#[tokio::test]
+async fn readyz_turns_unready_while_the_engine_is_stopped() {
+    let _serial = SERIAL.lock().await;
+    let mut settings = settings();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    settings.metrics.listen = format!("127.0.0.1:{port}");
+    let worker = Worker::start_with(settings).await;
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let wait_for = |want: u16| {
+        let readyz = readyz.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + TIMEOUT;
+            loop {
+                let status = http()
+                    .get(&readyz)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                if status == want {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "readyz never {want} (last {status})"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    wait_for(200).await;
+    services(&["stop", "engine"]);
+    wait_for(503).await;
+    services(&["start", "engine"]);
+    wait_for(200).await;
+    worker.stop().await;
 }

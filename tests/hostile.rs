@@ -124,6 +124,7 @@ async fn secrets_appear_in_neither_replies_nor_logs() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mupdate-worker"))
         .env("MUPDATE__AMQP__REQUEST_QUEUE", &settings.amqp.request_queue)
         .env("MUPDATE__AMQP__REPLY_QUEUE", &settings.amqp.reply_queue)
+        .env("MUPDATE__METRICS__LISTEN", "")
         .env("MUPDATE__STORAGE__USERNAME", "elastic")
         .env("MUPDATE__STORAGE__PASSWORD", "storage-pass-s3cret")
         .env("RUST_LOG", "trace")

@@ -1,0 +1,195 @@
+//! What an operator relies on: metrics, health, logs, configuration checks.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+use support::*;
+
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_a_known_sequence_of_requests() {
+    let col = Collection::create(&[("a", json!({"n": 1})), ("b", json!({"n": 1}))]).await;
+    let mut settings = settings();
+    let listen = format!("127.0.0.1:{}", free_port());
+    settings.metrics.listen = listen.clone();
+    // Without metadata, an update that changes nothing is a noop.
+    settings.storage.kuzzle_metadata = false;
+    let worker = Worker::start_with(settings).await;
+    // 200: one updated, one unchanged (noop).
+    call(
+        &worker,
+        &col.envelope(json!([{"_id": "a", "body": {"n": 2}}, {"_id": "b", "body": {"n": 1}}])),
+    )
+    .await;
+    // 206: one not found, one invalid.
+    call(
+        &worker,
+        &col.envelope(json!([{"_id": "zz", "body": {}}, {"_id": "a", "body": 1}])),
+    )
+    .await;
+    // 400.
+    call_bytes(&worker, b"not json").await;
+
+    let http = http();
+    let text = http
+        .get(format!("http://{listen}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&text, "mupdate_requests_total{status=\"200\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "mupdate_requests_total{status=\"206\"}"), 1.0);
+    assert_eq!(metric(&text, "mupdate_requests_total{status=\"400\"}"), 1.0);
+    assert_eq!(
+        metric(&text, "mupdate_documents_total{outcome=\"updated\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "mupdate_documents_total{outcome=\"noop\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "mupdate_documents_total{outcome=\"not_found\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "mupdate_documents_total{outcome=\"invalid\"}"),
+        1.0
+    );
+    assert_eq!(metric(&text, "mupdate_request_duration_seconds_count"), 3.0);
+    assert!(metric(&text, "mupdate_bulk_duration_seconds_count") >= 2.0);
+    assert_eq!(metric(&text, "mupdate_requests_in_flight"), 0.0);
+    assert_eq!(metric(&text, "mupdate_broker_up"), 1.0);
+    assert_eq!(metric(&text, "mupdate_engine_up"), 1.0);
+    let health = http
+        .get(format!("http://{listen}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = http
+        .get(format!("http://{listen}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn json_log_lines_parse_and_carry_the_request_id() {
+    let col = Collection::create(&[("a", json!({"n": 1}))]).await;
+    let settings = settings();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mupdate-worker"))
+        .env("MUPDATE__AMQP__REQUEST_QUEUE", &settings.amqp.request_queue)
+        .env("MUPDATE__AMQP__REPLY_QUEUE", &settings.amqp.reply_queue)
+        .env("MUPDATE__METRICS__LISTEN", "")
+        .env("MUPDATE__LOG__FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while queue_consumers(&settings.amqp.request_queue)
+        .await
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let client = mupdate_worker::client::Client::connect(AMQP_URL)
+        .await
+        .unwrap();
+    let mut envelope = col.envelope(json!([{"_id": "a", "body": {"n": 2}}]));
+    envelope["requestId"] = json!("logged-42");
+    client
+        .request(
+            &settings.amqp.request_queue,
+            &serde_json::to_vec(&envelope).unwrap(),
+            "logged-42",
+            TIMEOUT,
+        )
+        .await
+        .unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let lines = logs.join().unwrap();
+    let parsed: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let replied = parsed
+        .iter()
+        .find(|l| l["fields"]["message"] == "replied")
+        .expect("a 'replied' line");
+    assert_eq!(replied["span"]["request_id"], "logged-42", "{replied}");
+    assert_eq!(replied["span"]["documents"], 1);
+    assert_eq!(replied["fields"]["status"], 200);
+    delete_queues(&[&settings.amqp.request_queue, &settings.amqp.reply_queue]).await;
+}
+
+/// Each invalid setting: exit code 2 and a message naming its key.
+#[test]
+fn invalid_settings_stop_the_worker_with_exit_code_2_naming_the_key() {
+    let cases = [
+        ("MUPDATE__AMQP__URL", "http://127.0.0.1:5672", "amqp.url"),
+        ("MUPDATE__STORAGE__URL", "not a url", "storage.url"),
+        ("MUPDATE__RESPONSE__FORMAT", "xml", "response.format"),
+        ("MUPDATE__LOG__FORMAT", "xml", "log.format"),
+        ("MUPDATE__AMQP__PREFETCH", "0", "amqp.prefetch"),
+        (
+            "MUPDATE__STORAGE__INDEX_TEMPLATE",
+            "{collection}",
+            "storage.index_template",
+        ),
+        ("MUPDATE__METRICS__LISTEN", "everywhere", "metrics.listen"),
+    ];
+    for (key, value, name) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_mupdate-worker"))
+            .env(key, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{key}={value}: {stderr}");
+        assert!(stderr.contains(name), "{key}={value}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
