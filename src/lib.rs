@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod loader;
 pub mod metrics;
 pub mod reply;
 pub mod response;

@@ -9,6 +9,8 @@ use mupdate_worker::config::{LogFormat, Settings};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+mod load;
+
 /// Executes Kuzzle's document:mUpdate requests from RabbitMQ against Elasticsearch.
 #[derive(Parser)]
 #[command(version, about)]
@@ -32,19 +34,29 @@ enum Command {
 }
 
 #[derive(Args)]
-struct SendArgs {
+pub(crate) struct SendArgs {
     /// A whole envelope (JSON), or `-` for stdin. Not with --index/--collection.
-    #[arg(conflicts_with_all = ["index", "collection", "documents"])]
+    #[arg(conflicts_with_all = ["index", "collection", "documents", "file"])]
     envelope: Option<PathBuf>,
     /// Build the envelope: Kuzzle index.
-    #[arg(long, requires_all = ["collection", "documents"])]
+    #[arg(long, requires = "collection")]
     index: Option<String>,
     /// Build the envelope: Kuzzle collection.
     #[arg(long)]
     collection: Option<String>,
-    /// Build the envelope: documents as NDJSON or a JSON array, or `-` for stdin.
-    #[arg(long)]
+    /// One request: its documents as NDJSON or a JSON array, or `-` for stdin.
+    #[arg(long, conflicts_with = "file")]
     documents: Option<PathBuf>,
+    /// Batch load: one `{"_id", "body"}` a line (or `-` for stdin), sent in requests of
+    /// at most `limits.documents_write_count` documents, with progress and a summary.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Batch load: write every failed document, with its status and reason, here (NDJSON).
+    #[arg(long, requires = "file")]
+    failures: Option<PathBuf>,
+    /// Batch load: requests awaiting their reply at once.
+    #[arg(long, default_value_t = 4)]
+    in_flight: usize,
     /// `wait_for` to reply only once the documents are searchable.
     #[arg(long)]
     refresh: Option<String>,
@@ -66,6 +78,9 @@ fn read_input(path: &PathBuf) -> std::io::Result<String> {
 }
 
 async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
+    if args.file.is_some() {
+        return load::run(settings, args).await;
+    }
     let body = match (
         &args.envelope,
         &args.index,
@@ -84,7 +99,9 @@ async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
             );
             serde_json::to_vec(&envelope)?
         }
-        _ => anyhow::bail!("give an envelope file, or --index, --collection and --documents"),
+        _ => anyhow::bail!(
+            "give an envelope file, or --index, --collection and --documents or --file"
+        ),
     };
     let client = Client::connect(&settings.amqp.url).await?;
     let id = client::correlation_id(&body);

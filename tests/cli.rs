@@ -128,3 +128,165 @@ fn an_invalid_setting_stops_the_worker_with_exit_code_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("amqp.prefetch"));
 }
+
+/// Indexes `n` documents `d0…` with `{"seed": i}` into the collection, in one bulk.
+async fn seed(col: &Collection, n: usize) {
+    let mut body = String::new();
+    for i in 0..n {
+        body.push_str(&format!(
+            "{}\n{}\n",
+            json!({"index": {"_index": col.physical, "_id": format!("d{i}")}}),
+            json!({"seed": i})
+        ));
+    }
+    let r = http()
+        .post(format!("{ES_URL}/_bulk?refresh=true"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+}
+
+#[tokio::test]
+async fn the_loader_applies_every_good_line_and_lists_exactly_the_bad_ones() {
+    let col = Collection::create(&[]).await;
+    seed(&col, 10_000).await;
+    let worker = Worker::start().await;
+    let dir = std::env::temp_dir();
+    let input = dir.join(format!("{}.ndjson", fresh("updates")));
+    let failures = dir.join(format!("{}.ndjson", fresh("failures")));
+    let mut lines = String::new();
+    let mut bad = Vec::new();
+    for i in 0..10_000 {
+        let line = match i % 1000 {
+            7 => "{not json".to_owned(),
+            8 => json!({"body": {"v": i}}).to_string(),
+            9 => json!({"_id": format!("nope{i}"), "body": {"v": i}}).to_string(),
+            _ => json!({"_id": format!("d{i}"), "body": {"v": i}}).to_string(),
+        };
+        if (7..=9).contains(&(i % 1000)) {
+            bad.push(line.clone());
+        }
+        lines.push_str(&line);
+        lines.push('\n');
+    }
+    std::fs::write(&input, lines).unwrap();
+    let queue = worker.request_queue().to_owned();
+    let (index, collection) = (col.index.clone(), col.collection.clone());
+    let (input_path, failures_path) = (input.clone(), failures.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        binary()
+            .args([
+                "send",
+                "--index",
+                &index,
+                "--collection",
+                &collection,
+                "--file",
+            ])
+            .arg(&input_path)
+            .arg("--failures")
+            .arg(&failures_path)
+            .env("MUPDATE__AMQP__REQUEST_QUEUE", &queue)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "failures make exit code 1: {stderr}"
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["lines"], 10_000);
+    assert_eq!(summary["updated"], 9_970, "{summary}");
+    assert_eq!(summary["failed"], 30);
+    assert_eq!(summary["failed_by_status"]["400"]["count"], 20);
+    assert_eq!(summary["failed_by_status"]["404"]["count"], 10);
+    assert!(stderr.contains("9970 updated, 30 failed"), "{stderr}");
+
+    let listed: Vec<Value> = std::fs::read_to_string(&failures)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut listed_lines: Vec<String> = listed
+        .iter()
+        .map(|f| match &f["document"] {
+            Value::String(raw) => raw.clone(),
+            doc => doc.to_string(),
+        })
+        .collect();
+    let mut expected = bad.clone();
+    listed_lines.sort();
+    expected.sort();
+    assert_eq!(
+        listed_lines, expected,
+        "the failures file lists exactly the bad lines"
+    );
+
+    http()
+        .post(format!("{ES_URL}/{}/_refresh", path(&col.physical)))
+        .send()
+        .await
+        .unwrap();
+    let updated: Value = http()
+        .post(format!("{ES_URL}/{}/_count", path(&col.physical)))
+        .json(&json!({"query": {"exists": {"field": "v"}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        updated["count"], 9_970,
+        "every good update is in the engine"
+    );
+    assert_eq!(col.get("d1234").await.0["v"], 1234);
+    let _ = std::fs::remove_file(&input);
+    let _ = std::fs::remove_file(&failures);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_loader_shows_a_progress_bar_on_a_terminal() {
+    let col = Collection::create(&[]).await;
+    seed(&col, 1_000).await;
+    let worker = Worker::start().await;
+    let input = std::env::temp_dir().join(format!("{}.ndjson", fresh("updates")));
+    let lines: String = (0..1_000)
+        .map(|i| format!("{}\n", json!({"_id": format!("d{i}"), "body": {"v": i}})))
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let command = format!(
+        "MUPDATE__AMQP__REQUEST_QUEUE={} {} send --index {} --collection {} --file {} --refresh wait_for --in-flight 1",
+        worker.request_queue(),
+        env!("CARGO_BIN_EXE_mupdate-worker"),
+        col.index,
+        col.collection,
+        input.display()
+    );
+    // `script` runs the command on a pseudo-terminal and copies what it draws.
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(
+        screen.contains("documents,") && screen.contains("left"),
+        "a progress bar: {screen}"
+    );
+    assert!(screen.contains("1000 updated, 0 failed"), "{screen}");
+    let _ = std::fs::remove_file(&input);
+    worker.stop().await;
+}
