@@ -31,6 +31,8 @@ enum Command {
     Send(SendArgs),
     /// Print the effective configuration, secrets redacted.
     Config,
+    /// Exit 0 when a running worker's /readyz answers 200 (for container health checks).
+    Ready,
 }
 
 #[derive(Args)]
@@ -125,6 +127,27 @@ async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Asks `/readyz` on the metrics endpoint, with a plain HTTP/1.0 request.
+async fn ready(listen: &str) -> anyhow::Result<ExitCode> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    anyhow::ensure!(!listen.is_empty(), "metrics.listen is off: nothing to ask");
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect(listen).await?;
+        stream.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), ask).await??;
+    let ok = answer.starts_with(b"HTTP/1.0 200") || answer.starts_with(b"HTTP/1.1 200");
+    println!("{}", if ok { "ready" } else { "not ready" });
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 async fn shutdown_signal(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -176,6 +199,7 @@ async fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Send(args) => send(&settings, args).await,
+        Command::Ready => ready(&settings.metrics.listen).await,
         Command::Config => {
             let text = serde_json::to_string_pretty(&settings.redacted()).unwrap_or_default();
             println!("{text}");

@@ -290,3 +290,60 @@ async fn the_loader_shows_a_progress_bar_on_a_terminal() {
     let _ = std::fs::remove_file(&input);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn ctrl_c_stops_the_loader_cleanly_and_says_what_was_sent() {
+    let col = Collection::create(&[]).await;
+    seed(&col, 1_000).await;
+    let worker = Worker::start().await;
+    let input = std::env::temp_dir().join(format!("{}.ndjson", fresh("updates")));
+    // 20,000 lines over 1,000 documents, sent one request at a time with wait_for: slow.
+    let lines: String = (0..20_000)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"_id": format!("d{}", i % 1000), "body": {"v": i}})
+            )
+        })
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let child = binary()
+        .args([
+            "send",
+            "--index",
+            &col.index,
+            "--collection",
+            &col.collection,
+            "--file",
+        ])
+        .arg(&input)
+        .args(["--refresh", "wait_for", "--in-flight", "1"])
+        .env("MUPDATE__AMQP__REQUEST_QUEUE", worker.request_queue())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["interrupted"], true);
+    let sent = summary["sent"].as_u64().unwrap();
+    assert!(sent > 0 && sent < 20_000, "{summary}");
+    assert_eq!(
+        summary["updated"].as_u64().unwrap() + summary["failed"].as_u64().unwrap(),
+        sent,
+        "every sent document accounted for"
+    );
+    let _ = std::fs::remove_file(&input);
+    worker.stop().await;
+}

@@ -96,6 +96,17 @@ async fn metrics_count_a_known_sequence_of_requests() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 200);
+    let listen_env = listen.clone();
+    let check = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_mupdate-worker"))
+            .arg("ready")
+            .env("MUPDATE__METRICS__LISTEN", listen_env)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(check.status.success(), "`mupdate-worker ready` agrees");
     worker.stop().await;
 }
 
