@@ -46,6 +46,7 @@ struct Run {
     seconds: f64,
     latencies_ms: Vec<f64>,
     worker_cpu: f64,
+    broker_cpu: f64,
     worker_peak_rss_mib: f64,
     engine_cpu: f64,
     errors: usize,
@@ -69,7 +70,8 @@ impl Run {
         json!({"documents": self.documents, "seconds": self.seconds,
                "docs_per_second": self.docs_per_second(),
                "latency_ms": {"p50": self.percentile(0.5), "p95": self.percentile(0.95), "p99": self.percentile(0.99)},
-               "worker_cpu_seconds": self.worker_cpu, "worker_peak_rss_mib": self.worker_peak_rss_mib,
+               "worker_cpu_seconds": self.worker_cpu, "broker_cpu_seconds": self.broker_cpu,
+               "worker_peak_rss_mib": self.worker_peak_rss_mib,
                "engine_cpu_seconds": self.engine_cpu, "errors": self.errors})
     }
 }
@@ -78,17 +80,39 @@ fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(TIMEOUT).pool_max_idle_per_host(128).build().unwrap()
 }
 
-async fn engine_cpu_seconds(http: &reqwest::Client) -> f64 {
-    let stats: Value = http
-        .get(format!("{ES_URL}/_nodes/_local/stats/process?filter_path=nodes.*.process.cpu"))
+/// The engine's process id, from its own node info (its CPU counters in node stats
+/// refresh only every second: /proc is exact).
+async fn engine_pid(http: &reqwest::Client) -> u32 {
+    let info: Value = http
+        .get(format!("{ES_URL}/_nodes/_local/process?filter_path=nodes.*.process.id"))
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    let node = stats["nodes"].as_object().unwrap().values().next().unwrap();
-    node["process"]["cpu"]["total_in_millis"].as_f64().unwrap() / 1000.0
+    let node = info["nodes"].as_object().unwrap().values().next().unwrap();
+    node["process"]["id"].as_u64().unwrap() as u32
+}
+
+/// The broker's Erlang VM, found by name in /proc.
+fn broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        (cmdline.contains("beam") && cmdline.contains("rabbit")).then_some(pid)
+    })
+}
+
+static PIDS: std::sync::OnceLock<(u32, Option<u32>)> = std::sync::OnceLock::new();
+
+async fn engine_cpu_seconds(_http: &reqwest::Client) -> f64 {
+    process_cpu_seconds(PIDS.get().expect("pids known").0)
+}
+
+fn broker_cpu_seconds() -> f64 {
+    PIDS.get().and_then(|p| p.1).map_or(0.0, process_cpu_seconds)
 }
 
 /// utime + stime of a process, in seconds.
@@ -208,7 +232,7 @@ async fn through_worker(
 ) -> Run {
     let (index, collection, target) = col;
     reset_peak_rss(worker);
-    let (cpu0, wcpu0) = (engine_cpu_seconds(http).await, process_cpu_seconds(worker));
+    let (cpu0, wcpu0, bcpu0) = (engine_cpu_seconds(http).await, process_cpu_seconds(worker), broker_cpu_seconds());
     let start = Instant::now();
     let results: Vec<(f64, bool)> = futures_util::stream::iter(0..s.requests)
         .map(|i| {
@@ -250,6 +274,7 @@ async fn through_worker(
         seconds,
         latencies_ms: results.iter().map(|r| r.0).collect(),
         worker_cpu: process_cpu_seconds(worker) - wcpu0,
+        broker_cpu: broker_cpu_seconds() - bcpu0,
         worker_peak_rss_mib: peak_rss_mib(worker),
         engine_cpu: engine_cpu_seconds(http).await - cpu0,
         errors: results.iter().filter(|r| !r.1).count(),
@@ -316,6 +341,7 @@ async fn main() {
     }
     http.post(format!("{ES_URL}/{}/_refresh", target.replace('&', "%26"))).send().await.unwrap();
 
+    let _ = PIDS.set((engine_pid(&http).await, broker_pid()));
     let mut worker = spawn_worker(&queue);
     let client = Arc::new(Client::connect(AMQP_URL).await.expect("RabbitMQ on 127.0.0.1:5672"));
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -338,9 +364,9 @@ async fn main() {
             value += 1;
             let w = through_worker(&http, &client, &queue, worker.id(), (&index, &collection, &target), s, value).await;
             eprintln!(
-                "round {round} {}: direct {:.0} docs/s, worker {:.0} docs/s ({:.2}x), worker cpu {:.2}s vs engine {:.2}s, rss {:.1} MiB, errors {}+{}",
+                "round {round} {}: direct {:.0} docs/s, worker {:.0} docs/s ({:.2}x), cpu: worker {:.2}s broker {:.2}s engine {:.2}s (direct: engine {:.2}s), rss {:.1} MiB, errors {}+{}",
                 s.name, d.docs_per_second(), w.docs_per_second(), w.docs_per_second() / d.docs_per_second(),
-                w.worker_cpu, w.engine_cpu, w.worker_peak_rss_mib, d.errors, w.errors
+                w.worker_cpu, w.broker_cpu, w.engine_cpu, d.engine_cpu, w.worker_peak_rss_mib, d.errors, w.errors
             );
             results.entry(s.name.to_owned()).or_default().push((d, w));
         }

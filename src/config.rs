@@ -53,6 +53,10 @@ pub struct StorageSettings {
     pub retry_max_delay_ms: u64,
     pub item_retries: u32,
     pub index_cache_ms: u64,
+    pub bulk_max_documents: usize,
+    pub bulk_max_bytes: usize,
+    pub concurrent_bulks: usize,
+    pub bulk_linger_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -177,6 +181,15 @@ impl Settings {
             return invalid(
                 "log.level",
                 "must be a level (error, warn, info, debug, trace) or a filter",
+            );
+        }
+        if self.storage.concurrent_bulks == 0 {
+            return invalid("storage.concurrent_bulks", "must be at least 1");
+        }
+        if self.storage.bulk_max_documents < self.limits.documents_write_count {
+            return invalid(
+                "storage.bulk_max_documents",
+                "must be at least limits.documents_write_count: a request is never split",
             );
         }
         if self.limits.documents_write_count == 0 {

@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod bulk;
 pub mod client;
+pub mod coalesce;
 pub mod config;
 pub mod envelope;
 pub mod error;

@@ -8,13 +8,14 @@ use std::time::Duration;
 use serde_json::Value;
 use tracing::{debug, warn};
 
-use crate::bulk::{self, ItemOptions};
+use crate::bulk::{self, Item, ItemOptions};
+use crate::coalesce::Refusal;
 use crate::envelope;
 use crate::response::Outcome;
 
-/// Updates `documents`. `send` takes an NDJSON bulk body and returns the engine's
-/// response body, or the status and reason of a refused call (which fails every
-/// document of that call). Rejected items are sent again at most `item_retries` times,
+/// Updates `documents`. `send` takes an NDJSON bulk body and its number of items and
+/// returns their bulk items in order, or the status and reason of a refused call
+/// (which fails every document of that call). Rejected items are sent again at most `item_retries` times,
 /// waiting `backoff` between rounds.
 pub async fn apply<F, Fut>(
     documents: &[Value],
@@ -24,8 +25,8 @@ pub async fn apply<F, Fut>(
     send: F,
 ) -> Vec<Outcome>
 where
-    F: Fn(Vec<u8>) -> Fut,
-    Fut: Future<Output = Result<Vec<u8>, (u16, String)>>,
+    F: Fn(Vec<u8>, usize) -> Fut,
+    Fut: Future<Output = Result<Vec<Item>, Refusal>>,
 {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; documents.len()];
     let mut pending = Vec::new();
@@ -45,10 +46,7 @@ where
                 bulk::append_update(&mut body, options, id, doc);
             }
         }
-        let items = send(body)
-            .await
-            .and_then(|bytes| bulk::parse_response(&bytes, pending.len()).map_err(|e| (500, e)));
-        let items = match items {
+        let items = match send(body, pending.len()).await {
             Ok(items) => items,
             Err((status, reason)) => {
                 warn!(status, %reason, "bulk call refused");
@@ -135,10 +133,11 @@ mod tests {
         // Each call gets the next canned response; the ids each call sent are kept.
         let responses = Mutex::new(responses);
         let calls: Mutex<Vec<Vec<String>>> = Mutex::new(Vec::new());
-        let send = |body: Vec<u8>| {
+        let send = |body: Vec<u8>, count: usize| {
             calls.lock().unwrap().push(ids_in(&body));
             let items = responses.lock().unwrap().remove(0);
-            async move { Ok(serde_json::to_vec(&json!({"items": items})).unwrap()) }
+            let bytes = serde_json::to_vec(&json!({"items": items})).unwrap();
+            async move { Ok(bulk::parse_response(&bytes, count).unwrap()) }
         };
         let backoff = std::iter::repeat(Duration::from_millis(1));
         let outcomes = apply(docs.as_array().unwrap(), &OPTIONS, retries, backoff, send).await;
@@ -195,7 +194,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_call_fails_each_of_its_documents() {
         let docs = json!([{"_id": "a", "body": {}}, {"_id": "b", "body": {}}]);
-        let send = |_body: Vec<u8>| async { Err((413, "too large".to_owned())) };
+        let send = |_body: Vec<u8>, _count: usize| async { Err((413, "too large".to_owned())) };
         let backoff = std::iter::empty();
         let outcomes = apply(docs.as_array().unwrap(), &OPTIONS, 3, backoff, send).await;
         assert!(

@@ -14,6 +14,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::broker::{self, Broker, Published};
 use crate::bulk::{ItemOptions, Metadata};
+use crate::coalesce::{BatchLimits, Coalescer};
 use crate::config::Settings;
 use crate::envelope::{self, Properties, Refresh};
 use crate::error::RequestError;
@@ -26,16 +27,27 @@ use crate::update;
 /// Turns request bytes into a response, talking to the storage engine as needed.
 pub struct Processor {
     settings: Arc<Settings>,
-    storage: Storage,
+    storage: Arc<Storage>,
+    coalescer: Coalescer,
     metrics: Arc<Metrics>,
 }
 
 impl Processor {
     pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
-        let storage = Storage::new(&settings.storage, metrics.clone())?;
+        let storage = Arc::new(Storage::new(&settings.storage, metrics.clone())?);
+        let s = &settings.storage;
+        let limits = BatchLimits {
+            max_documents: s.bulk_max_documents,
+            max_bytes: s.bulk_max_bytes,
+            concurrent_bulks: s.concurrent_bulks,
+            linger: Duration::from_millis(s.bulk_linger_ms),
+            queue: usize::from(settings.amqp.prefetch),
+        };
+        let coalescer = Coalescer::start(storage.clone(), limits);
         Ok(Processor {
             settings,
             storage,
+            coalescer,
             metrics,
         })
     }
@@ -120,15 +132,7 @@ impl Processor {
             .with_jitter()
             .build();
         let wait_for = request.refresh == Refresh::WaitFor;
-        let send = |body: Vec<u8>| async move {
-            self.storage
-                .bulk(&body, wait_for)
-                .await
-                .map_err(|e| match e {
-                    StorageError::Refused { status, reason } => (status, reason),
-                    other => (500, other.to_string()),
-                })
-        };
+        let send = |body: Vec<u8>, items: usize| self.coalescer.submit(body, items, wait_for);
         Ok(update::apply(&request.documents, &options, s.item_retries, backoff, send).await)
     }
 }
