@@ -34,9 +34,27 @@ struct Scenario {
 }
 
 const SCENARIOS: [Scenario; 3] = [
-    Scenario { name: "S1", docs_per_request: 100, requests: 200, outstanding: 16, wait_for: false },
-    Scenario { name: "S2", docs_per_request: 1, requests: 5_000, outstanding: 64, wait_for: false },
-    Scenario { name: "S3", docs_per_request: 10, requests: 500, outstanding: 16, wait_for: true },
+    Scenario {
+        name: "S1",
+        docs_per_request: 100,
+        requests: 200,
+        outstanding: 16,
+        wait_for: false,
+    },
+    Scenario {
+        name: "S2",
+        docs_per_request: 1,
+        requests: 5_000,
+        outstanding: 64,
+        wait_for: false,
+    },
+    Scenario {
+        name: "S3",
+        docs_per_request: 10,
+        requests: 500,
+        outstanding: 16,
+        wait_for: true,
+    },
 ];
 
 /// One measured run.
@@ -77,14 +95,27 @@ impl Run {
 }
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder().timeout(TIMEOUT).pool_max_idle_per_host(128).build().unwrap()
+    // Plain bodies, as the worker asks for (reqwest would ask for gzip by default).
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::ACCEPT_ENCODING,
+        "identity".parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .pool_max_idle_per_host(128)
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 /// The engine's process id, from its own node info (its CPU counters in node stats
 /// refresh only every second: /proc is exact).
 async fn engine_pid(http: &reqwest::Client) -> u32 {
     let info: Value = http
-        .get(format!("{ES_URL}/_nodes/_local/process?filter_path=nodes.*.process.id"))
+        .get(format!(
+            "{ES_URL}/_nodes/_local/process?filter_path=nodes.*.process.id"
+        ))
         .send()
         .await
         .unwrap()
@@ -112,7 +143,9 @@ async fn engine_cpu_seconds(_http: &reqwest::Client) -> f64 {
 }
 
 fn broker_cpu_seconds() -> f64 {
-    PIDS.get().and_then(|p| p.1).map_or(0.0, process_cpu_seconds)
+    PIDS.get()
+        .and_then(|p| p.1)
+        .map_or(0.0, process_cpu_seconds)
 }
 
 /// utime + stime of a process, in seconds.
@@ -146,7 +179,10 @@ fn ids(s: &Scenario, i: usize) -> Vec<String> {
 }
 
 fn documents(s: &Scenario, i: usize, value: u64) -> Vec<Value> {
-    ids(s, i).into_iter().map(|id| json!({"_id": id, "body": {"v": value, "r": i}})).collect()
+    ids(s, i)
+        .into_iter()
+        .map(|id| json!({"_id": id, "body": {"v": value, "r": i}}))
+        .collect()
 }
 
 /// The bulk body the worker builds for the same request.
@@ -155,11 +191,19 @@ fn bulk_body(target: &str, docs: &[Value]) -> Vec<u8> {
         target,
         retry_on_conflict: 5,
         include_source: true,
-        metadata: Some(Metadata { updated_at: 0, updater: None }),
+        metadata: Some(Metadata {
+            updated_at: 0,
+            updater: None,
+        }),
     };
     let mut body = Vec::new();
     for d in docs {
-        bulk::append_update(&mut body, &options, d["_id"].as_str().unwrap(), d["body"].as_object().unwrap());
+        bulk::append_update(
+            &mut body,
+            &options,
+            d["_id"].as_str().unwrap(),
+            d["body"].as_object().unwrap(),
+        );
     }
     body
 }
@@ -167,7 +211,8 @@ fn bulk_body(target: &str, docs: &[Value]) -> Vec<u8> {
 /// Counts the documents of `docs` holding `value`: 0 unless they are searchable.
 async fn visible(http: &reqwest::Client, target: &str, docs: &[Value], value: u64) -> usize {
     let ids: Vec<&str> = docs.iter().map(|d| d["_id"].as_str().unwrap()).collect();
-    let query = json!({"query": {"bool": {"filter": [{"ids": {"values": ids}}, {"term": {"v": value}}]}}});
+    let query =
+        json!({"query": {"bool": {"filter": [{"ids": {"values": ids}}, {"term": {"v": value}}]}}});
     let r: Value = http
         .post(format!("{ES_URL}/{}/_count", target.replace('&', "%26")))
         .json(&query)
@@ -183,7 +228,10 @@ async fn visible(http: &reqwest::Client, target: &str, docs: &[Value], value: u6
 async fn direct(http: &reqwest::Client, target: &str, s: &Scenario, value: u64) -> Run {
     let cpu0 = engine_cpu_seconds(http).await;
     let start = Instant::now();
-    let url = format!("{ES_URL}/_bulk{}", if s.wait_for { "?refresh=wait_for" } else { "" });
+    let url = format!(
+        "{ES_URL}/_bulk{}",
+        if s.wait_for { "?refresh=wait_for" } else { "" }
+    );
     let results: Vec<(f64, bool)> = futures_util::stream::iter(0..s.requests)
         .map(|i| {
             let (http, url) = (http.clone(), url.clone());
@@ -202,8 +250,10 @@ async fn direct(http: &reqwest::Client, target: &str, s: &Scenario, value: u64) 
                     .await
                     .unwrap();
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
-                let ok = r["errors"] == false && r["items"].as_array().map(Vec::len) == Some(docs.len());
-                let ok = ok && (!s.wait_for || visible(&http, target, &docs, value).await == docs.len());
+                let ok =
+                    r["errors"] == false && r["items"].as_array().map(Vec::len) == Some(docs.len());
+                let ok =
+                    ok && (!s.wait_for || visible(&http, target, &docs, value).await == docs.len());
                 (ms, ok)
             }
         })
@@ -232,7 +282,11 @@ async fn through_worker(
 ) -> Run {
     let (index, collection, target) = col;
     reset_peak_rss(worker);
-    let (cpu0, wcpu0, bcpu0) = (engine_cpu_seconds(http).await, process_cpu_seconds(worker), broker_cpu_seconds());
+    let (cpu0, wcpu0, bcpu0) = (
+        engine_cpu_seconds(http).await,
+        process_cpu_seconds(worker),
+        broker_cpu_seconds(),
+    );
     let start = Instant::now();
     let results: Vec<(f64, bool)> = futures_util::stream::iter(0..s.requests)
         .map(|i| {
@@ -261,7 +315,8 @@ async fn through_worker(
                     .unwrap_or_default();
                 let ok = reply["status"] == 200 && reply["requestId"] == id && hits == expected;
                 let docs = envelope["body"]["documents"].as_array().unwrap().clone();
-                let ok = ok && (!s.wait_for || visible(&http, target, &docs, value).await == docs.len());
+                let ok =
+                    ok && (!s.wait_for || visible(&http, target, &docs, value).await == docs.len());
                 (ms, ok)
             }
         })
@@ -283,7 +338,13 @@ async fn through_worker(
 
 /// The engine's ideal for S2's updates: 1,000-document bulks, two at a time.
 async fn ideal(http: &reqwest::Client, target: &str, value: u64) -> Run {
-    let s = Scenario { name: "ideal", docs_per_request: 1_000, requests: 5, outstanding: 2, wait_for: false };
+    let s = Scenario {
+        name: "ideal",
+        docs_per_request: 1_000,
+        requests: 5,
+        outstanding: 2,
+        wait_for: false,
+    };
     direct(http, target, &s, value).await
 }
 
@@ -308,7 +369,12 @@ fn args() -> Option<Args> {
     if !argv.iter().any(|a| a == "--bench") {
         return None;
     }
-    let value = |flag: &str| argv.iter().position(|a| a == flag).and_then(|i| argv.get(i + 1)).cloned();
+    let value = |flag: &str| {
+        argv.iter()
+            .position(|a| a == flag)
+            .and_then(|i| argv.get(i + 1))
+            .cloned()
+    };
     Some(Args {
         rounds: value("--rounds").and_then(|v| v.parse().ok()).unwrap_or(1),
         out: value("--out").map_or_else(|| PathBuf::from("target/bench"), PathBuf::from),
@@ -335,22 +401,40 @@ async fn main() {
     for chunk in (0..DOCUMENTS).collect::<Vec<_>>().chunks(5_000) {
         let mut body = String::new();
         for i in chunk {
-            body.push_str(&format!("{}\n{}\n", json!({"index": {"_index": target, "_id": format!("d{i}")}}), json!({"v": 0, "seed": i})));
+            body.push_str(&format!(
+                "{}\n{}\n",
+                json!({"index": {"_index": target, "_id": format!("d{i}")}}),
+                json!({"v": 0, "seed": i})
+            ));
         }
-        http.post(format!("{ES_URL}/_bulk")).header("content-type", "application/x-ndjson").body(body).send().await.unwrap();
+        http.post(format!("{ES_URL}/_bulk"))
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
     }
-    http.post(format!("{ES_URL}/{}/_refresh", target.replace('&', "%26"))).send().await.unwrap();
+    http.post(format!("{ES_URL}/{}/_refresh", target.replace('&', "%26")))
+        .send()
+        .await
+        .unwrap();
 
     let _ = PIDS.set((engine_pid(&http).await, broker_pid()));
     let mut worker = spawn_worker(&queue);
-    let client = Arc::new(Client::connect(AMQP_URL).await.expect("RabbitMQ on 127.0.0.1:5672"));
+    let client = Arc::new(
+        Client::connect(AMQP_URL)
+            .await
+            .expect("RabbitMQ on 127.0.0.1:5672"),
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let machine = format!(
         "{} cores, {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::fs::read_to_string("/proc/cpuinfo")
             .ok()
-            .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name\t: ").map(str::to_owned)))
+            .and_then(|c| c
+                .lines()
+                .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_owned)))
             .unwrap_or_default()
     );
 
@@ -362,11 +446,29 @@ async fn main() {
             value += 1;
             let d = direct(&http, &target, s, value).await;
             value += 1;
-            let w = through_worker(&http, &client, &queue, worker.id(), (&index, &collection, &target), s, value).await;
+            let w = through_worker(
+                &http,
+                &client,
+                &queue,
+                worker.id(),
+                (&index, &collection, &target),
+                s,
+                value,
+            )
+            .await;
             eprintln!(
                 "round {round} {}: direct {:.0} docs/s, worker {:.0} docs/s ({:.2}x), cpu: worker {:.2}s broker {:.2}s engine {:.2}s (direct: engine {:.2}s), rss {:.1} MiB, errors {}+{}",
-                s.name, d.docs_per_second(), w.docs_per_second(), w.docs_per_second() / d.docs_per_second(),
-                w.worker_cpu, w.broker_cpu, w.engine_cpu, d.engine_cpu, w.worker_peak_rss_mib, d.errors, w.errors
+                s.name,
+                d.docs_per_second(),
+                w.docs_per_second(),
+                w.docs_per_second() / d.docs_per_second(),
+                w.worker_cpu,
+                w.broker_cpu,
+                w.engine_cpu,
+                d.engine_cpu,
+                w.worker_peak_rss_mib,
+                d.errors,
+                w.errors
             );
             results.entry(s.name.to_owned()).or_default().push((d, w));
         }
@@ -375,27 +477,49 @@ async fn main() {
         eprintln!("round {round} ideal: {:.0} docs/s", i.docs_per_second());
         ideal_runs.push(i);
     }
-    let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status();
     let _ = worker.wait();
-    let _ = http.delete(format!("{ES_URL}/{}", target.replace('&', "%26"))).send().await;
+    let _ = http
+        .delete(format!("{ES_URL}/{}", target.replace('&', "%26")))
+        .send()
+        .await;
     drop(client);
-    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await.unwrap();
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let _ = ch.queue_delete(queue.as_str().into(), Default::default()).await;
+    let _ = ch
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
 
     // Report the best round of each (the least disturbed by the machine).
     let best = |runs: &[(Run, Run)]| -> (Run, Run) {
-        let d = runs.iter().map(|r| r.0.clone()).max_by(|a, b| a.docs_per_second().total_cmp(&b.docs_per_second())).unwrap();
-        let w = runs.iter().map(|r| r.1.clone()).max_by(|a, b| a.docs_per_second().total_cmp(&b.docs_per_second())).unwrap();
+        let d = runs
+            .iter()
+            .map(|r| r.0.clone())
+            .max_by(|a, b| a.docs_per_second().total_cmp(&b.docs_per_second()))
+            .unwrap();
+        let w = runs
+            .iter()
+            .map(|r| r.1.clone())
+            .max_by(|a, b| a.docs_per_second().total_cmp(&b.docs_per_second()))
+            .unwrap();
         (d, w)
     };
-    let ideal = ideal_runs.iter().cloned().max_by(|a, b| a.docs_per_second().total_cmp(&b.docs_per_second())).unwrap();
+    let ideal = ideal_runs
+        .iter()
+        .cloned()
+        .max_by(|a, b| a.docs_per_second().total_cmp(&b.docs_per_second()))
+        .unwrap();
     let mut json_out = json!({"machine": machine, "rounds": args.rounds, "ideal": ideal.to_json(), "scenarios": {}});
     let mut md = format!(
         "Machine: {machine}. Rounds: {}. Engine ideal (1,000-document bulks, 2 at a time): {:.0} docs/s.\n\n\
          | scenario | direct docs/s | worker docs/s | worker/direct | worker/ideal | worker p50 / p95 / p99 ms | direct p50 / p95 / p99 ms | worker CPU s | engine CPU s | worker CPU / engine | worker peak RSS MiB |\n\
          | --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |\n",
-        args.rounds, ideal.docs_per_second()
+        args.rounds,
+        ideal.docs_per_second()
     );
     let mut errors = 0;
     for s in &SCENARIOS {
@@ -415,7 +539,11 @@ async fn main() {
         ));
     }
     std::fs::create_dir_all(&args.out).unwrap();
-    std::fs::write(args.out.join("throughput.json"), serde_json::to_string_pretty(&json_out).unwrap()).unwrap();
+    std::fs::write(
+        args.out.join("throughput.json"),
+        serde_json::to_string_pretty(&json_out).unwrap(),
+    )
+    .unwrap();
     std::fs::write(args.out.join("throughput.md"), &md).unwrap();
     println!("{md}");
     if errors > 0 {

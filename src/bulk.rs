@@ -1,7 +1,10 @@
 //! The `_bulk` request body (SPEC section 2) and the reading of its response. Pure
 //! functions: the engine client sends the bytes, this module makes and reads them.
 
+use std::io::Write;
+
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// `_kuzzle_info` written into every updated document.
@@ -22,50 +25,72 @@ pub struct ItemOptions<'a> {
     pub metadata: Option<Metadata<'a>>,
 }
 
-/// Appends one `update` action and its partial document to an NDJSON body.
+/// Appends one `update` action and its partial document to an NDJSON body, written
+/// straight into `buf` (no intermediate JSON values: this is the hot path).
 pub fn append_update(
     buf: &mut Vec<u8>,
     opts: &ItemOptions<'_>,
     id: &str,
     body: &Map<String, Value>,
 ) {
-    let action = serde_json::json!({"update": {
-        "_index": opts.target, "_id": id, "retry_on_conflict": opts.retry_on_conflict}});
-    // Serializing a Value to a Vec can't fail.
-    let _ = serde_json::to_writer(&mut *buf, &action);
-    buf.push(b'\n');
-
-    let mut doc = body.clone();
+    buf.extend_from_slice(b"{\"update\":{\"_index\":");
+    write_json(buf, opts.target);
+    buf.extend_from_slice(b",\"_id\":");
+    write_json(buf, id);
+    let _ = write!(
+        buf,
+        ",\"retry_on_conflict\":{}}}}}\n{{\"doc\":{{",
+        opts.retry_on_conflict
+    );
+    let mut first = true;
     // Clients can't forge metadata: theirs goes, ours comes in.
-    doc.remove("_kuzzle_info");
-    if let Some(meta) = opts.metadata {
-        doc.insert(
-            "_kuzzle_info".into(),
-            serde_json::json!({"updatedAt": meta.updated_at, "updater": meta.updater}),
-        );
+    for (key, value) in body.iter().filter(|(k, _)| *k != "_kuzzle_info") {
+        if !first {
+            buf.push(b',');
+        }
+        first = false;
+        write_json(buf, key);
+        buf.push(b':');
+        write_json(buf, value);
     }
-    let line = serde_json::json!({"doc": doc, "_source": opts.include_source});
-    let _ = serde_json::to_writer(&mut *buf, &line);
-    buf.push(b'\n');
+    if let Some(meta) = opts.metadata {
+        if !first {
+            buf.push(b',');
+        }
+        let _ = write!(
+            buf,
+            "\"_kuzzle_info\":{{\"updatedAt\":{},\"updater\":",
+            meta.updated_at
+        );
+        write_json(buf, &meta.updater);
+        buf.push(b'}');
+    }
+    let _ = writeln!(buf, "}},\"_source\":{}}}", opts.include_source);
+}
+
+/// Serializing into a Vec can't fail.
+fn write_json<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) {
+    let _ = serde_json::to_writer(&mut *buf, value);
 }
 
 /// One item of a bulk response.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// `_shards` and `_source` stay raw JSON: they are only copied into the reply.
+#[derive(Debug, Clone, Deserialize)]
 pub struct Item {
     pub status: u16,
     #[serde(rename = "_version")]
     pub version: Option<i64>,
     pub result: Option<String>,
     #[serde(rename = "_shards")]
-    pub shards: Option<Value>,
+    pub shards: Option<Box<RawValue>>,
     pub get: Option<Get>,
     pub error: Option<ItemError>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct Get {
     #[serde(rename = "_source")]
-    pub source: Option<Value>,
+    pub source: Option<Box<RawValue>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -179,6 +204,30 @@ mod tests {
         assert_eq!(lines(&buf)[1]["doc"], json!({"a": 1}));
     }
 
+    #[test]
+    fn empty_and_metadata_only_bodies_stay_valid_json() {
+        let meta = Metadata {
+            updated_at: 5,
+            updater: None,
+        };
+        let mut buf = Vec::new();
+        append_update(&mut buf, &opts(None), "a", json!({}).as_object().unwrap());
+        let only_info = json!({"_kuzzle_info": {"x": 1}});
+        append_update(
+            &mut buf,
+            &opts(Some(meta)),
+            "b\"q",
+            only_info.as_object().unwrap(),
+        );
+        let l = lines(&buf);
+        assert_eq!(l[1]["doc"], json!({}));
+        assert_eq!(l[2]["update"]["_id"], "b\"q");
+        assert_eq!(
+            l[3]["doc"],
+            json!({"_kuzzle_info": {"updatedAt": 5, "updater": null}})
+        );
+    }
+
     // Recorded from Elasticsearch 8.19.
     const RECORDED: &str = r#"{"errors":true,"took":1000,"items":[
       {"update":{"_index":"t1","_id":"a","_version":2,"result":"updated","_shards":{"total":2,"successful":1,"failed":0},"_seq_no":1,"_primary_term":1,"get":{"_seq_no":1,"_primary_term":1,"found":true,"_source":{"x":1,"n":"k","y":1}},"status":200}},
@@ -194,9 +243,10 @@ mod tests {
         let items = parse_response(RECORDED.as_bytes(), 6).unwrap();
         assert!(items[0].is_success());
         assert_eq!(items[0].version, Some(2));
+        let source = items[0].get.as_ref().unwrap().source.as_ref().unwrap();
         assert_eq!(
-            items[0].get.as_ref().unwrap().source,
-            Some(json!({"x":1,"n":"k","y":1}))
+            serde_json::from_str::<Value>(source.get()).unwrap(),
+            json!({"x":1,"n":"k","y":1})
         );
         assert_eq!(
             (items[1].status, items[1].reason()),

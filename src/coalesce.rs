@@ -61,10 +61,19 @@ impl Coalescer {
 
     /// Sends `items` update actions (`body`, NDJSON) with others', and returns their
     /// items in order.
-    pub async fn submit(&self, body: Vec<u8>, items: usize, wait_for: bool) -> Result<Vec<Item>, Refusal> {
+    pub async fn submit(
+        &self,
+        body: Vec<u8>,
+        items: usize,
+        wait_for: bool,
+    ) -> Result<Vec<Item>, Refusal> {
         let (done, result) = oneshot::channel();
         let job = Job { body, items, done };
-        let lane = if wait_for { &self.wait_for } else { &self.plain };
+        let lane = if wait_for {
+            &self.wait_for
+        } else {
+            &self.plain
+        };
         if lane.send(job).await.is_err() {
             return Err((503, "the worker is shutting down".into()));
         }
@@ -160,7 +169,12 @@ async fn send(storage: &Storage, batch: Vec<Job>, wait_for: bool) {
     }
 }
 
-async fn call(storage: &Storage, body: &[u8], items: usize, wait_for: bool) -> Result<Vec<Item>, Refusal> {
+async fn call(
+    storage: &Storage,
+    body: &[u8],
+    items: usize,
+    wait_for: bool,
+) -> Result<Vec<Item>, Refusal> {
     let bytes = storage.bulk(body, wait_for).await.map_err(|e| match e {
         StorageError::Refused { status, reason } => (status, reason),
         other => (500, other.to_string()),
@@ -182,8 +196,12 @@ mod tests {
     use super::*;
 
     fn item(id: usize, status: u16) -> Item {
-        let error = (status != 200).then(|| serde_json::json!({"type": "x", "reason": id.to_string()}));
-        serde_json::from_value(serde_json::json!({"status": status, "_version": id, "error": error})).unwrap()
+        let error =
+            (status != 200).then(|| serde_json::json!({"type": "x", "reason": id.to_string()}));
+        serde_json::from_value(
+            serde_json::json!({"status": status, "_version": id, "error": error}),
+        )
+        .unwrap()
     }
 
     #[test]

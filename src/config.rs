@@ -57,6 +57,7 @@ pub struct StorageSettings {
     pub bulk_max_bytes: usize,
     pub concurrent_bulks: usize,
     pub bulk_linger_ms: u64,
+    pub compression: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -86,6 +87,7 @@ pub struct MetricsSettings {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct WorkerSettings {
+    pub threads: usize,
     pub shutdown_timeout_ms: u64,
     pub max_hold_ms: u64,
 }

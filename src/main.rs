@@ -163,8 +163,7 @@ async fn shutdown_signal(token: CancellationToken) {
     token.cancel();
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
@@ -190,7 +189,33 @@ async fn main() -> ExitCode {
         LogFormat::Json => logs.json().with_current_span(true).init(),
     }
 
-    let result = match cli.command.unwrap_or(Command::Run) {
+    let command = cli.command.unwrap_or(Command::Run);
+    // The worker runs on `worker.threads` threads (one by default: it leaves the cores to
+    // the engine and the broker); the loader reads its file on a thread of its own.
+    let runtime = match (&command, settings.worker.threads) {
+        (Command::Run, 0 | 1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        (Command::Run, threads) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("mupdate-worker: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(execute(command, settings))
+}
+
+async fn execute(command: Command, settings: Settings) -> ExitCode {
+    let result = match command {
         Command::Run => {
             let token = CancellationToken::new();
             tokio::spawn(shutdown_signal(token.clone()));

@@ -1,7 +1,9 @@
 //! The response envelope (SPEC section 3): 200, 206 (v1) or the v2 layout, and
 //! whole-request errors. Pure functions.
 
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
 
 use crate::bulk::Item;
 use crate::config::Format;
@@ -9,7 +11,7 @@ use crate::envelope::{Echo, Request};
 use crate::error::RequestError;
 
 /// What became of one document of a request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Outcome {
     Updated {
         id: String,
@@ -30,45 +32,93 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
-fn envelope(echo: &Echo, status: u16, error: Value, result: Value) -> Response {
-    let mut map = Map::new();
-    map.insert("status".into(), status.into());
-    map.insert("error".into(), error);
-    map.insert("requestId".into(), echo.request_id.clone().into());
-    let echoed = [
-        ("index", &echo.index),
-        ("collection", &echo.collection),
-        ("controller", &echo.controller),
-        ("action", &echo.action),
-    ];
-    for (key, value) in echoed {
-        map.insert(key.into(), value.clone().unwrap_or(Value::Null));
-    }
-    map.insert(
-        "volatile".into(),
-        echo.volatile.clone().unwrap_or(Value::Null),
-    );
-    if let Some(refresh) = &echo.refresh {
-        map.insert("refresh".into(), refresh.clone());
-    }
-    if let Some(retry) = &echo.retry_on_conflict {
-        map.insert("retryOnConflict".into(), retry.clone());
-    }
-    map.insert("result".into(), result);
+/// The reply's JSON, serialized as is: hits carry the engine's `_source` unparsed.
+#[derive(Serialize)]
+struct Envelope<'a, R: Serialize> {
+    status: u16,
+    error: &'a Value,
+    #[serde(rename = "requestId")]
+    request_id: &'a str,
+    index: &'a Option<Value>,
+    collection: &'a Option<Value>,
+    controller: &'a Option<Value>,
+    action: &'a Option<Value>,
+    volatile: &'a Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh: Option<&'a Value>,
+    #[serde(rename = "retryOnConflict", skip_serializing_if = "Option::is_none")]
+    retry_on_conflict: Option<&'a Value>,
+    result: R,
+}
+
+fn envelope<R: Serialize>(echo: &Echo, status: u16, error: &Value, result: R) -> Response {
+    let envelope = Envelope {
+        status,
+        error,
+        request_id: &echo.request_id,
+        index: &echo.index,
+        collection: &echo.collection,
+        controller: &echo.controller,
+        action: &echo.action,
+        volatile: &echo.volatile,
+        refresh: echo.refresh.as_ref(),
+        retry_on_conflict: echo.retry_on_conflict.as_ref(),
+        result,
+    };
     Response {
         request_id: echo.request_id.clone(),
         status,
-        body: serde_json::to_vec(&Value::Object(map)).unwrap_or_default(),
+        body: serde_json::to_vec(&envelope).unwrap_or_default(),
     }
 }
 
 /// A whole-request error: `result: null`.
 pub fn error_response(echo: &Echo, error: &RequestError) -> Response {
-    envelope(echo, error.status(), error.to_json(), Value::Null)
+    envelope(echo, error.status(), &error.to_json(), ())
 }
 
 fn failure_json(document: &Value, status: u16, reason: &str) -> Value {
     json!({"document": document, "status": status, "reason": reason})
+}
+
+/// A hit in the seed's (v1) layout.
+#[derive(Serialize)]
+struct HitV1<'a> {
+    _id: &'a str,
+    _index: &'a str,
+    _type: &'a str,
+    _version: Option<i64>,
+    result: Option<&'a str>,
+    status: u16,
+    _shards: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    _source: Option<&'a RawValue>,
+}
+
+/// A success in Kuzzle 2's (v2) layout.
+#[derive(Serialize)]
+struct HitV2<'a> {
+    _id: &'a str,
+    _version: Option<i64>,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    _source: Option<&'a RawValue>,
+}
+
+#[derive(Serialize)]
+struct V1Result<'a> {
+    total: usize,
+    hits: Vec<HitV1<'a>>,
+}
+
+#[derive(Serialize)]
+struct V2Result<'a> {
+    successes: Vec<HitV2<'a>>,
+    errors: Vec<Value>,
+}
+
+fn source(item: &Item) -> Option<&RawValue> {
+    item.get.as_ref().and_then(|g| g.source.as_deref())
 }
 
 /// The reply to a request whose documents were all tried.
@@ -78,70 +128,69 @@ pub fn documents_response(
     outcomes: &[Outcome],
     format: Format,
 ) -> Response {
-    let mut hits = Vec::new();
-    let mut errors = Vec::new();
-    for outcome in outcomes {
-        match outcome {
-            Outcome::Updated { id, item } => hits.push(hit_json(id, item, request, format)),
+    let errors: Vec<Value> = outcomes
+        .iter()
+        .filter_map(|o| match o {
             Outcome::Failed {
                 document,
                 status,
                 reason,
-            } => errors.push(failure_json(document, *status, reason)),
-        }
-    }
+            } => Some(failure_json(document, *status, reason)),
+            Outcome::Updated { .. } => None,
+        })
+        .collect();
+    let updated = outcomes.iter().filter_map(|o| match o {
+        Outcome::Updated { id, item } => Some((id.as_str(), item)),
+        Outcome::Failed { .. } => None,
+    });
+    let failed = errors.len();
     match format {
         Format::V1 => {
-            let result = json!({"total": hits.len(), "hits": hits});
-            if errors.is_empty() {
-                return envelope(echo, 200, Value::Null, result);
+            let hits: Vec<HitV1> = updated
+                .map(|(id, item)| HitV1 {
+                    _id: id,
+                    _index: &request.index,
+                    _type: &request.collection,
+                    _version: item.version,
+                    result: item.result.as_deref(),
+                    status: item.status,
+                    _shards: item.shards.as_deref(),
+                    _source: source(item),
+                })
+                .collect();
+            let result = V1Result {
+                total: hits.len(),
+                hits,
+            };
+            if failed == 0 {
+                return envelope(echo, 200, &Value::Null, result);
             }
             let error = json!({
                 "status": 206, "id": "services.storage.incomplete_update",
-                "message": format!("{} of {} documents could not be updated", errors.len(), outcomes.len()),
-                "count": errors.len(), "errors": errors});
-            envelope(echo, 206, error, result)
+                "message": format!("{failed} of {} documents could not be updated", outcomes.len()),
+                "count": failed, "errors": errors});
+            envelope(echo, 206, &error, result)
         }
         Format::V2 => {
-            let failed = errors.len();
-            let result = json!({"successes": hits, "errors": errors});
+            let successes: Vec<HitV2> = updated
+                .map(|(id, item)| HitV2 {
+                    _id: id,
+                    _version: item.version,
+                    status: item.status,
+                    _source: source(item),
+                })
+                .collect();
+            let result = V2Result { successes, errors };
             if request.strict && failed > 0 {
                 let error = json!({
                     "status": 400, "id": "api.process.incomplete_multiple_request",
                     "message": format!("{failed} of {} documents could not be updated", outcomes.len()),
                     "count": failed});
-                return envelope(echo, 400, error, result);
+                return envelope(echo, 400, &error, result);
             }
-            envelope(echo, 200, Value::Null, result)
+            envelope(echo, 200, &Value::Null, result)
         }
     }
-}
-
-fn hit_json(id: &str, item: &Item, request: &Request, format: Format) -> Value {
-    let mut hit = Map::new();
-    hit.insert("_id".into(), id.into());
-    if format == Format::V1 {
-        hit.insert("_index".into(), request.index.clone().into());
-        hit.insert("_type".into(), request.collection.clone().into());
-    }
-    hit.insert(
-        "_version".into(),
-        item.version.map_or(Value::Null, Value::from),
-    );
-    if format == Format::V1 {
-        hit.insert(
-            "result".into(),
-            item.result.clone().map_or(Value::Null, Value::from),
-        );
-    }
-    hit.insert("status".into(), item.status.into());
-    if format == Format::V1 {
-        hit.insert("_shards".into(), item.shards.clone().unwrap_or(Value::Null));
-    }
-    if let Some(source) = item.get.as_ref().and_then(|g| g.source.clone()) {
-        hit.insert("_source".into(), source);
-    }
-    Value::Object(hit)
 }
 
 #[cfg(test)]
@@ -174,6 +223,10 @@ mod tests {
         }
     }
 
+    fn raw(value: Value) -> Box<RawValue> {
+        serde_json::value::to_raw_value(&value).unwrap()
+    }
+
     fn updated(id: &str) -> Outcome {
         Outcome::Updated {
             id: id.into(),
@@ -181,9 +234,9 @@ mod tests {
                 status: 200,
                 version: Some(2),
                 result: Some("updated".into()),
-                shards: Some(json!({"total": 2, "successful": 1, "failed": 0})),
+                shards: Some(raw(json!({"total": 2, "successful": 1, "failed": 0}))),
                 get: Some(Get {
-                    source: Some(json!({"price": 10})),
+                    source: Some(raw(json!({"price": 10}))),
                 }),
                 error: None,
             },

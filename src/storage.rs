@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use backon::{ExponentialBuilder, Retryable};
 use elasticsearch::Elasticsearch;
 use elasticsearch::auth::Credentials;
-use elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use elasticsearch::http::headers::{ACCEPT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderValue};
 use elasticsearch::http::transport::{MultiNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{Method, Url};
 
@@ -62,6 +62,12 @@ impl Storage {
             .collect::<Result<Vec<_>, _>>()?;
         let pool = MultiNodeConnectionPool::round_robin(urls, None);
         let mut builder = TransportBuilder::new(pool);
+        builder = if settings.compression {
+            builder.request_body_compression(true)
+        } else {
+            // Compressing costs the engine and the worker CPU; over a LAN it buys little.
+            builder.header(ACCEPT_ENCODING, HeaderValue::from_static("identity"))
+        };
         if let Some(key) = settings.api_key.as_ref().filter(|k| !k.is_empty()) {
             builder = builder.auth(Credentials::EncodedApiKey(key.clone()));
         } else if let Some(user) = settings.username.as_ref().filter(|u| !u.is_empty()) {
