@@ -148,6 +148,7 @@ async fn send(storage: &Storage, batch: Vec<Job>, wait_for: bool) {
     for job in &batch {
         body.extend_from_slice(&job.body);
     }
+    storage.metrics().bulk_documents.observe(total as f64);
     let result = call(storage, &body, total, wait_for).await;
     match result {
         Ok(items) => {

@@ -35,6 +35,7 @@ pub struct Metrics {
     documents: Family<OutcomeLabel, Counter>,
     pub request_seconds: Histogram,
     pub bulk_seconds: Histogram,
+    pub bulk_documents: Histogram,
     pub in_flight: Gauge,
     pub engine_retries: Counter,
     pub reconnects: Counter,
@@ -59,6 +60,7 @@ impl Metrics {
         let documents = Family::<OutcomeLabel, Counter>::default();
         let request_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let bulk_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let bulk_documents = Histogram::new(exponential_buckets(1.0, 2.0, 11));
         let (in_flight, broker_up_gauge, engine_up_gauge) =
             (Gauge::default(), Gauge::default(), Gauge::default());
         let (engine_retries, reconnects) = (Counter::default(), Counter::default());
@@ -78,6 +80,11 @@ impl Metrics {
             "bulk_duration_seconds",
             "One _bulk call",
             bulk_seconds.clone(),
+        );
+        registry.register(
+            "bulk_documents",
+            "Documents per _bulk call (coalesced from concurrent requests)",
+            bulk_documents.clone(),
         );
         registry.register(
             "requests_in_flight",
@@ -120,6 +127,7 @@ impl Metrics {
             documents,
             request_seconds,
             bulk_seconds,
+            bulk_documents,
             in_flight,
             engine_retries,
             reconnects,

@@ -187,6 +187,10 @@ impl Storage {
         }
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// One health call, not retried: whether the engine answers. Updates `engine_up`.
     pub async fn ping(&self) -> bool {
         let query = [("timeout", "2s")];
