@@ -158,31 +158,8 @@ async fn an_engine_outage_mid_stream_loses_nothing() {
     load.cleanup().await;
 }
 
-/// The worker binary on `settings`' queues.
 fn spawn_binary(settings: &Settings) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_mupdate-worker"))
-        .env("MUPDATE__AMQP__REQUEST_QUEUE", &settings.amqp.request_queue)
-        .env("MUPDATE__AMQP__REPLY_QUEUE", &settings.amqp.reply_queue)
-        .env("MUPDATE__METRICS__LISTEN", "")
-        .env(
-            "MUPDATE__AMQP__PREFETCH",
-            settings.amqp.prefetch.to_string(),
-        )
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_consumers(queue: &str, n: u32) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while queue_consumers(queue).await.unwrap_or(0) < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "workers did not start consuming"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    worker_command(settings).spawn().unwrap()
 }
 
 fn signal(child: &Child, name: &str) {

@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
@@ -121,37 +120,15 @@ async fn names_that_would_widen_or_escape_the_target_are_refused_and_touch_nothi
 async fn secrets_appear_in_neither_replies_nor_logs() {
     let col = Collection::create(&[("a", json!({"n": 1}))]).await;
     let settings = settings();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mupdate-worker"))
-        .env("MUPDATE__AMQP__REQUEST_QUEUE", &settings.amqp.request_queue)
-        .env("MUPDATE__AMQP__REPLY_QUEUE", &settings.amqp.reply_queue)
-        .env("MUPDATE__METRICS__LISTEN", "")
+    let mut child = worker_command(&settings)
         .env("MUPDATE__STORAGE__USERNAME", "elastic")
         .env("MUPDATE__STORAGE__PASSWORD", "storage-pass-s3cret")
         .env("RUST_LOG", "trace")
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let logs = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-            .join("\n")
-    });
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while queue_consumers(&settings.amqp.request_queue)
-        .await
-        .unwrap_or(0)
-        == 0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "worker did not start"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let logs = stderr_lines(&mut child);
+    wait_consumers(&settings.amqp.request_queue, 1).await;
     let client = mupdate_worker::client::Client::connect(AMQP_URL)
         .await
         .unwrap();
@@ -181,7 +158,7 @@ async fn secrets_appear_in_neither_replies_nor_logs() {
         .await
         .unwrap();
     assert_eq!(exit.code(), Some(0));
-    let logs = logs.join().unwrap();
+    let logs = logs.join().unwrap().join("\n");
     assert!(logs.contains("replied"), "the request was logged: {logs}");
     assert!(!logs.contains("s3cret"), "a secret in the logs");
     delete_queues(&[&settings.amqp.request_queue, &settings.amqp.reply_queue]).await;

@@ -2,7 +2,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
@@ -114,33 +113,14 @@ async fn metrics_count_a_known_sequence_of_requests() {
 async fn json_log_lines_parse_and_carry_the_request_id() {
     let col = Collection::create(&[("a", json!({"n": 1}))]).await;
     let settings = settings();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mupdate-worker"))
-        .env("MUPDATE__AMQP__REQUEST_QUEUE", &settings.amqp.request_queue)
-        .env("MUPDATE__AMQP__REPLY_QUEUE", &settings.amqp.reply_queue)
-        .env("MUPDATE__METRICS__LISTEN", "")
+    let mut child = worker_command(&settings)
         .env("MUPDATE__LOG__FORMAT", "json")
+        .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let logs = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while queue_consumers(&settings.amqp.request_queue)
-        .await
-        .unwrap_or(0)
-        == 0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "worker did not start"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let logs = stderr_lines(&mut child);
+    wait_consumers(&settings.amqp.request_queue, 1).await;
     let client = mupdate_worker::client::Client::connect(AMQP_URL)
         .await
         .unwrap();

@@ -168,18 +168,7 @@ impl Worker {
     pub async fn start_with(settings: Settings) -> Self {
         let token = CancellationToken::new();
         let task = tokio::spawn(mupdate_worker::worker::run(settings.clone(), token.clone()));
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        while queue_consumers(&settings.amqp.request_queue)
-            .await
-            .unwrap_or(0)
-            == 0
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "worker did not start consuming"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_consumers(&settings.amqp.request_queue, 1).await;
         Worker {
             settings,
             token,
@@ -219,6 +208,47 @@ pub async fn delete_queues(queues: &[&str]) {
             .await;
     }
     amqp.close().await;
+}
+
+/// The worker binary on `settings`' queues and prefetch, metrics off, logging warnings;
+/// callers add environment and stdio, then spawn.
+pub fn worker_command(settings: &Settings) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mupdate-worker"));
+    command
+        .env("MUPDATE__AMQP__REQUEST_QUEUE", &settings.amqp.request_queue)
+        .env("MUPDATE__AMQP__REPLY_QUEUE", &settings.amqp.reply_queue)
+        .env(
+            "MUPDATE__AMQP__PREFETCH",
+            settings.amqp.prefetch.to_string(),
+        )
+        .env("MUPDATE__METRICS__LISTEN", "")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+    command
+}
+
+/// A child's stderr, line by line, read on a thread until it closes.
+pub fn stderr_lines(child: &mut std::process::Child) -> std::thread::JoinHandle<Vec<String>> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect()
+    })
+}
+
+/// Waits until `queue` has at least `n` consumers.
+pub async fn wait_consumers(queue: &str, n: u32) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while queue_consumers(queue).await.unwrap_or(0) < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "workers did not start consuming"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Ready messages and consumers of a queue, or None when it doesn't exist.
