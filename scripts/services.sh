@@ -128,6 +128,10 @@ engine_config() {
   local conf=$ENGINE_STATE/config
   mkdir -p "$conf" "$ENGINE_STATE/data" "$ENGINE_STATE/logs"
   cp -r "$HOME_DIR/config/." "$conf/"
+  # jvm.options names paths relative to the distribution, which the engine's user can't
+  # write: point them at the state directory.
+  sed -i -e "s#=logs/#=$ENGINE_STATE/logs/#g" -e "s#file=logs/#file=$ENGINE_STATE/logs/#g" \
+    -e "s#HeapDumpPath=data#HeapDumpPath=$ENGINE_STATE/data#" "$conf/jvm.options"
   local yml=$conf/$ARTIFACT.yml
   {
     echo "cluster.name: mupdate-dev"
