@@ -61,7 +61,7 @@ impl RequestError {
             BodyTooLarge { .. } => (413, "api.assert.body_too_large"),
             UnknownIndex(_) => (412, "services.storage.unknown_index"),
             UnknownCollection { .. } => (412, "services.storage.unknown_collection"),
-            StorageRejected(_) => (400, "services.storage.unexpected_error"),
+            StorageRejected(_) => (500, "services.storage.unexpected_error"),
         }
     }
 
