@@ -119,6 +119,27 @@ impl Broker {
         Ok(())
     }
 
+    /// Fails unless `exchange` exists: publishing a reply to a missing exchange would
+    /// close the channel, and with it every request in flight. Checked on a channel of
+    /// its own, which a failed passive declare closes.
+    pub async fn check_exchange(&self, exchange: &str) -> Result<(), lapin::Error> {
+        let probe = self.connection.create_channel().await?;
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        probe
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Direct,
+                passive,
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = probe.close(200, "checked".into()).await;
+        Ok(())
+    }
+
     /// Starts consuming with manual acks.
     pub async fn consume(&self, queue: &str) -> Result<Consumer, lapin::Error> {
         self.consume

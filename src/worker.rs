@@ -225,6 +225,12 @@ async fn session(
     if settings.amqp.declare {
         broker.declare(&settings.amqp).await?;
     }
+    let reply_exchange = &settings.amqp.reply_exchange;
+    if !reply_exchange.is_empty() {
+        broker.check_exchange(reply_exchange).await.map_err(|err| {
+            anyhow::anyhow!("amqp.reply_exchange \"{reply_exchange}\" is not usable: {err}")
+        })?;
+    }
     let mut consumer = broker.consume(&settings.amqp.request_queue).await?;
     processor.metrics.set_broker_up(true);
     info!(queue = %settings.amqp.request_queue, prefetch = settings.amqp.prefetch, "connected; consuming");

@@ -184,3 +184,71 @@ fn invalid_settings_stop_the_worker_with_exit_code_2_naming_the_key() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+#[tokio::test]
+async fn a_missing_reply_exchange_keeps_the_worker_unready_until_it_exists() {
+    let exchange = fresh("mupdate.replies.missing");
+    let mut settings = settings();
+    settings.amqp.reply_exchange = exchange.clone();
+    let listen = format!("127.0.0.1:{}", free_port());
+    settings.metrics.listen = listen.clone();
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(mupdate_worker::worker::run(settings.clone(), token.clone()));
+    let readyz = |want: u16| {
+        let url = format!("http://{listen}/readyz");
+        async move {
+            let deadline = tokio::time::Instant::now() + TIMEOUT;
+            loop {
+                let status = http()
+                    .get(&url)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                if status == want {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "readyz never {want}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    };
+    readyz(503).await;
+    assert_eq!(
+        queue_consumers(&settings.amqp.request_queue)
+            .await
+            .unwrap_or(0),
+        0,
+        "takes no request"
+    );
+    let amqp = Amqp::open().await;
+    let auto_delete = lapin::options::ExchangeDeclareOptions {
+        auto_delete: true,
+        ..Default::default()
+    };
+    amqp.channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Direct,
+            auto_delete,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    readyz(200).await;
+    token.cancel();
+    tokio::time::timeout(TIMEOUT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = amqp
+        .channel
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+    amqp.close().await;
+    delete_queues(&[&settings.amqp.request_queue, &settings.amqp.reply_queue]).await;
+}
