@@ -77,11 +77,7 @@ impl Storage {
         let transport = builder
             .build()
             .map_err(|e| StorageError::Config(e.to_string()))?;
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(settings.retry_min_delay_ms))
-            .with_max_delay(Duration::from_millis(settings.retry_max_delay_ms))
-            .with_jitter()
-            .without_max_times();
+        let backoff = backoff(settings);
         Ok(Storage {
             client: Elasticsearch::new(transport),
             timeout: Duration::from_millis(settings.timeout_ms),
@@ -219,6 +215,15 @@ impl Storage {
             }),
         }
     }
+}
+
+/// The engine's backoff: capped exponential with jitter, without a limit on tries.
+pub fn backoff(settings: &StorageSettings) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(settings.retry_min_delay_ms))
+        .with_max_delay(Duration::from_millis(settings.retry_max_delay_ms))
+        .with_jitter()
+        .without_max_times()
 }
 
 /// The `error.reason` of an engine error body, or its first bytes.

@@ -21,7 +21,7 @@ use crate::error::RequestError;
 use crate::metrics::{self, Metrics};
 use crate::reply::Destination;
 use crate::response::{self, Outcome, Response};
-use crate::storage::{IndexState, Storage, StorageError};
+use crate::storage::{self, IndexState, Storage, StorageError};
 use crate::update;
 
 /// Turns request bytes into a response, talking to the storage engine as needed.
@@ -126,11 +126,8 @@ impl Processor {
                 updater: props.user_id.as_deref(),
             }),
         };
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(s.retry_min_delay_ms))
-            .with_max_delay(Duration::from_millis(s.retry_max_delay_ms))
-            .with_jitter()
-            .build();
+        // Bounded by item_retries, not by the backoff.
+        let backoff = storage::backoff(s).build();
         let wait_for = request.refresh == Refresh::WaitFor;
         let send = |body: Vec<u8>, items: usize| self.coalescer.submit(body, items, wait_for);
         Ok(update::apply(&request.documents, &options, s.item_retries, backoff, send).await)
