@@ -9,7 +9,7 @@ use mupdate_worker::config::{LogFormat, Settings};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-mod load;
+mod send_file;
 
 /// Executes Kuzzle's document:mUpdate requests from RabbitMQ against Elasticsearch.
 #[derive(Parser)]
@@ -81,7 +81,7 @@ fn read_input(path: &PathBuf) -> std::io::Result<String> {
 
 async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
     if args.file.is_some() {
-        return load::run(settings, args).await;
+        return send_file::run(settings, args).await;
     }
     let body = match (
         &args.envelope,
