@@ -64,98 +64,67 @@ async fn assert_complete(load: &Load, replies: &HashMap<String, Vec<Value>>, req
     );
 }
 
-#[tokio::test]
-async fn broker_connections_closed_mid_stream_lose_nothing() {
-    let _serial = SERIAL.lock().await;
+/// N requests through a worker on `settings`; `fault` runs once some are answered.
+/// Then every request has its correct reply, every update is in the engine and
+/// nothing is left queued.
+async fn survives<F: std::future::Future<Output = ()>>(name: &str, settings: Settings, fault: F) {
     // wait_for keeps requests in flight long enough for the fault to find some.
     let load = Load::new(N, true).await;
-    let worker = Worker::start().await;
+    let worker = Worker::start_with(settings).await;
     load.publish(worker.request_queue()).await;
     let before = load.wait_for_replies(10, TIMEOUT).await;
-    rabbitmqctl(&["close_all_connections", "fault test"]);
-    println!("close_all_connections after {before} replies");
+    println!("{name}: fault after {before} replies");
+    fault.await;
     let replies = load.collect(SETTLE).await;
-    summary("close_all_connections", &replies);
+    summary(name, &replies);
     let queue = worker.request_queue().to_owned();
     let settings = worker.halt().await;
     assert_complete(&load, &replies, &queue).await;
     delete_queues(&[&queue, &settings.amqp.reply_queue]).await;
     load.cleanup().await;
+}
+
+#[tokio::test]
+async fn broker_connections_closed_mid_stream_lose_nothing() {
+    let _serial = SERIAL.lock().await;
+    let fault = async { rabbitmqctl(&["close_all_connections", "fault test"]) };
+    survives("close_all_connections", settings(), fault).await;
 }
 
 #[tokio::test]
 async fn a_broker_restart_mid_stream_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let load = Load::new(N, true).await;
-    let worker = Worker::start().await;
-    load.publish(worker.request_queue()).await;
-    let before = load.wait_for_replies(10, TIMEOUT).await;
-    rabbitmqctl(&["stop_app"]);
-    println!("stop_app after {before} replies");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    rabbitmqctl(&["start_app"]);
-    rabbitmqctl(&["await_startup"]);
-    let replies = load.collect(SETTLE).await;
-    summary("stop_app/start_app", &replies);
-    let queue = worker.request_queue().to_owned();
-    let settings = worker.halt().await;
-    assert_complete(&load, &replies, &queue).await;
-    delete_queues(&[&queue, &settings.amqp.reply_queue]).await;
-    load.cleanup().await;
+    let fault = async {
+        rabbitmqctl(&["stop_app"]);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup"]);
+    };
+    survives("stop_app/start_app", settings(), fault).await;
 }
 
 #[tokio::test]
 async fn an_engine_outage_mid_stream_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let load = Load::new(N, true).await;
     let mut settings = settings();
     settings.storage.retry_max_delay_ms = 1000;
     // Held requests go back to the queue after 3 s (RabbitMQ's consumer timeout stands
     // behind this in production): the outage outlasts that.
     settings.worker.max_hold_ms = 3000;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    settings.metrics.listen = format!("127.0.0.1:{port}");
-    let worker = Worker::start_with(settings).await;
-    load.publish(worker.request_queue()).await;
-    let before = load.wait_for_replies(10, TIMEOUT).await;
-    services(&["stop", "engine"]);
-    println!("engine stopped after {before} replies");
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let during = load.replies_waiting().await;
-    services(&["start", "engine"]);
-    let replies = load.collect(SETTLE).await;
-    println!("engine outage: {during} replies before the engine came back");
-    summary("engine outage", &replies);
-    let metrics = http()
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let requeued = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("mupdate_requests_requeued_total ")?
-                .parse::<u64>()
-                .ok()
-        })
-        .unwrap_or(0);
-    println!("engine outage: {requeued} held requests requeued");
-    assert!(
-        requeued > 0,
-        "requests held through the outage were requeued"
-    );
-    let queue = worker.request_queue().to_owned();
-    let settings = worker.halt().await;
-    assert_complete(&load, &replies, &queue).await;
-    delete_queues(&[&queue, &settings.amqp.reply_queue]).await;
-    load.cleanup().await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    settings.metrics.listen = listen.clone();
+    let fault = async {
+        services(&["stop", "engine"]);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        services(&["start", "engine"]);
+        let requeued = metric(&listen, "mupdate_requests_requeued_total").await;
+        println!("engine outage: {requeued} held requests requeued");
+        assert!(
+            requeued > 0.0,
+            "requests held through the outage were requeued"
+        );
+    };
+    survives("engine outage", settings, fault).await;
 }
 
 fn spawn_binary(settings: &Settings) -> Child {
@@ -312,40 +281,13 @@ async fn poison_messages_on_a_quorum_queue_end_in_the_dead_letter_queue() {
 async fn readyz_turns_unready_while_the_engine_is_stopped() {
     let _serial = SERIAL.lock().await;
     let mut settings = settings();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    settings.metrics.listen = format!("127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{}", free_port());
+    settings.metrics.listen = listen.clone();
     let worker = Worker::start_with(settings).await;
-    let readyz = format!("http://127.0.0.1:{port}/readyz");
-    let wait_for = |want: u16| {
-        let readyz = readyz.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + TIMEOUT;
-            loop {
-                let status = http()
-                    .get(&readyz)
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16())
-                    .unwrap_or(0);
-                if status == want {
-                    return;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "readyz never {want} (last {status})"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    wait_for(200).await;
+    wait_readyz(&listen, 200).await;
     services(&["stop", "engine"]);
-    wait_for(503).await;
+    wait_readyz(&listen, 503).await;
     services(&["start", "engine"]);
-    wait_for(200).await;
+    wait_readyz(&listen, 200).await;
     worker.stop().await;
 }

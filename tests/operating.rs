@@ -7,21 +7,6 @@ use std::process::{Command, Stdio};
 use serde_json::{Value, json};
 use support::*;
 
-/// A loopback port nothing listens on now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn metrics_count_a_known_sequence_of_requests() {
     let col = Collection::create(&[("a", json!({"n": 1})), ("b", json!({"n": 1}))]).await;
@@ -47,42 +32,42 @@ async fn metrics_count_a_known_sequence_of_requests() {
     call_bytes(&worker, b"not json").await;
 
     let http = http();
-    let text = http
-        .get(format!("http://{listen}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
     assert_eq!(
-        metric(&text, "mupdate_requests_total{status=\"200\"}"),
-        1.0,
-        "{text}"
-    );
-    assert_eq!(metric(&text, "mupdate_requests_total{status=\"206\"}"), 1.0);
-    assert_eq!(metric(&text, "mupdate_requests_total{status=\"400\"}"), 1.0);
-    assert_eq!(
-        metric(&text, "mupdate_documents_total{outcome=\"updated\"}"),
+        metric(&listen, "mupdate_requests_total{status=\"200\"}").await,
         1.0
     );
     assert_eq!(
-        metric(&text, "mupdate_documents_total{outcome=\"noop\"}"),
+        metric(&listen, "mupdate_requests_total{status=\"206\"}").await,
         1.0
     );
     assert_eq!(
-        metric(&text, "mupdate_documents_total{outcome=\"not_found\"}"),
+        metric(&listen, "mupdate_requests_total{status=\"400\"}").await,
         1.0
     );
     assert_eq!(
-        metric(&text, "mupdate_documents_total{outcome=\"invalid\"}"),
+        metric(&listen, "mupdate_documents_total{outcome=\"updated\"}").await,
         1.0
     );
-    assert_eq!(metric(&text, "mupdate_request_duration_seconds_count"), 3.0);
-    assert!(metric(&text, "mupdate_bulk_duration_seconds_count") >= 2.0);
-    assert_eq!(metric(&text, "mupdate_requests_in_flight"), 0.0);
-    assert_eq!(metric(&text, "mupdate_broker_up"), 1.0);
-    assert_eq!(metric(&text, "mupdate_engine_up"), 1.0);
+    assert_eq!(
+        metric(&listen, "mupdate_documents_total{outcome=\"noop\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&listen, "mupdate_documents_total{outcome=\"not_found\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&listen, "mupdate_documents_total{outcome=\"invalid\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&listen, "mupdate_request_duration_seconds_count").await,
+        3.0
+    );
+    assert!(metric(&listen, "mupdate_bulk_duration_seconds_count").await >= 2.0);
+    assert_eq!(metric(&listen, "mupdate_requests_in_flight").await, 0.0);
+    assert_eq!(metric(&listen, "mupdate_broker_up").await, 1.0);
+    assert_eq!(metric(&listen, "mupdate_engine_up").await, 1.0);
     let health = http
         .get(format!("http://{listen}/healthz"))
         .send()
@@ -194,29 +179,7 @@ async fn a_missing_reply_exchange_keeps_the_worker_unready_until_it_exists() {
     settings.metrics.listen = listen.clone();
     let token = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(mupdate_worker::worker::run(settings.clone(), token.clone()));
-    let readyz = |want: u16| {
-        let url = format!("http://{listen}/readyz");
-        async move {
-            let deadline = tokio::time::Instant::now() + TIMEOUT;
-            loop {
-                let status = http()
-                    .get(&url)
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16())
-                    .unwrap_or(0);
-                if status == want {
-                    return;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "readyz never {want}"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
-        }
-    };
-    readyz(503).await;
+    wait_readyz(&listen, 503).await;
     assert_eq!(
         queue_consumers(&settings.amqp.request_queue)
             .await
@@ -238,7 +201,7 @@ async fn a_missing_reply_exchange_keeps_the_worker_unready_until_it_exists() {
         )
         .await
         .unwrap();
-    readyz(200).await;
+    wait_readyz(&listen, 200).await;
     token.cancel();
     tokio::time::timeout(TIMEOUT, task)
         .await

@@ -22,6 +22,51 @@ pub const ES_URL: &str = "http://127.0.0.1:9200";
 /// Every wait in a test is bounded by this.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `http://{listen}/readyz` answers `want`.
+pub async fn wait_readyz(listen: &str, want: u16) {
+    let url = format!("http://{listen}/readyz");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let status = http()
+            .get(&url)
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16());
+        if status == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz never {want} (last {status})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One sample of the Prometheus text at `http://{listen}/metrics`, 0 when absent.
+pub async fn metric(listen: &str, name: &str) -> f64 {
+    let text = http()
+        .get(format!("http://{listen}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A lowercase name no other test or run uses.
 pub fn fresh(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
