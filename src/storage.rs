@@ -159,11 +159,11 @@ impl Storage {
     }
 
     /// Whether `target` exists; if not, whether any index of the Kuzzle index does
-    /// (`index_pattern`, the template with `*` for the collection).
+    /// (`index_pattern`, the template with `*` for the collection: only built on a miss).
     pub async fn index_state(
         &self,
         target: &str,
-        index_pattern: Option<&str>,
+        index_pattern: impl FnOnce() -> Option<String>,
     ) -> Result<IndexState, StorageError> {
         if let Some(seen) = self.known.lock().expect("poisoned").get(target)
             && seen.elapsed() < self.cache_for
@@ -177,8 +177,8 @@ impl Storage {
                 .insert(target.to_owned(), Instant::now());
             return Ok(IndexState::Exists);
         }
-        match index_pattern {
-            Some(pattern) if self.exists(pattern).await? => Ok(IndexState::UnknownCollection),
+        match index_pattern() {
+            Some(pattern) if self.exists(&pattern).await? => Ok(IndexState::UnknownCollection),
             _ => Ok(IndexState::UnknownIndex),
         }
     }

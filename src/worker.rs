@@ -99,11 +99,12 @@ impl Processor {
         }
         let s = &self.settings.storage;
         let target = envelope::target_index(&s.index_template, &request.index, &request.collection);
-        let pattern = s
-            .index_template
-            .contains("{collection}")
-            .then(|| envelope::target_index(&s.index_template, &request.index, "*"));
-        match self.storage.index_state(&target, pattern.as_deref()).await {
+        let pattern = || {
+            s.index_template
+                .contains("{collection}")
+                .then(|| envelope::target_index(&s.index_template, &request.index, "*"))
+        };
+        match self.storage.index_state(&target, pattern).await {
             Ok(IndexState::Exists) => {}
             Ok(IndexState::UnknownIndex) => {
                 return Err(RequestError::UnknownIndex(request.index.clone()));

@@ -395,6 +395,27 @@ async fn reply_queue(amqp: &Amqp) -> String {
         .to_string()
 }
 
+/// Publishes `envelope` with `props` and `reply_to` a private queue; returns the reply.
+async fn call_with_reply_to(
+    worker: &Worker,
+    envelope: &Value,
+    props: BasicProperties,
+) -> lapin::message::Delivery {
+    let amqp = Amqp::open().await;
+    let queue = reply_queue(&amqp).await;
+    let props = props.with_reply_to(queue.as_str().into());
+    publish(
+        &amqp.channel,
+        worker.request_queue(),
+        &bytes(envelope),
+        props,
+    )
+    .await;
+    let reply = next_message(&amqp.channel, &queue).await;
+    amqp.close().await;
+    reply
+}
+
 fn header_status(delivery: &lapin::message::Delivery) -> Option<i64> {
     let headers = delivery.properties.headers().as_ref()?;
     match headers.inner().get("status")? {
@@ -408,17 +429,12 @@ fn header_status(delivery: &lapin::message::Delivery) -> Option<i64> {
 #[tokio::test]
 async fn a_reply_goes_to_the_named_reply_to_queue() {
     let worker = Worker::start().await;
-    let amqp = Amqp::open().await;
-    let queue = reply_queue(&amqp).await;
-    let props = BasicProperties::default().with_reply_to(queue.as_str().into());
-    publish(
-        &amqp.channel,
-        worker.request_queue(),
-        &bytes(&with("requestId", json!("named-1"))),
-        props,
+    let reply = call_with_reply_to(
+        &worker,
+        &with("requestId", json!("named-1")),
+        BasicProperties::default(),
     )
     .await;
-    let reply = next_message(&amqp.channel, &queue).await;
     assert_eq!(
         reply.properties.correlation_id().as_ref().unwrap().as_str(),
         "named-1"
@@ -431,7 +447,6 @@ async fn a_reply_goes_to_the_named_reply_to_queue() {
     let body: Value = serde_json::from_slice(&reply.data).unwrap();
     assert_eq!(header_status(&reply), body["status"].as_i64());
     assert_eq!(body["requestId"], "named-1");
-    amqp.close().await;
     worker.stop().await;
 }
 
@@ -518,17 +533,7 @@ async fn with_a_reply_exchange_replies_are_routed_by_request_id() {
 #[tokio::test]
 async fn without_any_id_a_uuid_request_id_is_generated() {
     let worker = Worker::start().await;
-    let amqp = Amqp::open().await;
-    let queue = reply_queue(&amqp).await;
-    let props = BasicProperties::default().with_reply_to(queue.as_str().into());
-    publish(
-        &amqp.channel,
-        worker.request_queue(),
-        &bytes(&valid()),
-        props,
-    )
-    .await;
-    let reply = next_message(&amqp.channel, &queue).await;
+    let reply = call_with_reply_to(&worker, &valid(), BasicProperties::default()).await;
     let body: Value = serde_json::from_slice(&reply.data).unwrap();
     let id = body["requestId"].as_str().unwrap();
     assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
@@ -536,7 +541,6 @@ async fn without_any_id_a_uuid_request_id_is_generated() {
         reply.properties.correlation_id().as_ref().unwrap().as_str(),
         id
     );
-    amqp.close().await;
     worker.stop().await;
 }
 
@@ -544,25 +548,13 @@ async fn without_any_id_a_uuid_request_id_is_generated() {
 async fn the_authenticated_user_id_becomes_the_updater() {
     let col = Collection::create(&[("a", json!({"n": 1}))]).await;
     let worker = Worker::start().await;
-    let amqp = Amqp::open().await;
-    let queue = reply_queue(&amqp).await;
     // RabbitMQ refuses a user_id other than the connection's user: guest.
-    let props = BasicProperties::default()
-        .with_reply_to(queue.as_str().into())
-        .with_user_id("guest".into());
+    let props = BasicProperties::default().with_user_id("guest".into());
     let envelope = col.envelope(json!([{"_id": "a", "body": {"n": 2}}]));
-    publish(
-        &amqp.channel,
-        worker.request_queue(),
-        &bytes(&envelope),
-        props,
-    )
-    .await;
-    let reply = next_message(&amqp.channel, &queue).await;
+    let reply = call_with_reply_to(&worker, &envelope, props).await;
     let body: Value = serde_json::from_slice(&reply.data).unwrap();
     assert_eq!(body["status"], 200, "{body}");
     assert_eq!(col.get("a").await.0["_kuzzle_info"]["updater"], "guest");
-    amqp.close().await;
     worker.stop().await;
 }
 
