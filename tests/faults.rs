@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use lapin::BasicProperties;
@@ -21,25 +21,6 @@ const N: usize = 200;
 /// Long enough for a full load after a fault, on 2 cores.
 const SETTLE: Duration = Duration::from_secs(120);
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn services(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
-    let status = Command::new(script).args(args).status().unwrap();
-    assert!(status.success(), "services.sh {args:?}");
-}
-
-/// rabbitmqctl, through the script that knows the node's name.
-fn rabbitmqctl(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
-    let status = Command::new(script)
-        .args(["rabbitmqctl", "-q"])
-        .args(args)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "rabbitmqctl {args:?}");
-}
 
 fn summary(name: &str, replies: &HashMap<String, Vec<Value>>) -> (usize, usize) {
     let total: usize = replies.values().map(Vec::len).sum();
@@ -86,14 +67,14 @@ async fn survives<F: std::future::Future<Output = ()>>(name: &str, settings: Set
 
 #[tokio::test]
 async fn broker_connections_closed_mid_stream_lose_nothing() {
-    let _serial = SERIAL.lock().await;
+    let _servers = servers_lock().await;
     let fault = async { rabbitmqctl(&["close_all_connections", "fault test"]) };
     survives("close_all_connections", settings(), fault).await;
 }
 
 #[tokio::test]
 async fn a_broker_restart_mid_stream_loses_nothing() {
-    let _serial = SERIAL.lock().await;
+    let _servers = servers_lock().await;
     let fault = async {
         rabbitmqctl(&["stop_app"]);
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -105,7 +86,7 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
 
 #[tokio::test]
 async fn an_engine_outage_mid_stream_loses_nothing() {
-    let _serial = SERIAL.lock().await;
+    let _servers = servers_lock().await;
     let mut settings = settings();
     settings.storage.retry_max_delay_ms = 1000;
     // Held requests go back to the queue after 3 s (RabbitMQ's consumer timeout stands
@@ -147,7 +128,7 @@ async fn wait_exit(mut child: Child) -> std::process::ExitStatus {
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_and_leaves_the_rest_queued() {
-    let _serial = SERIAL.lock().await;
+    let _servers = servers_lock().await;
     // wait_for keeps requests in flight long enough for the signal to find some.
     let load = Load::new(N, true).await;
     let mut settings = settings();
@@ -190,7 +171,7 @@ async fn sigterm_finishes_in_flight_requests_and_leaves_the_rest_queued() {
 
 #[tokio::test]
 async fn sigkill_of_one_of_two_workers_leaves_the_other_to_finish_everything() {
-    let _serial = SERIAL.lock().await;
+    let _servers = servers_lock().await;
     let load = Load::new(N, true).await;
     let mut settings = settings();
     settings.amqp.prefetch = 16;
@@ -216,7 +197,7 @@ async fn sigkill_of_one_of_two_workers_leaves_the_other_to_finish_everything() {
 
 #[tokio::test]
 async fn poison_messages_on_a_quorum_queue_end_in_the_dead_letter_queue() {
-    let _serial = SERIAL.lock().await;
+    let _servers = servers_lock().await;
     let mut settings = settings();
     settings.amqp.queue_type = QueueType::Quorum;
     settings.amqp.delivery_limit = 2;
@@ -279,7 +260,7 @@ async fn poison_messages_on_a_quorum_queue_end_in_the_dead_letter_queue() {
 
 #[tokio::test]
 async fn readyz_turns_unready_while_the_engine_is_stopped() {
-    let _serial = SERIAL.lock().await;
+    let _servers = servers_lock().await;
     let mut settings = settings();
     let listen = format!("127.0.0.1:{}", free_port());
     settings.metrics.listen = listen.clone();

@@ -415,3 +415,54 @@ pub async fn next_messages(
     }
     messages
 }
+
+/// Held by every test that stops, starts or reconfigures the shared servers: one such
+/// test at a time in this process (a tokio mutex) and across processes (a file lock, for
+/// test binaries run side by side).
+pub struct ServersLock {
+    _local: tokio::sync::MutexGuard<'static, ()>,
+    _file: std::fs::File,
+}
+
+pub async fn servers_lock() -> ServersLock {
+    static LOCAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let local = LOCAL.lock().await;
+    let file = tokio::task::spawn_blocking(|| {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(std::env::temp_dir().join("mupdate-worker-servers.lock"))
+            .unwrap();
+        file.lock().unwrap();
+        file
+    })
+    .await
+    .unwrap();
+    ServersLock {
+        _local: local,
+        _file: file,
+    }
+}
+
+/// scripts/services.sh with `args` (e.g. `stop engine`), which must succeed.
+pub fn services(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+    let status = std::process::Command::new(script)
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "services.sh {args:?}");
+}
+
+/// rabbitmqctl, through the script that knows the node's name.
+pub fn rabbitmqctl(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+    let status = std::process::Command::new(script)
+        .args(["rabbitmqctl", "-q"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "rabbitmqctl {args:?}");
+}
