@@ -169,10 +169,11 @@ impl Session<'_> {
                     warn!(
                         "storage engine unavailable too long; pausing consumption and handing held requests back"
                     );
-                    self.stop_consuming(&broker, consumer).await?;
+                    let stopped = self.stop_consuming(&broker, consumer).await;
                     period.cancel();
                     tracker.close();
                     tracker.wait().await;
+                    stopped?;
                 }
                 End::Shutdown => {
                     self.drain(&broker, consumer, &tracker, &session).await;
