@@ -202,7 +202,7 @@ fn now_millis() -> i64 {
 pub enum Plan {
     /// Publish this answer there, then settle by what the broker says.
     Reply {
-        answer: Answer,
+        answer: Box<Answer>,
         destination: Destination,
     },
     /// Settle without a reply.
@@ -319,7 +319,7 @@ impl Handler {
         let reply_to = props.reply_to.as_deref();
         match Destination::choose(reply_to, &a.reply_exchange, &a.reply_queue, key) {
             Some(destination) => Plan::Reply {
-                answer,
+                answer: Box::new(answer),
                 destination,
             },
             None => Plan::Settle(self.dead_letter("unroutable", &answer.response.request_id)),
