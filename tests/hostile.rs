@@ -116,6 +116,90 @@ async fn names_that_would_widen_or_escape_the_target_are_refused_and_touch_nothi
     worker.stop().await;
 }
 
+/// A canary collection a placeholder-shaped name would expand to: `&{index}.{collection}`
+/// with index `{collection}` and collection `orders` used to reach `&orders.orders`.
+#[tokio::test]
+async fn names_shaped_like_placeholders_are_invalid_and_reach_no_other_index() {
+    let canary = Collection::create(&[("a", json!({"n": 1}))]).await;
+    let worker = Worker::start().await;
+    let mut index_only = settings();
+    index_only.storage.index_template = "{index}".into();
+    let index_only = Worker::start_with(index_only).await;
+    for (key, name, id) in [
+        (
+            "index",
+            "{collection}",
+            "services.storage.invalid_index_name",
+        ),
+        ("index", "{index}", "services.storage.invalid_index_name"),
+        ("index", "a{index}", "services.storage.invalid_index_name"),
+        ("index", "x}", "services.storage.invalid_index_name"),
+        ("index", "{", "services.storage.invalid_index_name"),
+        (
+            "collection",
+            "{index}",
+            "services.storage.invalid_collection_name",
+        ),
+        (
+            "collection",
+            "{collection}",
+            "services.storage.invalid_collection_name",
+        ),
+    ] {
+        for worker in [&worker, &index_only] {
+            let mut envelope = canary.envelope(json!([{"_id": "a", "body": {"n": 666}}]));
+            envelope[key] = json!(name);
+            if key == "index" {
+                // What the name would have expanded to.
+                envelope["collection"] = json!(canary.index);
+            }
+            let reply = call(worker, &envelope).await;
+            assert_eq!(reply["status"], 400, "{key} {name}: {reply}");
+            assert_eq!(reply["error"]["id"], id, "{key} {name}");
+        }
+    }
+    let (source, version) = canary.get("a").await;
+    assert_eq!(
+        (source["n"].as_i64(), version),
+        (Some(1), 1),
+        "the canary is untouched"
+    );
+    worker.stop().await;
+    index_only.stop().await;
+}
+
+#[tokio::test]
+async fn dotted_metadata_keys_cant_forge_the_updater() {
+    let col = Collection::create(&[("a", json!({"n": 1}))]).await;
+    let worker = Worker::start().await;
+    let envelope = col.envelope(json!([{"_id": "a", "body": {
+        "n": 2, "_kuzzle_info.updater": "admin", "_kuzzle_info.author": "admin",
+        "_kuzzle_info": {"updater": "admin"}}}]));
+    let reply = call(&worker, &envelope).await;
+    assert_eq!(reply["status"], 200, "{reply}");
+    http()
+        .post(format!("{ES_URL}/{}/_refresh", path(&col.physical)))
+        .send()
+        .await
+        .unwrap();
+    let found: Value = http()
+        .post(format!("{ES_URL}/{}/_search", path(&col.physical)))
+        .json(&json!({"query": {"bool": {"should": [
+            {"term": {"_kuzzle_info.updater": "admin"}},
+            {"term": {"_kuzzle_info.author": "admin"}}]}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["hits"]["total"]["value"], 0, "{found}");
+    let (source, _) = col.get("a").await;
+    assert_eq!(source["n"], 2);
+    assert_eq!(source["_kuzzle_info"]["updater"], Value::Null);
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn secrets_appear_in_neither_replies_nor_logs() {
     let col = Collection::create(&[("a", json!({"n": 1}))]).await;
