@@ -171,6 +171,29 @@ async fn shutdown_signal(token: CancellationToken) {
     std::process::exit(code);
 }
 
+/// Logs to stderr, text or JSON, filtered by `RUST_LOG` or `log.level`. Whatever the
+/// filter says, lapin's returned-message log stays off: it prints whole replies (their
+/// `_source` included), which the worker reports itself without bodies.
+fn init_logs(settings: &Settings) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let no_bodies = tracing_subscriber::filter::filter_fn(|meta| {
+        !meta.target().starts_with("lapin::returned_messages")
+    });
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match settings.log.format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer.json().with_current_span(true).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter).with_filter(no_bodies))
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref()) {
@@ -180,22 +203,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // lapin logs every returned message in full; the worker reports those itself.
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| {
-            EnvFilter::try_new(format!(
-                "{},lapin::returned_messages=off",
-                settings.log.level
-            ))
-        })
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match settings.log.format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().with_current_span(true).init(),
-    }
+    init_logs(&settings);
 
     let command = cli.command.unwrap_or(Command::Run);
     // The worker runs on `worker.threads` threads (one by default: it leaves the cores to

@@ -247,3 +247,52 @@ async fn secrets_appear_in_neither_replies_nor_logs() {
     assert!(!logs.contains("s3cret"), "a secret in the logs");
     delete_topology(&settings).await;
 }
+
+/// Whatever RUST_LOG says (here everything at trace, lapin's returned messages named
+/// explicitly), no document body, reply body or `_source` reaches the logs: not from an
+/// unroutable reply (which the broker returns whole), not from failed documents.
+#[tokio::test]
+async fn no_body_reaches_the_logs_at_any_level() {
+    let col = Collection::create(&[("a", json!({"kept": "SOURCE-MARK"}))]).await;
+    let settings = settings();
+    let mut child = worker_command(&settings)
+        .env("RUST_LOG", "trace,lapin::returned_messages=trace")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = stderr_lines(&mut child);
+    wait_consumers(&settings.amqp.request_queue, 1).await;
+    let envelope = col.envelope(json!([
+        {"_id": "a", "body": {"n": "BODY-MARK"}},
+        {"_id": "missing", "body": {"n": "FAILED-MARK"}}]));
+    let amqp = Amqp::open().await;
+    // Unroutable: the broker returns the whole reply, `_source` included.
+    let props = lapin::BasicProperties::default()
+        .with_reply_to(fresh("no-such-queue").as_str().into())
+        .with_message_id("unroutable".into());
+    let body = serde_json::to_vec(&envelope).unwrap();
+    publish(&amqp.channel, &settings.amqp.request_queue, &body, props).await;
+    let reply = call_queue(&settings.amqp.request_queue, &body).await;
+    assert_eq!(reply["status"], 206, "{reply}");
+    let dead = next_message(&amqp.channel, &settings.amqp.dead_letter_queue).await;
+    assert_eq!(
+        dead.data, body,
+        "the unroutable request was dead-lettered as sent"
+    );
+    amqp.close().await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    let logs = logs.join().unwrap().join("\n");
+    assert!(logs.contains("TRACE"), "trace logging was on");
+    for mark in ["SOURCE-MARK", "BODY-MARK", "FAILED-MARK"] {
+        assert!(!logs.contains(mark), "{mark} in the logs");
+    }
+    delete_topology(&settings).await;
+}

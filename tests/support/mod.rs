@@ -404,14 +404,16 @@ pub async fn call(worker: &Worker, envelope: &Value) -> Value {
 }
 
 pub async fn call_bytes(worker: &Worker, body: &[u8]) -> Value {
+    call_queue(worker.request_queue(), body).await
+}
+
+/// Sends bytes to a request queue over direct reply-to and returns the parsed reply.
+pub async fn call_queue(queue: &str, body: &[u8]) -> Value {
     let client = mupdate_worker::client::Client::connect(AMQP_URL)
         .await
         .unwrap();
     let id = mupdate_worker::client::correlation_id(body);
-    let reply = client
-        .request(worker.request_queue(), body, &id, TIMEOUT)
-        .await
-        .unwrap();
+    let reply = client.request(queue, body, &id, TIMEOUT).await.unwrap();
     serde_json::from_slice(&reply).unwrap()
 }
 
