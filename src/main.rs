@@ -172,8 +172,9 @@ async fn shutdown_signal(token: CancellationToken) {
 }
 
 /// Logs to stderr, text or JSON, filtered by `RUST_LOG` or `log.level`. Whatever the
-/// filter says, lapin's returned-message log stays off: it prints whole replies (their
-/// `_source` included), which the worker reports itself without bodies.
+/// filter says, no message body is logged: lapin's returned-message log stays off (it
+/// prints whole replies, `_source` included; the worker reports those itself), and so
+/// does its trace level (every frame, bodies included).
 fn init_logs(settings: &Settings) {
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
@@ -182,7 +183,9 @@ fn init_logs(settings: &Settings) {
         .or_else(|_| EnvFilter::try_new(&settings.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let no_bodies = tracing_subscriber::filter::filter_fn(|meta| {
-        !meta.target().starts_with("lapin::returned_messages")
+        let lapin = meta.target().starts_with("lapin");
+        !(lapin && *meta.level() == tracing::Level::TRACE)
+            && !meta.target().starts_with("lapin::returned_messages")
     });
     let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let layer = match settings.log.format {

@@ -292,7 +292,14 @@ async fn no_body_reaches_the_logs_at_any_level() {
     let logs = logs.join().unwrap().join("\n");
     assert!(logs.contains("TRACE"), "trace logging was on");
     for mark in ["SOURCE-MARK", "BODY-MARK", "FAILED-MARK"] {
+        // As text, or as the list of byte values a `Debug` of the payload prints.
+        let bytes: Vec<String> = mark.bytes().map(|b| b.to_string()).collect();
         assert!(!logs.contains(mark), "{mark} in the logs");
+        let found = logs
+            .lines()
+            .find(|l| l.contains(&bytes.join(", ")))
+            .map(|l| l.chars().take(400).collect::<String>());
+        assert!(found.is_none(), "{mark} as bytes in the logs: {found:?}");
     }
     delete_topology(&settings).await;
 }
