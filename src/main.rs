@@ -183,9 +183,9 @@ fn init_logs(settings: &Settings) {
         .or_else(|_| EnvFilter::try_new(&settings.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let no_bodies = tracing_subscriber::filter::filter_fn(|meta| {
-        let lapin = meta.target().starts_with("lapin");
-        !(lapin && *meta.level() == tracing::Level::TRACE)
-            && !meta.target().starts_with("lapin::returned_messages")
+        let target = meta.target();
+        let frames = target.starts_with("lapin") && *meta.level() == tracing::Level::TRACE;
+        !(frames || target.starts_with("lapin::returned_messages"))
     });
     let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let layer = match settings.log.format {
