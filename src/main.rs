@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use mupdate_worker::client::{self, Client};
 use mupdate_worker::config::{LogFormat, Settings};
+use mupdate_worker::security::rights::{Rights, Rule};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -105,7 +106,9 @@ async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
             "give an envelope file, or --index, --collection and --documents or --file"
         ),
     };
-    let client = Client::connect(&settings.amqp.url).await?;
+    let client = Client::connect(&settings.amqp.url)
+        .await?
+        .with_user_id(client::url_user(&settings.amqp.url));
     let id = client::correlation_id(&body);
     let reply = client
         .request(
@@ -206,6 +209,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The rights rules must load for the worker to start (and for `config` to show them).
+    let rules = match Rights::from_settings(&settings.security) {
+        Ok(rights) => rights.map(|r| r.current().written().to_vec()),
+        Err(err) => {
+            eprintln!("mupdate-worker: configuration key security.rules_file: {err}");
+            return ExitCode::from(2);
+        }
+    };
     init_logs(&settings);
 
     let command = cli.command.unwrap_or(Command::Run);
@@ -230,10 +241,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(execute(command, settings))
+    runtime.block_on(execute(command, settings, rules))
 }
 
-async fn execute(command: Command, settings: Settings) -> ExitCode {
+async fn execute(command: Command, settings: Settings, rules: Option<Vec<Rule>>) -> ExitCode {
     let result = match command {
         Command::Run => {
             let token = CancellationToken::new();
@@ -245,7 +256,11 @@ async fn execute(command: Command, settings: Settings) -> ExitCode {
         Command::Send(args) => send(&settings, args).await,
         Command::Ready => ready(&settings.metrics.listen).await,
         Command::Config => {
-            let text = serde_json::to_string_pretty(&settings.redacted()).unwrap_or_default();
+            let mut shown = settings.redacted();
+            if let Some(rules) = rules {
+                shown["security"]["rules"] = serde_json::json!(rules);
+            }
+            let text = serde_json::to_string_pretty(&shown).unwrap_or_default();
             println!("{text}");
             Ok(ExitCode::SUCCESS)
         }

@@ -22,6 +22,7 @@ use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::reply::{self, Destination};
 use crate::response::{self, Outcome, Response, Shape};
+use crate::security::rights::Rights;
 use crate::storage::{self, Abandoned, IndexState, Storage, StorageError};
 use crate::update;
 
@@ -59,10 +60,13 @@ pub struct Processor {
     storage: Arc<Storage>,
     coalescer: Coalescer,
     metrics: Arc<Metrics>,
+    /// `None` when `security.enabled` is off.
+    pub rights: Option<Rights>,
 }
 
 impl Processor {
-    pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
+    pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let rights = Rights::from_settings(&settings.security)?;
         let storage = Arc::new(Storage::new(&settings.storage, metrics.clone())?);
         let s = &settings.storage;
         let limits = BatchLimits {
@@ -78,6 +82,7 @@ impl Processor {
             storage,
             coalescer,
             metrics,
+            rights,
         })
     }
 
@@ -99,6 +104,21 @@ impl Processor {
                 return Ok(Answer::plain(response::error_response(&echo, &err)));
             }
         };
+        if let Some(rights) = &self.rights {
+            let action = echo
+                .action
+                .as_ref()
+                .and_then(|a| a.as_str())
+                .unwrap_or("mUpdate");
+            let user = props.user_id.as_deref();
+            let verdict = rights.check(user, action, &request.index, &request.collection);
+            if let Err((verdict, err)) = verdict {
+                self.metrics.rights(verdict.label());
+                info!(request_id = %echo.request_id, status = err.status(), error = %err, "request refused");
+                return Ok(Answer::plain(response::error_response(&echo, &err)));
+            }
+            self.metrics.rights("allowed");
+        }
         let span = info_span!("request", request_id = %echo.request_id, index = %request.index,
             collection = %request.collection, documents = request.documents.len());
         async {
