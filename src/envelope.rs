@@ -35,9 +35,28 @@ pub struct Echo {
     pub retry_on_conflict: Option<Value>,
 }
 
-/// A valid mUpdate request.
+/// The two actions the worker executes (SPEC sections 1 and 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `document:mUpdate`: documents `{_id, body}`, which must exist.
+    Update,
+    /// `document:mUpsert`: documents `{_id, changes, default}`; a missing one is created.
+    Upsert,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Update => "mUpdate",
+            Action::Upsert => "mUpsert",
+        }
+    }
+}
+
+/// A valid mUpdate or mUpsert request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
+    pub action: Action,
     pub index: String,
     pub collection: String,
     pub refresh: Refresh,
@@ -137,12 +156,13 @@ fn validate(
         Some(other) => return Err(RequestError::ControllerNotFound(quote(&other.to_string()))),
         None => return Err(RequestError::MissingArgument("controller")),
     }
-    match object.get("action") {
-        Some(Value::String(a)) if a == "mUpdate" => {}
+    let action = match object.get("action") {
+        Some(Value::String(a)) if a == "mUpdate" => Action::Update,
+        Some(Value::String(a)) if a == "mUpsert" => Action::Upsert,
         Some(Value::String(a)) => return Err(RequestError::ActionNotFound(quote(a))),
         Some(other) => return Err(RequestError::ActionNotFound(quote(&other.to_string()))),
         None => return Err(RequestError::MissingArgument("action")),
-    }
+    };
     let index = name_argument(&object, "index")?;
     let collection = name_argument(&object, "collection")?;
     check_index_name(&index)?;
@@ -212,6 +232,7 @@ fn validate(
         });
     }
     Ok(Request {
+        action,
         index,
         collection,
         refresh,
@@ -284,6 +305,8 @@ pub enum DocumentError {
     BadId,
     IdTooLong,
     BodyNotObject,
+    ChangesNotObject,
+    DefaultNotObject,
 }
 
 impl DocumentError {
@@ -292,12 +315,45 @@ impl DocumentError {
             DocumentError::BadId => "document _id must be a string",
             DocumentError::IdTooLong => "document _id must be at most 512 bytes",
             DocumentError::BodyNotObject => "document body must be an object",
+            DocumentError::ChangesNotObject => "document changes must be an object",
+            DocumentError::DefaultNotObject => "document default must be an object",
         }
     }
 }
 
-/// The `_id` and body of a document entry, or why it can't be updated.
-pub fn check_document(entry: &Value) -> Result<(&str, &Map<String, Value>), DocumentError> {
+/// A document entry ready to write.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Checked<'a> {
+    pub id: &'a str,
+    /// mUpdate's `body`, mUpsert's `changes`: merged into the document.
+    pub changes: &'a Map<String, Value>,
+    /// mUpsert's `default` (empty when not given): with `changes`, the document created
+    /// when it is missing. `None` for mUpdate, which never creates one.
+    pub default: Option<&'a Map<String, Value>>,
+}
+
+/// The `default` of an mUpsert entry that gives none.
+static NO_DEFAULT: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+
+/// A document entry checked for `action`, or why it can't be written. The content is
+/// checked before the `_id`, in Kuzzle's order.
+pub fn check_document(entry: &Value, action: Action) -> Result<Checked<'_>, DocumentError> {
+    let (changes, default) = match action {
+        Action::Update => match entry.get("body") {
+            Some(Value::Object(body)) => (body, None),
+            _ => return Err(DocumentError::BodyNotObject),
+        },
+        Action::Upsert => {
+            let Some(Value::Object(changes)) = entry.get("changes") else {
+                return Err(DocumentError::ChangesNotObject);
+            };
+            match entry.get("default") {
+                None | Some(Value::Null) => (changes, Some(&*NO_DEFAULT)),
+                Some(Value::Object(default)) => (changes, Some(default)),
+                Some(_) => return Err(DocumentError::DefaultNotObject),
+            }
+        }
+    };
     let id = match entry.get("_id") {
         Some(Value::String(id)) if !id.is_empty() => id,
         _ => return Err(DocumentError::BadId),
@@ -305,10 +361,11 @@ pub fn check_document(entry: &Value) -> Result<(&str, &Map<String, Value>), Docu
     if id.len() > MAX_ID_BYTES {
         return Err(DocumentError::IdTooLong);
     }
-    match entry.get("body") {
-        Some(Value::Object(body)) => Ok((id, body)),
-        _ => Err(DocumentError::BodyNotObject),
-    }
+    Ok(Checked {
+        id,
+        changes,
+        default,
+    })
 }
 
 /// The physical index of a Kuzzle index and collection.
@@ -527,35 +584,81 @@ mod tests {
     #[test]
     fn document_checks() {
         assert_eq!(
-            check_document(&json!({"_id": "a", "body": {}})).unwrap().0,
+            check_document(&json!({"_id": "a", "body": {}}), Action::Update)
+                .unwrap()
+                .id,
             "a"
         );
         assert_eq!(
-            check_document(&json!({"body": {}})),
+            check_document(&json!({"body": {}}), Action::Update),
             Err(DocumentError::BadId)
         );
         assert_eq!(
-            check_document(&json!({"_id": "", "body": {}})),
+            check_document(&json!({"_id": "", "body": {}}), Action::Update),
             Err(DocumentError::BadId)
         );
         assert_eq!(
-            check_document(&json!({"_id": 3, "body": {}})),
+            check_document(&json!({"_id": 3, "body": {}}), Action::Update),
             Err(DocumentError::BadId)
         );
-        assert_eq!(check_document(&json!("x")), Err(DocumentError::BadId));
         assert_eq!(
-            check_document(&json!({"_id": "a", "body": [1]})),
+            check_document(&json!("x"), Action::Update),
+            Err(DocumentError::BodyNotObject),
+            "the content is checked first, as Kuzzle does"
+        );
+        assert_eq!(
+            check_document(&json!({"_id": "a", "body": [1]}), Action::Update),
             Err(DocumentError::BodyNotObject)
         );
         assert_eq!(
-            check_document(&json!({"_id": "a"})),
+            check_document(&json!({"_id": "a"}), Action::Update),
             Err(DocumentError::BodyNotObject)
         );
         let long = "x".repeat(513);
         assert_eq!(
-            check_document(&json!({"_id": long, "body": {}})),
+            check_document(&json!({"_id": long, "body": {}}), Action::Update),
             Err(DocumentError::IdTooLong)
         );
+    }
+
+    #[test]
+    fn upsert_document_checks() {
+        let check = |v: Value| {
+            check_document(&v, Action::Upsert)
+                .map(|c| (c.id.to_owned(), !c.default.unwrap().is_empty()))
+        };
+        assert_eq!(
+            check(json!({"_id": "a", "changes": {}})),
+            Ok(("a".into(), false))
+        );
+        assert_eq!(
+            check(json!({"_id": "a", "changes": {}, "default": null})),
+            Ok(("a".into(), false))
+        );
+        assert_eq!(
+            check(json!({"_id": "a", "changes": {}, "default": {"x": 1}})),
+            Ok(("a".into(), true))
+        );
+        assert_eq!(
+            check(json!({"_id": "a", "body": {}})),
+            Err(DocumentError::ChangesNotObject)
+        );
+        assert_eq!(
+            check(json!({"_id": "a", "changes": 1})),
+            Err(DocumentError::ChangesNotObject)
+        );
+        assert_eq!(
+            check(json!({"_id": "a", "changes": {}, "default": [1]})),
+            Err(DocumentError::DefaultNotObject)
+        );
+        assert_eq!(check(json!({"changes": {}})), Err(DocumentError::BadId));
+    }
+
+    #[test]
+    fn mupsert_is_an_action() {
+        let request = run(with("action", json!("mUpsert"))).request.unwrap();
+        assert_eq!(request.action, Action::Upsert);
+        assert_eq!(run(valid()).request.unwrap().action, Action::Update);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::bulk::Item;
 use crate::config::Format;
-use crate::envelope::{Echo, Request};
+use crate::envelope::{Action, Echo, Request};
 use crate::error::RequestError;
 
 /// What became of one document of a request.
@@ -121,6 +121,9 @@ struct HitV1<'a> {
     _version: Option<i64>,
     result: Option<&'a str>,
     status: u16,
+    /// mUpsert only: whether the document was created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<bool>,
     _shards: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
     _source: Option<&'a RawValue>,
@@ -132,6 +135,8 @@ struct HitV2<'a> {
     _id: &'a str,
     _version: Option<i64>,
     status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     _source: Option<&'a RawValue>,
 }
@@ -146,6 +151,11 @@ struct V1Result<'a> {
 struct V2Result<'a> {
     successes: Vec<HitV2<'a>>,
     errors: Vec<Value>,
+}
+
+/// mUpsert's `created`; mUpdate's hits don't carry it.
+fn created(request: &Request, item: &Item) -> Option<bool> {
+    (request.action == Action::Upsert).then(|| item.result.as_deref() == Some("created"))
 }
 
 fn source(item: &Item, shape: Shape) -> Option<&RawValue> {
@@ -189,6 +199,7 @@ pub fn documents_response(
                     _version: item.version,
                     result: item.result.as_deref(),
                     status: item.status,
+                    created: created(request, item),
                     _shards: item.shards.as_deref(),
                     _source: source(item, shape),
                 })
@@ -212,17 +223,19 @@ pub fn documents_response(
                     _id: id,
                     _version: item.version,
                     status: item.status,
+                    created: created(request, item),
                     _source: source(item, shape),
                 })
                 .collect();
-            let result = V2Result { successes, errors };
             if request.strict && failed > 0 {
+                // As Kuzzle 2 answers it: no result, the failed documents in the error.
                 let error = json!({
                     "status": 400, "id": "api.process.incomplete_multiple_request",
-                    "message": format!("{failed} of {} documents could not be updated", outcomes.len()),
-                    "count": failed});
-                return envelope(echo, 400, &error, result);
+                    "message": format!("At least one of the {} actions failed.", request.action.name()),
+                    "count": failed, "errors": errors});
+                return envelope(echo, 400, &error, Value::Null);
             }
+            let result = V2Result { successes, errors };
             envelope(echo, 200, &Value::Null, result)
         }
     }
@@ -249,6 +262,7 @@ mod tests {
 
     fn request(strict: bool) -> Request {
         Request {
+            action: crate::envelope::Action::Update,
             index: "shop".into(),
             collection: "products".into(),
             refresh: Refresh::WaitFor,

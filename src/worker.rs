@@ -194,9 +194,18 @@ impl Processor {
         let send =
             |body: Vec<u8>, items: usize| self.coalescer.submit(body, items, wait_for, cancel);
         let documents = &request.documents;
-        update::apply(documents, &options, s.item_retries, backoff, cancel, send)
-            .await
-            .map(Ok)
+        let action = request.action;
+        update::apply(
+            documents,
+            action,
+            &options,
+            s.item_retries,
+            backoff,
+            cancel,
+            send,
+        )
+        .await
+        .map(Ok)
     }
 
     /// Whether the engine has been unavailable for at least `long`.
@@ -528,7 +537,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(200))]
+        #![proptest_config(ProptestConfig::with_cases(64))]
 
         /// Whatever arrives, handling it ends in a decision: a reply whose AMQP short
         /// strings fit, or a settlement. Valid requests meet an already handed-back

@@ -584,6 +584,15 @@ async fn v2_format_lists_successes_and_errors_and_strict_makes_failures_a_400() 
         reply["error"]["id"],
         "api.process.incomplete_multiple_request"
     );
+    // Kuzzle 2's shape: no result, the failed documents in the error.
+    assert_eq!(reply["result"], Value::Null);
+    assert_eq!(
+        reply["error"]["message"],
+        "At least one of the mUpdate actions failed."
+    );
+    assert_eq!(reply["error"]["count"], 1);
+    assert_eq!(reply["error"]["errors"][0]["document"]["_id"], "zz");
+    assert_eq!(reply["error"]["errors"][0]["status"], 404);
     worker.stop().await;
 }
 
