@@ -325,10 +325,12 @@ mod tests {
             Outcome::Updated {
                 id: "a".into(),
                 item: item("updated"),
+                slot: 0,
             },
             Outcome::Updated {
                 id: "b".into(),
                 item: item("noop"),
+                slot: 1,
             },
             Outcome::Failed {
                 document: serde_json::json!({}),

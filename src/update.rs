@@ -70,7 +70,7 @@ where
             let entry = &documents[slot];
             if item.is_success() {
                 let id = entry["_id"].as_str().unwrap_or_default().to_owned();
-                outcomes[slot] = Some(Outcome::Updated { id, item });
+                outcomes[slot] = Some(Outcome::Updated { id, item, slot });
             } else if item.is_rejected() && may_retry {
                 rejected.push(slot);
             } else {

@@ -158,11 +158,12 @@ impl Processor {
             return Ok(Ok(Vec::new()));
         }
         let s = &self.settings.storage;
-        let target = envelope::target_index(&s.index_template, &request.index, &request.collection);
+        let template = s.target_template();
+        let target = envelope::target_index(template, &request.index, &request.collection);
         let pattern = || {
-            s.index_template
+            template
                 .contains("{collection}")
-                .then(|| envelope::target_index(&s.index_template, &request.index, "*"))
+                .then(|| envelope::target_index(template, &request.index, "*"))
         };
         match self.storage.index_state(&target, pattern, cancel).await {
             Ok(IndexState::Exists) => {}

@@ -653,3 +653,55 @@ async fn a_request_is_acked_only_after_its_reply_is_confirmed() {
     delete_queues(&[&queue]).await;
     amqp.close().await;
 }
+
+/// Beside a live Kuzzle 2 (`storage.layout = "kuzzle2"`): writes go through the alias
+/// `@&{index}.{collection}`; an index without that alias is one Kuzzle doesn't know, so
+/// it is an unknown collection, and nothing is created.
+#[tokio::test]
+async fn the_kuzzle2_layout_writes_through_the_alias_and_leaves_other_indexes_alone() {
+    let known = Collection::create(&[("a", json!({"n": 1}))]).await;
+    let alias = format!("@{}", known.physical);
+    let r = http()
+        .put(format!(
+            "{ES_URL}/{}/_alias/{}",
+            path(&known.physical),
+            path(&alias).replace('@', "%40")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let unknown = Collection::create(&[("a", json!({"n": 1}))]).await;
+    let mut settings = settings();
+    settings.storage.layout = mupdate_worker::config::Layout::Kuzzle2;
+    let worker = Worker::start_with(settings).await;
+
+    let reply = call(
+        &worker,
+        &known.envelope(json!([{"_id": "a", "body": {"n": 2}}])),
+    )
+    .await;
+    assert_eq!(reply["status"], 200, "{reply}");
+    assert_eq!(known.get("a").await.0["n"], 2);
+
+    let reply = call(
+        &worker,
+        &unknown.envelope(json!([{"_id": "a", "body": {"n": 2}}])),
+    )
+    .await;
+    assert_eq!(reply["status"], 412, "{reply}");
+    assert_eq!(reply["error"]["id"], "services.storage.unknown_index");
+    assert_eq!(
+        unknown.get("a").await.0["n"],
+        1,
+        "the index without alias is untouched"
+    );
+    assert!(!index_exists(&format!("@{}", unknown.physical)).await);
+
+    let mut other = known.envelope(json!([{"_id": "a", "body": {"n": 3}}]));
+    other["collection"] = json!("nope");
+    let reply = call(&worker, &other).await;
+    assert_eq!(reply["status"], 412, "{reply}");
+    assert_eq!(reply["error"]["id"], "services.storage.unknown_collection");
+    worker.stop().await;
+}
