@@ -111,8 +111,10 @@ pub fn parse(
                 request_id: fallback_id(),
                 ..Echo::default()
             };
-            let err =
-                RequestError::InvalidArgument("the message body must be a JSON object".into());
+            let err = RequestError::InvalidArgument {
+                name: "body",
+                expected: "a JSON object".into(),
+            };
             return fail(echo, err);
         }
         Err(e) => {
@@ -120,8 +122,10 @@ pub fn parse(
                 request_id: fallback_id(),
                 ..Echo::default()
             };
-            let err =
-                RequestError::InvalidArgument(format!("the message body is not valid JSON: {e}"));
+            let err = RequestError::InvalidArgument {
+                name: "body",
+                expected: format!("a JSON object ({e})"),
+            };
             return fail(echo, err);
         }
     };
@@ -209,19 +213,37 @@ fn validate(
         None | Some(Value::Null) | Some(Value::Bool(false)) => Refresh::No,
         Some(Value::String(s)) if s == "false" => Refresh::No,
         Some(Value::String(s)) if s == "wait_for" => Refresh::WaitFor,
+        Some(Value::String(_)) => {
+            return Err(RequestError::StorageInvalidArgument {
+                name: "refresh",
+                expected: "false, \"false\" or \"wait_for\"".into(),
+            });
+        }
         Some(_) => {
-            return Err(RequestError::StorageInvalidArgument(
-                "refresh must be false or \"wait_for\"".into(),
-            ));
+            return Err(RequestError::InvalidType {
+                name: "refresh",
+                expected: "string",
+            });
         }
     };
     let retry_on_conflict = match object.get("retryOnConflict") {
         None | Some(Value::Null) => defaults.default_retry_on_conflict,
         Some(Value::Number(n)) => match n.as_u64() {
             Some(n) if n <= u64::from(limits.max_retry_on_conflict) => n as u32,
-            _ => return Err(retry_out_of_range(limits)),
+            _ if n.is_i64() || n.is_u64() => return Err(retry_out_of_range(limits)),
+            _ => {
+                return Err(RequestError::InvalidType {
+                    name: "retryOnConflict",
+                    expected: "integer",
+                });
+            }
         },
-        Some(_) => return Err(retry_out_of_range(limits)),
+        Some(_) => {
+            return Err(RequestError::InvalidType {
+                name: "retryOnConflict",
+                expected: "integer",
+            });
+        }
     };
     let strict = matches!(object.get("strict"), Some(Value::Bool(true)));
 
@@ -243,10 +265,10 @@ fn validate(
 }
 
 fn retry_out_of_range(limits: &Limits) -> RequestError {
-    RequestError::StorageInvalidArgument(format!(
-        "retryOnConflict must be an integer from 0 to {}",
-        limits.max_retry_on_conflict
-    ))
+    RequestError::StorageInvalidArgument {
+        name: "retryOnConflict",
+        expected: format!("an integer from 0 to {}", limits.max_retry_on_conflict),
+    }
 }
 
 fn name_argument(object: &Map<String, Value>, key: &'static str) -> Result<String, RequestError> {
@@ -542,9 +564,19 @@ mod tests {
             error_id(with("retryOnConflict", json!(-1))),
             "services.storage.invalid_argument"
         );
+        // A wrong type is Kuzzle's invalid_type; a wrong value of the right type,
+        // invalid_argument.
         assert_eq!(
             error_id(with("retryOnConflict", json!("3"))),
-            "services.storage.invalid_argument"
+            "api.assert.invalid_type"
+        );
+        assert_eq!(
+            error_id(with("retryOnConflict", json!(1.5))),
+            "api.assert.invalid_type"
+        );
+        assert_eq!(
+            error_id(with("refresh", json!(3))),
+            "api.assert.invalid_type"
         );
         let docs: Vec<Value> = (0..201)
             .map(|i| json!({"_id": i.to_string(), "body": {}}))

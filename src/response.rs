@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use crate::bulk::Item;
 use crate::config::Format;
 use crate::envelope::{Action, Echo, Request};
-use crate::error::RequestError;
+use crate::error::{RequestError, kuzzle_code};
 
 /// What became of one document of a request.
 #[derive(Debug, Clone)]
@@ -249,6 +249,7 @@ pub fn documents_response(
             }
             let error = json!({
                 "status": 206, "id": "services.storage.incomplete_update",
+                "code": kuzzle_code("services.storage.incomplete_update"),
                 "message": format!("{failed} of {} documents could not be updated", outcomes.len()),
                 "count": failed, "errors": errors});
             envelope(echo, 206, &error, result)
@@ -268,6 +269,7 @@ pub fn documents_response(
                 // As Kuzzle 2 answers it: no result, the failed documents in the error.
                 let error = json!({
                     "status": 400, "id": "api.process.incomplete_multiple_request",
+                    "code": kuzzle_code("api.process.incomplete_multiple_request"),
                     "message": format!("At least one of the {} actions failed.", request.action.name()),
                     "count": failed, "errors": errors});
                 return envelope(echo, 400, &error, Value::Null);
