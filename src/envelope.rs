@@ -13,6 +13,28 @@ pub struct Properties {
     pub correlation_id: Option<String>,
     pub message_id: Option<String>,
     pub user_id: Option<String>,
+    /// A W3C `traceparent` header, only when well formed (`trace_context`).
+    pub traceparent: Option<String>,
+}
+
+/// A W3C trace context `traceparent` (`00-<32 hex trace id>-<16 hex parent id>-<2 hex
+/// flags>`), or `None`: anything else a producer sends is not carried on.
+pub fn trace_context(header: &str) -> Option<&str> {
+    let parts: Vec<&str> = header.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    let well_formed = parts.len() == 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1] != "0".repeat(32)
+        && hex(parts[2], 16)
+        && parts[2] != "0".repeat(16)
+        && hex(parts[3], 2);
+    well_formed.then_some(header)
 }
 
 /// `refresh` as the bulk call takes it.
@@ -651,6 +673,23 @@ mod tests {
             check_document(&json!({"_id": long, "body": {}}), Action::Update),
             Err(DocumentError::IdTooLong)
         );
+    }
+
+    #[test]
+    fn only_well_formed_trace_contexts_are_carried() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(trace_context(good), Some(good));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\nx",
+        ] {
+            assert_eq!(trace_context(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
