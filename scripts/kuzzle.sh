@@ -78,9 +78,9 @@ start_kuzzle() {
   local t0 pid
   t0=$(date +%s%N)
   # NODE_ENV=production: the answers a deployed Kuzzle gives (no stack traces).
-  (cd "$APP" && NODE_ENV=production setsid node start.js >"$STATE/kuzzle.log" 2>&1 &
-   echo $! >"$STATE/kuzzle.pid")
-  pid=$(cat "$STATE/kuzzle.pid")
+  (cd "$APP" && exec env NODE_ENV=production setsid node start.js) >"$STATE/kuzzle.log" 2>&1 &
+  pid=$!
+  echo "$pid" >"$STATE/kuzzle.pid"
   until kuzzle_up; do
     if ! kill -0 "$pid" 2>/dev/null; then
       tail -n 30 "$STATE/kuzzle.log" >&2
