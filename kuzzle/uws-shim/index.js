@@ -67,12 +67,15 @@ class HttpResponse {
   }
 
   // Body chunks as ArrayBuffers, then an empty last one (also for a request without
-  // a body, as Kuzzle expects).
+  // a body, as Kuzzle expects); none once the response is sent (uWS closes then).
   onData(cb) {
     this._in.on("data", (chunk) => {
+      if (this._ended) return;
       cb(chunk.buffer.slice(chunk.byteOffset, chunk.byteOffset + chunk.length), false);
     });
-    this._in.on("end", () => cb(new ArrayBuffer(0), true));
+    this._in.on("end", () => {
+      if (!this._ended) cb(new ArrayBuffer(0), true);
+    });
     return this;
   }
 
