@@ -582,6 +582,19 @@ fn normalize(value: &mut Value, collection: &str) {
         map.remove("requestId");
     }
     walk(value, collection);
+    // Deliberate: the worker lists failures in the request's order; Kuzzle lists those
+    // it refused before the storage call first. Compared as sets: same entries, either order.
+    for errors in [
+        value.pointer_mut("/result/errors"),
+        value.pointer_mut("/error/errors"),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Value::Array(items) = errors {
+            items.sort_by_key(Value::to_string);
+        }
+    }
 }
 
 fn walk(value: &mut Value, collection: &str) {
