@@ -68,6 +68,29 @@ pub fn append_update(
     let _ = writeln!(buf, "}},\"_source\":{}}}", opts.include_source);
 }
 
+/// The same updates, written to be sent again after a call whose fate is unknown (it
+/// timed out, or its connection broke): the first call may have been applied, so the
+/// resend must not report `noop` for a change that is there (`detect_noop: false`
+/// writes anyway, and so `wait_for` waits for this write), nor a conflict with that
+/// first call itself (`retry_on_conflict` at least 1). Reads lines `append_update` wrote.
+pub fn for_resend(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 8);
+    for line in body.split_inclusive(|b| *b == b'\n') {
+        if let Some(doc) = line.strip_prefix(b"{\"doc\":") {
+            out.extend_from_slice(b"{\"detect_noop\":false,\"doc\":");
+            out.extend_from_slice(doc);
+        } else if line.starts_with(b"{\"update\":")
+            && line.ends_with(b",\"retry_on_conflict\":0}}\n")
+        {
+            out.extend_from_slice(&line[..line.len() - 4]);
+            out.extend_from_slice(b"1}}\n");
+        } else {
+            out.extend_from_slice(line);
+        }
+    }
+    out
+}
+
 /// Serializing into a Vec can't fail.
 fn write_json<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) {
     let _ = serde_json::to_writer(&mut *buf, value);
@@ -226,6 +249,30 @@ mod tests {
             l[3]["doc"],
             json!({"_kuzzle_info": {"updatedAt": 5, "updater": null}})
         );
+    }
+
+    #[test]
+    fn a_resend_neither_detects_noops_nor_fails_on_its_own_first_call() {
+        let mut buf = Vec::new();
+        let doc = json!({"n": "{\"doc\":1}\n"});
+        let zero = ItemOptions {
+            retry_on_conflict: 0,
+            ..opts(None)
+        };
+        append_update(&mut buf, &zero, "a", doc.as_object().unwrap());
+        append_update(&mut buf, &opts(None), "b", doc.as_object().unwrap());
+        let l = lines(&for_resend(&buf));
+        assert_eq!(l.len(), 4);
+        assert_eq!(l[0]["update"]["retry_on_conflict"], 1);
+        assert_eq!(
+            l[2]["update"]["retry_on_conflict"], 3,
+            "kept when already >= 1"
+        );
+        for doc_line in [&l[1], &l[3]] {
+            assert_eq!(doc_line["detect_noop"], false);
+            assert_eq!(doc_line["doc"], doc);
+            assert_eq!(doc_line["_source"], true);
+        }
     }
 
     // Recorded from Elasticsearch 8.19.

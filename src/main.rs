@@ -148,6 +148,8 @@ async fn ready(listen: &str) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The first SIGTERM/SIGINT starts a graceful shutdown; a second one exits at once
+/// (what is unsettled goes back to the queue when the broker sees the connection end).
 async fn shutdown_signal(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -161,6 +163,12 @@ async fn shutdown_signal(token: CancellationToken) {
         _ = int.recv() => {}
     }
     token.cancel();
+    let code = tokio::select! {
+        _ = term.recv() => 128 + 15,
+        _ = int.recv() => 128 + 2,
+    };
+    eprintln!("mupdate-worker: second signal; exiting now");
+    std::process::exit(code);
 }
 
 fn main() -> ExitCode {
@@ -219,7 +227,7 @@ async fn execute(command: Command, settings: Settings) -> ExitCode {
         Command::Run => {
             let token = CancellationToken::new();
             tokio::spawn(shutdown_signal(token.clone()));
-            mupdate_worker::worker::run(settings, token)
+            mupdate_worker::session::run(settings, token)
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }

@@ -161,5 +161,5 @@ async fn secrets_appear_in_neither_replies_nor_logs() {
     let logs = logs.join().unwrap().join("\n");
     assert!(logs.contains("replied"), "the request was logged: {logs}");
     assert!(!logs.contains("s3cret"), "a secret in the logs");
-    delete_queues(&[&settings.amqp.request_queue, &settings.amqp.reply_queue]).await;
+    delete_topology(&settings).await;
 }

@@ -192,6 +192,8 @@ pub fn settings() -> Settings {
     let mut s = Settings::defaults();
     s.amqp.request_queue = fresh("mupdate.requests");
     s.amqp.reply_queue = fresh("mupdate.replies");
+    s.amqp.dead_letter_exchange = fresh("mupdate.dlx");
+    s.amqp.dead_letter_queue = fresh("mupdate.dead");
     // Many workers run at once: none serves metrics unless a test asks.
     s.metrics.listen = String::new();
     s
@@ -212,7 +214,10 @@ impl Worker {
     /// Starts a worker and waits until it consumes its request queue.
     pub async fn start_with(settings: Settings) -> Self {
         let token = CancellationToken::new();
-        let task = tokio::spawn(mupdate_worker::worker::run(settings.clone(), token.clone()));
+        let task = tokio::spawn(mupdate_worker::session::run(
+            settings.clone(),
+            token.clone(),
+        ));
         wait_consumers(&settings.amqp.request_queue, 1).await;
         Worker {
             settings,
@@ -225,11 +230,10 @@ impl Worker {
         &self.settings.amqp.request_queue
     }
 
-    /// Stops the worker gracefully and deletes its queues.
+    /// Stops the worker gracefully and deletes its queues and dead-letter exchange.
     pub async fn stop(self) {
         let settings = self.halt().await;
-        let amqp = &settings.amqp;
-        delete_queues(&[&amqp.request_queue, &amqp.reply_queue]).await;
+        delete_topology(&settings).await;
     }
 
     /// Stops the worker gracefully, keeping its queues; its settings start it again.
@@ -241,6 +245,28 @@ impl Worker {
             .unwrap()
             .unwrap();
         self.settings
+    }
+}
+
+/// Deletes the queues and the dead-letter exchange a worker on `settings` declares.
+pub async fn delete_topology(settings: &Settings) {
+    let amqp = &settings.amqp;
+    delete_queues(&[
+        &amqp.request_queue,
+        &amqp.reply_queue,
+        &amqp.dead_letter_queue,
+    ])
+    .await;
+    if !amqp.dead_letter_exchange.is_empty() {
+        let broker = Amqp::open().await;
+        let _ = broker
+            .channel
+            .exchange_delete(
+                amqp.dead_letter_exchange.as_str().into(),
+                Default::default(),
+            )
+            .await;
+        broker.close().await;
     }
 }
 
@@ -262,6 +288,14 @@ pub fn worker_command(settings: &Settings) -> std::process::Command {
     command
         .env("MUPDATE__AMQP__REQUEST_QUEUE", &settings.amqp.request_queue)
         .env("MUPDATE__AMQP__REPLY_QUEUE", &settings.amqp.reply_queue)
+        .env(
+            "MUPDATE__AMQP__DEAD_LETTER_EXCHANGE",
+            &settings.amqp.dead_letter_exchange,
+        )
+        .env(
+            "MUPDATE__AMQP__DEAD_LETTER_QUEUE",
+            &settings.amqp.dead_letter_queue,
+        )
         .env(
             "MUPDATE__AMQP__PREFETCH",
             settings.amqp.prefetch.to_string(),
