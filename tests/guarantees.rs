@@ -32,7 +32,7 @@ const BROKER_MAX_MESSAGE_SIZE: u64 = 134_217_728;
 #[tokio::test]
 async fn long_request_ids_are_answered_in_full_with_a_correlation_id_that_fits() {
     let col = Collection::create(&[("a", json!({"n": 0}))]).await;
-    let settings = test_settings();
+    let settings = settings();
     let mut cleanup = Cleanup::of(&settings);
     let replies = cleanup.queue(fresh("guarantees.replies"));
     let worker = Worker::start_with(settings).await;
@@ -83,7 +83,11 @@ async fn long_request_ids_are_answered_in_full_with_a_correlation_id_that_fits()
             id.len()
         );
         assert_eq!(
-            reply.properties.correlation_id().as_ref().map(|c| c.as_str()),
+            reply
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str()),
             Some(correlation_id.as_str()),
             "correlation_id of the {}-byte id",
             id.len()
@@ -100,7 +104,7 @@ async fn a_request_id_larger_than_an_amqp_frame_still_gets_its_reply() {
     // 200 KB: more than one frame (RabbitMQ's frame_max is 128 KiB) can carry in a
     // header; the body can.
     let col = Collection::create(&[("a", json!({"n": 0}))]).await;
-    let mut settings = test_settings();
+    let mut settings = settings();
     let listen = with_metrics(&mut settings);
     let mut cleanup = Cleanup::of(&settings);
     let replies = cleanup.queue(fresh("guarantees.replies"));
@@ -118,10 +122,17 @@ async fn a_request_id_larger_than_an_amqp_frame_still_gets_its_reply() {
     assert_eq!(body["status"], 200);
     assert_eq!(body["requestId"], json!(id), "the full id in the body");
     assert_eq!(
-        reply.properties.correlation_id().as_ref().map(|c| c.as_str()),
+        reply
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str()),
         Some(&id[..255])
     );
-    assert_eq!(metric(&listen, "mupdate_broker_reconnects_total").await, 0.0);
+    assert_eq!(
+        metric(&listen, "mupdate_broker_reconnects_total").await,
+        0.0
+    );
     assert_still_answers(&worker).await;
     halt_settled(worker).await;
     amqp.close().await;
@@ -129,10 +140,15 @@ async fn a_request_id_larger_than_an_amqp_frame_still_gets_its_reply() {
 
 #[tokio::test]
 async fn amqp_properties_at_their_limits_are_each_answered_or_dead_lettered() {
-    let docs: Vec<(String, Value)> = (0..10).map(|i| (format!("d{i}"), json!({"n": 0}))).collect();
-    let refs: Vec<(&str, Value)> = docs.iter().map(|(id, v)| (id.as_str(), v.clone())).collect();
+    let docs: Vec<(String, Value)> = (0..10)
+        .map(|i| (format!("d{i}"), json!({"n": 0})))
+        .collect();
+    let refs: Vec<(&str, Value)> = docs
+        .iter()
+        .map(|(id, v)| (id.as_str(), v.clone()))
+        .collect();
     let col = Collection::create(&refs).await;
-    let settings = test_settings();
+    let settings = settings();
     let mut cleanup = Cleanup::of(&settings);
     let replies = cleanup.queue(fresh("guarantees.replies"));
     // As long as a queue name can be.
@@ -234,7 +250,11 @@ async fn amqp_properties_at_their_limits_are_each_answered_or_dead_lettered() {
             .unwrap_or_else(|| panic!("no reply to {}", &id[..id.len().min(20)]));
         assert_eq!(body(&reply)["status"], 200, "{}", body(&reply));
         assert_eq!(
-            reply.properties.correlation_id().as_ref().map(|c| c.as_str()),
+            reply
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str()),
             Some(id.as_str())
         );
     }
@@ -280,11 +300,14 @@ async fn a_reply_larger_than_the_broker_takes_is_sent_again_without_sources() {
         .map(|i| (format!("big{i}"), json!({"blob": blob, "n": 0})))
         .collect();
     docs.extend((0..4).map(|i| (format!("small{i}"), json!({"n": 0}))));
-    let refs: Vec<(&str, Value)> = docs.iter().map(|(id, v)| (id.as_str(), v.clone())).collect();
+    let refs: Vec<(&str, Value)> = docs
+        .iter()
+        .map(|(id, v)| (id.as_str(), v.clone()))
+        .collect();
     let col = Collection::create(&refs).await;
     // Before the worker starts: channels read the limit when they open.
     let _limit = MaxMessageSize::set(1_048_576);
-    let mut settings = test_settings();
+    let mut settings = settings();
     let listen = with_metrics(&mut settings);
     let mut cleanup = Cleanup::of(&settings);
     let replies = cleanup.queue(fresh("guarantees.replies"));
@@ -323,9 +346,17 @@ async fn a_reply_larger_than_the_broker_takes_is_sent_again_without_sources() {
     assert_eq!(reply["status"], 200, "{}", brief(&reply));
     assert_eq!(reply["error"], Value::Null);
     assert_eq!(reply["result"]["total"], 5);
-    for (i, hit) in reply["result"]["hits"].as_array().unwrap().iter().enumerate() {
+    for (i, hit) in reply["result"]["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         assert_eq!(hit["_id"], format!("big{i}"));
-        assert_eq!((&hit["status"], &hit["result"]), (&json!(200), &json!("updated")));
+        assert_eq!(
+            (&hit["status"], &hit["result"]),
+            (&json!(200), &json!("updated"))
+        );
         assert!(hit.get("_source").is_none(), "no _source: {}", brief(hit));
     }
     let reply = body(&got["big-partial"]);
@@ -344,9 +375,16 @@ async fn a_reply_larger_than_the_broker_takes_is_sent_again_without_sources() {
         assert_eq!(reply["result"]["hits"][0]["_source"]["n"], 1, "{reply}");
     }
     for i in 0..10 {
-        assert_eq!(col.get(&format!("big{i}")).await.0["n"], 1, "big{i} updated");
+        assert_eq!(
+            col.get(&format!("big{i}")).await.0["n"],
+            1,
+            "big{i} updated"
+        );
     }
-    assert_eq!(metric(&listen, "mupdate_broker_reconnects_total").await, 0.0);
+    assert_eq!(
+        metric(&listen, "mupdate_broker_reconnects_total").await,
+        0.0
+    );
     assert_still_answers(&worker).await;
     halt_settled(worker).await;
     amqp.close().await;
@@ -357,7 +395,7 @@ async fn an_engine_outage_longer_than_the_hold_limit_dead_letters_nothing_on_a_q
     const N: usize = 50;
     let _servers = servers_lock().await;
     let load = Load::new(N, true).await;
-    let mut settings = test_settings();
+    let mut settings = settings();
     settings.amqp.queue_type = QueueType::Quorum;
     settings.amqp.delivery_limit = 2;
     settings.worker.pause_after_ms = 2000;
@@ -388,7 +426,10 @@ async fn an_engine_outage_longer_than_the_hold_limit_dead_letters_nothing_on_a_q
 
     let replies = load.collect(SETTLE).await;
     let total: usize = replies.values().map(Vec::len).sum();
-    println!("outage on a quorum queue: {} answered, {total} replies", replies.len());
+    println!(
+        "outage on a quorum queue: {} answered, {total} replies",
+        replies.len()
+    );
     assert_eq!(replies.len(), N, "every request answered");
     load.check_replies(&replies);
     load.refresh().await;
@@ -398,7 +439,11 @@ async fn an_engine_outage_longer_than_the_hold_limit_dead_letters_nothing_on_a_q
     assert_eq!(metric(&listen, "mupdate_consumption_paused").await, 0.0);
     wait_readyz(&listen, 200).await;
     let settings = halt_settled(worker).await;
-    assert_eq!(ready(&settings.amqp.dead_letter_queue).await, 0, "nothing dead-lettered");
+    assert_eq!(
+        ready(&settings.amqp.dead_letter_queue).await,
+        0,
+        "nothing dead-lettered"
+    );
 }
 
 #[tokio::test]
@@ -406,12 +451,12 @@ async fn sigterm_with_the_engine_down_exits_0_within_the_grace_and_loses_nothing
     const N: usize = 20;
     let _servers = servers_lock().await;
     let load = Load::new(N, false).await;
-    let settings = test_settings();
+    let settings = settings();
     let mut cleanup = Cleanup::of(&settings);
     cleanup.queue(load.reply_queue.clone());
     let queue = settings.amqp.request_queue.clone();
     let mut binary = Binary::spawn(
-        binary_command(&settings)
+        worker_command(&settings)
             .env("MUPDATE__WORKER__SHUTDOWN_TIMEOUT_MS", "3000")
             // Held, not paused, when the signal comes.
             .env("MUPDATE__WORKER__PAUSE_AFTER_MS", "600000"),
@@ -428,10 +473,17 @@ async fn sigterm_with_the_engine_down_exits_0_within_the_grace_and_loses_nothing
         .exit_within(Duration::from_secs(5))
         .await
         .expect("exits within the 3 s grace and 2 s");
-    println!("SIGTERM with the engine down: exit {status} after {:?}", started.elapsed());
+    println!(
+        "SIGTERM with the engine down: exit {status} after {:?}",
+        started.elapsed()
+    );
     assert_eq!(status.code(), Some(0));
     wait_ready(&queue, N as u32).await;
-    assert_eq!(load.replies_waiting().await, 0, "no reply while the engine was down");
+    assert_eq!(
+        load.replies_waiting().await,
+        0,
+        "no reply while the engine was down"
+    );
 
     engine.start().await;
     let worker = Worker::start_with(settings).await;
@@ -449,12 +501,12 @@ async fn a_second_sigterm_exits_at_once() {
     const N: usize = 10;
     let _servers = servers_lock().await;
     let load = Load::new(N, false).await;
-    let settings = test_settings();
+    let settings = settings();
     let mut cleanup = Cleanup::of(&settings);
     cleanup.queue(load.reply_queue.clone());
     let queue = settings.amqp.request_queue.clone();
     let mut binary = Binary::spawn(
-        binary_command(&settings)
+        worker_command(&settings)
             .env("MUPDATE__WORKER__SHUTDOWN_TIMEOUT_MS", "60000")
             .env("MUPDATE__WORKER__PAUSE_AFTER_MS", "600000"),
     );
@@ -466,7 +518,10 @@ async fn a_second_sigterm_exits_at_once() {
 
     binary.signal("-TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(binary.running(), "the first signal waits for the 60 s grace");
+    assert!(
+        binary.running(),
+        "the first signal waits for the 60 s grace"
+    );
     binary.signal("-TERM");
     let status = binary
         .exit_within(Duration::from_secs(1))
@@ -506,7 +561,7 @@ async fn resent_after_a_timeout(retry_on_conflict: Option<u64>) {
     )
     .await;
     let proxy = Proxy::start(ES_URL).await;
-    let mut settings = test_settings();
+    let mut settings = settings();
     settings.storage.url = proxy.url();
     settings.storage.timeout_ms = 1000;
     settings.storage.retry_max_delay_ms = 200;
@@ -514,7 +569,11 @@ async fn resent_after_a_timeout(retry_on_conflict: Option<u64>) {
     let _cleanup = Cleanup::of(&settings);
     let worker = Worker::start_with(settings).await;
     // The target is now known to exist: only the bulk call meets the latency.
-    let warm = call(&worker, &col.envelope(json!([{"_id": "warm", "body": {"n": 1}}]))).await;
+    let warm = call(
+        &worker,
+        &col.envelope(json!([{"_id": "warm", "body": {"n": 1}}])),
+    )
+    .await;
     assert_eq!(warm["status"], 200, "{warm}");
 
     let value = fresh("new");
@@ -607,14 +666,6 @@ async fn the_default_configuration_dead_letters_an_unroutable_request_untouched(
 
 // ---------------------------------------------------------------- helpers
 
-/// `support::settings()` with dead-letter names of this test's own.
-fn test_settings() -> Settings {
-    let mut s = settings();
-    s.amqp.dead_letter_exchange = fresh("mupdate.dlx");
-    s.amqp.dead_letter_queue = fresh("mupdate.requests.dead");
-    s
-}
-
 /// Serves metrics on a free port; returns its address.
 fn with_metrics(s: &mut Settings) -> String {
     let listen = format!("127.0.0.1:{}", free_port());
@@ -629,16 +680,6 @@ fn at_255(mut name: String, fill: char) -> String {
     }
     name.truncate(255);
     name
-}
-
-/// The worker binary on `settings`' queues and dead-letter names.
-fn binary_command(settings: &Settings) -> Command {
-    let mut command = worker_command(settings);
-    let a = &settings.amqp;
-    command
-        .env("MUPDATE__AMQP__DEAD_LETTER_EXCHANGE", &a.dead_letter_exchange)
-        .env("MUPDATE__AMQP__DEAD_LETTER_QUEUE", &a.dead_letter_queue);
-    command
 }
 
 async fn durable_queue(amqp: &Amqp, name: &str) {
@@ -815,7 +856,14 @@ impl EngineStopped {
         tokio::task::spawn_blocking(|| services(&["stop", "engine"]))
             .await
             .unwrap();
-        EngineStopped { started: false }
+        let stopped = EngineStopped { started: false };
+        // services.sh stops only an engine whose pid file is in its state directory.
+        assert!(
+            http().get(ES_URL).send().await.is_err(),
+            "the engine still answers: set MUPDATE_SERVICES_DIR to the .services \
+             directory of the checkout that started it"
+        );
+        stopped
     }
 
     async fn start(mut self) {
