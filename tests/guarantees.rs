@@ -2,9 +2,9 @@
 //! limits, replies larger than the broker takes, an engine outage longer than the hold
 //! limit on a quorum queue with a delivery limit, SIGTERM with the engine down, engine
 //! calls that time out, and the default dead-letter topology. Each request ends replied,
-//! dead-lettered or back in its queue: never lost, never held forever. Tests that stop or
-//! reconfigure the servers hold `servers_lock()`; every wait is bounded, and what a test
-//! makes is deleted even when it fails.
+//! dead-lettered or back in its queue: never lost, never held forever. Every test holds
+//! `servers_lock()`: some stop the engine or lower the broker's limits, which the others
+//! would see. Every wait is bounded, and what a test makes is deleted even when it fails.
 
 mod support;
 
@@ -31,6 +31,7 @@ const BROKER_MAX_MESSAGE_SIZE: u64 = 134_217_728;
 
 #[tokio::test]
 async fn long_request_ids_are_answered_in_full_with_a_correlation_id_that_fits() {
+    let _servers = servers_lock().await;
     let col = Collection::create(&[("a", json!({"n": 0}))]).await;
     let settings = settings();
     let mut cleanup = Cleanup::of(&settings);
@@ -101,6 +102,7 @@ async fn long_request_ids_are_answered_in_full_with_a_correlation_id_that_fits()
 
 #[tokio::test]
 async fn a_request_id_larger_than_an_amqp_frame_still_gets_its_reply() {
+    let _servers = servers_lock().await;
     // 200 KB: more than one frame (RabbitMQ's frame_max is 128 KiB) can carry in a
     // header; the body can.
     let col = Collection::create(&[("a", json!({"n": 0}))]).await;
@@ -140,6 +142,7 @@ async fn a_request_id_larger_than_an_amqp_frame_still_gets_its_reply() {
 
 #[tokio::test]
 async fn amqp_properties_at_their_limits_are_each_answered_or_dead_lettered() {
+    let _servers = servers_lock().await;
     let docs: Vec<(String, Value)> = (0..10)
         .map(|i| (format!("d{i}"), json!({"n": 0})))
         .collect();
@@ -553,6 +556,7 @@ async fn an_update_sent_again_after_a_timeout_without_retry_on_conflict_is_not_a
 /// proxy, the update applied): the call sent again must answer `updated`, not `noop`
 /// or a 409, and the reply must still mean searchable.
 async fn resent_after_a_timeout(retry_on_conflict: Option<u64>) {
+    let _servers = servers_lock().await;
     // An explicit refresh interval: no search-idle shard, so a search doesn't refresh,
     // and a wait_for call outlasts the 1 s timeout unless a refresh comes first.
     let col = Collection::create_with(
@@ -616,6 +620,7 @@ async fn resent_after_a_timeout(retry_on_conflict: Option<u64>) {
 
 #[tokio::test]
 async fn the_default_configuration_dead_letters_an_unroutable_request_untouched() {
+    let _servers = servers_lock().await;
     let defaults = Settings::defaults();
     assert_eq!(defaults.amqp.dead_letter_exchange, "mupdate.dlx");
     assert_eq!(defaults.amqp.dead_letter_queue, "mupdate.requests.dead");
