@@ -176,23 +176,16 @@ impl Broker {
             .await
     }
 
-    /// Publishes a reply and waits for the broker's confirm. `key` is its
-    /// `correlation_id` (a short string); the full `request_id` goes in a header. An
-    /// error means the connection is lost.
-    pub async fn publish_reply(
-        &self,
-        destination: &Destination,
-        key: &str,
-        request_id: &str,
-        status: u16,
-        body: &[u8],
-    ) -> Result<Published, lapin::Error> {
+    /// Publishes a reply and waits for the broker's confirm. An error means the
+    /// connection is lost.
+    pub async fn publish_reply(&self, reply: &Outgoing<'_>) -> Result<Published, lapin::Error> {
+        let body = reply.body;
         let limit = self.max_reply.load(Ordering::Relaxed);
         if body.len() > limit {
             return Ok(Published::TooLarge { limit });
         }
         let (generation, channel) = self.publish.lock().await.clone();
-        match publish_on(&channel, destination, key, request_id, status, body).await {
+        match publish_on(&channel, reply).await {
             Ok(published) => Ok(published),
             Err(err) if self.connected() => {
                 // The broker closed the channel, over this reply or one sent beside it.
@@ -240,27 +233,38 @@ async fn confirming_channel(connection: &Connection) -> Result<Channel, lapin::E
     Ok(channel)
 }
 
-async fn publish_on(
-    channel: &Channel,
-    destination: &Destination,
-    key: &str,
-    request_id: &str,
-    status: u16,
-    body: &[u8],
-) -> Result<Published, lapin::Error> {
+/// A reply ready to publish.
+pub struct Outgoing<'a> {
+    pub destination: &'a Destination,
+    /// Its `correlation_id`: a short string (`reply::reply_key`).
+    pub key: &'a str,
+    /// The full requestId, also in a `requestId` header (a long string: any length).
+    pub request_id: &'a str,
+    pub status: u16,
+    pub body: &'a [u8],
+}
+
+/// The AMQP properties of a reply (SPEC section 5).
+pub fn reply_properties(reply: &Outgoing<'_>) -> BasicProperties {
     let mut headers = FieldTable::default();
-    headers.insert("status".into(), AMQPValue::ShortInt(status as i16));
+    headers.insert("status".into(), AMQPValue::ShortInt(reply.status as i16));
     headers.insert(
         "requestId".into(),
-        AMQPValue::LongString(request_id.as_bytes().into()),
+        AMQPValue::LongString(reply.request_id.as_bytes().into()),
     );
-    let mut properties = BasicProperties::default()
-        .with_correlation_id(key.into())
+    let properties = BasicProperties::default()
+        .with_correlation_id(reply.key.into())
         .with_content_type("application/json".into())
         .with_headers(headers);
-    if destination.persistent() {
-        properties = properties.with_delivery_mode(2);
+    if reply.destination.persistent() {
+        properties.with_delivery_mode(2)
+    } else {
+        properties
     }
+}
+
+async fn publish_on(channel: &Channel, reply: &Outgoing<'_>) -> Result<Published, lapin::Error> {
+    let destination = reply.destination;
     let (exchange, routing_key) = destination.route();
     let confirm = channel
         .basic_publish(
@@ -272,8 +276,8 @@ async fn publish_on(
                 mandatory: !destination.is_direct(),
                 ..BasicPublishOptions::default()
             },
-            body,
-            properties,
+            reply.body,
+            reply_properties(reply),
         )
         .await?
         .await?;

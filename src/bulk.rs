@@ -43,8 +43,10 @@ pub fn append_update(
         opts.retry_on_conflict
     );
     let mut first = true;
-    // Clients can't forge metadata: theirs goes, ours comes in.
-    for (key, value) in body.iter().filter(|(k, _)| *k != "_kuzzle_info") {
+    // Clients can't forge metadata: theirs goes (dotted keys too, which the engine
+    // expands into the same object), ours comes in.
+    let forged = |key: &str| key == "_kuzzle_info" || key.starts_with("_kuzzle_info.");
+    for (key, value) in body.iter().filter(|(k, _)| !forged(k)) {
         if !first {
             buf.push(b',');
         }
@@ -222,7 +224,8 @@ mod tests {
     #[test]
     fn client_metadata_is_dropped_even_without_ours() {
         let mut buf = Vec::new();
-        let body = json!({"a": 1, "_kuzzle_info": {"author": "x"}});
+        let body = json!({"a": 1, "_kuzzle_info": {"author": "x"},
+                          "_kuzzle_info.updater": "admin", "_kuzzle_info.": 1});
         append_update(&mut buf, &opts(None), "p1", body.as_object().unwrap());
         assert_eq!(lines(&buf)[1]["doc"], json!({"a": 1}));
     }

@@ -16,6 +16,13 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub worker: WorkerSettings,
     pub log: LogSettings,
+    pub security: SecuritySettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct SecuritySettings {
+    pub enabled: bool,
+    pub rules_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -188,6 +195,12 @@ impl Settings {
             return invalid(
                 "log.level",
                 "must be a level (error, warn, info, debug, trace) or a filter",
+            );
+        }
+        if self.security.enabled && self.security.rules_file.is_empty() {
+            return invalid(
+                "security.rules_file",
+                "must name the rules file when security.enabled is true",
             );
         }
         if self.storage.concurrent_bulks == 0 {

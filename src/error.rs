@@ -44,6 +44,10 @@ pub enum RequestError {
         "the reply ({size} bytes) is larger than the broker accepts ({limit} bytes); the request was processed"
     )]
     ReplyTooLarge { size: usize, limit: usize },
+    #[error("Unauthorized: authentication required to execute the action \"{0}\".")]
+    Unauthorized(String),
+    #[error("Insufficient permissions to execute the action \"{action}\" (User \"{user}\").")]
+    Forbidden { action: String, user: String },
 }
 
 impl RequestError {
@@ -67,6 +71,8 @@ impl RequestError {
             UnknownCollection { .. } => (412, "services.storage.unknown_collection"),
             StorageRejected(_) => (500, "services.storage.unexpected_error"),
             ReplyTooLarge { .. } => (500, "api.process.reply_too_large"),
+            Unauthorized(_) => (401, "security.rights.unauthorized"),
+            Forbidden { .. } => (403, "security.rights.forbidden"),
         }
     }
 

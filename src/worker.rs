@@ -12,7 +12,7 @@ use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::broker::{self, Broker, Published};
+use crate::broker::{self, Broker, Outgoing, Published};
 use crate::bulk::{ItemOptions, Metadata};
 use crate::coalesce::{BatchLimits, Coalescer};
 use crate::config::{Format, Settings};
@@ -22,6 +22,7 @@ use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::reply::{self, Destination};
 use crate::response::{self, Outcome, Response, Shape};
+use crate::security::rights::Rights;
 use crate::storage::{self, Abandoned, IndexState, Storage, StorageError};
 use crate::update;
 
@@ -59,10 +60,13 @@ pub struct Processor {
     storage: Arc<Storage>,
     coalescer: Coalescer,
     metrics: Arc<Metrics>,
+    /// `None` when `security.enabled` is off.
+    pub rights: Option<Rights>,
 }
 
 impl Processor {
-    pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
+    pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let rights = Rights::from_settings(&settings.security)?;
         let storage = Arc::new(Storage::new(&settings.storage, metrics.clone())?);
         let s = &settings.storage;
         let limits = BatchLimits {
@@ -78,6 +82,7 @@ impl Processor {
             storage,
             coalescer,
             metrics,
+            rights,
         })
     }
 
@@ -99,6 +104,21 @@ impl Processor {
                 return Ok(Answer::plain(response::error_response(&echo, &err)));
             }
         };
+        if let Some(rights) = &self.rights {
+            let action = echo
+                .action
+                .as_ref()
+                .and_then(|a| a.as_str())
+                .unwrap_or("mUpdate");
+            let user = props.user_id.as_deref();
+            let verdict = rights.check(user, action, &request.index, &request.collection);
+            if let Err((verdict, err)) = verdict {
+                self.metrics.rights(verdict.label());
+                info!(request_id = %echo.request_id, status = err.status(), error = %err, "request refused");
+                return Ok(Answer::plain(response::error_response(&echo, &err)));
+            }
+            self.metrics.rights("allowed");
+        }
         let span = info_span!("request", request_id = %echo.request_id, index = %request.index,
             collection = %request.collection, documents = request.documents.len());
         async {
@@ -198,6 +218,17 @@ fn now_millis() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// What handling a delivery comes to before anything is published.
+pub enum Plan {
+    /// Publish this answer there, then settle by what the broker says.
+    Reply {
+        answer: Box<Answer>,
+        destination: Destination,
+    },
+    /// Settle without a reply.
+    Settle(Settlement),
+}
+
 /// How a delivery's handling failed the session: its channel or connection is gone,
 /// and the broker redelivers it.
 #[derive(Debug, thiserror::Error)]
@@ -249,29 +280,17 @@ impl Handler {
         let ticket = Ticket::new(acker, cancel, self.metrics.clone());
         let _in_flight = InFlight::new(&self.metrics);
         let props = broker::properties(&properties);
-        if redelivered && self.answered.contains(&data, &props) {
-            // Its reply was confirmed; only the ack was lost: don't apply it again.
-            self.metrics.duplicates_skipped.inc();
-            info!("redelivered request already answered; acking it without a second update");
-            return Ok(ticket.settle(Settlement::Ack).await?);
-        }
-        let hold = Duration::from_millis(self.settings.worker.max_hold_ms);
         let work = ticket.cancel().clone();
-        let processing = self.processor.process(&data, &props, &work);
-        tokio::pin!(processing);
-        let processed = tokio::select! {
-            processed = &mut processing => processed,
-            _ = tokio::time::sleep(hold) => {
-                warn!(?hold, "request held too long; handing it back to the queue");
-                ticket.abandon();
-                processing.await
-            }
+        let (answer, destination) = match self.plan(&data, &props, redelivered, &work).await {
+            Plan::Settle(settlement) => return Ok(ticket.settle(settlement).await?),
+            Plan::Reply {
+                answer,
+                destination,
+            } => (answer, destination),
         };
-        let Ok(answer) = processed else {
-            self.metrics.requeued.inc();
-            return Ok(ticket.settle(Settlement::Requeue).await?);
-        };
-        let settlement = self.reply(&answer, &props, broker, &ticket).await?;
+        let settlement = self
+            .reply(&answer, &props, &destination, broker, &ticket)
+            .await?;
         if settlement == Settlement::Ack {
             // Remembered before the ack goes: if the ack is lost, the redelivery is known.
             self.answered.insert(&data, &props);
@@ -284,35 +303,73 @@ impl Handler {
         Ok(())
     }
 
+    /// What a delivery comes to before anything is published: its answer and where it
+    /// goes, or a settlement without a reply. Never panics, whatever the bytes and
+    /// properties (a property test holds it to that).
+    pub async fn plan(
+        &self,
+        data: &[u8],
+        props: &Properties,
+        redelivered: bool,
+        cancel: &CancellationToken,
+    ) -> Plan {
+        if redelivered && self.answered.contains(data, props) {
+            // Its reply was confirmed; only the ack was lost: don't apply it again.
+            self.metrics.duplicates_skipped.inc();
+            info!("redelivered request already answered; acking it without a second update");
+            return Plan::Settle(Settlement::Ack);
+        }
+        let hold = Duration::from_millis(self.settings.worker.max_hold_ms);
+        let processing = self.processor.process(data, props, cancel);
+        tokio::pin!(processing);
+        let processed = tokio::select! {
+            processed = &mut processing => processed,
+            _ = tokio::time::sleep(hold) => {
+                warn!(?hold, "request held too long; handing it back to the queue");
+                cancel.cancel();
+                processing.await
+            }
+        };
+        let Ok(answer) = processed else {
+            self.metrics.requeued.inc();
+            return Plan::Settle(Settlement::Requeue);
+        };
+        let a = &self.settings.amqp;
+        let key = reply::reply_key(&answer.response.request_id, props.correlation_id.as_deref());
+        let reply_to = props.reply_to.as_deref();
+        match Destination::choose(reply_to, &a.reply_exchange, &a.reply_queue, key) {
+            Some(destination) => Plan::Reply {
+                answer: Box::new(answer),
+                destination,
+            },
+            None => Plan::Settle(self.dead_letter("unroutable", &answer.response.request_id)),
+        }
+    }
+
     /// Publishes the answer until the broker confirms it, smaller if it must; what then
     /// becomes of the delivery.
     async fn reply(
         &self,
         answer: &Answer,
         props: &Properties,
+        destination: &Destination,
         broker: &Broker,
         ticket: &Ticket,
     ) -> Result<Settlement, lapin::Error> {
-        let a = &self.settings.amqp;
         let request_id = answer.response.request_id.as_str();
         let key = reply::reply_key(request_id, props.correlation_id.as_deref());
-        let Some(destination) = Destination::choose(
-            props.reply_to.as_deref(),
-            &a.reply_exchange,
-            &a.reply_queue,
-            key,
-        ) else {
-            return Ok(self.dead_letter("unroutable", request_id));
-        };
         let mut response = std::borrow::Cow::Borrowed(&answer.response);
         let mut shrunk = 0;
         let mut refusals = 0;
         loop {
-            let (status, body) = (response.status, &response.body);
-            match broker
-                .publish_reply(&destination, key, request_id, status, body)
-                .await?
-            {
+            let reply = Outgoing {
+                destination,
+                key,
+                request_id,
+                status: response.status,
+                body: &response.body,
+            };
+            match broker.publish_reply(&reply).await? {
                 Published::Confirmed => return Ok(Settlement::Ack),
                 Published::Unroutable => {
                     self.metrics.unroutable_replies.inc();
@@ -321,7 +378,7 @@ impl Handler {
                 }
                 Published::Refused => {
                     refusals += 1;
-                    if refusals >= a.reply_attempts {
+                    if refusals >= self.settings.amqp.reply_attempts {
                         warn!(
                             ?destination,
                             refusals, "the broker keeps refusing the reply"
@@ -337,7 +394,7 @@ impl Handler {
                 Published::TooLarge { limit } => {
                     self.metrics.replies_shrunk.inc();
                     shrunk += 1;
-                    let size = body.len();
+                    let size = response.body.len();
                     warn!(
                         size,
                         limit, "reply larger than the broker accepts; sending a smaller one"
@@ -428,5 +485,83 @@ impl Answered {
             }
         }
         seen.insert(Self::key(body, props), Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reply::SHORT_STRING_MAX;
+    use proptest::prelude::*;
+
+    fn text(max: usize) -> impl Strategy<Value = Option<String>> {
+        prop::option::of(prop_oneof![
+            ".{0,300}",
+            (0..=max).prop_map(|n| "é".repeat(n / 2)),
+            (0..=max).prop_map(|n| "amq.rabbitmq.reply-to.".to_owned() + &"x".repeat(n)),
+        ])
+    }
+
+    fn properties() -> impl Strategy<Value = Properties> {
+        (text(65_536), text(65_536), text(65_536), text(65_536)).prop_map(
+            |(reply_to, correlation_id, message_id, user_id)| Properties {
+                reply_to,
+                correlation_id,
+                message_id,
+                user_id,
+            },
+        )
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..512),
+            (".{0,70000}", any::<bool>()).prop_map(|(id, long)| {
+                let id = if long { id.repeat(4) } else { id };
+                serde_json::to_vec(&serde_json::json!({
+                    "index": "i", "collection": "c", "controller": "document",
+                    "action": "mUpdate", "requestId": id,
+                    "body": {"documents": [{"_id": "a", "body": {"n": 1}}]}}))
+                .unwrap()
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Whatever arrives, handling it ends in a decision: a reply whose AMQP short
+        /// strings fit, or a settlement. Valid requests meet an already handed-back
+        /// token, so no engine is needed: they are requeued.
+        #[test]
+        fn every_delivery_comes_to_a_decision(data in body(), props in properties(), redelivered in any::<bool>()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let mut settings = Settings::defaults();
+                settings.storage.url = "http://127.0.0.1:9".into();
+                let metrics = Arc::new(Metrics::new());
+                let processor = Arc::new(Processor::new(Arc::new(settings), metrics).unwrap());
+                let handler = Handler::new(processor);
+                let handed_back = CancellationToken::new();
+                handed_back.cancel();
+                match handler.plan(&data, &props, redelivered, &handed_back).await {
+                    Plan::Settle(_) => {}
+                    Plan::Reply { answer, destination } => {
+                        let response = &answer.response;
+                        let key = reply::reply_key(&response.request_id, props.correlation_id.as_deref());
+                        let reply = Outgoing { destination: &destination, key, request_id: &response.request_id,
+                            status: response.status, body: &response.body };
+                        let amqp = broker::reply_properties(&reply);
+                        let correlation = amqp.correlation_id().as_ref().map_or(0, |c| c.as_str().len());
+                        prop_assert!(correlation <= SHORT_STRING_MAX);
+                        prop_assert!(destination.route().0.len() <= SHORT_STRING_MAX);
+                        prop_assert!(destination.route().1.len() <= SHORT_STRING_MAX);
+                        let parsed: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+                        prop_assert_eq!(parsed["requestId"].as_str(), Some(response.request_id.as_str()));
+                    }
+                }
+                Ok(())
+            })?;
+        }
     }
 }
