@@ -119,6 +119,14 @@ async fn a_request_id_larger_than_an_amqp_frame_still_gets_its_reply() {
     let props = BasicProperties::default().with_reply_to(replies.as_str().into());
     let request = serde_json::to_vec(&envelope).unwrap();
     publish(&amqp.channel, worker.request_queue(), &request, props).await;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while ready(&replies).await == 0 {
+        if tokio::time::Instant::now() >= deadline {
+            let reconnects = metric(&listen, "mupdate_broker_reconnects_total").await;
+            panic!("no reply in {TIMEOUT:?}; broker reconnects meanwhile: {reconnects}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let reply = next_message(&amqp.channel, &replies).await;
     let body = body(&reply);
     assert_eq!(body["status"], 200);
