@@ -550,20 +550,28 @@ async fn a_second_sigterm_exits_at_once() {
     halt_settled(worker).await;
 }
 
+/// The default: a write past `storage.timeout_ms` is awaited, not sent again (a resend
+/// could be overtaken by the first call landing late).
+#[tokio::test]
+async fn a_wait_for_update_through_a_slow_call_is_awaited_updated_and_searchable() {
+    resent_after_a_timeout(None, false).await;
+}
+
 #[tokio::test]
 async fn a_wait_for_update_sent_again_after_a_timeout_is_updated_and_searchable() {
-    resent_after_a_timeout(None).await;
+    resent_after_a_timeout(None, true).await;
 }
 
 #[tokio::test]
 async fn an_update_sent_again_after_a_timeout_without_retry_on_conflict_is_not_a_409() {
-    resent_after_a_timeout(Some(0)).await;
+    resent_after_a_timeout(Some(0), true).await;
 }
 
 /// A wait_for update whose first bulk call times out (its response held back by the
-/// proxy, the update applied): the call sent again must answer `updated`, not `noop`
-/// or a 409, and the reply must still mean searchable.
-async fn resent_after_a_timeout(retry_on_conflict: Option<u64>) {
+/// proxy, the update applied). Awaited (`give_up` false: the default write timeout), or
+/// given up and sent again (`storage.write_timeout_ms` = `timeout_ms`): either way the
+/// reply must answer `updated`, not `noop` or a 409, and still mean searchable.
+async fn resent_after_a_timeout(retry_on_conflict: Option<u64>, give_up: bool) {
     let _servers = servers_lock().await;
     // An explicit refresh interval: no search-idle shard, so a search doesn't refresh,
     // and a wait_for call outlasts the 1 s timeout unless a refresh comes first.
@@ -576,6 +584,9 @@ async fn resent_after_a_timeout(retry_on_conflict: Option<u64>) {
     let mut settings = settings();
     settings.storage.url = proxy.url();
     settings.storage.timeout_ms = 1000;
+    if give_up {
+        settings.storage.write_timeout_ms = 1000;
+    }
     settings.storage.retry_max_delay_ms = 200;
     let listen = with_metrics(&mut settings);
     let _cleanup = Cleanup::of(&settings);
@@ -595,6 +606,7 @@ async fn resent_after_a_timeout(retry_on_conflict: Option<u64>) {
         envelope["retryOnConflict"] = json!(n);
     }
     let retries = metric(&listen, "mupdate_engine_retries_total").await;
+    let slow = metric(&listen, "mupdate_engine_slow_writes_total").await;
     proxy.set_latency(Duration::ZERO, Duration::from_millis(2500));
     let (reply, ()) = tokio::join!(call(&worker, &envelope), async {
         tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -610,9 +622,11 @@ async fn resent_after_a_timeout(retry_on_conflict: Option<u64>) {
         .await
         .unwrap();
     assert!(
-        metric(&listen, "mupdate_engine_retries_total").await > retries,
-        "the first call timed out and was sent again"
+        metric(&listen, "mupdate_engine_slow_writes_total").await > slow,
+        "the first call was not answered in time"
     );
+    let resent = metric(&listen, "mupdate_engine_retries_total").await > retries;
+    assert_eq!(resent, give_up, "sent again only when given up");
     assert_eq!(reply["status"], 200, "{reply}");
     let hit = &reply["result"]["hits"][0];
     assert_eq!(hit["_id"], "a");
