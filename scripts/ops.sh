@@ -24,17 +24,22 @@ CACHE=${MUPDATE_CACHE_DIR:-/var/cache/mupdate-worker}
 PROM_DIR=$CACHE/prometheus-deb
 VENV=$STATE/examples/venv
 NODE_DIR=$root/examples/node
+PROM_LOCK=$CACHE/prometheus.lock
+EXAMPLES_LOCK=$STATE/examples.lock
 
 log() { printf '[ops] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# Runs "$@" holding the install lock.
+# Runs "$@" holding the lock file $1 (prometheus goes to the machine-wide cache, the
+# examples' dependencies to this checkout).
 locked() {
-  mkdir -p "$STATE"
+  local lock=$1
+  shift
+  mkdir -p "$(dirname "$lock")"
   (
-    flock -w 600 9 || die "another install held the lock for 600 s"
+    flock -w 600 9 || die "another install held $lock for 600 s"
     "$@"
-  ) 9>"$STATE/ops.lock"
+  ) 9>"$lock"
 }
 
 apt_update_once() {
@@ -68,7 +73,7 @@ prom_install() {
   mkdir -p "$PROM_DIR.tmp"
   dpkg-deb -x "$deb" "$PROM_DIR.tmp"
   rm -rf "$PROM_DIR"
-  mv "$PROM_DIR.tmp" "$PROM_DIR"
+  mv -T "$PROM_DIR.tmp" "$PROM_DIR"
   chmod -R a+rX "$PROM_DIR"
   rm -rf "$dl"
   log "$("$PROM_DIR/usr/bin/promtool" --version 2>&1 | head -n1) in $((SECONDS - t0)) s"
@@ -116,20 +121,20 @@ examples_install() {
 case "${1:-}" in
   install)
     case "${2:-all}" in
-      prometheus) locked prom_install ;;
-      examples) locked examples_install ;;
-      all) locked prom_install; locked examples_install ;;
+      prometheus) locked "$PROM_LOCK" prom_install ;;
+      examples) locked "$EXAMPLES_LOCK" examples_install ;;
+      all) locked "$PROM_LOCK" prom_install; locked "$EXAMPLES_LOCK" examples_install ;;
       *) die "install what? prometheus, examples or all" ;;
     esac ;;
   bin)
     case "${2:-}" in promtool|prometheus) ;; *) die "bin promtool|prometheus" ;; esac
-    prom_path "$2" >/dev/null || locked prom_install
+    prom_path "$2" >/dev/null || locked "$PROM_LOCK" prom_install
     prom_path "$2" ;;
   python)
-    locked venv_install
+    locked "$EXAMPLES_LOCK" venv_install
     echo "$VENV/bin/python" ;;
   check)
-    promtool=$(prom_path promtool) || { locked prom_install; promtool=$(prom_path promtool); }
+    promtool=$(prom_path promtool) || { locked "$PROM_LOCK" prom_install; promtool=$(prom_path promtool); }
     cd "$root/ops/prometheus"
     "$promtool" check rules alerts.yml
     "$promtool" test rules alerts_test.yml ;;
