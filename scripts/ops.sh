@@ -12,7 +12,8 @@
 #   binaries are used, no system service is installed or started.
 # - Python example: a venv under .services/examples/venv (python3 -m venv; Debian's
 #   python3-venv is installed when venv is missing) with examples/python/requirements.txt.
-# - Node example: `npm ci` in examples/node (package-lock.json).
+# - Node example: `npm ci` in examples/node (package-lock.json); Debian's nodejs and npm
+#   are installed when node or npm is missing.
 #
 # Installs run under a lock, so tests that ask at the same time don't collide.
 set -euo pipefail
@@ -106,7 +107,12 @@ node_install() {
   # npm writes node_modules/.package-lock.json; it is newer than the lock once installed.
   if [ -f "$stamp" ] && [ "$stamp" -nt "$lock" ]; then return; fi
   local t0=$SECONDS
-  command -v npm >/dev/null || die "node and npm are needed for the Node example"
+  if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+    command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] || die "node (18 or later) and npm are needed for the Node example"
+    log "installing nodejs and npm from Debian's packages"
+    apt_update_once
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  fi
   (cd "$NODE_DIR" && npm ci --silent --no-audit --no-fund >/dev/null)
   log "npm ci in examples/node in $((SECONDS - t0)) s"
 }
