@@ -74,6 +74,7 @@ impl Client {
 }
 
 async fn exercise(client: Client) {
+    wait_servers().await;
     let col = Collection::create(&[("a", json!({"n": 1})), ("b", json!({"n": 1}))]).await;
     let worker = Worker::start().await;
     let queue = worker.request_queue().to_owned();

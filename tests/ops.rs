@@ -421,6 +421,7 @@ fn condition_holds(alert: &str) -> bool {
 
 #[tokio::test]
 async fn prometheus_scrapes_the_worker_and_runs_every_dashboard_and_alert_expression() {
+    wait_servers().await;
     let col = Collection::create(&[
         ("a", json!({"n": 0})),
         ("b", json!({"n": 0})),
