@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite against the real servers: starts RabbitMQ and Elasticsearch when
 # they are not running (installing them when missing), then a real Kuzzle 2 on that
-# Elasticsearch for tests/kuzzle.rs (scripts/kuzzle.sh: npm ci the first time), runs
-# every test target, and stops what it started, even when a test fails.
+# Elasticsearch for tests/kuzzle.rs (scripts/kuzzle.sh: npm ci the first time), installs
+# what tests/ops.rs and tests/examples.rs need when missing (promtool and prometheus, the
+# examples' Python venv and npm packages: scripts/ops.sh), runs every test target, and
+# stops what it started, even when a test fails.
 #
 # ENGINE=opensearch runs the suite on OpenSearch, without tests/kuzzle.rs (Kuzzle 2
 # speaks to Elasticsearch only).
@@ -38,4 +40,5 @@ else
     [ "$(basename "$t" .rs)" = kuzzle ] || targets+=(--test "$(basename "$t" .rs)")
   done
 fi
+scripts/ops.sh install
 cargo test "${targets[@]}" "$@"
