@@ -1,8 +1,13 @@
 //! RabbitMQ over AMQP 0-9-1: topology, the request consumer and confirmed reply
 //! publishing. Knows nothing of the storage engine.
+//!
+//! Replies go out on a channel of their own, so that a reply the broker refuses by
+//! closing that channel (over its `max_message_size`, or an address it won't take)
+//! costs a new publishing channel, never the consuming channel and its deliveries.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lapin::Confirmation;
-use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -21,15 +26,21 @@ pub enum Published {
     Confirmed,
     /// Confirmed but routed nowhere (no such queue or binding).
     Unroutable,
-    /// The broker refused it.
-    Nacked,
+    /// The broker refused it: nacked, or closed the channel over it.
+    Refused,
+    /// Larger than the broker accepts (its `max_message_size`, learned when it closed
+    /// the channel over a larger one).
+    TooLarge { limit: usize },
 }
 
 /// One connection with a consuming channel and a confirming publishing channel.
 pub struct Broker {
     connection: Connection,
     consume: Channel,
-    publish: Channel,
+    /// Replaced when the broker closes it; the number counts replacements.
+    publish: tokio::sync::Mutex<(u64, Channel)>,
+    /// The broker's message size limit, once it has told us (by refusing a reply).
+    max_reply: AtomicUsize,
     consumer_tag: String,
 }
 
@@ -44,17 +55,20 @@ impl Broker {
         consume
             .basic_qos(settings.prefetch, BasicQosOptions::default())
             .await?;
-        let publish = connection.create_channel().await?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let publish = confirming_channel(&connection).await?;
         let consumer_tag = format!("mupdate-worker-{}", uuid::Uuid::new_v4());
         Ok(Broker {
             connection,
             consume,
-            publish,
+            publish: tokio::sync::Mutex::new((0, publish)),
+            max_reply: AtomicUsize::new(usize::MAX),
             consumer_tag,
         })
+    }
+
+    /// Whether the connection still stands (a closed channel leaves it up).
+    pub fn connected(&self) -> bool {
+        self.connection.status().connected()
     }
 
     /// Declares the topology, all durable: the dead-letter exchange and queue when
@@ -140,7 +154,7 @@ impl Broker {
         Ok(())
     }
 
-    /// Starts consuming with manual acks.
+    /// Starts consuming with manual acks (again after `cancel`: the consumer resumes).
     pub async fn consume(&self, queue: &str) -> Result<Consumer, lapin::Error> {
         self.consume
             .basic_consume(
@@ -162,52 +176,123 @@ impl Broker {
             .await
     }
 
-    /// Publishes a reply and waits for the broker's confirm.
-    pub async fn publish_reply(
-        &self,
-        destination: &Destination,
-        request_id: &str,
-        status: u16,
-        body: &[u8],
-    ) -> Result<Published, lapin::Error> {
-        let mut headers = FieldTable::default();
-        headers.insert("status".into(), AMQPValue::ShortInt(status as i16));
-        let mut properties = BasicProperties::default()
-            .with_correlation_id(request_id.into())
-            .with_content_type("application/json".into())
-            .with_headers(headers);
-        if destination.persistent() {
-            properties = properties.with_delivery_mode(2);
+    /// Publishes a reply and waits for the broker's confirm. An error means the
+    /// connection is lost.
+    pub async fn publish_reply(&self, reply: &Outgoing<'_>) -> Result<Published, lapin::Error> {
+        let body = reply.body;
+        let limit = self.max_reply.load(Ordering::Relaxed);
+        if body.len() > limit {
+            return Ok(Published::TooLarge { limit });
         }
-        let (exchange, routing_key) = destination.route();
-        let confirm = self
-            .publish
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    // RabbitMQ counts direct reply-to as unroutable for mandatory
-                    // publishes, though it delivers them.
-                    mandatory: !destination.is_direct(),
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
-            .await?
-            .await?;
-        Ok(match confirm {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Published::Confirmed,
-            Confirmation::Ack(Some(_)) => Published::Unroutable,
-            Confirmation::Nack(_) => Published::Nacked,
-        })
+        let (generation, channel) = self.publish.lock().await.clone();
+        match publish_on(&channel, reply).await {
+            Ok(published) => Ok(published),
+            Err(err) if self.connected() => {
+                // The broker closed the channel, over this reply or one sent beside it.
+                self.replace_publish_channel(generation).await?;
+                match refused_size(&err.to_string()) {
+                    Some(limit) => {
+                        self.max_reply.fetch_min(limit, Ordering::Relaxed);
+                        if body.len() > limit {
+                            return Ok(Published::TooLarge { limit });
+                        }
+                        Ok(Published::Refused)
+                    }
+                    None => {
+                        tracing::warn!(error = %err, "the broker closed the reply channel");
+                        Ok(Published::Refused)
+                    }
+                }
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Opens a new publishing channel unless another caller already replaced `generation`.
+    async fn replace_publish_channel(&self, generation: u64) -> Result<(), lapin::Error> {
+        let mut current = self.publish.lock().await;
+        if current.0 == generation {
+            *current = (generation + 1, confirming_channel(&self.connection).await?);
+        }
+        Ok(())
     }
 
     pub async fn close(&self) {
         let _ = self.consume.close(200, "shutdown".into()).await;
-        let _ = self.publish.close(200, "shutdown".into()).await;
+        let publish = self.publish.lock().await.1.clone();
+        let _ = publish.close(200, "shutdown".into()).await;
         let _ = self.connection.close(200, "shutdown".into()).await;
     }
+}
+
+async fn confirming_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// A reply ready to publish.
+pub struct Outgoing<'a> {
+    pub destination: &'a Destination,
+    /// Its `correlation_id`: a short string (`reply::reply_key`).
+    pub key: &'a str,
+    /// The full requestId, also in a `requestId` header (a long string: any length).
+    pub request_id: &'a str,
+    pub status: u16,
+    pub body: &'a [u8],
+}
+
+/// The AMQP properties of a reply (SPEC section 5).
+pub fn reply_properties(reply: &Outgoing<'_>) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert("status".into(), AMQPValue::ShortInt(reply.status as i16));
+    headers.insert(
+        "requestId".into(),
+        AMQPValue::LongString(reply.request_id.as_bytes().into()),
+    );
+    let properties = BasicProperties::default()
+        .with_correlation_id(reply.key.into())
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    if reply.destination.persistent() {
+        properties.with_delivery_mode(2)
+    } else {
+        properties
+    }
+}
+
+async fn publish_on(channel: &Channel, reply: &Outgoing<'_>) -> Result<Published, lapin::Error> {
+    let destination = reply.destination;
+    let (exchange, routing_key) = destination.route();
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                // RabbitMQ counts direct reply-to as unroutable for mandatory
+                // publishes, though it delivers them.
+                mandatory: !destination.is_direct(),
+                ..BasicPublishOptions::default()
+            },
+            reply.body,
+            reply_properties(reply),
+        )
+        .await?
+        .await?;
+    Ok(match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Published::Confirmed,
+        Confirmation::Ack(Some(_)) => Published::Unroutable,
+        Confirmation::Nack(_) => Published::Refused,
+    })
+}
+
+/// The limit in RabbitMQ's "message size N is larger than [configured] max size L".
+fn refused_size(error: &str) -> Option<usize> {
+    let after = &error[error.find("max size ")? + "max size ".len()..];
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 fn text(value: &Option<ShortString>) -> Option<String> {
@@ -215,12 +300,24 @@ fn text(value: &Option<ShortString>) -> Option<String> {
 }
 
 /// The properties of a delivery the envelope reads.
-pub fn properties(delivery: &Delivery) -> Properties {
-    let p = &delivery.properties;
+pub fn properties(p: &BasicProperties) -> Properties {
     Properties {
         reply_to: text(p.reply_to()),
         correlation_id: text(p.correlation_id()),
         message_id: text(p.message_id()),
         user_id: text(p.user_id()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_size_limit_is_read_from_the_brokers_refusal() {
+        let refusal = "protocol error: PRECONDITION_FAILED - message size 1500321 is larger \
+                       than configured max size 1048576";
+        assert_eq!(refused_size(refusal), Some(1_048_576));
+        assert_eq!(refused_size("NOT_FOUND - no queue 'x'"), None);
     }
 }

@@ -43,8 +43,10 @@ pub fn append_update(
         opts.retry_on_conflict
     );
     let mut first = true;
-    // Clients can't forge metadata: theirs goes, ours comes in.
-    for (key, value) in body.iter().filter(|(k, _)| *k != "_kuzzle_info") {
+    // Clients can't forge metadata: theirs goes (dotted keys too, which the engine
+    // expands into the same object), ours comes in.
+    let forged = |key: &str| key == "_kuzzle_info" || key.starts_with("_kuzzle_info.");
+    for (key, value) in body.iter().filter(|(k, _)| !forged(k)) {
         if !first {
             buf.push(b',');
         }
@@ -66,6 +68,29 @@ pub fn append_update(
         buf.push(b'}');
     }
     let _ = writeln!(buf, "}},\"_source\":{}}}", opts.include_source);
+}
+
+/// The same updates, written to be sent again after a call whose fate is unknown (it
+/// timed out, or its connection broke): the first call may have been applied, so the
+/// resend must not report `noop` for a change that is there (`detect_noop: false`
+/// writes anyway, and so `wait_for` waits for this write), nor a conflict with that
+/// first call itself (`retry_on_conflict` at least 1). Reads lines `append_update` wrote.
+pub fn for_resend(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 8);
+    for line in body.split_inclusive(|b| *b == b'\n') {
+        if let Some(doc) = line.strip_prefix(b"{\"doc\":") {
+            out.extend_from_slice(b"{\"detect_noop\":false,\"doc\":");
+            out.extend_from_slice(doc);
+        } else if line.starts_with(b"{\"update\":")
+            && line.ends_with(b",\"retry_on_conflict\":0}}\n")
+        {
+            out.extend_from_slice(&line[..line.len() - 4]);
+            out.extend_from_slice(b"1}}\n");
+        } else {
+            out.extend_from_slice(line);
+        }
+    }
+    out
 }
 
 /// Serializing into a Vec can't fail.
@@ -199,7 +224,8 @@ mod tests {
     #[test]
     fn client_metadata_is_dropped_even_without_ours() {
         let mut buf = Vec::new();
-        let body = json!({"a": 1, "_kuzzle_info": {"author": "x"}});
+        let body = json!({"a": 1, "_kuzzle_info": {"author": "x"},
+                          "_kuzzle_info.updater": "admin", "_kuzzle_info.": 1});
         append_update(&mut buf, &opts(None), "p1", body.as_object().unwrap());
         assert_eq!(lines(&buf)[1]["doc"], json!({"a": 1}));
     }
@@ -226,6 +252,30 @@ mod tests {
             l[3]["doc"],
             json!({"_kuzzle_info": {"updatedAt": 5, "updater": null}})
         );
+    }
+
+    #[test]
+    fn a_resend_neither_detects_noops_nor_fails_on_its_own_first_call() {
+        let mut buf = Vec::new();
+        let doc = json!({"n": "{\"doc\":1}\n"});
+        let zero = ItemOptions {
+            retry_on_conflict: 0,
+            ..opts(None)
+        };
+        append_update(&mut buf, &zero, "a", doc.as_object().unwrap());
+        append_update(&mut buf, &opts(None), "b", doc.as_object().unwrap());
+        let l = lines(&for_resend(&buf));
+        assert_eq!(l.len(), 4);
+        assert_eq!(l[0]["update"]["retry_on_conflict"], 1);
+        assert_eq!(
+            l[2]["update"]["retry_on_conflict"], 3,
+            "kept when already >= 1"
+        );
+        for doc_line in [&l[1], &l[3]] {
+            assert_eq!(doc_line["detect_noop"], false);
+            assert_eq!(doc_line["doc"], doc);
+            assert_eq!(doc_line["_source"], true);
+        }
     }
 
     // Recorded from Elasticsearch 8.19.

@@ -32,6 +32,8 @@ pub struct Client {
     _connection: Connection,
     channel: Channel,
     waiting: Waiting,
+    /// Published as the AMQP `user_id`: the identity the worker's rights check.
+    user_id: Option<String>,
     /// Routes replies to their waiters; aborted on drop, which closes the connection.
     dispatcher: tokio::task::JoinHandle<()>,
 }
@@ -79,8 +81,16 @@ impl Client {
             _connection: connection,
             channel,
             waiting,
+            user_id: None,
             dispatcher,
         })
+    }
+
+    /// Sets the AMQP `user_id` of every request: it must be the connection's user
+    /// (RabbitMQ refuses any other), and it is what the worker's rights check.
+    pub fn with_user_id(mut self, user: Option<String>) -> Self {
+        self.user_id = user.filter(|u| !u.is_empty());
+        self
     }
 
     /// Publishes one envelope to `queue` and waits for its reply.
@@ -96,10 +106,13 @@ impl Client {
             .lock()
             .expect("poisoned")
             .insert(correlation_id.to_owned(), tx);
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_reply_to(DIRECT_REPLY_TO.into())
             .with_correlation_id(correlation_id.into())
             .with_content_type("application/json".into());
+        if let Some(user) = &self.user_id {
+            properties = properties.with_user_id(user.as_str().into());
+        }
         let confirm = self
             .channel
             .basic_publish(
@@ -133,6 +146,13 @@ impl Client {
 
 /// The correlation id to wait on: the reply carries the envelope's `requestId` when it
 /// has one, else the request's own correlation id.
+/// The user name of an `amqp://user:password@host/vhost` URL (guest when it has none,
+/// as RabbitMQ's clients default to).
+pub fn url_user(url: &str) -> Option<String> {
+    let uri: lapin::uri::AMQPUri = url.parse().ok()?;
+    Some(uri.authority.userinfo.username)
+}
+
 pub fn correlation_id(body: &[u8]) -> String {
     serde_json::from_slice::<Value>(body)
         .ok()

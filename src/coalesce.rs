@@ -7,17 +7,37 @@
 //! `refresh=wait_for` have a lane of their own: their calls spend most of their time
 //! waiting for the engine's refresh, not working, so they don't take the other lane's
 //! slots, and the others are never made to wait for a refresh.
+//!
+//! A call the engine can't serve is retried here, and before every attempt the requests
+//! whose work was handed back (their cancellation token cancelled) leave the batch and
+//! are answered `Abandoned`: abandoned work never starts a new engine call. A request
+//! always gets an answer from here, so its caller knows when nothing of it is left at
+//! the engine.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::bulk::{self, Item};
-use crate::storage::{Storage, StorageError};
+use crate::storage::{Abandoned, Storage, StorageError};
 
-/// A refused call: status and reason, for each document it carried.
-pub type Refusal = (u16, String);
+/// Why a request's items did not come back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BulkError {
+    /// The engine refused the call: this status and reason for each of its documents.
+    Refused(u16, String),
+    /// The request was handed back before its items were sent.
+    Abandoned,
+}
+
+impl From<Abandoned> for BulkError {
+    fn from(_: Abandoned) -> Self {
+        BulkError::Abandoned
+    }
+}
 
 /// Limits of one coalesced bulk call.
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +54,14 @@ pub struct BatchLimits {
 struct Job {
     body: Vec<u8>,
     items: usize,
-    done: oneshot::Sender<Result<Vec<Item>, Refusal>>,
+    cancel: CancellationToken,
+    done: oneshot::Sender<Result<Vec<Item>, BulkError>>,
+}
+
+impl Job {
+    fn answer(self, result: Result<Vec<Item>, BulkError>) {
+        let _ = self.done.send(result);
+    }
 }
 
 /// The handle requests submit their bulk items through.
@@ -60,26 +87,48 @@ impl Coalescer {
     }
 
     /// Sends `items` update actions (`body`, NDJSON) with others', and returns their
-    /// items in order.
+    /// items in order. Once `cancel` is cancelled no new call carries them; the answer
+    /// still waits for a call already under way.
     pub async fn submit(
         &self,
         body: Vec<u8>,
         items: usize,
         wait_for: bool,
-    ) -> Result<Vec<Item>, Refusal> {
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Item>, BulkError> {
         let (done, result) = oneshot::channel();
-        let job = Job { body, items, done };
+        let job = Job {
+            body,
+            items,
+            cancel: cancel.clone(),
+            done,
+        };
         let lane = if wait_for {
             &self.wait_for
         } else {
             &self.plain
         };
-        if lane.send(job).await.is_err() {
-            return Err((503, "the worker is shutting down".into()));
+        tokio::select! {
+            sent = lane.send(job) => if sent.is_err() {
+                return Err(BulkError::Refused(503, "the worker is shutting down".into()));
+            },
+            _ = cancel.cancelled() => return Err(BulkError::Abandoned),
         }
         result
             .await
-            .unwrap_or_else(|_| Err((500, "bulk call abandoned".into())))
+            .unwrap_or_else(|_| Err(BulkError::Refused(500, "bulk call abandoned".into())))
+    }
+}
+
+/// The next job of the lane that still wants a call; the others are answered.
+async fn next_live(queue: &mut mpsc::Receiver<Job>) -> Option<Job> {
+    loop {
+        let job = queue.recv().await?;
+        if job.cancel.is_cancelled() {
+            job.answer(Err(BulkError::Abandoned));
+        } else {
+            return Some(job);
+        }
     }
 }
 
@@ -92,15 +141,15 @@ async fn batch_loop(
     let slots = Arc::new(Semaphore::new(limits.concurrent_bulks.max(1)));
     let mut carried: Option<Job> = None;
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let first = match carried.take() {
             Some(job) => job,
-            None => match queue.recv().await {
+            None => match next_live(&mut queue).await {
                 Some(job) => job,
                 None => return,
             },
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
         };
         let (mut documents, mut bytes) = (first.items, first.body.len());
         let mut batch = vec![first];
@@ -120,6 +169,10 @@ async fn batch_loop(
                 },
             };
             let Some(job) = next else { break };
+            if job.cancel.is_cancelled() {
+                job.answer(Err(BulkError::Abandoned));
+                continue;
+            }
             if !fits(&job, documents, bytes) {
                 carried = Some(job);
                 break;
@@ -133,54 +186,107 @@ async fn batch_loop(
         }
         let storage = storage.clone();
         tokio::spawn(async move {
-            send(&storage, batch, wait_for).await;
+            send(&storage, batch, wait_for, false).await;
             drop(slot);
         });
     }
 }
 
-/// Sends one coalesced call and answers each job. A call the engine refuses is tried
-/// again job by job, so that one request's refusal isn't every request's.
-async fn send(storage: &Storage, batch: Vec<Job>, wait_for: bool) {
-    let counts: Vec<usize> = batch.iter().map(|j| j.items).collect();
-    let total: usize = counts.iter().sum();
-    let mut body = Vec::with_capacity(batch.iter().map(|j| j.body.len()).sum());
-    for job in &batch {
-        body.extend_from_slice(&job.body);
-    }
-    storage.metrics().bulk_documents.observe(total as f64);
-    let result = call(storage, &body, total, wait_for).await;
-    match result {
-        Ok(items) => {
-            for (job, items) in batch.into_iter().zip(split(items, &counts)) {
-                let _ = job.done.send(Ok(items));
-            }
-        }
-        Err(_) if batch.len() > 1 => {
-            for job in batch {
-                let result = call(storage, &job.body, job.items, wait_for).await;
-                let _ = job.done.send(result);
-            }
-        }
-        Err(refusal) => {
-            for job in batch {
-                let _ = job.done.send(Err(refusal.clone()));
-            }
-        }
+/// Answers `Abandoned` to the jobs whose work was handed back, and keeps the others.
+fn prune(jobs: &mut Vec<Job>) {
+    let (gone, kept): (Vec<Job>, Vec<Job>) = std::mem::take(jobs)
+        .into_iter()
+        .partition(|j| j.cancel.is_cancelled());
+    *jobs = kept;
+    for job in gone {
+        job.answer(Err(BulkError::Abandoned));
     }
 }
 
-async fn call(
-    storage: &Storage,
-    body: &[u8],
-    items: usize,
-    wait_for: bool,
-) -> Result<Vec<Item>, Refusal> {
-    let bytes = storage.bulk(body, wait_for).await.map_err(|e| match e {
-        StorageError::Refused { status, reason } => (status, reason),
-        other => (500, other.to_string()),
-    })?;
-    bulk::parse_response(&bytes, items).map_err(|e| (500, e))
+/// Sleeps `wait`, answering jobs handed back meanwhile; returns early once none is left.
+async fn back_off(jobs: &mut Vec<Job>, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    while !jobs.is_empty() {
+        let handed_back = {
+            let cancelled = jobs.iter().map(|j| Box::pin(j.cancel.cancelled()));
+            let any = futures_util::future::select_all(cancelled);
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => false,
+                _ = any => true,
+            }
+        };
+        if !handed_back {
+            return;
+        }
+        prune(jobs);
+    }
+}
+
+/// Sends one coalesced call, retrying while the engine is unavailable, and answers each
+/// job. `resent`: an earlier call with these items may have been applied. A call the
+/// engine refuses is tried again job by job, so that one request's refusal isn't every
+/// request's.
+async fn send(storage: &Storage, mut jobs: Vec<Job>, wait_for: bool, mut resent: bool) {
+    let mut backoff = storage.call_backoff();
+    loop {
+        prune(&mut jobs);
+        if jobs.is_empty() {
+            return;
+        }
+        let counts: Vec<usize> = jobs.iter().map(|j| j.items).collect();
+        let total: usize = counts.iter().sum();
+        let mut body = Vec::with_capacity(jobs.iter().map(|j| j.body.len()).sum());
+        for job in &jobs {
+            body.extend_from_slice(&job.body);
+        }
+        if resent {
+            body = bulk::for_resend(&body);
+        }
+        storage.metrics().bulk_documents.observe(total as f64);
+        match storage.bulk_once(&body, wait_for).await {
+            Ok(bytes) => {
+                match bulk::parse_response(&bytes, total) {
+                    Ok(items) => {
+                        for (job, items) in jobs.into_iter().zip(split(items, &counts)) {
+                            job.answer(Ok(items));
+                        }
+                    }
+                    Err(reason) => {
+                        for job in jobs {
+                            job.answer(Err(BulkError::Refused(500, reason.clone())));
+                        }
+                    }
+                }
+                return;
+            }
+            Err(StorageError::Unavailable(reason)) => {
+                // The call may have reached the engine: what follows is a resend.
+                resent = true;
+                let wait = backoff.next().unwrap_or(Duration::from_secs(1));
+                storage.metrics().engine_retries.inc();
+                warn!(error = %reason, ?wait, "storage engine call failed; retrying");
+                back_off(&mut jobs, wait).await;
+            }
+            Err(StorageError::Refused { status, reason }) if jobs.len() == 1 => {
+                for job in jobs {
+                    job.answer(Err(BulkError::Refused(status, reason.clone())));
+                }
+                return;
+            }
+            Err(StorageError::Refused { .. }) => {
+                for job in jobs {
+                    Box::pin(send(storage, vec![job], wait_for, resent)).await;
+                }
+                return;
+            }
+            Err(other) => {
+                for job in jobs {
+                    job.answer(Err(BulkError::Refused(500, other.to_string())));
+                }
+                return;
+            }
+        }
+    }
 }
 
 /// Splits a call's items into consecutive runs of `counts`: each job's own, in order.
@@ -228,5 +334,45 @@ mod tests {
         let parts = split(vec![item(0, 200)], &[0, 1]);
         assert!(parts[0].is_empty());
         assert_eq!(parts[1].len(), 1);
+    }
+
+    fn job(cancel: &CancellationToken) -> (Job, oneshot::Receiver<Result<Vec<Item>, BulkError>>) {
+        let (done, answer) = oneshot::channel();
+        let job = Job {
+            body: Vec::new(),
+            items: 1,
+            cancel: cancel.clone(),
+            done,
+        };
+        (job, answer)
+    }
+
+    #[tokio::test]
+    async fn jobs_handed_back_during_a_backoff_are_answered_at_once() {
+        let (live, abandoned) = (CancellationToken::new(), CancellationToken::new());
+        let (a, mut a_answer) = job(&live);
+        let (b, b_answer) = job(&abandoned);
+        let mut jobs = vec![a, b];
+        let started = tokio::time::Instant::now();
+        let handing_back = abandoned.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            handing_back.cancel();
+        });
+        // The backoff goes on for the job still wanted; the other is answered meanwhile.
+        back_off(&mut jobs, Duration::from_millis(300)).await;
+        assert_eq!(b_answer.await.unwrap().unwrap_err(), BulkError::Abandoned);
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(jobs.len(), 1);
+        assert!(
+            a_answer.try_recv().is_err(),
+            "the live job is not answered yet"
+        );
+        // Once every job is handed back, the backoff ends early.
+        live.cancel();
+        let started = tokio::time::Instant::now();
+        back_off(&mut jobs, Duration::from_secs(30)).await;
+        assert!(jobs.is_empty() && started.elapsed() < Duration::from_secs(1));
+        assert_eq!(a_answer.await.unwrap().unwrap_err(), BulkError::Abandoned);
     }
 }

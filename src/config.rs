@@ -16,6 +16,13 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub worker: WorkerSettings,
     pub log: LogSettings,
+    pub security: SecuritySettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct SecuritySettings {
+    pub enabled: bool,
+    pub rules_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -30,6 +37,7 @@ pub struct AmqpSettings {
     pub delivery_limit: u32,
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
+    pub reply_attempts: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -90,6 +98,7 @@ pub struct WorkerSettings {
     pub threads: usize,
     pub shutdown_timeout_ms: u64,
     pub max_hold_ms: u64,
+    pub pause_after_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -160,6 +169,9 @@ impl Settings {
         if self.amqp.delivery_limit > 0 && self.amqp.queue_type != QueueType::Quorum {
             return invalid("amqp.delivery_limit", "needs amqp.queue_type = \"quorum\"");
         }
+        if self.amqp.reply_attempts == 0 {
+            return invalid("amqp.reply_attempts", "must be at least 1");
+        }
         if self.amqp.prefetch == 0 {
             return invalid("amqp.prefetch", "must be at least 1");
         }
@@ -183,6 +195,12 @@ impl Settings {
             return invalid(
                 "log.level",
                 "must be a level (error, warn, info, debug, trace) or a filter",
+            );
+        }
+        if self.security.enabled && self.security.rules_file.is_empty() {
+            return invalid(
+                "security.rules_file",
+                "must name the rules file when security.enabled is true",
             );
         }
         if self.storage.concurrent_bulks == 0 {
@@ -269,6 +287,9 @@ mod tests {
         assert_eq!(s.limits.max_message_bytes, 16_777_216);
         assert_eq!(s.limits.max_retry_on_conflict, 100);
         assert_eq!(s.metrics.listen, "127.0.0.1:9464");
+        // Nothing is dropped by default: unanswerable requests are dead-lettered.
+        assert_eq!(s.amqp.dead_letter_exchange, "mupdate.dlx");
+        assert_eq!(s.amqp.dead_letter_queue, "mupdate.requests.dead");
         s.validate().unwrap();
     }
 

@@ -242,7 +242,10 @@ fn name_argument(object: &Map<String, Value>, key: &'static str) -> Result<Strin
 /// Elasticsearch's index-name rules plus Kuzzle's: the name must stand in a physical
 /// index name unchanged and never widen to other indexes (`*`, `,`, `_all`…).
 fn is_valid_name(name: &str) -> bool {
-    const FORBIDDEN: &[char] = &['*', ',', '/', '\\', '?', '"', '<', '>', '|', '#', ':', ' '];
+    // `{` and `}` too: a name must never read as a placeholder of the template.
+    const FORBIDDEN: &[char] = &[
+        '*', ',', '/', '\\', '?', '"', '<', '>', '|', '#', ':', ' ', '{', '}',
+    ];
     !name.is_empty()
         && name.len() <= 126
         && name != "."
@@ -310,9 +313,25 @@ pub fn check_document(entry: &Value) -> Result<(&str, &Map<String, Value>), Docu
 
 /// The physical index of a Kuzzle index and collection.
 pub fn target_index(template: &str, index: &str, collection: &str) -> String {
-    template
-        .replace("{index}", index)
-        .replace("{collection}", collection)
+    // One pass over the template: a value put in is never read again as a placeholder.
+    let mut out = String::with_capacity(template.len() + index.len() + collection.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        rest = &rest[open..];
+        if let Some(after) = rest.strip_prefix("{index}") {
+            out.push_str(index);
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix("{collection}") {
+            out.push_str(collection);
+            rest = after;
+        } else {
+            out.push('{');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -545,6 +564,29 @@ mod tests {
             target_index("&{index}.{collection}", "shop", "products"),
             "&shop.products"
         );
+        // A value is never expanded again, whatever it holds.
+        assert_eq!(
+            target_index("&{index}.{collection}", "{collection}", "orders"),
+            "&{collection}.orders"
+        );
+        assert_eq!(target_index("{index}", "a{index}", "c"), "a{index}");
+        assert_eq!(target_index("x{y}{index}{", "i", "c"), "x{y}i{");
+    }
+
+    #[test]
+    fn braces_make_invalid_names() {
+        for name in ["{collection}", "{index}", "a{index}", "x}", "{"] {
+            assert_eq!(
+                error_id(with("index", json!(name))),
+                "services.storage.invalid_index_name",
+                "{name}"
+            );
+            assert_eq!(
+                error_id(with("collection", json!(name))),
+                "services.storage.invalid_collection_name",
+                "{name}"
+            );
+        }
     }
 
     proptest::proptest! {

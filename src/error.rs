@@ -40,6 +40,14 @@ pub enum RequestError {
     UnknownCollection { index: String, collection: String },
     #[error("the storage engine rejected the request: {0}")]
     StorageRejected(String),
+    #[error(
+        "the reply ({size} bytes) is larger than the broker accepts ({limit} bytes); the request was processed"
+    )]
+    ReplyTooLarge { size: usize, limit: usize },
+    #[error("Unauthorized: authentication required to execute the action \"{0}\".")]
+    Unauthorized(String),
+    #[error("Insufficient permissions to execute the action \"{action}\" (User \"{user}\").")]
+    Forbidden { action: String, user: String },
 }
 
 impl RequestError {
@@ -62,6 +70,9 @@ impl RequestError {
             UnknownIndex(_) => (412, "services.storage.unknown_index"),
             UnknownCollection { .. } => (412, "services.storage.unknown_collection"),
             StorageRejected(_) => (500, "services.storage.unexpected_error"),
+            ReplyTooLarge { .. } => (500, "api.process.reply_too_large"),
+            Unauthorized(_) => (401, "security.rights.unauthorized"),
+            Forbidden { .. } => (403, "security.rights.forbidden"),
         }
     }
 

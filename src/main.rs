@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use mupdate_worker::client::{self, Client};
 use mupdate_worker::config::{LogFormat, Settings};
+use mupdate_worker::security::rights::{Rights, Rule};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -105,7 +106,9 @@ async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
             "give an envelope file, or --index, --collection and --documents or --file"
         ),
     };
-    let client = Client::connect(&settings.amqp.url).await?;
+    let client = Client::connect(&settings.amqp.url)
+        .await?
+        .with_user_id(client::url_user(&settings.amqp.url));
     let id = client::correlation_id(&body);
     let reply = client
         .request(
@@ -148,6 +151,8 @@ async fn ready(listen: &str) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The first SIGTERM/SIGINT starts a graceful shutdown; a second one exits at once
+/// (what is unsettled goes back to the queue when the broker sees the connection end).
 async fn shutdown_signal(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -161,6 +166,38 @@ async fn shutdown_signal(token: CancellationToken) {
         _ = int.recv() => {}
     }
     token.cancel();
+    let code = tokio::select! {
+        _ = term.recv() => 128 + 15,
+        _ = int.recv() => 128 + 2,
+    };
+    eprintln!("mupdate-worker: second signal; exiting now");
+    std::process::exit(code);
+}
+
+/// Logs to stderr, text or JSON, filtered by `RUST_LOG` or `log.level`. Whatever the
+/// filter says, no message body is logged: lapin's returned-message log stays off (it
+/// prints whole replies, `_source` included; the worker reports those itself), and so
+/// does its trace level (every frame, bodies included).
+fn init_logs(settings: &Settings) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let no_bodies = tracing_subscriber::filter::filter_fn(|meta| {
+        let target = meta.target();
+        let frames = target.starts_with("lapin") && *meta.level() == tracing::Level::TRACE;
+        !(frames || target.starts_with("lapin::returned_messages"))
+    });
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match settings.log.format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer.json().with_current_span(true).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter).with_filter(no_bodies))
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -172,22 +209,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // lapin logs every returned message in full; the worker reports those itself.
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| {
-            EnvFilter::try_new(format!(
-                "{},lapin::returned_messages=off",
-                settings.log.level
-            ))
-        })
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match settings.log.format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().with_current_span(true).init(),
-    }
+    // The rights rules must load for the worker to start (and for `config` to show them).
+    let rules = match Rights::from_settings(&settings.security) {
+        Ok(rights) => rights.map(|r| r.current().written().to_vec()),
+        Err(err) => {
+            eprintln!("mupdate-worker: configuration key security.rules_file: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logs(&settings);
 
     let command = cli.command.unwrap_or(Command::Run);
     // The worker runs on `worker.threads` threads (one by default: it leaves the cores to
@@ -211,22 +241,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(execute(command, settings))
+    runtime.block_on(execute(command, settings, rules))
 }
 
-async fn execute(command: Command, settings: Settings) -> ExitCode {
+async fn execute(command: Command, settings: Settings, rules: Option<Vec<Rule>>) -> ExitCode {
     let result = match command {
         Command::Run => {
             let token = CancellationToken::new();
             tokio::spawn(shutdown_signal(token.clone()));
-            mupdate_worker::worker::run(settings, token)
+            mupdate_worker::session::run(settings, token)
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Send(args) => send(&settings, args).await,
         Command::Ready => ready(&settings.metrics.listen).await,
         Command::Config => {
-            let text = serde_json::to_string_pretty(&settings.redacted()).unwrap_or_default();
+            let mut shown = settings.redacted();
+            if let Some(rules) = rules {
+                shown["security"]["rules"] = serde_json::json!(rules);
+            }
+            let text = serde_json::to_string_pretty(&shown).unwrap_or_default();
             println!("{text}");
             Ok(ExitCode::SUCCESS)
         }

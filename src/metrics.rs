@@ -28,6 +28,11 @@ struct OutcomeLabel {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
 /// Every metric of one worker.
 pub struct Metrics {
     registry: Registry,
@@ -41,6 +46,14 @@ pub struct Metrics {
     pub reconnects: Counter,
     pub unroutable_replies: Counter,
     pub requeued: Counter,
+    dead_lettered: Family<ReasonLabel, Counter>,
+    rights: Family<OutcomeLabel, Counter>,
+    pub pauses: Counter,
+    pub panics: Counter,
+    pub replies_shrunk: Counter,
+    pub duplicates_skipped: Counter,
+    paused_gauge: Gauge,
+    paused: AtomicBool,
     broker_up_gauge: Gauge,
     engine_up_gauge: Gauge,
     broker_up: AtomicBool,
@@ -65,6 +78,11 @@ impl Metrics {
             (Gauge::default(), Gauge::default(), Gauge::default());
         let (engine_retries, reconnects) = (Counter::default(), Counter::default());
         let (unroutable_replies, requeued) = (Counter::default(), Counter::default());
+        let dead_lettered = Family::<ReasonLabel, Counter>::default();
+        let rights = Family::<OutcomeLabel, Counter>::default();
+        let (pauses, panics) = (Counter::default(), Counter::default());
+        let (replies_shrunk, duplicates_skipped) = (Counter::default(), Counter::default());
+        let paused_gauge = Gauge::default();
         registry.register(
             "requests",
             "Requests answered, by reply status",
@@ -112,6 +130,41 @@ impl Metrics {
             requeued.clone(),
         );
         registry.register(
+            "requests_dead_lettered",
+            "Requests rejected to the dead-letter exchange, by reason",
+            dead_lettered.clone(),
+        );
+        registry.register(
+            "rights_checks",
+            "Rights checks (security.enabled), by outcome",
+            rights.clone(),
+        );
+        registry.register(
+            "pauses",
+            "Times consumption paused because the engine stayed unavailable",
+            pauses.clone(),
+        );
+        registry.register(
+            "consumption_paused",
+            "1 while consumption is paused until the engine answers",
+            paused_gauge.clone(),
+        );
+        registry.register(
+            "handler_panics",
+            "Deliveries whose handling panicked (dead-lettered)",
+            panics.clone(),
+        );
+        registry.register(
+            "replies_shrunk",
+            "Replies published smaller because the broker refused their size",
+            replies_shrunk.clone(),
+        );
+        registry.register(
+            "duplicates_skipped",
+            "Redelivered requests already answered by this worker, acked without a second update",
+            duplicates_skipped.clone(),
+        );
+        registry.register(
             "broker_up",
             "1 when consuming from the broker",
             broker_up_gauge.clone(),
@@ -133,6 +186,14 @@ impl Metrics {
             reconnects,
             unroutable_replies,
             requeued,
+            dead_lettered,
+            rights,
+            pauses,
+            panics,
+            replies_shrunk,
+            duplicates_skipped,
+            paused_gauge,
+            paused: AtomicBool::new(false),
             broker_up_gauge,
             engine_up_gauge,
             broker_up: AtomicBool::new(false),
@@ -178,8 +239,27 @@ impl Metrics {
         self.engine_up_gauge.set(i64::from(up));
     }
 
+    pub fn dead_lettered(&self, reason: &'static str) {
+        self.dead_lettered
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a rights check: `allowed`, `unauthorized` or `forbidden`.
+    pub fn rights(&self, outcome: &'static str) {
+        self.rights.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+        self.paused_gauge.set(i64::from(paused));
+    }
+
+    /// Consuming, not paused, and the engine answers.
     pub fn ready(&self) -> bool {
-        self.broker_up.load(Ordering::Relaxed) && self.engine_up.load(Ordering::Relaxed)
+        self.broker_up.load(Ordering::Relaxed)
+            && self.engine_up.load(Ordering::Relaxed)
+            && !self.paused.load(Ordering::Relaxed)
     }
 
     /// The Prometheus text exposition.
@@ -265,5 +345,7 @@ mod tests {
         m.set_broker_up(true);
         m.set_engine_up(true);
         assert!(m.ready());
+        m.set_paused(true);
+        assert!(!m.ready(), "a paused worker is not ready");
     }
 }

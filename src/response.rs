@@ -77,8 +77,39 @@ pub fn error_response(echo: &Echo, error: &RequestError) -> Response {
     envelope(echo, error.status(), &error.to_json(), ())
 }
 
-fn failure_json(document: &Value, status: u16, reason: &str) -> Value {
+/// How much of the documents a reply carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Everything: `_source` of each success, each failed document as sent.
+    Full,
+    /// For a broker that refused the full reply as too large: the same statuses and
+    /// counts, without `_source`, and each failed document reduced to its `_id`.
+    Lean,
+}
+
+fn failure_json(document: &Value, status: u16, reason: &str, shape: Shape) -> Value {
+    let document = match (shape, document.get("_id")) {
+        (Shape::Full, _) => document.clone(),
+        (Shape::Lean, Some(id)) => json!({"_id": id}),
+        (Shape::Lean, None) => json!({}),
+    };
     json!({"document": document, "status": status, "reason": reason})
+}
+
+/// The last resort when even a lean reply is too large: a 500 saying so, echoing only
+/// the reply key (at most 255 bytes) as `requestId`.
+pub fn too_large_response(key: &str, size: usize, limit: usize) -> Response {
+    let echo = Echo {
+        request_id: key.to_owned(),
+        index: None,
+        collection: None,
+        controller: None,
+        action: None,
+        volatile: None,
+        refresh: None,
+        retry_on_conflict: None,
+    };
+    error_response(&echo, &RequestError::ReplyTooLarge { size, limit })
 }
 
 /// A hit in the seed's (v1) layout.
@@ -117,8 +148,11 @@ struct V2Result<'a> {
     errors: Vec<Value>,
 }
 
-fn source(item: &Item) -> Option<&RawValue> {
-    item.get.as_ref().and_then(|g| g.source.as_deref())
+fn source(item: &Item, shape: Shape) -> Option<&RawValue> {
+    match shape {
+        Shape::Full => item.get.as_ref().and_then(|g| g.source.as_deref()),
+        Shape::Lean => None,
+    }
 }
 
 /// The reply to a request whose documents were all tried.
@@ -127,6 +161,7 @@ pub fn documents_response(
     request: &Request,
     outcomes: &[Outcome],
     format: Format,
+    shape: Shape,
 ) -> Response {
     let errors: Vec<Value> = outcomes
         .iter()
@@ -135,7 +170,7 @@ pub fn documents_response(
                 document,
                 status,
                 reason,
-            } => Some(failure_json(document, *status, reason)),
+            } => Some(failure_json(document, *status, reason, shape)),
             Outcome::Updated { .. } => None,
         })
         .collect();
@@ -155,7 +190,7 @@ pub fn documents_response(
                     result: item.result.as_deref(),
                     status: item.status,
                     _shards: item.shards.as_deref(),
-                    _source: source(item),
+                    _source: source(item, shape),
                 })
                 .collect();
             let result = V1Result {
@@ -177,7 +212,7 @@ pub fn documents_response(
                     _id: id,
                     _version: item.version,
                     status: item.status,
-                    _source: source(item),
+                    _source: source(item, shape),
                 })
                 .collect();
             let result = V2Result { successes, errors };
@@ -257,7 +292,13 @@ mod tests {
 
     #[test]
     fn all_updated_is_the_seed_shape() {
-        let r = documents_response(&echo(), &request(false), &[updated("p1")], Format::V1);
+        let r = documents_response(
+            &echo(),
+            &request(false),
+            &[updated("p1")],
+            Format::V1,
+            Shape::Full,
+        );
         assert_eq!(r.status, 200);
         assert_eq!(
             body(&r),
@@ -279,6 +320,7 @@ mod tests {
             &request(false),
             &[updated("p1"), failed("p9")],
             Format::V1,
+            Shape::Full,
         );
         assert_eq!(r.status, 206);
         let b = body(&r);
@@ -293,14 +335,20 @@ mod tests {
             b["error"]["errors"][0],
             json!({"document": {"_id": "p9", "body": {"price": 1}}, "status": 404, "reason": "document not found"})
         );
-        let all = documents_response(&echo(), &request(false), &[failed("a")], Format::V1);
+        let all = documents_response(
+            &echo(),
+            &request(false),
+            &[failed("a")],
+            Format::V1,
+            Shape::Full,
+        );
         assert_eq!(all.status, 206);
     }
 
     #[test]
     fn v2_lists_successes_and_errors_and_strict_fails() {
         let outcomes = [updated("p1"), failed("p9")];
-        let r = documents_response(&echo(), &request(false), &outcomes, Format::V2);
+        let r = documents_response(&echo(), &request(false), &outcomes, Format::V2, Shape::Full);
         assert_eq!(r.status, 200);
         let b = body(&r);
         assert_eq!(
@@ -308,12 +356,31 @@ mod tests {
             json!({"_id": "p1", "_version": 2, "status": 200, "_source": {"price": 10}})
         );
         assert_eq!(b["result"]["errors"][0]["status"], 404);
-        let strict = documents_response(&echo(), &request(true), &outcomes, Format::V2);
+        let strict =
+            documents_response(&echo(), &request(true), &outcomes, Format::V2, Shape::Full);
         assert_eq!(strict.status, 400);
         assert_eq!(
             body(&strict)["error"]["id"],
             "api.process.incomplete_multiple_request"
         );
+    }
+
+    #[test]
+    fn a_lean_reply_keeps_statuses_and_counts_without_sources_or_bodies() {
+        let outcomes = [updated("p1"), failed("p9")];
+        let full = documents_response(&echo(), &request(false), &outcomes, Format::V1, Shape::Full);
+        let lean = documents_response(&echo(), &request(false), &outcomes, Format::V1, Shape::Lean);
+        assert_eq!(lean.status, full.status);
+        let (full, lean) = (body(&full), body(&lean));
+        assert!(lean["result"]["hits"][0].get("_source").is_none());
+        assert_eq!(lean["result"]["hits"][0]["_version"], 2);
+        assert_eq!(lean["error"]["count"], full["error"]["count"]);
+        assert_eq!(lean["error"]["message"], full["error"]["message"]);
+        assert_eq!(lean["error"]["errors"][0]["document"], json!({"_id": "p9"}));
+        let last = too_large_response("r-42", 5_000_000, 1_000_000);
+        assert_eq!(last.status, 500);
+        assert_eq!(body(&last)["error"]["id"], "api.process.reply_too_large");
+        assert_eq!(body(&last)["requestId"], "r-42");
     }
 
     #[test]

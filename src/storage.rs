@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use elasticsearch::Elasticsearch;
 use elasticsearch::auth::Credentials;
 use elasticsearch::http::headers::{ACCEPT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderValue};
@@ -14,6 +14,8 @@ use elasticsearch::http::transport::{MultiNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{Method, Url};
 
 use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::config::StorageSettings;
 use crate::metrics::Metrics;
@@ -28,6 +30,9 @@ pub enum StorageError {
     Refused { status: u16, reason: String },
     #[error("storage configuration: {0}")]
     Config(String),
+    /// The work this call was for was handed back: no new call is started for it.
+    #[error("abandoned: the request was handed back")]
+    Abandoned,
 }
 
 impl StorageError {
@@ -35,6 +40,11 @@ impl StorageError {
         matches!(self, StorageError::Unavailable(_))
     }
 }
+
+/// A request's work was handed back (its delivery requeued, its session lost, or the
+/// shutdown grace over) before it was done: nothing more is sent for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Abandoned;
 
 /// Whether a request's target can be written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +61,8 @@ pub struct Storage {
     cache_for: Duration,
     /// Physical indexes seen to exist, and when.
     known: Mutex<HashMap<String, Instant>>,
+    /// Since when every call has failed as unavailable; `None` while the engine answers.
+    down_since: Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
 }
 
@@ -84,6 +96,7 @@ impl Storage {
             backoff,
             cache_for: Duration::from_millis(settings.index_cache_ms),
             known: Mutex::new(HashMap::new()),
+            down_since: Mutex::new(None),
             metrics,
         })
     }
@@ -108,16 +121,16 @@ impl Storage {
             .send(method, path, headers, Some(query), body, Some(self.timeout))
             .await
             .map_err(|e| {
-                self.metrics.set_engine_up(false);
+                self.answered(false);
                 StorageError::Unavailable(e.to_string())
             })?;
         let status = response.status_code().as_u16();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        let bytes = response.bytes().await.map_err(|e| {
+            self.answered(false);
+            StorageError::Unavailable(e.to_string())
+        })?;
         // A 429 is an engine that answers, busy; a 5xx is one that can't serve.
-        self.metrics.set_engine_up(status < 500);
+        self.answered(status < 500);
         if status >= 500 || status == 429 {
             let reason = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
             return Err(StorageError::Unavailable(format!(
@@ -127,16 +140,44 @@ impl Storage {
         Ok((status, bytes.to_vec()))
     }
 
-    /// `call_once`, retried for as long as the engine is unavailable.
+    /// Records whether the engine answered, for `engine_up` and `unavailable_for`.
+    fn answered(&self, up: bool) {
+        self.metrics.set_engine_up(up);
+        let mut since = self.down_since.lock().expect("poisoned");
+        match (up, *since) {
+            (true, _) => *since = None,
+            (false, None) => *since = Some(Instant::now()),
+            (false, Some(_)) => {}
+        }
+    }
+
+    /// How long every call has been failing as unavailable, if it has.
+    pub fn unavailable_for(&self) -> Option<Duration> {
+        self.down_since
+            .lock()
+            .expect("poisoned")
+            .map(|since| since.elapsed())
+    }
+
+    /// `call_once`, retried for as long as the engine is unavailable and `cancel` isn't
+    /// cancelled: cancelled, no new attempt starts (`Abandoned`).
     async fn call(
         &self,
         method: Method,
         path: &str,
         query: &[(&str, &str)],
         body: Option<&[u8]>,
+        cancel: &CancellationToken,
     ) -> Result<(u16, Vec<u8>), StorageError> {
-        (|| self.call_once(method, path, query, body))
+        let attempt = || async {
+            if cancel.is_cancelled() {
+                return Err(StorageError::Abandoned);
+            }
+            self.call_once(method, path, query, body).await
+        };
+        attempt
             .retry(self.backoff)
+            .sleep(cancellable_sleep(cancel.clone()))
             .when(StorageError::is_transient)
             .notify(|err, wait| {
                 self.metrics.engine_retries.inc();
@@ -145,10 +186,14 @@ impl Storage {
             .await
     }
 
-    async fn exists(&self, pattern: &str) -> Result<bool, StorageError> {
+    async fn exists(
+        &self,
+        pattern: &str,
+        cancel: &CancellationToken,
+    ) -> Result<bool, StorageError> {
         let path = format!("/{}", encode_path(pattern));
         let query = [("allow_no_indices", "false"), ("expand_wildcards", "open")];
-        match self.call(Method::Head, &path, &query, None).await? {
+        match self.call(Method::Head, &path, &query, None, cancel).await? {
             (200, _) => Ok(true),
             (404, _) => Ok(false),
             (status, body) => Err(StorageError::Refused {
@@ -164,13 +209,14 @@ impl Storage {
         &self,
         target: &str,
         index_pattern: impl FnOnce() -> Option<String>,
+        cancel: &CancellationToken,
     ) -> Result<IndexState, StorageError> {
         if let Some(seen) = self.known.lock().expect("poisoned").get(target)
             && seen.elapsed() < self.cache_for
         {
             return Ok(IndexState::Exists);
         }
-        if self.exists(target).await? {
+        if self.exists(target, cancel).await? {
             self.known
                 .lock()
                 .expect("poisoned")
@@ -178,9 +224,16 @@ impl Storage {
             return Ok(IndexState::Exists);
         }
         match index_pattern() {
-            Some(pattern) if self.exists(&pattern).await? => Ok(IndexState::UnknownCollection),
+            Some(pattern) if self.exists(&pattern, cancel).await? => {
+                Ok(IndexState::UnknownCollection)
+            }
             _ => Ok(IndexState::UnknownIndex),
         }
+    }
+
+    /// The backoff between attempts of one call, for callers that retry themselves.
+    pub fn call_backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        self.backoff.build()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -195,15 +248,18 @@ impl Storage {
             .is_ok()
     }
 
-    /// Sends an NDJSON bulk body and returns the engine's response body.
-    pub async fn bulk(&self, body: &[u8], wait_for: bool) -> Result<Vec<u8>, StorageError> {
+    /// One `_bulk` call with an NDJSON body, not retried (the coalescer retries, choosing
+    /// each time which requests still want it); the engine's response body.
+    pub async fn bulk_once(&self, body: &[u8], wait_for: bool) -> Result<Vec<u8>, StorageError> {
         let query: &[(&str, &str)] = if wait_for {
             &[("refresh", "wait_for")]
         } else {
             &[]
         };
         let started = Instant::now();
-        let result = self.call(Method::Post, "/_bulk", query, Some(body)).await;
+        let result = self
+            .call_once(Method::Post, "/_bulk", query, Some(body))
+            .await;
         self.metrics
             .bulk_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -214,6 +270,22 @@ impl Storage {
                 reason: error_reason(&bytes),
             }),
         }
+    }
+}
+
+/// A backoff sleep that ends early when `cancel` is cancelled.
+fn cancellable_sleep(
+    cancel: CancellationToken,
+) -> impl Fn(Duration) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + 'static
+{
+    move |wait| {
+        let cancel = cancel.clone();
+        Box::pin(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => {}
+            }
+        })
     }
 }
 

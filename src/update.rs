@@ -8,25 +8,31 @@ use std::time::Duration;
 use serde_json::Value;
 use tracing::{debug, warn};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::bulk::{self, Item, ItemOptions};
-use crate::coalesce::Refusal;
+use crate::coalesce::BulkError;
 use crate::envelope;
 use crate::response::Outcome;
+use crate::storage::Abandoned;
 
 /// Updates `documents`. `send` takes an NDJSON bulk body and its number of items and
 /// returns their bulk items in order, or the status and reason of a refused call
-/// (which fails every document of that call). Rejected items are sent again at most `item_retries` times,
-/// waiting `backoff` between rounds.
+/// (which fails every document of that call). Rejected items are sent again at most
+/// `item_retries` times, waiting `backoff` between rounds, unless `cancel` says the
+/// request was handed back: then it is `Abandoned`, whatever was applied already (the
+/// request is delivered again, and re-applying a partial update is harmless).
 pub async fn apply<F, Fut>(
     documents: &[Value],
     options: &ItemOptions<'_>,
     item_retries: u32,
     mut backoff: impl Iterator<Item = Duration>,
+    cancel: &CancellationToken,
     send: F,
-) -> Vec<Outcome>
+) -> Result<Vec<Outcome>, Abandoned>
 where
     F: Fn(Vec<u8>, usize) -> Fut,
-    Fut: Future<Output = Result<Vec<Item>, Refusal>>,
+    Fut: Future<Output = Result<Vec<Item>, BulkError>>,
 {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; documents.len()];
     let mut pending = Vec::new();
@@ -48,7 +54,8 @@ where
         }
         let items = match send(body, pending.len()).await {
             Ok(items) => items,
-            Err((status, reason)) => {
+            Err(BulkError::Abandoned) => return Err(Abandoned),
+            Err(BulkError::Refused(status, reason)) => {
                 warn!(status, %reason, "bulk call refused");
                 for slot in pending.drain(..) {
                     outcomes[slot] = Some(failed(&documents[slot], status, reason.clone()));
@@ -78,14 +85,17 @@ where
                 ?wait,
                 "engine rejected items; sending them again"
             );
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => return Err(Abandoned),
+            }
         }
     }
-    outcomes
+    Ok(outcomes
         .into_iter()
         .zip(documents)
         .map(|(outcome, entry)| outcome.unwrap_or_else(|| failed(entry, 500, "not sent".into())))
-        .collect()
+        .collect())
 }
 
 fn failed(document: &Value, status: u16, reason: String) -> Outcome {
@@ -140,7 +150,17 @@ mod tests {
             async move { Ok(bulk::parse_response(&bytes, count).unwrap()) }
         };
         let backoff = std::iter::repeat(Duration::from_millis(1));
-        let outcomes = apply(docs.as_array().unwrap(), &OPTIONS, retries, backoff, send).await;
+        let cancel = CancellationToken::new();
+        let outcomes = apply(
+            docs.as_array().unwrap(),
+            &OPTIONS,
+            retries,
+            backoff,
+            &cancel,
+            send,
+        )
+        .await
+        .unwrap();
         (outcomes, calls.into_inner().unwrap())
     }
 
@@ -194,13 +214,51 @@ mod tests {
     #[tokio::test]
     async fn a_refused_call_fails_each_of_its_documents() {
         let docs = json!([{"_id": "a", "body": {}}, {"_id": "b", "body": {}}]);
-        let send = |_body: Vec<u8>, _count: usize| async { Err((413, "too large".to_owned())) };
+        let send = |_body: Vec<u8>, _count: usize| async {
+            Err(BulkError::Refused(413, "too large".to_owned()))
+        };
         let backoff = std::iter::empty();
-        let outcomes = apply(docs.as_array().unwrap(), &OPTIONS, 3, backoff, send).await;
+        let cancel = CancellationToken::new();
+        let outcomes = apply(
+            docs.as_array().unwrap(),
+            &OPTIONS,
+            3,
+            backoff,
+            &cancel,
+            send,
+        )
+        .await
+        .unwrap();
         assert!(
             outcomes
                 .iter()
                 .all(|o| matches!(o, Outcome::Failed { status: 413, .. }))
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_handed_back_sends_no_more_rounds() {
+        let docs = json!([{"_id": "a", "body": {}}]);
+        let calls = Mutex::new(0);
+        let cancel = CancellationToken::new();
+        let send = |_body: Vec<u8>, count: usize| {
+            *calls.lock().unwrap() += 1;
+            // The request is handed back while its first round is at the engine.
+            cancel.cancel();
+            let bytes = serde_json::to_vec(&json!({"items": [rejected("a")]})).unwrap();
+            async move { Ok(bulk::parse_response(&bytes, count).unwrap()) }
+        };
+        let backoff = std::iter::repeat(Duration::from_secs(60));
+        let result = apply(
+            docs.as_array().unwrap(),
+            &OPTIONS,
+            5,
+            backoff,
+            &cancel,
+            send,
+        )
+        .await;
+        assert_eq!(result.unwrap_err(), Abandoned);
+        assert_eq!(*calls.lock().unwrap(), 1, "no round after the hand-back");
     }
 }

@@ -1,28 +1,58 @@
 //! The pipeline, one delivery at a time: envelope → bulk update → response → reply →
-//! ack; and the consuming loop around it, with reconnection and graceful shutdown.
+//! settle. `Processor` turns a request's bytes into its answer; `Handler` carries one
+//! delivery from the broker through the processor to its reply and settlement.
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
-use futures_util::StreamExt;
+use backon::BackoffBuilder;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::broker::{self, Broker, Published};
+use crate::broker::{self, Broker, Outgoing, Published};
 use crate::bulk::{ItemOptions, Metadata};
 use crate::coalesce::{BatchLimits, Coalescer};
-use crate::config::Settings;
-use crate::envelope::{self, Properties, Refresh};
+use crate::config::{Format, Settings};
+use crate::delivery::{ChannelGone, Settlement, Ticket};
+use crate::envelope::{self, Echo, Properties, Refresh, Request};
 use crate::error::RequestError;
-use crate::metrics::{self, Metrics};
-use crate::reply::Destination;
-use crate::response::{self, Outcome, Response};
-use crate::storage::{self, IndexState, Storage, StorageError};
+use crate::metrics::Metrics;
+use crate::reply::{self, Destination};
+use crate::response::{self, Outcome, Response, Shape};
+use crate::security::rights::Rights;
+use crate::storage::{self, Abandoned, IndexState, Storage, StorageError};
 use crate::update;
+
+/// A request's answer, and what a smaller one is made from if the broker refuses its size.
+pub struct Answer {
+    pub response: Response,
+    documents: Option<(Echo, Request, Vec<Outcome>, Format)>,
+}
+
+impl Answer {
+    fn plain(response: Response) -> Self {
+        Answer {
+            response,
+            documents: None,
+        }
+    }
+
+    /// The same statuses and counts without `_source` or document bodies, when there is
+    /// anything to leave out.
+    fn lean(&self) -> Option<Response> {
+        let (echo, request, outcomes, format) = self.documents.as_ref()?;
+        Some(response::documents_response(
+            echo,
+            request,
+            outcomes,
+            *format,
+            Shape::Lean,
+        ))
+    }
+}
 
 /// Turns request bytes into a response, talking to the storage engine as needed.
 pub struct Processor {
@@ -30,10 +60,13 @@ pub struct Processor {
     storage: Arc<Storage>,
     coalescer: Coalescer,
     metrics: Arc<Metrics>,
+    /// `None` when `security.enabled` is off.
+    pub rights: Option<Rights>,
 }
 
 impl Processor {
-    pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
+    pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let rights = Rights::from_settings(&settings.security)?;
         let storage = Arc::new(Storage::new(&settings.storage, metrics.clone())?);
         let s = &settings.storage;
         let limits = BatchLimits {
@@ -49,10 +82,18 @@ impl Processor {
             storage,
             coalescer,
             metrics,
+            rights,
         })
     }
 
-    pub async fn process(&self, body: &[u8], props: &Properties) -> Response {
+    /// The answer to a request, or `Abandoned` when `cancel` handed it back before its
+    /// work was done (it is then delivered again).
+    pub async fn process(
+        &self,
+        body: &[u8],
+        props: &Properties,
+        cancel: &CancellationToken,
+    ) -> Result<Answer, Abandoned> {
         let s = &self.settings;
         let parsed = envelope::parse(body, props, &s.limits, &s.storage);
         let echo = parsed.echo;
@@ -60,17 +101,32 @@ impl Processor {
             Ok(request) => request,
             Err(err) => {
                 info!(request_id = %echo.request_id, status = err.status(), error = %err, "request refused");
-                return response::error_response(&echo, &err);
+                return Ok(Answer::plain(response::error_response(&echo, &err)));
             }
         };
+        if let Some(rights) = &self.rights {
+            let action = echo
+                .action
+                .as_ref()
+                .and_then(|a| a.as_str())
+                .unwrap_or("mUpdate");
+            let user = props.user_id.as_deref();
+            let verdict = rights.check(user, action, &request.index, &request.collection);
+            if let Err((verdict, err)) = verdict {
+                self.metrics.rights(verdict.label());
+                info!(request_id = %echo.request_id, status = err.status(), error = %err, "request refused");
+                return Ok(Answer::plain(response::error_response(&echo, &err)));
+            }
+            self.metrics.rights("allowed");
+        }
         let span = info_span!("request", request_id = %echo.request_id, index = %request.index,
             collection = %request.collection, documents = request.documents.len());
         async {
-            let outcomes = match self.update(&request, props).await {
+            let outcomes = match self.update(&request, props, cancel).await? {
                 Ok(outcomes) => outcomes,
                 Err(err) => {
                     info!(status = err.status(), error = %err, "request refused");
-                    return response::error_response(&echo, &err);
+                    return Ok(Answer::plain(response::error_response(&echo, &err)));
                 }
             };
             self.metrics.outcomes(&outcomes);
@@ -79,10 +135,13 @@ impl Processor {
                     debug!(status, %reason, "document not updated");
                 }
             }
+            let format = s.response.format;
             let response =
-                response::documents_response(&echo, &request, &outcomes, s.response.format);
-            info!(status = response.status, "replied");
-            response
+                response::documents_response(&echo, &request, &outcomes, format, Shape::Full);
+            Ok(Answer {
+                response,
+                documents: Some((echo, request, outcomes, format)),
+            })
         }
         .instrument(span)
         .await
@@ -93,9 +152,10 @@ impl Processor {
         &self,
         request: &envelope::Request,
         props: &Properties,
-    ) -> Result<Vec<Outcome>, RequestError> {
+        cancel: &CancellationToken,
+    ) -> Result<Result<Vec<Outcome>, RequestError>, Abandoned> {
         if request.documents.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Ok(Vec::new()));
         }
         let s = &self.settings.storage;
         let target = envelope::target_index(&s.index_template, &request.index, &request.collection);
@@ -104,18 +164,19 @@ impl Processor {
                 .contains("{collection}")
                 .then(|| envelope::target_index(&s.index_template, &request.index, "*"))
         };
-        match self.storage.index_state(&target, pattern).await {
+        match self.storage.index_state(&target, pattern, cancel).await {
             Ok(IndexState::Exists) => {}
             Ok(IndexState::UnknownIndex) => {
-                return Err(RequestError::UnknownIndex(request.index.clone()));
+                return Ok(Err(RequestError::UnknownIndex(request.index.clone())));
             }
             Ok(IndexState::UnknownCollection) => {
-                return Err(RequestError::UnknownCollection {
+                return Ok(Err(RequestError::UnknownCollection {
                     index: request.index.clone(),
                     collection: request.collection.clone(),
-                });
+                }));
             }
-            Err(err) => return Err(RequestError::StorageRejected(err.to_string())),
+            Err(StorageError::Abandoned) => return Err(Abandoned),
+            Err(err) => return Ok(Err(RequestError::StorageRejected(err.to_string()))),
         }
 
         let options = ItemOptions {
@@ -130,8 +191,24 @@ impl Processor {
         // Bounded by item_retries, not by the backoff.
         let backoff = storage::backoff(s).build();
         let wait_for = request.refresh == Refresh::WaitFor;
-        let send = |body: Vec<u8>, items: usize| self.coalescer.submit(body, items, wait_for);
-        Ok(update::apply(&request.documents, &options, s.item_retries, backoff, send).await)
+        let send =
+            |body: Vec<u8>, items: usize| self.coalescer.submit(body, items, wait_for, cancel);
+        let documents = &request.documents;
+        update::apply(documents, &options, s.item_retries, backoff, cancel, send)
+            .await
+            .map(Ok)
+    }
+
+    /// Whether the engine has been unavailable for at least `long`.
+    pub fn engine_unavailable_for(&self, long: Duration) -> bool {
+        self.storage
+            .unavailable_for()
+            .is_some_and(|down| down >= long)
+    }
+
+    /// One health call to the engine: whether it answers.
+    pub async fn engine_answers(&self) -> bool {
+        self.storage.ping().await
     }
 }
 
@@ -141,217 +218,350 @@ fn now_millis() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Runs the worker until `shutdown` is cancelled, reconnecting to the broker whenever
-/// the connection is lost.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let settings = Arc::new(settings);
-    let metrics = Arc::new(Metrics::new());
-    let processor = Arc::new(Processor::new(settings.clone(), metrics.clone())?);
-    let background = CancellationToken::new();
-    let _stop_background = background.clone().drop_guard();
-    if !settings.metrics.listen.is_empty() {
-        let listener = tokio::net::TcpListener::bind(&settings.metrics.listen).await?;
-        info!(listen = %settings.metrics.listen, "metrics on /metrics, /healthz, /readyz");
-        let (metrics, stop) = (metrics.clone(), background.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                served = metrics::serve(listener, metrics) => {
-                    if let Err(err) = served { warn!(error = %err, "metrics endpoint failed"); }
-                }
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
-    tokio::spawn(probe_engine(processor.clone(), background.clone()));
+/// What handling a delivery comes to before anything is published.
+pub enum Plan {
+    /// Publish this answer there, then settle by what the broker says.
+    Reply {
+        answer: Box<Answer>,
+        destination: Destination,
+    },
+    /// Settle without a reply.
+    Settle(Settlement),
+}
 
-    let tracker = TaskTracker::new();
-    let mut backoff = reconnect_backoff();
-    let mut first = true;
-    while !shutdown.is_cancelled() {
-        if !first {
-            metrics.reconnects.inc();
-        }
-        first = false;
-        let outcome = session(&settings, &processor, &tracker, &shutdown).await;
-        metrics.set_broker_up(false);
-        match outcome {
-            Ok(()) => break,
-            Err(err) => {
-                let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                warn!(error = %err, ?wait, "broker connection lost; reconnecting");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.cancelled() => break,
-                }
-            }
+/// How a delivery's handling failed the session: its channel or connection is gone,
+/// and the broker redelivers it.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("the broker connection failed: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error(transparent)]
+    Settle(#[from] ChannelGone),
+}
+
+/// Carries deliveries through the processor to their reply and settlement.
+pub struct Handler {
+    pub processor: Arc<Processor>,
+    settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
+    answered: Answered,
+}
+
+impl Handler {
+    pub fn new(processor: Arc<Processor>) -> Self {
+        Handler {
+            settings: processor.settings.clone(),
+            metrics: processor.metrics.clone(),
+            processor,
+            answered: Answered::default(),
         }
     }
-    tracker.close();
-    tracker.wait().await;
-    info!("worker stopped");
-    Ok(())
-}
 
-/// Keeps `engine_up` current while no request is calling the engine.
-async fn probe_engine(processor: Arc<Processor>, stop: CancellationToken) {
-    loop {
-        processor.storage.ping().await;
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = stop.cancelled() => return,
-        }
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
-}
 
-fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
-/// One broker connection's life. `Ok` means a clean shutdown.
-async fn session(
-    settings: &Arc<Settings>,
-    processor: &Arc<Processor>,
-    tracker: &TaskTracker,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let broker = Arc::new(Broker::connect(&settings.amqp).await?);
-    if settings.amqp.declare {
-        broker.declare(&settings.amqp).await?;
-    }
-    let reply_exchange = &settings.amqp.reply_exchange;
-    if !reply_exchange.is_empty() {
-        broker.check_exchange(reply_exchange).await.map_err(|err| {
-            anyhow::anyhow!("amqp.reply_exchange \"{reply_exchange}\" is not usable: {err}")
-        })?;
-    }
-    let mut consumer = broker.consume(&settings.amqp.request_queue).await?;
-    processor.metrics.set_broker_up(true);
-    info!(queue = %settings.amqp.request_queue, prefetch = settings.amqp.prefetch, "connected; consuming");
-    // Cancelled by a task whose reply channel failed: the session must start over.
-    let broken = CancellationToken::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = broken.cancelled() => anyhow::bail!("the reply channel failed"),
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    let (broker, processor, settings) = (broker.clone(), processor.clone(), settings.clone());
-                    let broken = broken.clone();
-                    tracker.spawn(async move {
-                        if let Err(err) = handle(delivery, &broker, &processor, &settings).await {
-                            // The broker redelivers the request: its channel is gone.
-                            warn!(error = %err, "broker channel failed; the request will be redelivered");
-                            broken.cancel();
-                        }
-                    });
-                }
-                Some(Err(err)) => return Err(err.into()),
-                None => anyhow::bail!("the broker cancelled the consumer"),
-            }
-        }
-    }
-    info!("shutting down: no new requests; finishing those in flight");
-    if let Err(err) = broker.cancel().await {
-        warn!(error = %err, "could not cancel the consumer");
-    }
-    let grace = Duration::from_millis(settings.worker.shutdown_timeout_ms);
-    tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        warn!(
-            ?grace,
-            "in-flight requests did not finish in time; the broker will redeliver them"
-        );
-    }
-    broker.close().await;
-    Ok(())
-}
-
-/// Processes one delivery, replies, and acks once the reply is confirmed. An error
-/// means the broker connection failed; the delivery is then redelivered by the broker.
-async fn handle(
-    delivery: Delivery,
-    broker: &Broker,
-    processor: &Processor,
-    settings: &Settings,
-) -> Result<(), lapin::Error> {
-    let metrics = &processor.metrics;
-    metrics.in_flight.inc();
-    let started = std::time::Instant::now();
-    let handled = reply_and_settle(delivery, broker, processor, settings).await;
-    metrics.in_flight.dec();
-    metrics
-        .request_seconds
-        .observe(started.elapsed().as_secs_f64());
-    handled
-}
-
-async fn reply_and_settle(
-    delivery: Delivery,
-    broker: &Broker,
-    processor: &Processor,
-    settings: &Settings,
-) -> Result<(), lapin::Error> {
-    let metrics = &processor.metrics;
-    let props = broker::properties(&delivery);
-    let hold = Duration::from_millis(settings.worker.max_hold_ms);
-    let Ok(response) = tokio::time::timeout(hold, processor.process(&delivery.data, &props)).await
-    else {
-        warn!(
-            ?hold,
-            "request held too long (storage engine down?); requeueing it"
-        );
-        metrics.requeued.inc();
-        let requeue = BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
+    /// Processes one delivery, replies, and settles it: acked once the reply is
+    /// confirmed, dead-lettered when it can't be answered, requeued when its work is
+    /// handed back (`cancel`, or held longer than `worker.max_hold_ms`).
+    pub async fn handle(
+        &self,
+        delivery: Delivery,
+        broker: &Broker,
+        cancel: CancellationToken,
+    ) -> Result<(), HandleError> {
+        let Delivery {
+            data,
+            properties,
+            acker,
+            redelivered,
+            ..
+        } = delivery;
+        let ticket = Ticket::new(acker, cancel, self.metrics.clone());
+        let _in_flight = InFlight::new(&self.metrics);
+        let props = broker::properties(&properties);
+        let work = ticket.cancel().clone();
+        let (answer, destination) = match self.plan(&data, &props, redelivered, &work).await {
+            Plan::Settle(settlement) => return Ok(ticket.settle(settlement).await?),
+            Plan::Reply {
+                answer,
+                destination,
+            } => (answer, destination),
         };
-        delivery.nack(requeue).await?;
-        return Ok(());
-    };
-    let a = &settings.amqp;
-    let destination = Destination::choose(
-        props.reply_to.as_deref(),
-        &a.reply_exchange,
-        &a.reply_queue,
-        &response.request_id,
-    );
-    let published = broker
-        .publish_reply(
-            &destination,
-            &response.request_id,
-            response.status,
-            &response.body,
-        )
-        .await?;
-    match published {
-        Published::Confirmed => {
-            delivery.ack(BasicAckOptions::default()).await?;
-            metrics.reply(response.status);
+        let settlement = self
+            .reply(&answer, &props, &destination, broker, &ticket)
+            .await?;
+        if settlement == Settlement::Ack {
+            // Remembered before the ack goes: if the ack is lost, the redelivery is known.
+            self.answered.insert(&data, &props);
         }
-        Published::Unroutable => {
-            metrics.unroutable_replies.inc();
-            warn!(request_id = %response.request_id, ?destination,
-                "reply could not be routed; rejecting the request to the dead-letter exchange");
-            delivery
-                .reject(BasicRejectOptions { requeue: false })
-                .await?;
+        ticket.settle(settlement).await?;
+        if settlement == Settlement::Ack {
+            self.metrics.reply(answer.response.status);
+            info!(status = answer.response.status, "replied");
         }
-        Published::Nacked => {
-            warn!(request_id = %response.request_id, "broker refused the reply; requeueing the request");
-            // Don't spin on a destination that keeps refusing.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await?;
+        Ok(())
+    }
+
+    /// What a delivery comes to before anything is published: its answer and where it
+    /// goes, or a settlement without a reply. Never panics, whatever the bytes and
+    /// properties (a property test holds it to that).
+    pub async fn plan(
+        &self,
+        data: &[u8],
+        props: &Properties,
+        redelivered: bool,
+        cancel: &CancellationToken,
+    ) -> Plan {
+        if redelivered && self.answered.contains(data, props) {
+            // Its reply was confirmed; only the ack was lost: don't apply it again.
+            self.metrics.duplicates_skipped.inc();
+            info!("redelivered request already answered; acking it without a second update");
+            return Plan::Settle(Settlement::Ack);
+        }
+        let hold = Duration::from_millis(self.settings.worker.max_hold_ms);
+        let processing = self.processor.process(data, props, cancel);
+        tokio::pin!(processing);
+        let processed = tokio::select! {
+            processed = &mut processing => processed,
+            _ = tokio::time::sleep(hold) => {
+                warn!(?hold, "request held too long; handing it back to the queue");
+                cancel.cancel();
+                processing.await
+            }
+        };
+        let Ok(answer) = processed else {
+            self.metrics.requeued.inc();
+            return Plan::Settle(Settlement::Requeue);
+        };
+        let a = &self.settings.amqp;
+        let key = reply::reply_key(&answer.response.request_id, props.correlation_id.as_deref());
+        let reply_to = props.reply_to.as_deref();
+        match Destination::choose(reply_to, &a.reply_exchange, &a.reply_queue, key) {
+            Some(destination) => Plan::Reply {
+                answer: Box::new(answer),
+                destination,
+            },
+            None => Plan::Settle(self.dead_letter("unroutable", &answer.response.request_id)),
         }
     }
-    Ok(())
+
+    /// Publishes the answer until the broker confirms it, smaller if it must; what then
+    /// becomes of the delivery.
+    async fn reply(
+        &self,
+        answer: &Answer,
+        props: &Properties,
+        destination: &Destination,
+        broker: &Broker,
+        ticket: &Ticket,
+    ) -> Result<Settlement, lapin::Error> {
+        let request_id = answer.response.request_id.as_str();
+        let key = reply::reply_key(request_id, props.correlation_id.as_deref());
+        let mut response = std::borrow::Cow::Borrowed(&answer.response);
+        let mut shrunk = 0;
+        let mut refusals = 0;
+        loop {
+            let reply = Outgoing {
+                destination,
+                key,
+                request_id,
+                status: response.status,
+                body: &response.body,
+            };
+            match broker.publish_reply(&reply).await? {
+                Published::Confirmed => return Ok(Settlement::Ack),
+                Published::Unroutable => {
+                    self.metrics.unroutable_replies.inc();
+                    warn!(?destination, "reply could not be routed");
+                    return Ok(self.dead_letter("unroutable", request_id));
+                }
+                Published::Refused => {
+                    refusals += 1;
+                    if refusals >= self.settings.amqp.reply_attempts {
+                        warn!(
+                            ?destination,
+                            refusals, "the broker keeps refusing the reply"
+                        );
+                        return Ok(self.dead_letter("refused", request_id));
+                    }
+                    let pause = Duration::from_millis(250 << refusals.min(6));
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = ticket.cancel().cancelled() => return Ok(Settlement::Requeue),
+                    }
+                }
+                Published::TooLarge { limit } => {
+                    self.metrics.replies_shrunk.inc();
+                    shrunk += 1;
+                    let size = response.body.len();
+                    warn!(
+                        size,
+                        limit, "reply larger than the broker accepts; sending a smaller one"
+                    );
+                    response = match (shrunk, answer.lean()) {
+                        (1, Some(lean)) => std::borrow::Cow::Owned(lean),
+                        (1 | 2, _) => {
+                            std::borrow::Cow::Owned(response::too_large_response(key, size, limit))
+                        }
+                        _ => return Ok(self.dead_letter("too_large", request_id)),
+                    };
+                }
+            }
+        }
+    }
+
+    fn dead_letter(&self, reason: &'static str, request_id: &str) -> Settlement {
+        self.metrics.dead_lettered(reason);
+        warn!(
+            request_id,
+            reason, "rejecting the request to the dead-letter exchange"
+        );
+        Settlement::DeadLetter
+    }
+}
+
+/// Counts a request in flight for as long as it lives, panics included.
+struct InFlight<'a> {
+    metrics: &'a Metrics,
+    started: Instant,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.in_flight.inc();
+        InFlight {
+            metrics,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        self.metrics
+            .request_seconds
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Requests this worker answered lately (a hash of their bytes and ids), so that one
+/// redelivered only because its ack was lost isn't applied a second time, after an
+/// update the client sent on the strength of its reply. Bounded in size and age.
+#[derive(Default)]
+struct Answered {
+    seen: Mutex<HashMap<u64, Instant>>,
+}
+
+const ANSWERED_MAX: usize = 100_000;
+const ANSWERED_FOR: Duration = Duration::from_secs(600);
+
+impl Answered {
+    fn key(body: &[u8], props: &Properties) -> u64 {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (
+            body,
+            &props.correlation_id,
+            &props.message_id,
+            &props.reply_to,
+        )
+            .hash(&mut hasher);
+        hasher.finish()
+    }
+
+    fn contains(&self, body: &[u8], props: &Properties) -> bool {
+        let seen = self.seen.lock().expect("poisoned");
+        seen.get(&Self::key(body, props))
+            .is_some_and(|at| at.elapsed() < ANSWERED_FOR)
+    }
+
+    fn insert(&self, body: &[u8], props: &Properties) {
+        let mut seen = self.seen.lock().expect("poisoned");
+        if seen.len() >= ANSWERED_MAX {
+            seen.retain(|_, at| at.elapsed() < ANSWERED_FOR);
+            if seen.len() >= ANSWERED_MAX {
+                seen.clear();
+            }
+        }
+        seen.insert(Self::key(body, props), Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reply::SHORT_STRING_MAX;
+    use proptest::prelude::*;
+
+    fn text(max: usize) -> impl Strategy<Value = Option<String>> {
+        prop::option::of(prop_oneof![
+            ".{0,300}",
+            (0..=max).prop_map(|n| "é".repeat(n / 2)),
+            (0..=max).prop_map(|n| "amq.rabbitmq.reply-to.".to_owned() + &"x".repeat(n)),
+        ])
+    }
+
+    fn properties() -> impl Strategy<Value = Properties> {
+        (text(65_536), text(65_536), text(65_536), text(65_536)).prop_map(
+            |(reply_to, correlation_id, message_id, user_id)| Properties {
+                reply_to,
+                correlation_id,
+                message_id,
+                user_id,
+            },
+        )
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..512),
+            (".{0,70000}", any::<bool>()).prop_map(|(id, long)| {
+                let id = if long { id.repeat(4) } else { id };
+                serde_json::to_vec(&serde_json::json!({
+                    "index": "i", "collection": "c", "controller": "document",
+                    "action": "mUpdate", "requestId": id,
+                    "body": {"documents": [{"_id": "a", "body": {"n": 1}}]}}))
+                .unwrap()
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Whatever arrives, handling it ends in a decision: a reply whose AMQP short
+        /// strings fit, or a settlement. Valid requests meet an already handed-back
+        /// token, so no engine is needed: they are requeued.
+        #[test]
+        fn every_delivery_comes_to_a_decision(data in body(), props in properties(), redelivered in any::<bool>()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let mut settings = Settings::defaults();
+                settings.storage.url = "http://127.0.0.1:9".into();
+                let metrics = Arc::new(Metrics::new());
+                let processor = Arc::new(Processor::new(Arc::new(settings), metrics).unwrap());
+                let handler = Handler::new(processor);
+                let handed_back = CancellationToken::new();
+                handed_back.cancel();
+                match handler.plan(&data, &props, redelivered, &handed_back).await {
+                    Plan::Settle(_) => {}
+                    Plan::Reply { answer, destination } => {
+                        let response = &answer.response;
+                        let key = reply::reply_key(&response.request_id, props.correlation_id.as_deref());
+                        let reply = Outgoing { destination: &destination, key, request_id: &response.request_id,
+                            status: response.status, body: &response.body };
+                        let amqp = broker::reply_properties(&reply);
+                        let correlation = amqp.correlation_id().as_ref().map_or(0, |c| c.as_str().len());
+                        prop_assert!(correlation <= SHORT_STRING_MAX);
+                        prop_assert!(destination.route().0.len() <= SHORT_STRING_MAX);
+                        prop_assert!(destination.route().1.len() <= SHORT_STRING_MAX);
+                        let parsed: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+                        prop_assert_eq!(parsed["requestId"].as_str(), Some(response.request_id.as_str()));
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
 }

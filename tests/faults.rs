@@ -21,7 +21,6 @@ const N: usize = 200;
 /// Long enough for a full load after a fault, on 2 cores.
 const SETTLE: Duration = Duration::from_secs(120);
 
-
 fn summary(name: &str, replies: &HashMap<String, Vec<Value>>) -> (usize, usize) {
     let total: usize = replies.values().map(Vec::len).sum();
     println!(
@@ -61,7 +60,7 @@ async fn survives<F: std::future::Future<Output = ()>>(name: &str, settings: Set
     let queue = worker.request_queue().to_owned();
     let settings = worker.halt().await;
     assert_complete(&load, &replies, &queue).await;
-    delete_queues(&[&queue, &settings.amqp.reply_queue]).await;
+    delete_topology(&settings).await;
     load.cleanup().await;
 }
 
@@ -165,7 +164,7 @@ async fn sigterm_finishes_in_flight_requests_and_leaves_the_rest_queued() {
     summary("SIGTERM then restart", &replies);
     let settings = worker.halt().await;
     assert_complete(&load, &replies, &queue).await;
-    delete_queues(&[&queue, &settings.amqp.reply_queue]).await;
+    delete_topology(&settings).await;
     load.cleanup().await;
 }
 
@@ -191,7 +190,7 @@ async fn sigkill_of_one_of_two_workers_leaves_the_other_to_finish_everything() {
         .expect("exits in time");
     assert_eq!(status.code(), Some(0));
     assert_complete(&load, &replies, &queue).await;
-    delete_queues(&[&queue, &settings.amqp.reply_queue]).await;
+    delete_topology(&settings).await;
     load.cleanup().await;
 }
 

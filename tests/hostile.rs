@@ -116,6 +116,90 @@ async fn names_that_would_widen_or_escape_the_target_are_refused_and_touch_nothi
     worker.stop().await;
 }
 
+/// A canary collection a placeholder-shaped name would expand to: `&{index}.{collection}`
+/// with index `{collection}` and collection `orders` used to reach `&orders.orders`.
+#[tokio::test]
+async fn names_shaped_like_placeholders_are_invalid_and_reach_no_other_index() {
+    let canary = Collection::create(&[("a", json!({"n": 1}))]).await;
+    let worker = Worker::start().await;
+    let mut index_only = settings();
+    index_only.storage.index_template = "{index}".into();
+    let index_only = Worker::start_with(index_only).await;
+    for (key, name, id) in [
+        (
+            "index",
+            "{collection}",
+            "services.storage.invalid_index_name",
+        ),
+        ("index", "{index}", "services.storage.invalid_index_name"),
+        ("index", "a{index}", "services.storage.invalid_index_name"),
+        ("index", "x}", "services.storage.invalid_index_name"),
+        ("index", "{", "services.storage.invalid_index_name"),
+        (
+            "collection",
+            "{index}",
+            "services.storage.invalid_collection_name",
+        ),
+        (
+            "collection",
+            "{collection}",
+            "services.storage.invalid_collection_name",
+        ),
+    ] {
+        for worker in [&worker, &index_only] {
+            let mut envelope = canary.envelope(json!([{"_id": "a", "body": {"n": 666}}]));
+            envelope[key] = json!(name);
+            if key == "index" {
+                // What the name would have expanded to.
+                envelope["collection"] = json!(canary.index);
+            }
+            let reply = call(worker, &envelope).await;
+            assert_eq!(reply["status"], 400, "{key} {name}: {reply}");
+            assert_eq!(reply["error"]["id"], id, "{key} {name}");
+        }
+    }
+    let (source, version) = canary.get("a").await;
+    assert_eq!(
+        (source["n"].as_i64(), version),
+        (Some(1), 1),
+        "the canary is untouched"
+    );
+    worker.stop().await;
+    index_only.stop().await;
+}
+
+#[tokio::test]
+async fn dotted_metadata_keys_cant_forge_the_updater() {
+    let col = Collection::create(&[("a", json!({"n": 1}))]).await;
+    let worker = Worker::start().await;
+    let envelope = col.envelope(json!([{"_id": "a", "body": {
+        "n": 2, "_kuzzle_info.updater": "admin", "_kuzzle_info.author": "admin",
+        "_kuzzle_info": {"updater": "admin"}}}]));
+    let reply = call(&worker, &envelope).await;
+    assert_eq!(reply["status"], 200, "{reply}");
+    http()
+        .post(format!("{ES_URL}/{}/_refresh", path(&col.physical)))
+        .send()
+        .await
+        .unwrap();
+    let found: Value = http()
+        .post(format!("{ES_URL}/{}/_search", path(&col.physical)))
+        .json(&json!({"query": {"bool": {"should": [
+            {"term": {"_kuzzle_info.updater": "admin"}},
+            {"term": {"_kuzzle_info.author": "admin"}}]}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["hits"]["total"]["value"], 0, "{found}");
+    let (source, _) = col.get("a").await;
+    assert_eq!(source["n"], 2);
+    assert_eq!(source["_kuzzle_info"]["updater"], Value::Null);
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn secrets_appear_in_neither_replies_nor_logs() {
     let col = Collection::create(&[("a", json!({"n": 1}))]).await;
@@ -161,5 +245,61 @@ async fn secrets_appear_in_neither_replies_nor_logs() {
     let logs = logs.join().unwrap().join("\n");
     assert!(logs.contains("replied"), "the request was logged: {logs}");
     assert!(!logs.contains("s3cret"), "a secret in the logs");
-    delete_queues(&[&settings.amqp.request_queue, &settings.amqp.reply_queue]).await;
+    delete_topology(&settings).await;
+}
+
+/// Whatever RUST_LOG says (here everything at trace, lapin's returned messages named
+/// explicitly), no document body, reply body or `_source` reaches the logs: not from an
+/// unroutable reply (which the broker returns whole), not from failed documents.
+#[tokio::test]
+async fn no_body_reaches_the_logs_at_any_level() {
+    let col = Collection::create(&[("a", json!({"kept": "SOURCE-MARK"}))]).await;
+    let settings = settings();
+    let mut child = worker_command(&settings)
+        .env("RUST_LOG", "trace,lapin::returned_messages=trace")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = stderr_lines(&mut child);
+    wait_consumers(&settings.amqp.request_queue, 1).await;
+    let envelope = col.envelope(json!([
+        {"_id": "a", "body": {"n": "BODY-MARK"}},
+        {"_id": "missing", "body": {"n": "FAILED-MARK"}}]));
+    let amqp = Amqp::open().await;
+    // Unroutable: the broker returns the whole reply, `_source` included.
+    let props = lapin::BasicProperties::default()
+        .with_reply_to(fresh("no-such-queue").as_str().into())
+        .with_message_id("unroutable".into());
+    let body = serde_json::to_vec(&envelope).unwrap();
+    publish(&amqp.channel, &settings.amqp.request_queue, &body, props).await;
+    let reply = call_queue(&settings.amqp.request_queue, &body).await;
+    assert_eq!(reply["status"], 206, "{reply}");
+    let dead = next_message(&amqp.channel, &settings.amqp.dead_letter_queue).await;
+    assert_eq!(
+        dead.data, body,
+        "the unroutable request was dead-lettered as sent"
+    );
+    amqp.close().await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    let logs = logs.join().unwrap().join("\n");
+    assert!(logs.contains("TRACE"), "trace logging was on");
+    for mark in ["SOURCE-MARK", "BODY-MARK", "FAILED-MARK"] {
+        // As text, or as the list of byte values a `Debug` of the payload prints.
+        let bytes: Vec<String> = mark.bytes().map(|b| b.to_string()).collect();
+        assert!(!logs.contains(mark), "{mark} in the logs");
+        let found = logs
+            .lines()
+            .find(|l| l.contains(&bytes.join(", ")))
+            .map(|l| l.chars().take(400).collect::<String>());
+        assert!(found.is_none(), "{mark} as bytes in the logs: {found:?}");
+    }
+    delete_topology(&settings).await;
 }

@@ -605,6 +605,9 @@ async fn a_request_is_acked_only_after_its_reply_is_confirmed() {
     publish(&amqp.channel, &queue, b"filler", BasicProperties::default()).await;
     let mut settings = settings();
     settings.amqp.prefetch = 1;
+    // Refused replies are retried until the shutdown grace hands the request back.
+    settings.amqp.reply_attempts = 1000;
+    settings.worker.shutdown_timeout_ms = 1000;
     let worker = Worker::start_with(settings).await;
     let props = BasicProperties::default().with_reply_to(queue.as_str().into());
     publish(
@@ -637,6 +640,7 @@ async fn a_request_is_acked_only_after_its_reply_is_confirmed() {
         0,
         "acked once the reply was confirmed"
     );
-    delete_queues(&[&request_queue, &settings.amqp.reply_queue, &queue]).await;
+    delete_topology(&settings).await;
+    delete_queues(&[&queue]).await;
     amqp.close().await;
 }

@@ -139,7 +139,7 @@ async fn json_log_lines_parse_and_carry_the_request_id() {
     assert_eq!(replied["span"]["request_id"], "logged-42", "{replied}");
     assert_eq!(replied["span"]["documents"], 1);
     assert_eq!(replied["fields"]["status"], 200);
-    delete_queues(&[&settings.amqp.request_queue, &settings.amqp.reply_queue]).await;
+    delete_topology(&settings).await;
 }
 
 /// Each invalid setting: exit code 2 and a message naming its key.
@@ -178,7 +178,10 @@ async fn a_missing_reply_exchange_keeps_the_worker_unready_until_it_exists() {
     let listen = format!("127.0.0.1:{}", free_port());
     settings.metrics.listen = listen.clone();
     let token = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(mupdate_worker::worker::run(settings.clone(), token.clone()));
+    let task = tokio::spawn(mupdate_worker::session::run(
+        settings.clone(),
+        token.clone(),
+    ));
     wait_readyz(&listen, 503).await;
     assert_eq!(
         queue_consumers(&settings.amqp.request_queue)
@@ -213,5 +216,5 @@ async fn a_missing_reply_exchange_keeps_the_worker_unready_until_it_exists() {
         .exchange_delete(exchange.as_str().into(), Default::default())
         .await;
     amqp.close().await;
-    delete_queues(&[&settings.amqp.request_queue, &settings.amqp.reply_queue]).await;
+    delete_topology(&settings).await;
 }

@@ -99,8 +99,21 @@ impl Collection {
     }
 
     pub async fn create_with(docs: &[(&str, Value)], settings: Value) -> Self {
-        let index = fresh("idx");
-        let collection = "col".to_owned();
+        Self::create_in(&fresh("idx"), "col", docs, settings).await
+    }
+
+    /// Another collection of an existing (or new) Kuzzle index.
+    pub async fn create_named(index: &str, collection: &str, docs: &[(&str, Value)]) -> Self {
+        Self::create_in(index, collection, docs, json!({})).await
+    }
+
+    async fn create_in(
+        index: &str,
+        collection: &str,
+        docs: &[(&str, Value)],
+        settings: Value,
+    ) -> Self {
+        let (index, collection) = (index.to_owned(), collection.to_owned());
         let physical = format!("&{index}.{collection}");
         let es = http();
         let r = es
@@ -165,6 +178,28 @@ impl Drop for Collection {
     }
 }
 
+/// A fresh directory under the system's temporary directory, removed on drop.
+pub struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn tempdir() -> TempDir {
+    let dir = std::env::temp_dir().join(fresh("mupdate-test"));
+    std::fs::create_dir_all(&dir).unwrap();
+    TempDir(dir)
+}
+
 /// Deletes an engine resource from a destructor, outside the test's runtime.
 pub fn delete_blocking(url: String) {
     let _ = std::thread::spawn(move || {
@@ -193,6 +228,8 @@ pub fn settings() -> Settings {
     let mut s = Settings::defaults();
     s.amqp.request_queue = fresh("mupdate.requests");
     s.amqp.reply_queue = fresh("mupdate.replies");
+    s.amqp.dead_letter_exchange = fresh("mupdate.dlx");
+    s.amqp.dead_letter_queue = fresh("mupdate.dead");
     // Many workers run at once: none serves metrics unless a test asks.
     s.metrics.listen = String::new();
     s
@@ -213,7 +250,10 @@ impl Worker {
     /// Starts a worker and waits until it consumes its request queue.
     pub async fn start_with(settings: Settings) -> Self {
         let token = CancellationToken::new();
-        let task = tokio::spawn(mupdate_worker::worker::run(settings.clone(), token.clone()));
+        let task = tokio::spawn(mupdate_worker::session::run(
+            settings.clone(),
+            token.clone(),
+        ));
         wait_consumers(&settings.amqp.request_queue, 1).await;
         Worker {
             settings,
@@ -226,11 +266,10 @@ impl Worker {
         &self.settings.amqp.request_queue
     }
 
-    /// Stops the worker gracefully and deletes its queues.
+    /// Stops the worker gracefully and deletes its queues and dead-letter exchange.
     pub async fn stop(self) {
         let settings = self.halt().await;
-        let amqp = &settings.amqp;
-        delete_queues(&[&amqp.request_queue, &amqp.reply_queue]).await;
+        delete_topology(&settings).await;
     }
 
     /// Stops the worker gracefully, keeping its queues; its settings start it again.
@@ -242,6 +281,28 @@ impl Worker {
             .unwrap()
             .unwrap();
         self.settings
+    }
+}
+
+/// Deletes the queues and the dead-letter exchange a worker on `settings` declares.
+pub async fn delete_topology(settings: &Settings) {
+    let amqp = &settings.amqp;
+    delete_queues(&[
+        &amqp.request_queue,
+        &amqp.reply_queue,
+        &amqp.dead_letter_queue,
+    ])
+    .await;
+    if !amqp.dead_letter_exchange.is_empty() {
+        let broker = Amqp::open().await;
+        let _ = broker
+            .channel
+            .exchange_delete(
+                amqp.dead_letter_exchange.as_str().into(),
+                Default::default(),
+            )
+            .await;
+        broker.close().await;
     }
 }
 
@@ -263,6 +324,14 @@ pub fn worker_command(settings: &Settings) -> std::process::Command {
     command
         .env("MUPDATE__AMQP__REQUEST_QUEUE", &settings.amqp.request_queue)
         .env("MUPDATE__AMQP__REPLY_QUEUE", &settings.amqp.reply_queue)
+        .env(
+            "MUPDATE__AMQP__DEAD_LETTER_EXCHANGE",
+            &settings.amqp.dead_letter_exchange,
+        )
+        .env(
+            "MUPDATE__AMQP__DEAD_LETTER_QUEUE",
+            &settings.amqp.dead_letter_queue,
+        )
         .env(
             "MUPDATE__AMQP__PREFETCH",
             settings.amqp.prefetch.to_string(),
@@ -371,14 +440,16 @@ pub async fn call(worker: &Worker, envelope: &Value) -> Value {
 }
 
 pub async fn call_bytes(worker: &Worker, body: &[u8]) -> Value {
+    call_queue(worker.request_queue(), body).await
+}
+
+/// Sends bytes to a request queue over direct reply-to and returns the parsed reply.
+pub async fn call_queue(queue: &str, body: &[u8]) -> Value {
     let client = mupdate_worker::client::Client::connect(AMQP_URL)
         .await
         .unwrap();
     let id = mupdate_worker::client::correlation_id(body);
-    let reply = client
-        .request(worker.request_queue(), body, &id, TIMEOUT)
-        .await
-        .unwrap();
+    let reply = client.request(queue, body, &id, TIMEOUT).await.unwrap();
     serde_json::from_slice(&reply).unwrap()
 }
 

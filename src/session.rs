@@ -1,0 +1,333 @@
+//! Session supervision: one broker connection's life (connect, declare, consume), the
+//! pause while the engine is unavailable, reconnection, and shutdown.
+//!
+//! Every delivery's work is bounded by tokens that this module cancels: a consuming
+//! period's (ended by a pause) and the session's (ended by a lost connection, or the
+//! shutdown grace running out). A new period or session starts consuming only once the
+//! work of the one before has stopped, so a redelivered request never runs beside its
+//! abandoned copy in this worker.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::Consumer;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::broker::Broker;
+use crate::config::Settings;
+use crate::delivery::{Settlement, Ticket};
+use crate::metrics::{self, Metrics};
+use crate::worker::{Handler, Processor};
+
+/// A session that consumed this long counts as healthy: the reconnect backoff restarts.
+const HEALTHY: Duration = Duration::from_secs(5);
+/// After the shutdown grace: time for handed-back requests to reach the broker.
+const HAND_BACK: Duration = Duration::from_millis(700);
+/// How often the session checks whether the engine has been unavailable too long.
+const ENGINE_CHECK: Duration = Duration::from_millis(250);
+
+/// Runs the worker until `shutdown` is cancelled, reconnecting to the broker whenever
+/// the connection is lost.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    let metrics = Arc::new(Metrics::new());
+    let processor = Arc::new(Processor::new(settings.clone(), metrics.clone())?);
+    let handler = Arc::new(Handler::new(processor.clone()));
+    let background = CancellationToken::new();
+    let _stop_background = background.clone().drop_guard();
+    if !settings.metrics.listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&settings.metrics.listen).await?;
+        info!(listen = %settings.metrics.listen, "metrics on /metrics, /healthz, /readyz");
+        let (metrics, stop) = (metrics.clone(), background.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                served = metrics::serve(listener, metrics) => {
+                    if let Err(err) = served { warn!(error = %err, "metrics endpoint failed"); }
+                }
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+    tokio::spawn(probe_engine(processor.clone(), background.clone()));
+    if processor.rights.is_some() {
+        tokio::spawn(reload_rights_on_sighup(
+            processor.clone(),
+            background.clone(),
+        ));
+    }
+
+    let mut backoff = reconnect_backoff();
+    let mut first = true;
+    while !shutdown.is_cancelled() {
+        if !first {
+            metrics.reconnects.inc();
+        }
+        first = false;
+        let mut session = Session {
+            settings: &settings,
+            handler: &handler,
+            shutdown: &shutdown,
+            consuming_since: None,
+        };
+        let outcome = session.run().await;
+        metrics.set_broker_up(false);
+        metrics.set_paused(false);
+        if session
+            .consuming_since
+            .is_some_and(|t| t.elapsed() >= HEALTHY)
+        {
+            backoff = reconnect_backoff();
+        }
+        match outcome {
+            Ok(()) => break,
+            Err(err) => {
+                let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                warn!(error = %err, ?wait, "broker connection lost; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+    info!("worker stopped");
+    Ok(())
+}
+
+/// Keeps `engine_up` current while no request is calling the engine.
+async fn probe_engine(processor: Arc<Processor>, stop: CancellationToken) {
+    loop {
+        processor.engine_answers().await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// SIGHUP reads the rights rules again; requests in flight are not disturbed, and a file
+/// that doesn't load keeps the rules in force.
+async fn reload_rights_on_sighup(processor: Arc<Processor>, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {}
+            _ = stop.cancelled() => return,
+        }
+        let Some(rights) = &processor.rights else {
+            return;
+        };
+        match rights.reload() {
+            Ok(rules) => info!(rules, "rights rules reloaded"),
+            Err(err) => {
+                warn!(error = %err, "rights rules not reloaded; the previous rules stay in force")
+            }
+        }
+    }
+}
+
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// How a consuming period ended.
+enum End {
+    Shutdown,
+    Pause,
+    Failed(anyhow::Error),
+}
+
+struct Session<'a> {
+    settings: &'a Arc<Settings>,
+    handler: &'a Arc<Handler>,
+    shutdown: &'a CancellationToken,
+    consuming_since: Option<Instant>,
+}
+
+impl Session<'_> {
+    /// One connection's life. `Ok` means a clean shutdown.
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let amqp = &self.settings.amqp;
+        let broker = Arc::new(Broker::connect(amqp).await?);
+        if amqp.declare {
+            broker.declare(amqp).await?;
+        }
+        let reply_exchange = &amqp.reply_exchange;
+        if !reply_exchange.is_empty() {
+            broker.check_exchange(reply_exchange).await.map_err(|err| {
+                anyhow::anyhow!("amqp.reply_exchange \"{reply_exchange}\" is not usable: {err}")
+            })?;
+        }
+        let session = CancellationToken::new();
+        // Cancelled by a handler whose channel failed: the session must start over.
+        let broken = CancellationToken::new();
+        loop {
+            if self.engine_down_too_long() {
+                match self.pause(&broken).await {
+                    Some(End::Shutdown) => break,
+                    Some(End::Failed(err)) => return Err(err),
+                    _ => {}
+                }
+            }
+            let tracker = TaskTracker::new();
+            let period = session.child_token();
+            let mut consumer = broker.consume(&amqp.request_queue).await?;
+            let metrics = self.handler.metrics();
+            metrics.set_broker_up(true);
+            metrics.set_paused(false);
+            self.consuming_since.get_or_insert_with(Instant::now);
+            info!(queue = %amqp.request_queue, prefetch = amqp.prefetch, "consuming");
+            let end = self
+                .consume(&mut consumer, &broker, &tracker, &period, &broken)
+                .await;
+            match end {
+                End::Pause => {
+                    metrics.pauses.inc();
+                    metrics.set_paused(true);
+                    warn!(
+                        "storage engine unavailable too long; pausing consumption and handing held requests back"
+                    );
+                    let stopped = self.stop_consuming(&broker, consumer).await;
+                    period.cancel();
+                    tracker.close();
+                    tracker.wait().await;
+                    stopped?;
+                }
+                End::Shutdown => {
+                    self.drain(&broker, consumer, &tracker, &session).await;
+                    break;
+                }
+                End::Failed(err) => {
+                    // Calls already at the engine return or time out before the next
+                    // session consumes the same requests again.
+                    session.cancel();
+                    tracker.close();
+                    tokio::select! {
+                        _ = tracker.wait() => {}
+                        _ = self.shutdown.cancelled() => {
+                            let _ = tokio::time::timeout(HAND_BACK, tracker.wait()).await;
+                        }
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        let _ = tokio::time::timeout(HAND_BACK, broker.close()).await;
+        Ok(())
+    }
+
+    fn engine_down_too_long(&self) -> bool {
+        let pause_after = Duration::from_millis(self.settings.worker.pause_after_ms);
+        self.handler.processor.engine_unavailable_for(pause_after)
+    }
+
+    /// Takes deliveries until shutdown, a failure, or an engine unavailable too long.
+    async fn consume(
+        &self,
+        consumer: &mut Consumer,
+        broker: &Arc<Broker>,
+        tracker: &TaskTracker,
+        period: &CancellationToken,
+        broken: &CancellationToken,
+    ) -> End {
+        let mut check = tokio::time::interval(ENGINE_CHECK);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return End::Shutdown,
+                _ = broken.cancelled() => return End::Failed(anyhow::anyhow!("a broker channel failed")),
+                _ = check.tick() => if self.engine_down_too_long() {
+                    return End::Pause;
+                },
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let (handler, broker) = (self.handler.clone(), broker.clone());
+                        let (cancel, broken) = (period.child_token(), broken.clone());
+                        tracker.spawn(async move {
+                            if let Err(err) = handler.handle(delivery, &broker, cancel).await {
+                                warn!(error = %err, "broker channel failed; the request will be redelivered");
+                                broken.cancel();
+                            }
+                        });
+                    }
+                    Some(Err(err)) => return End::Failed(err.into()),
+                    None => return End::Failed(anyhow::anyhow!("the broker cancelled the consumer")),
+                }
+            }
+        }
+    }
+
+    /// Waits, not consuming, until the engine answers again.
+    async fn pause(&self, broken: &CancellationToken) -> Option<End> {
+        let metrics = self.handler.metrics();
+        metrics.set_paused(true);
+        loop {
+            if self.handler.processor.engine_answers().await {
+                info!("storage engine answers again; resuming consumption");
+                return None;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.shutdown.cancelled() => return Some(End::Shutdown),
+                _ = broken.cancelled() => return Some(End::Failed(anyhow::anyhow!("a broker channel failed"))),
+            }
+        }
+    }
+
+    /// Cancels the consumer and hands back the deliveries it had already received.
+    async fn stop_consuming(&self, broker: &Broker, mut consumer: Consumer) -> anyhow::Result<()> {
+        broker.cancel().await?;
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+        {
+            let metrics = self.handler.metrics().clone();
+            let ticket = Ticket::new(delivery.acker, CancellationToken::new(), metrics.clone());
+            ticket.settle(Settlement::Requeue).await?;
+            metrics.requeued.inc();
+        }
+        Ok(())
+    }
+
+    /// Shutdown: no new requests; those in flight get `worker.shutdown_timeout_ms` to
+    /// finish, then whatever is left is handed back.
+    async fn drain(
+        &self,
+        broker: &Broker,
+        consumer: Consumer,
+        tracker: &TaskTracker,
+        session: &CancellationToken,
+    ) {
+        info!("shutting down: no new requests; finishing those in flight");
+        let grace = Duration::from_millis(self.settings.worker.shutdown_timeout_ms);
+        let deadline = tokio::time::Instant::now() + grace;
+        if let Err(err) = tokio::time::timeout(grace, self.stop_consuming(broker, consumer))
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")))
+        {
+            warn!(error = %err, "could not cancel the consumer");
+        }
+        tracker.close();
+        if tokio::time::timeout_at(deadline, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                ?grace,
+                "in-flight requests did not finish in time; handing them back to the queue"
+            );
+            session.cancel();
+            let _ = tokio::time::timeout(HAND_BACK, tracker.wait()).await;
+        }
+    }
+}
