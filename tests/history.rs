@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, Consumer};
@@ -135,8 +135,6 @@ async fn scenario(name: &str, workers: usize) -> Outcome {
     let proxy = Proxy::start("127.0.0.1:9200").await;
     let mut settings = settings();
     settings.amqp.prefetch = 16;
-    settings.amqp.dead_letter_exchange = fresh("mupdate.history-dlx");
-    settings.amqp.dead_letter_queue = fresh("mupdate.history-dead");
     let mut pool = Workers::start(name, settings.clone(), &proxy, workers);
     wait_consumers(&settings.amqp.request_queue, workers as u32).await;
 
@@ -169,6 +167,10 @@ async fn scenario(name: &str, workers: usize) -> Outcome {
 
     let mut outcome = Outcome {
         faults,
+        workers,
+        consuming: queue_counts(&settings.amqp.request_queue)
+            .await
+            .map_or(0, |c| c.1) as usize,
         ..Outcome::default()
     };
     for (client, report) in clients.iter().zip(&reports) {
@@ -181,22 +183,9 @@ async fn scenario(name: &str, workers: usize) -> Outcome {
         .await
         .map_or(0, |c| c.0);
 
-    let mut queues = vec![
-        amqp.request_queue.as_str(),
-        amqp.reply_queue.as_str(),
-        amqp.dead_letter_queue.as_str(),
-    ];
-    queues.extend(clients.iter().map(|c| c.reply_queue.as_str()));
-    delete_queues(&queues).await;
-    let broker = Amqp::open().await;
-    let _ = broker
-        .channel
-        .exchange_delete(
-            amqp.dead_letter_exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
-        .await;
-    broker.close().await;
+    delete_topology(&settings).await;
+    let replies: Vec<&str> = clients.iter().map(|c| c.reply_queue.as_str()).collect();
+    delete_queues(&replies).await;
     outcome
 }
 
@@ -287,14 +276,7 @@ impl Workers {
             ("MUPDATE__STORAGE__RETRY_MAX_DELAY_MS", "1000".into()),
             ("MUPDATE__WORKER__PAUSE_AFTER_MS", "3000".into()),
             ("MUPDATE__WORKER__SHUTDOWN_TIMEOUT_MS", "5000".into()),
-            (
-                "MUPDATE__AMQP__DEAD_LETTER_EXCHANGE",
-                settings.amqp.dead_letter_exchange.clone(),
-            ),
-            (
-                "MUPDATE__AMQP__DEAD_LETTER_QUEUE",
-                settings.amqp.dead_letter_queue.clone(),
-            ),
+            ("RUST_LOG", "info".into()),
         ];
         let logs = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("history-{}.log", name.replace(' ', "-")));
@@ -610,6 +592,9 @@ async fn run_client(
 #[derive(Default)]
 struct Outcome {
     faults: usize,
+    workers: usize,
+    /// Workers consuming the request queue after the settle period.
+    consuming: usize,
     acknowledged: u64,
     documents: usize,
     /// Documents holding an update older than their last acknowledged one.
@@ -685,6 +670,7 @@ impl Outcome {
         );
         assert!(self.unacknowledged.is_empty(), "{:#?}", self.unacknowledged);
         assert_eq!(self.left_queued, 0, "requests left in the request queue");
+        assert_eq!(self.consuming, self.workers, "every worker consumes again");
         assert_eq!(self.dead_lettered, 0, "requests dead-lettered");
         assert!(
             self.worker_exits.iter().all(|e| *e == Some(0)),
@@ -701,7 +687,7 @@ impl std::fmt::Display for Outcome {
             "updates acknowledged={}, faults injected={}, stale documents={}/{} ({} after \
              a client re-publish), unacknowledged writes={}, duplicate replies={} ({} after \
              a client re-publish), failures={}, client re-publishes={}, client reconnects={}, \
-             left queued={}, dead-lettered={}, worker exits={:?}",
+             workers consuming={}/{}, left queued={}, dead-lettered={}, worker exits={:?}",
             self.acknowledged,
             self.faults,
             self.stale.len(),
@@ -713,6 +699,8 @@ impl std::fmt::Display for Outcome {
             self.failures.len(),
             self.republished,
             self.reconnects,
+            self.consuming,
+            self.workers,
             self.left_queued,
             self.dead_lettered,
             self.worker_exits
