@@ -157,9 +157,26 @@ async fn scenario(name: &str, workers: usize) -> Outcome {
     }
     ended.set(Instant::now()).unwrap();
     let mut reports = Vec::new();
-    for task in tasks {
-        reports.push(task.await.unwrap());
+    for (client, task) in clients.iter().zip(tasks) {
+        // Each client's own waits are bounded; this bounds the client as a whole.
+        let within = REPLY_WITHIN + 4 * TIMEOUT;
+        let abort = task.abort_handle();
+        reports.push(match tokio::time::timeout(within, task).await {
+            Ok(report) => report.unwrap(),
+            Err(_) => {
+                abort.abort();
+                let stuck = format!("client {} not done within {within:?}", client.name);
+                ClientReport {
+                    failures: vec![stuck],
+                    ..ClientReport::default()
+                }
+            }
+        });
     }
+    pool.note(&format!(
+        "clients done, {:.1?} after the schedule",
+        ended.get().unwrap().elapsed()
+    ));
     tokio::time::sleep(SETTLE).await;
     for (client, report) in clients.iter().zip(&mut reports) {
         report.drain(&client.reply_queue).await;
@@ -176,6 +193,7 @@ async fn scenario(name: &str, workers: usize) -> Outcome {
     for (client, report) in clients.iter().zip(&reports) {
         outcome.add(client, report, &collection).await;
     }
+    pool.note("replies drained, documents checked; stopping the workers");
     outcome.worker_exits = pool.stop().await;
     let amqp = &settings.amqp;
     outcome.left_queued = queue_counts(&amqp.request_queue).await.map_or(0, |c| c.0);
@@ -465,6 +483,11 @@ impl Session {
         })
     }
 
+    async fn close(self) {
+        let close = self.connection.close(200, "bye".into());
+        let _ = tokio::time::timeout(TIMEOUT, close).await;
+    }
+
     /// Publishes persistently; true once the broker confirmed it.
     async fn publish(&self, queue: &str, request_id: &str, body: &[u8], reply_to: &str) -> bool {
         let props = BasicProperties::default()
@@ -563,7 +586,8 @@ async fn run_client(
             Err(_) => {} // nothing yet: check the bounds again
             Ok(Some(Ok(delivery))) => {
                 // Unacked when the connection dies: delivered again, recorded once.
-                let _ = delivery.ack(BasicAckOptions::default()).await;
+                let ack = delivery.ack(BasicAckOptions::default());
+                let _ = tokio::time::timeout(TIMEOUT, ack).await;
                 let (id, reply) = report.record(delivery.data);
                 if id == me.request_id(k) {
                     if reply["status"] != 200 {
@@ -575,14 +599,13 @@ async fn run_client(
                 }
             }
             Ok(_) => {
-                let _ = s.connection.close(200, "reconnecting".into()).await;
-                session = None;
+                session.take().unwrap().close().await;
                 report.reconnects += 1;
             }
         }
     }
     if let Some(s) = session {
-        let _ = s.connection.close(200, "done".into()).await;
+        s.close().await;
     }
     report
 }
