@@ -144,8 +144,6 @@ impl Client {
     }
 }
 
-/// The correlation id to wait on: the reply carries the envelope's `requestId` when it
-/// has one, else the request's own correlation id.
 /// The user name of an `amqp://user:password@host/vhost` URL (guest when it has none,
 /// as RabbitMQ's clients default to).
 pub fn url_user(url: &str) -> Option<String> {
@@ -153,6 +151,8 @@ pub fn url_user(url: &str) -> Option<String> {
     Some(uri.authority.userinfo.username)
 }
 
+/// The correlation id to wait on: the reply carries the envelope's `requestId` when it
+/// has one, else the request's own correlation id.
 pub fn correlation_id(body: &[u8]) -> String {
     serde_json::from_slice::<Value>(body)
         .ok()
@@ -177,8 +177,9 @@ pub fn read_documents(text: &str) -> Result<Vec<Value>, ClientError> {
         .collect()
 }
 
-/// An mUpdate envelope.
+/// An mUpdate or mUpsert (`action`) envelope.
 pub fn envelope(
+    action: &str,
     index: &str,
     collection: &str,
     documents: Vec<Value>,
@@ -186,7 +187,7 @@ pub fn envelope(
     retry_on_conflict: Option<u32>,
 ) -> Value {
     let mut envelope = json!({
-        "controller": "document", "action": "mUpdate",
+        "controller": "document", "action": action,
         "index": index, "collection": collection,
         "body": {"documents": documents}});
     if let Some(refresh) = refresh {

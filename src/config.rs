@@ -51,6 +51,7 @@ pub enum QueueType {
 pub struct StorageSettings {
     pub url: String,
     pub index_template: String,
+    pub layout: Layout,
     pub username: Option<String>,
     pub password: Option<String>,
     pub api_key: Option<String>,
@@ -66,6 +67,17 @@ pub struct StorageSettings {
     pub concurrent_bulks: usize,
     pub bulk_linger_ms: u64,
     pub compression: bool,
+}
+
+/// Where a Kuzzle index and collection live in the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// The physical index `storage.index_template` names.
+    Template,
+    /// Kuzzle 2's: the alias `@&{index}.{collection}`, which must exist; writes go
+    /// through it and never create an index.
+    Kuzzle2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -243,7 +255,18 @@ impl Settings {
     }
 }
 
+/// Kuzzle 2's alias of a collection's index.
+pub const KUZZLE2_ALIAS: &str = "@&{index}.{collection}";
+
 impl StorageSettings {
+    /// The name requests are written to: the template, or Kuzzle 2's alias.
+    pub fn target_template(&self) -> &str {
+        match self.layout {
+            Layout::Template => &self.index_template,
+            Layout::Kuzzle2 => KUZZLE2_ALIAS,
+        }
+    }
+
     /// The engine's node URLs.
     pub fn urls(&self) -> impl Iterator<Item = &str> {
         self.url.split(',').map(str::trim).filter(|u| !u.is_empty())

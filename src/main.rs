@@ -29,7 +29,7 @@ enum Command {
     /// Consume requests and reply (the default).
     Run,
     /// Publish one mUpdate request, wait for its reply and print it.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// Print the effective configuration, secrets redacted.
     Config,
     /// Exit 0 when a running worker's /readyz answers 200 (for container health checks).
@@ -60,6 +60,9 @@ pub(crate) struct SendArgs {
     /// Batch load: requests awaiting their reply at once.
     #[arg(long, default_value_t = 4)]
     in_flight: usize,
+    /// `mUpdate` (documents `{"_id", "body"}`) or `mUpsert` (`{"_id", "changes", "default"}`).
+    #[arg(long, default_value = "mUpdate", value_parser = ["mUpdate", "mUpsert"])]
+    action: String,
     /// `wait_for` to reply only once the documents are searchable.
     #[arg(long)]
     refresh: Option<String>,
@@ -94,6 +97,7 @@ async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
         (None, Some(index), Some(collection), Some(docs)) => {
             let documents = client::read_documents(&read_input(docs)?)?;
             let envelope = client::envelope(
+                &args.action,
                 index,
                 collection,
                 documents,
@@ -253,7 +257,7 @@ async fn execute(command: Command, settings: Settings, rules: Option<Vec<Rule>>)
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
-        Command::Send(args) => send(&settings, args).await,
+        Command::Send(args) => send(&settings, *args).await,
         Command::Ready => ready(&settings.metrics.listen).await,
         Command::Config => {
             let mut shown = settings.redacted();

@@ -214,6 +214,9 @@ impl Metrics {
         for outcome in outcomes {
             let label = match outcome {
                 Outcome::Updated { item, .. } if item.result.as_deref() == Some("noop") => "noop",
+                Outcome::Updated { item, .. } if item.result.as_deref() == Some("created") => {
+                    "created"
+                }
                 Outcome::Updated { .. } => "updated",
                 Outcome::Failed { status: 404, .. } => "not_found",
                 Outcome::Failed { status: 409, .. } => "conflict",
@@ -322,10 +325,12 @@ mod tests {
             Outcome::Updated {
                 id: "a".into(),
                 item: item("updated"),
+                slot: 0,
             },
             Outcome::Updated {
                 id: "b".into(),
                 item: item("noop"),
+                slot: 1,
             },
             Outcome::Failed {
                 document: serde_json::json!({}),

@@ -77,6 +77,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode
         Progress::Lines(Mutex::new(Instant::now()))
     };
     let job = Job {
+        action: args.action.clone(),
         queue: settings.amqp.request_queue.clone(),
         index: index.clone(),
         collection: collection.clone(),
