@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod proxy;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
