@@ -18,6 +18,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 use crate::config::{AmqpSettings, QueueType};
 use crate::envelope::Properties;
 use crate::reply::Destination;
+use crate::tls::AmqpTls;
 
 /// What the broker said of a published reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,8 +47,10 @@ pub struct Broker {
 
 impl Broker {
     pub async fn connect(settings: &AmqpSettings) -> Result<Self, lapin::Error> {
-        let connection = Connection::connect(
+        let tls = AmqpTls::load(settings).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let connection = crate::tls::connect(
             &settings.url,
+            &tls,
             ConnectionProperties::default().with_connection_name("mupdate-worker".into()),
         )
         .await?;

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::reply::DIRECT_REPLY_TO;
+use crate::tls::AmqpTls;
 
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 
@@ -44,7 +45,12 @@ impl Drop for Client {
 
 impl Client {
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        Self::connect_with(url, &AmqpTls::default()).await
+    }
+
+    /// `connect` presenting and trusting `tls` (an `amqps://` URL's TLS settings).
+    pub async fn connect_with(url: &str, tls: &AmqpTls) -> Result<Self, ClientError> {
+        let connection = crate::tls::connect(url, tls, ConnectionProperties::default()).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

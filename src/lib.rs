@@ -19,5 +19,6 @@ pub mod reply;
 pub mod response;
 pub mod session;
 pub mod storage;
+pub mod tls;
 pub mod update;
 pub mod worker;

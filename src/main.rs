@@ -105,7 +105,8 @@ async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
             "give an envelope file, or --index, --collection and --documents or --file"
         ),
     };
-    let client = Client::connect(&settings.amqp.url).await?;
+    let tls = mupdate_worker::tls::AmqpTls::load(&settings.amqp)?;
+    let client = Client::connect_with(&settings.amqp.url, &tls).await?;
     let id = client::correlation_id(&body);
     let reply = client
         .request(
@@ -206,9 +207,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let command = cli.command.unwrap_or(Command::Run);
+    // The TLS files are read before anything starts: a bad one is a bad setting.
+    if matches!(command, Command::Run | Command::Send(_))
+        && let Err(err) = mupdate_worker::tls::check(&settings)
+    {
+        eprintln!("mupdate-worker: {err}");
+        return ExitCode::from(2);
+    }
     init_logs(&settings);
 
-    let command = cli.command.unwrap_or(Command::Run);
     // The worker runs on `worker.threads` threads (one by default: it leaves the cores to
     // the engine and the broker); the loader reads its file on a thread of its own.
     let runtime = match (&command, settings.worker.threads) {

@@ -86,7 +86,8 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode
         retry_on_conflict: args.retry_on_conflict,
         timeout: Duration::from_secs(args.timeout),
     };
-    let client = Arc::new(Client::connect(&settings.amqp.url).await?);
+    let tls = mupdate_worker::tls::AmqpTls::load(&settings.amqp)?;
+    let client = Arc::new(Client::connect_with(&settings.amqp.url, &tls).await?);
     let stop = CancellationToken::new();
     let on_signal = stop.clone();
     tokio::spawn(async move {
