@@ -157,7 +157,14 @@ impl Storage {
         // one that refuses the worker's credentials (wrong, or changed on the engine),
         // which no request can fix: retried like an outage, the worker unready meanwhile.
         self.answered(status < 500 && status != 401);
-        if status >= 500 || status == 429 || status == 401 {
+        if status == 401 {
+            return Err(StorageError::Unavailable(
+                "HTTP 401: the engine refused the worker's credentials (storage.username and \
+                 password, storage.api_key, or the client certificate)"
+                    .into(),
+            ));
+        }
+        if status >= 500 || status == 429 {
             let reason = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
             return Err(StorageError::Unavailable(format!(
                 "HTTP {status}: {reason}"

@@ -96,9 +96,10 @@ pub async fn connect(
     connected.map_err(|err| match err.kind() {
         // Say what failed: a handshake error's text alone ("certificate verify
         // failed", "unknown ca") doesn't name the broker.
-        lapin::ErrorKind::IOError(_) if secure => {
-            io_error(format!("TLS connection to {host}:{port}: {}", chain(&err)))
-        }
+        lapin::ErrorKind::IOError(cause) if secure => io_error(format!(
+            "TLS connection to {host}:{port}: {}",
+            chain(&**cause)
+        )),
         _ => err,
     })
 }
