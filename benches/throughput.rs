@@ -227,6 +227,7 @@ fn bulk_body(target: &str, docs: &[Value]) -> Vec<u8> {
             &options,
             d["_id"].as_str().unwrap(),
             d["body"].as_object().unwrap(),
+            None,
         );
     }
     body

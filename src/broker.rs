@@ -245,6 +245,8 @@ pub struct Outgoing<'a> {
     pub request_id: &'a str,
     pub status: u16,
     pub body: &'a [u8],
+    /// The request's W3C `traceparent`, carried on so the producer's trace continues.
+    pub traceparent: Option<&'a str>,
 }
 
 /// The AMQP properties of a reply (SPEC section 5).
@@ -255,6 +257,12 @@ pub fn reply_properties(reply: &Outgoing<'_>) -> BasicProperties {
         "requestId".into(),
         AMQPValue::LongString(reply.request_id.as_bytes().into()),
     );
+    if let Some(traceparent) = reply.traceparent {
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(traceparent.as_bytes().into()),
+        );
+    }
     let properties = BasicProperties::default()
         .with_correlation_id(reply.key.into())
         .with_content_type("application/json".into())
@@ -304,11 +312,25 @@ fn text(value: &Option<ShortString>) -> Option<String> {
 
 /// The properties of a delivery the envelope reads.
 pub fn properties(p: &BasicProperties) -> Properties {
+    let traceparent =
+        p.headers()
+            .as_ref()
+            .and_then(|headers| match headers.inner().get("traceparent")? {
+                AMQPValue::LongString(value) => {
+                    let value = std::str::from_utf8(value.as_bytes()).ok()?;
+                    crate::envelope::trace_context(value).map(str::to_owned)
+                }
+                AMQPValue::ShortString(value) => {
+                    crate::envelope::trace_context(value.as_str()).map(str::to_owned)
+                }
+                _ => None,
+            });
     Properties {
         reply_to: text(p.reply_to()),
         correlation_id: text(p.correlation_id()),
         message_id: text(p.message_id()),
         user_id: text(p.user_id()),
+        traceparent,
     }
 }
 

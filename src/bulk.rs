@@ -26,12 +26,15 @@ pub struct ItemOptions<'a> {
 }
 
 /// Appends one `update` action and its partial document to an NDJSON body, written
-/// straight into `buf` (no intermediate JSON values: this is the hot path).
+/// straight into `buf` (no intermediate JSON values: this is the hot path). With
+/// `default` (mUpsert), a missing document is created from `default` and `changes`
+/// (`changes` win) with `_kuzzle_info.author` and `createdAt`.
 pub fn append_update(
     buf: &mut Vec<u8>,
     opts: &ItemOptions<'_>,
     id: &str,
-    body: &Map<String, Value>,
+    changes: &Map<String, Value>,
+    default: Option<&Map<String, Value>>,
 ) {
     buf.extend_from_slice(b"{\"update\":{\"_index\":");
     write_json(buf, opts.target);
@@ -42,19 +45,7 @@ pub fn append_update(
         ",\"retry_on_conflict\":{}}}}}\n{{\"doc\":{{",
         opts.retry_on_conflict
     );
-    let mut first = true;
-    // Clients can't forge metadata: theirs goes (dotted keys too, which the engine
-    // expands into the same object), ours comes in.
-    let forged = |key: &str| key == "_kuzzle_info" || key.starts_with("_kuzzle_info.");
-    for (key, value) in body.iter().filter(|(k, _)| !forged(k)) {
-        if !first {
-            buf.push(b',');
-        }
-        first = false;
-        write_json(buf, key);
-        buf.push(b':');
-        write_json(buf, value);
-    }
+    let first = write_fields(buf, changes, true);
     if let Some(meta) = opts.metadata {
         if !first {
             buf.push(b',');
@@ -67,7 +58,50 @@ pub fn append_update(
         write_json(buf, &meta.updater);
         buf.push(b'}');
     }
-    let _ = writeln!(buf, "}},\"_source\":{}}}", opts.include_source);
+    buf.push(b'}');
+    if let Some(default) = default {
+        buf.extend_from_slice(b",\"upsert\":{");
+        // `changes` win over `default`: a key of both is written once, from `changes`.
+        let default_only = default.iter().filter(|(k, _)| !changes.contains_key(*k));
+        let first = write_pairs(buf, default_only, true);
+        let first = write_fields(buf, changes, first);
+        if let Some(meta) = opts.metadata {
+            if !first {
+                buf.push(b',');
+            }
+            let _ = write!(buf, "\"_kuzzle_info\":{{\"author\":",);
+            write_json(buf, &meta.updater);
+            let _ = write!(buf, ",\"createdAt\":{}}}", meta.updated_at);
+        }
+        buf.push(b'}');
+    }
+    let _ = writeln!(buf, ",\"_source\":{}}}", opts.include_source);
+}
+
+/// Writes a body's fields as `"key":value` pairs, without the client's metadata;
+/// whether nothing was written.
+fn write_fields(buf: &mut Vec<u8>, body: &Map<String, Value>, first: bool) -> bool {
+    write_pairs(buf, body.iter(), first)
+}
+
+fn write_pairs<'a>(
+    buf: &mut Vec<u8>,
+    pairs: impl Iterator<Item = (&'a String, &'a Value)>,
+    mut first: bool,
+) -> bool {
+    // Clients can't forge metadata: theirs goes (dotted keys too, which the engine
+    // expands into the same object), ours comes in.
+    let forged = |key: &str| key == "_kuzzle_info" || key.starts_with("_kuzzle_info.");
+    for (key, value) in pairs.filter(|(k, _)| !forged(k)) {
+        if !first {
+            buf.push(b',');
+        }
+        first = false;
+        write_json(buf, key);
+        buf.push(b':');
+        write_json(buf, value);
+    }
+    first
 }
 
 /// The same updates, written to be sent again after a call whose fate is unknown (it
@@ -207,7 +241,13 @@ mod tests {
             updated_at: 1234,
             updater: Some("alice"),
         };
-        append_update(&mut buf, &opts(Some(meta)), "p1", body.as_object().unwrap());
+        append_update(
+            &mut buf,
+            &opts(Some(meta)),
+            "p1",
+            body.as_object().unwrap(),
+            None,
+        );
         assert!(buf.ends_with(b"\n"));
         let l = lines(&buf);
         assert_eq!(
@@ -226,7 +266,7 @@ mod tests {
         let mut buf = Vec::new();
         let body = json!({"a": 1, "_kuzzle_info": {"author": "x"},
                           "_kuzzle_info.updater": "admin", "_kuzzle_info.": 1});
-        append_update(&mut buf, &opts(None), "p1", body.as_object().unwrap());
+        append_update(&mut buf, &opts(None), "p1", body.as_object().unwrap(), None);
         assert_eq!(lines(&buf)[1]["doc"], json!({"a": 1}));
     }
 
@@ -237,13 +277,20 @@ mod tests {
             updater: None,
         };
         let mut buf = Vec::new();
-        append_update(&mut buf, &opts(None), "a", json!({}).as_object().unwrap());
+        append_update(
+            &mut buf,
+            &opts(None),
+            "a",
+            json!({}).as_object().unwrap(),
+            None,
+        );
         let only_info = json!({"_kuzzle_info": {"x": 1}});
         append_update(
             &mut buf,
             &opts(Some(meta)),
             "b\"q",
             only_info.as_object().unwrap(),
+            None,
         );
         let l = lines(&buf);
         assert_eq!(l[1]["doc"], json!({}));
@@ -255,6 +302,38 @@ mod tests {
     }
 
     #[test]
+    fn an_upsert_creates_from_default_and_changes_with_author_metadata() {
+        let mut buf = Vec::new();
+        let changes = json!({"price": 10, "_kuzzle_info.author": "forged"});
+        let default = json!({"price": 0, "stock": 5, "_kuzzle_info": {"author": "forged"}});
+        let meta = Metadata {
+            updated_at: 7,
+            updater: Some("alice"),
+        };
+        append_update(
+            &mut buf,
+            &opts(Some(meta)),
+            "p1",
+            changes.as_object().unwrap(),
+            default.as_object(),
+        );
+        let l = lines(&buf);
+        assert_eq!(
+            l[1],
+            json!({"doc": {"price": 10, "_kuzzle_info": {"updatedAt": 7, "updater": "alice"}},
+                   "upsert": {"stock": 5, "price": 10,
+                              "_kuzzle_info": {"author": "alice", "createdAt": 7}},
+                   "_source": true})
+        );
+        // Each key once: the engine refuses duplicate keys.
+        let text = String::from_utf8(buf).unwrap();
+        assert_eq!(text.matches("\"price\"").count(), 2, "{text}");
+        let resend = lines(&for_resend(text.as_bytes()));
+        assert_eq!(resend[1]["upsert"]["stock"], 5);
+        assert_eq!(resend[1]["detect_noop"], false);
+    }
+
+    #[test]
     fn a_resend_neither_detects_noops_nor_fails_on_its_own_first_call() {
         let mut buf = Vec::new();
         let doc = json!({"n": "{\"doc\":1}\n"});
@@ -262,8 +341,8 @@ mod tests {
             retry_on_conflict: 0,
             ..opts(None)
         };
-        append_update(&mut buf, &zero, "a", doc.as_object().unwrap());
-        append_update(&mut buf, &opts(None), "b", doc.as_object().unwrap());
+        append_update(&mut buf, &zero, "a", doc.as_object().unwrap(), None);
+        append_update(&mut buf, &opts(None), "b", doc.as_object().unwrap(), None);
         let l = lines(&for_resend(&buf));
         assert_eq!(l.len(), 4);
         assert_eq!(l[0]["update"]["retry_on_conflict"], 1);

@@ -33,6 +33,8 @@ pub struct Client {
     _connection: Connection,
     channel: Channel,
     waiting: Waiting,
+    /// Published as the AMQP `user_id`: the identity the worker's rights check.
+    user_id: Option<String>,
     /// Routes replies to their waiters; aborted on drop, which closes the connection.
     dispatcher: tokio::task::JoinHandle<()>,
 }
@@ -85,8 +87,16 @@ impl Client {
             _connection: connection,
             channel,
             waiting,
+            user_id: None,
             dispatcher,
         })
+    }
+
+    /// Sets the AMQP `user_id` of every request: it must be the connection's user
+    /// (RabbitMQ refuses any other), and it is what the worker's rights check.
+    pub fn with_user_id(mut self, user: Option<String>) -> Self {
+        self.user_id = user.filter(|u| !u.is_empty());
+        self
     }
 
     /// Publishes one envelope to `queue` and waits for its reply.
@@ -102,10 +112,13 @@ impl Client {
             .lock()
             .expect("poisoned")
             .insert(correlation_id.to_owned(), tx);
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_reply_to(DIRECT_REPLY_TO.into())
             .with_correlation_id(correlation_id.into())
             .with_content_type("application/json".into());
+        if let Some(user) = &self.user_id {
+            properties = properties.with_user_id(user.as_str().into());
+        }
         let confirm = self
             .channel
             .basic_publish(
@@ -137,6 +150,13 @@ impl Client {
     }
 }
 
+/// The user name of an `amqp://user:password@host/vhost` URL (guest when it has none,
+/// as RabbitMQ's clients default to).
+pub fn url_user(url: &str) -> Option<String> {
+    let uri: lapin::uri::AMQPUri = url.parse().ok()?;
+    Some(uri.authority.userinfo.username)
+}
+
 /// The correlation id to wait on: the reply carries the envelope's `requestId` when it
 /// has one, else the request's own correlation id.
 pub fn correlation_id(body: &[u8]) -> String {
@@ -163,8 +183,9 @@ pub fn read_documents(text: &str) -> Result<Vec<Value>, ClientError> {
         .collect()
 }
 
-/// An mUpdate envelope.
+/// An mUpdate or mUpsert (`action`) envelope.
 pub fn envelope(
+    action: &str,
     index: &str,
     collection: &str,
     documents: Vec<Value>,
@@ -172,7 +193,7 @@ pub fn envelope(
     retry_on_conflict: Option<u32>,
 ) -> Value {
     let mut envelope = json!({
-        "controller": "document", "action": "mUpdate",
+        "controller": "document", "action": action,
         "index": index, "collection": collection,
         "body": {"documents": documents}});
     if let Some(refresh) = refresh {

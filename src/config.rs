@@ -16,6 +16,13 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub worker: WorkerSettings,
     pub log: LogSettings,
+    pub security: SecuritySettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct SecuritySettings {
+    pub enabled: bool,
+    pub rules_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -49,6 +56,7 @@ pub enum QueueType {
 pub struct StorageSettings {
     pub url: String,
     pub index_template: String,
+    pub layout: Layout,
     pub username: Option<String>,
     pub password: Option<String>,
     pub api_key: Option<String>,
@@ -69,6 +77,17 @@ pub struct StorageSettings {
     /// PEM client certificate (chain) and its unencrypted private key ("" = none).
     pub tls_cert_file: String,
     pub tls_key_file: String,
+}
+
+/// Where a Kuzzle index and collection live in the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// The physical index `storage.index_template` names.
+    Template,
+    /// Kuzzle 2's: the alias `@&{index}.{collection}`, which must exist; writes go
+    /// through it and never create an index.
+    Kuzzle2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -200,6 +219,12 @@ impl Settings {
                 "must be a level (error, warn, info, debug, trace) or a filter",
             );
         }
+        if self.security.enabled && self.security.rules_file.is_empty() {
+            return invalid(
+                "security.rules_file",
+                "must name the rules file when security.enabled is true",
+            );
+        }
         if self.storage.concurrent_bulks == 0 {
             return invalid("storage.concurrent_bulks", "must be at least 1");
         }
@@ -318,7 +343,18 @@ pub fn amqp_urls(url: &str) -> impl Iterator<Item = &str> {
     url.split(',').map(str::trim).filter(|u| !u.is_empty())
 }
 
+/// Kuzzle 2's alias of a collection's index.
+pub const KUZZLE2_ALIAS: &str = "@&{index}.{collection}";
+
 impl StorageSettings {
+    /// The name requests are written to: the template, or Kuzzle 2's alias.
+    pub fn target_template(&self) -> &str {
+        match self.layout {
+            Layout::Template => &self.index_template,
+            Layout::Kuzzle2 => KUZZLE2_ALIAS,
+        }
+    }
+
     /// The engine's node URLs.
     pub fn urls(&self) -> impl Iterator<Item = &str> {
         self.url.split(',').map(str::trim).filter(|u| !u.is_empty())

@@ -13,6 +13,28 @@ pub struct Properties {
     pub correlation_id: Option<String>,
     pub message_id: Option<String>,
     pub user_id: Option<String>,
+    /// A W3C `traceparent` header, only when well formed (`trace_context`).
+    pub traceparent: Option<String>,
+}
+
+/// A W3C trace context `traceparent` (`00-<32 hex trace id>-<16 hex parent id>-<2 hex
+/// flags>`), or `None`: anything else a producer sends is not carried on.
+pub fn trace_context(header: &str) -> Option<&str> {
+    let parts: Vec<&str> = header.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    let well_formed = parts.len() == 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1] != "0".repeat(32)
+        && hex(parts[2], 16)
+        && parts[2] != "0".repeat(16)
+        && hex(parts[3], 2);
+    well_formed.then_some(header)
 }
 
 /// `refresh` as the bulk call takes it.
@@ -35,9 +57,28 @@ pub struct Echo {
     pub retry_on_conflict: Option<Value>,
 }
 
-/// A valid mUpdate request.
+/// The two actions the worker executes (SPEC sections 1 and 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `document:mUpdate`: documents `{_id, body}`, which must exist.
+    Update,
+    /// `document:mUpsert`: documents `{_id, changes, default}`; a missing one is created.
+    Upsert,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Update => "mUpdate",
+            Action::Upsert => "mUpsert",
+        }
+    }
+}
+
+/// A valid mUpdate or mUpsert request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
+    pub action: Action,
     pub index: String,
     pub collection: String,
     pub refresh: Refresh,
@@ -92,8 +133,10 @@ pub fn parse(
                 request_id: fallback_id(),
                 ..Echo::default()
             };
-            let err =
-                RequestError::InvalidArgument("the message body must be a JSON object".into());
+            let err = RequestError::InvalidArgument {
+                name: "body",
+                expected: "a JSON object".into(),
+            };
             return fail(echo, err);
         }
         Err(e) => {
@@ -101,8 +144,10 @@ pub fn parse(
                 request_id: fallback_id(),
                 ..Echo::default()
             };
-            let err =
-                RequestError::InvalidArgument(format!("the message body is not valid JSON: {e}"));
+            let err = RequestError::InvalidArgument {
+                name: "body",
+                expected: format!("a JSON object ({e})"),
+            };
             return fail(echo, err);
         }
     };
@@ -137,12 +182,13 @@ fn validate(
         Some(other) => return Err(RequestError::ControllerNotFound(quote(&other.to_string()))),
         None => return Err(RequestError::MissingArgument("controller")),
     }
-    match object.get("action") {
-        Some(Value::String(a)) if a == "mUpdate" => {}
+    let action = match object.get("action") {
+        Some(Value::String(a)) if a == "mUpdate" => Action::Update,
+        Some(Value::String(a)) if a == "mUpsert" => Action::Upsert,
         Some(Value::String(a)) => return Err(RequestError::ActionNotFound(quote(a))),
         Some(other) => return Err(RequestError::ActionNotFound(quote(&other.to_string()))),
         None => return Err(RequestError::MissingArgument("action")),
-    }
+    };
     let index = name_argument(&object, "index")?;
     let collection = name_argument(&object, "collection")?;
     check_index_name(&index)?;
@@ -189,19 +235,37 @@ fn validate(
         None | Some(Value::Null) | Some(Value::Bool(false)) => Refresh::No,
         Some(Value::String(s)) if s == "false" => Refresh::No,
         Some(Value::String(s)) if s == "wait_for" => Refresh::WaitFor,
+        Some(Value::String(_)) => {
+            return Err(RequestError::StorageInvalidArgument {
+                name: "refresh",
+                expected: "false, \"false\" or \"wait_for\"".into(),
+            });
+        }
         Some(_) => {
-            return Err(RequestError::StorageInvalidArgument(
-                "refresh must be false or \"wait_for\"".into(),
-            ));
+            return Err(RequestError::InvalidType {
+                name: "refresh",
+                expected: "string",
+            });
         }
     };
     let retry_on_conflict = match object.get("retryOnConflict") {
         None | Some(Value::Null) => defaults.default_retry_on_conflict,
         Some(Value::Number(n)) => match n.as_u64() {
             Some(n) if n <= u64::from(limits.max_retry_on_conflict) => n as u32,
-            _ => return Err(retry_out_of_range(limits)),
+            _ if n.is_i64() || n.is_u64() => return Err(retry_out_of_range(limits)),
+            _ => {
+                return Err(RequestError::InvalidType {
+                    name: "retryOnConflict",
+                    expected: "integer",
+                });
+            }
         },
-        Some(_) => return Err(retry_out_of_range(limits)),
+        Some(_) => {
+            return Err(RequestError::InvalidType {
+                name: "retryOnConflict",
+                expected: "integer",
+            });
+        }
     };
     let strict = matches!(object.get("strict"), Some(Value::Bool(true)));
 
@@ -212,6 +276,7 @@ fn validate(
         });
     }
     Ok(Request {
+        action,
         index,
         collection,
         refresh,
@@ -222,10 +287,10 @@ fn validate(
 }
 
 fn retry_out_of_range(limits: &Limits) -> RequestError {
-    RequestError::StorageInvalidArgument(format!(
-        "retryOnConflict must be an integer from 0 to {}",
-        limits.max_retry_on_conflict
-    ))
+    RequestError::StorageInvalidArgument {
+        name: "retryOnConflict",
+        expected: format!("an integer from 0 to {}", limits.max_retry_on_conflict),
+    }
 }
 
 fn name_argument(object: &Map<String, Value>, key: &'static str) -> Result<String, RequestError> {
@@ -284,6 +349,8 @@ pub enum DocumentError {
     BadId,
     IdTooLong,
     BodyNotObject,
+    ChangesNotObject,
+    DefaultNotObject,
 }
 
 impl DocumentError {
@@ -292,12 +359,45 @@ impl DocumentError {
             DocumentError::BadId => "document _id must be a string",
             DocumentError::IdTooLong => "document _id must be at most 512 bytes",
             DocumentError::BodyNotObject => "document body must be an object",
+            DocumentError::ChangesNotObject => "document changes must be an object",
+            DocumentError::DefaultNotObject => "document default must be an object",
         }
     }
 }
 
-/// The `_id` and body of a document entry, or why it can't be updated.
-pub fn check_document(entry: &Value) -> Result<(&str, &Map<String, Value>), DocumentError> {
+/// A document entry ready to write.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Checked<'a> {
+    pub id: &'a str,
+    /// mUpdate's `body`, mUpsert's `changes`: merged into the document.
+    pub changes: &'a Map<String, Value>,
+    /// mUpsert's `default` (empty when not given): with `changes`, the document created
+    /// when it is missing. `None` for mUpdate, which never creates one.
+    pub default: Option<&'a Map<String, Value>>,
+}
+
+/// The `default` of an mUpsert entry that gives none.
+static NO_DEFAULT: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+
+/// A document entry checked for `action`, or why it can't be written. The content is
+/// checked before the `_id`, in Kuzzle's order.
+pub fn check_document(entry: &Value, action: Action) -> Result<Checked<'_>, DocumentError> {
+    let (changes, default) = match action {
+        Action::Update => match entry.get("body") {
+            Some(Value::Object(body)) => (body, None),
+            _ => return Err(DocumentError::BodyNotObject),
+        },
+        Action::Upsert => {
+            let Some(Value::Object(changes)) = entry.get("changes") else {
+                return Err(DocumentError::ChangesNotObject);
+            };
+            match entry.get("default") {
+                None | Some(Value::Null) => (changes, Some(&*NO_DEFAULT)),
+                Some(Value::Object(default)) => (changes, Some(default)),
+                Some(_) => return Err(DocumentError::DefaultNotObject),
+            }
+        }
+    };
     let id = match entry.get("_id") {
         Some(Value::String(id)) if !id.is_empty() => id,
         _ => return Err(DocumentError::BadId),
@@ -305,10 +405,11 @@ pub fn check_document(entry: &Value) -> Result<(&str, &Map<String, Value>), Docu
     if id.len() > MAX_ID_BYTES {
         return Err(DocumentError::IdTooLong);
     }
-    match entry.get("body") {
-        Some(Value::Object(body)) => Ok((id, body)),
-        _ => Err(DocumentError::BodyNotObject),
-    }
+    Ok(Checked {
+        id,
+        changes,
+        default,
+    })
 }
 
 /// The physical index of a Kuzzle index and collection.
@@ -485,9 +586,19 @@ mod tests {
             error_id(with("retryOnConflict", json!(-1))),
             "services.storage.invalid_argument"
         );
+        // A wrong type is Kuzzle's invalid_type; a wrong value of the right type,
+        // invalid_argument.
         assert_eq!(
             error_id(with("retryOnConflict", json!("3"))),
-            "services.storage.invalid_argument"
+            "api.assert.invalid_type"
+        );
+        assert_eq!(
+            error_id(with("retryOnConflict", json!(1.5))),
+            "api.assert.invalid_type"
+        );
+        assert_eq!(
+            error_id(with("refresh", json!(3))),
+            "api.assert.invalid_type"
         );
         let docs: Vec<Value> = (0..201)
             .map(|i| json!({"_id": i.to_string(), "body": {}}))
@@ -527,35 +638,98 @@ mod tests {
     #[test]
     fn document_checks() {
         assert_eq!(
-            check_document(&json!({"_id": "a", "body": {}})).unwrap().0,
+            check_document(&json!({"_id": "a", "body": {}}), Action::Update)
+                .unwrap()
+                .id,
             "a"
         );
         assert_eq!(
-            check_document(&json!({"body": {}})),
+            check_document(&json!({"body": {}}), Action::Update),
             Err(DocumentError::BadId)
         );
         assert_eq!(
-            check_document(&json!({"_id": "", "body": {}})),
+            check_document(&json!({"_id": "", "body": {}}), Action::Update),
             Err(DocumentError::BadId)
         );
         assert_eq!(
-            check_document(&json!({"_id": 3, "body": {}})),
+            check_document(&json!({"_id": 3, "body": {}}), Action::Update),
             Err(DocumentError::BadId)
         );
-        assert_eq!(check_document(&json!("x")), Err(DocumentError::BadId));
         assert_eq!(
-            check_document(&json!({"_id": "a", "body": [1]})),
+            check_document(&json!("x"), Action::Update),
+            Err(DocumentError::BodyNotObject),
+            "the content is checked first, as Kuzzle does"
+        );
+        assert_eq!(
+            check_document(&json!({"_id": "a", "body": [1]}), Action::Update),
             Err(DocumentError::BodyNotObject)
         );
         assert_eq!(
-            check_document(&json!({"_id": "a"})),
+            check_document(&json!({"_id": "a"}), Action::Update),
             Err(DocumentError::BodyNotObject)
         );
         let long = "x".repeat(513);
         assert_eq!(
-            check_document(&json!({"_id": long, "body": {}})),
+            check_document(&json!({"_id": long, "body": {}}), Action::Update),
             Err(DocumentError::IdTooLong)
         );
+    }
+
+    #[test]
+    fn only_well_formed_trace_contexts_are_carried() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(trace_context(good), Some(good));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\nx",
+        ] {
+            assert_eq!(trace_context(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn upsert_document_checks() {
+        let check = |v: Value| {
+            check_document(&v, Action::Upsert)
+                .map(|c| (c.id.to_owned(), !c.default.unwrap().is_empty()))
+        };
+        assert_eq!(
+            check(json!({"_id": "a", "changes": {}})),
+            Ok(("a".into(), false))
+        );
+        assert_eq!(
+            check(json!({"_id": "a", "changes": {}, "default": null})),
+            Ok(("a".into(), false))
+        );
+        assert_eq!(
+            check(json!({"_id": "a", "changes": {}, "default": {"x": 1}})),
+            Ok(("a".into(), true))
+        );
+        assert_eq!(
+            check(json!({"_id": "a", "body": {}})),
+            Err(DocumentError::ChangesNotObject)
+        );
+        assert_eq!(
+            check(json!({"_id": "a", "changes": 1})),
+            Err(DocumentError::ChangesNotObject)
+        );
+        assert_eq!(
+            check(json!({"_id": "a", "changes": {}, "default": [1]})),
+            Err(DocumentError::DefaultNotObject)
+        );
+        assert_eq!(check(json!({"changes": {}})), Err(DocumentError::BadId));
+    }
+
+    #[test]
+    fn mupsert_is_an_action() {
+        let request = run(with("action", json!("mUpsert"))).request.unwrap();
+        assert_eq!(request.action, Action::Upsert);
+        assert_eq!(run(valid()).request.unwrap().action, Action::Update);
     }
 
     #[test]

@@ -4,46 +4,84 @@
 
 use serde_json::{Value, json};
 
-/// A reason to answer the whole request with an error and `result: null`.
+/// A reason to answer the whole request with an error and `result: null`. Where Kuzzle
+/// has the same error, the message is Kuzzle's (its `lib/kerror/codes/`), and the reply
+/// carries Kuzzle's numeric `code` and the message's arguments as `props`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("unknown controller \"{0}\"")]
+    #[error("Invalid argument \"{name}\". Expected: {expected}")]
+    InvalidArgument {
+        name: &'static str,
+        expected: String,
+    },
+    #[error("API controller \"{0}\" not found.")]
     ControllerNotFound(String),
-    #[error("unknown action \"{0}\"")]
+    #[error("API action \"document\":\"{0}\" not found")]
     ActionNotFound(String),
-    #[error("missing argument \"{0}\"")]
+    #[error("Missing argument \"{0}\".")]
     MissingArgument(&'static str),
-    #[error("invalid index name \"{0}\"")]
+    #[error("The index name \"{0}\" is invalid")]
     InvalidIndexName(String),
-    #[error("invalid collection name \"{0}\"")]
+    #[error("The collection name \"{0}\" is invalid")]
     InvalidCollectionName(String),
-    #[error("index \"{0}\" is reserved")]
+    #[error("The index \"{0}\" is reserved for Kuzzle's internal use.")]
     IndexReserved(String),
-    #[error("the request must specify a body")]
+    #[error("The request must specify a body.")]
     BodyRequired,
-    #[error("wrong type for argument \"{name}\" (expected: {expected})")]
+    #[error("Wrong type for argument \"{name}\" (expected: {expected})")]
     InvalidType {
         name: &'static str,
         expected: &'static str,
     },
-    #[error("{0}")]
-    StorageInvalidArgument(String),
-    #[error("number of documents ({count}) exceeds the limit of {limit}")]
+    #[error("Argument \"{name}\" is invalid (expected: {expected})")]
+    StorageInvalidArgument {
+        name: &'static str,
+        expected: String,
+    },
+    #[error("The number of documents edited by this request exceeds the configured server limit.")]
     WriteLimitExceeded { count: usize, limit: usize },
-    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    #[error("The message ({size} bytes) exceeds the limit of {limit} bytes.")]
     BodyTooLarge { size: usize, limit: usize },
-    #[error("index \"{0}\" does not exist")]
+    #[error("The index \"{0}\" does not exist.")]
     UnknownIndex(String),
-    #[error("collection \"{collection}\" does not exist in index \"{index}\"")]
+    #[error("The collection \"{index}\":\"{collection}\" does not exist.")]
     UnknownCollection { index: String, collection: String },
-    #[error("the storage engine rejected the request: {0}")]
+    #[error("{0}")]
     StorageRejected(String),
     #[error(
-        "the reply ({size} bytes) is larger than the broker accepts ({limit} bytes); the request was processed"
+        "The reply ({size} bytes) is larger than the broker accepts ({limit} bytes); the request was processed."
     )]
     ReplyTooLarge { size: usize, limit: usize },
+    #[error("Unauthorized: authentication required to execute the action \"{0}\".")]
+    Unauthorized(String),
+    #[error("Insufficient permissions to execute the action \"{action}\" (User \"{user}\").")]
+    Forbidden { action: String, user: String },
+}
+
+/// Kuzzle's numeric code of an error id: domain, subdomain and error, a byte each
+/// (`0x01010001` is `services.storage.unknown_index`). `None` for the worker's own ids.
+pub fn kuzzle_code(id: &str) -> Option<u32> {
+    let (domain, subdomain, error) = match id {
+        "services.storage.unknown_index" => (1, 1, 1),
+        "services.storage.unknown_collection" => (1, 1, 2),
+        "services.storage.write_limit_exceeded" => (1, 1, 4),
+        "services.storage.invalid_argument" => (1, 1, 19),
+        "services.storage.unexpected_error" => (1, 1, 35),
+        "services.storage.invalid_index_name" => (1, 1, 41),
+        "services.storage.invalid_collection_name" => (1, 1, 42),
+        "services.storage.incomplete_update" => (1, 1, 46),
+        "api.assert.invalid_type" => (2, 1, 1),
+        "api.assert.invalid_argument" => (2, 1, 2),
+        "api.assert.missing_argument" => (2, 1, 3),
+        "api.assert.body_required" => (2, 1, 8),
+        "api.process.controller_not_found" => (2, 2, 4),
+        "api.process.action_not_found" => (2, 2, 5),
+        "api.process.incomplete_multiple_request" => (2, 2, 10),
+        "security.rights.unauthorized" => (7, 3, 1),
+        "security.rights.forbidden" => (7, 3, 2),
+        _ => return None,
+    };
+    Some((domain << 24) | (subdomain << 16) | error)
 }
 
 impl RequestError {
@@ -51,7 +89,7 @@ impl RequestError {
     pub fn status_and_id(&self) -> (u16, &'static str) {
         use RequestError::*;
         match self {
-            InvalidArgument(_) => (400, "api.assert.invalid_argument"),
+            InvalidArgument { .. } => (400, "api.assert.invalid_argument"),
             ControllerNotFound(_) => (404, "api.process.controller_not_found"),
             ActionNotFound(_) => (404, "api.process.action_not_found"),
             MissingArgument(_) => (400, "api.assert.missing_argument"),
@@ -60,13 +98,15 @@ impl RequestError {
             IndexReserved(_) => (400, "services.storage.index_reserved"),
             BodyRequired => (400, "api.assert.body_required"),
             InvalidType { .. } => (400, "api.assert.invalid_type"),
-            StorageInvalidArgument(_) => (400, "services.storage.invalid_argument"),
+            StorageInvalidArgument { .. } => (400, "services.storage.invalid_argument"),
             WriteLimitExceeded { .. } => (413, "services.storage.write_limit_exceeded"),
             BodyTooLarge { .. } => (413, "api.assert.body_too_large"),
             UnknownIndex(_) => (412, "services.storage.unknown_index"),
             UnknownCollection { .. } => (412, "services.storage.unknown_collection"),
             StorageRejected(_) => (500, "services.storage.unexpected_error"),
             ReplyTooLarge { .. } => (500, "api.process.reply_too_large"),
+            Unauthorized(_) => (401, "security.rights.unauthorized"),
+            Forbidden { .. } => (403, "security.rights.forbidden"),
         }
     }
 
@@ -74,10 +114,42 @@ impl RequestError {
         self.status_and_id().0
     }
 
-    /// The `error` object of the reply: status, id and message, never a stack trace.
+    /// The arguments of the message, as Kuzzle lists them in `props`.
+    fn props(&self) -> Vec<String> {
+        use RequestError::*;
+        match self {
+            InvalidArgument { name, expected } => vec![(*name).into(), expected.clone()],
+            ControllerNotFound(c) => vec![c.clone()],
+            ActionNotFound(a) => vec!["document".into(), a.clone()],
+            MissingArgument(name) => vec![(*name).into()],
+            InvalidIndexName(n) | InvalidCollectionName(n) | IndexReserved(n) => vec![n.clone()],
+            InvalidType { name, expected } => vec![(*name).into(), (*expected).into()],
+            StorageInvalidArgument { name, expected } => vec![(*name).into(), expected.clone()],
+            UnknownIndex(index) => vec![index.clone()],
+            UnknownCollection { index, collection } => vec![index.clone(), collection.clone()],
+            StorageRejected(reason) => vec![reason.clone()],
+            Unauthorized(action) => vec![action.clone()],
+            Forbidden { action, user } => vec![action.clone(), user.clone()],
+            BodyRequired
+            | WriteLimitExceeded { .. }
+            | BodyTooLarge { .. }
+            | ReplyTooLarge { .. } => vec![],
+        }
+    }
+
+    /// The `error` object of the reply: status, id, message, and Kuzzle's `code` and
+    /// `props` where Kuzzle has this error; never a stack trace.
     pub fn to_json(&self) -> Value {
         let (status, id) = self.status_and_id();
-        json!({"status": status, "id": id, "message": self.to_string()})
+        let mut error = json!({"status": status, "id": id, "message": self.to_string()});
+        if let Some(code) = kuzzle_code(id) {
+            error["code"] = json!(code);
+        }
+        let props = self.props();
+        if !props.is_empty() {
+            error["props"] = json!(props);
+        }
+        error
     }
 }
 
@@ -94,4 +166,41 @@ pub fn quote(name: &str) -> String {
         end -= 1;
     }
     format!("{}…", &name[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kuzzles_codes_messages_and_props() {
+        assert_eq!(
+            kuzzle_code("services.storage.unknown_index"),
+            Some(0x0101_0001)
+        );
+        assert_eq!(
+            kuzzle_code("api.process.incomplete_multiple_request"),
+            Some(0x0202_000a)
+        );
+        assert_eq!(kuzzle_code("api.assert.body_too_large"), None);
+        let err = RequestError::UnknownCollection {
+            index: "shop".into(),
+            collection: "nope".into(),
+        };
+        assert_eq!(
+            err.to_json(),
+            json!({"status": 412, "id": "services.storage.unknown_collection",
+                   "message": "The collection \"shop\":\"nope\" does not exist.",
+                   "code": 0x0101_0002, "props": ["shop", "nope"]})
+        );
+        let err = RequestError::InvalidType {
+            name: "retryOnConflict",
+            expected: "integer",
+        };
+        assert_eq!(
+            err.to_string(),
+            "Wrong type for argument \"retryOnConflict\" (expected: integer)"
+        );
+        assert!(RequestError::BodyRequired.to_json().get("props").is_none());
+    }
 }

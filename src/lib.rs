@@ -17,6 +17,7 @@ pub mod loader;
 pub mod metrics;
 pub mod reply;
 pub mod response;
+pub mod security;
 pub mod session;
 pub mod storage;
 pub mod tls;

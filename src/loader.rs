@@ -1,5 +1,6 @@
-//! The batch loader behind `mupdate-worker send --file`: reads one `{"_id", "body"}` per
-//! line, sends requests of at most `batch` documents with a bounded number in flight,
+//! The batch loader behind `mupdate-worker send --file`: reads one document per line
+//! (`{"_id", "body"}` for mUpdate, `{"_id", "changes", "default"}` for mUpsert), sends
+//! requests of at most `batch` documents with a bounded number in flight,
 //! records every failed document, and tallies a summary. Memory stays bounded whatever
 //! the file's size: lines are read as they are sent.
 
@@ -16,6 +17,8 @@ use crate::client::{self, Client};
 
 /// What the loader is told to do.
 pub struct Job {
+    /// `mUpdate` or `mUpsert`.
+    pub action: String,
     pub queue: String,
     pub index: String,
     pub collection: String,
@@ -24,6 +27,19 @@ pub struct Job {
     pub refresh: Option<String>,
     pub retry_on_conflict: Option<u32>,
     pub timeout: Duration,
+}
+
+impl Job {
+    fn envelope(&self, documents: Vec<Value>) -> Value {
+        client::envelope(
+            &self.action,
+            &self.index,
+            &self.collection,
+            documents,
+            self.refresh.as_deref(),
+            self.retry_on_conflict,
+        )
+    }
 }
 
 /// Counts so far, and at the end.
@@ -162,13 +178,7 @@ where
             };
             shared.lock().await.summary.sent += documents.len() as u64;
             let (client, shared) = (client.clone(), shared.clone());
-            let envelope = client::envelope(
-                &job.index,
-                &job.collection,
-                documents,
-                job.refresh.as_deref(),
-                job.retry_on_conflict,
-            );
+            let envelope = job.envelope(documents);
             let (queue, timeout) = (job.queue.clone(), job.timeout);
             tasks.spawn(async move {
                 send_batch(&client, &queue, envelope, timeout, &shared).await;
@@ -182,13 +192,7 @@ where
     }
     if !batch.is_empty() && !shared.lock().await.summary.interrupted {
         shared.lock().await.summary.sent += batch.len() as u64;
-        let envelope = client::envelope(
-            &job.index,
-            &job.collection,
-            batch,
-            job.refresh.as_deref(),
-            job.retry_on_conflict,
-        );
+        let envelope = job.envelope(batch);
         let (client, shared, queue, timeout) = (
             client.clone(),
             shared.clone(),

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use mupdate_worker::client::{self, Client};
 use mupdate_worker::config::{LogFormat, Settings};
+use mupdate_worker::security::rights::{Rights, Rule};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -28,7 +29,7 @@ enum Command {
     /// Consume requests and reply (the default).
     Run,
     /// Publish one mUpdate request, wait for its reply and print it.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// Print the effective configuration, secrets redacted.
     Config,
     /// Exit 0 when a running worker's /readyz answers 200 (for container health checks).
@@ -59,6 +60,9 @@ pub(crate) struct SendArgs {
     /// Batch load: requests awaiting their reply at once.
     #[arg(long, default_value_t = 4)]
     in_flight: usize,
+    /// `mUpdate` (documents `{"_id", "body"}`) or `mUpsert` (`{"_id", "changes", "default"}`).
+    #[arg(long, default_value = "mUpdate", value_parser = ["mUpdate", "mUpsert"])]
+    action: String,
     /// `wait_for` to reply only once the documents are searchable.
     #[arg(long)]
     refresh: Option<String>,
@@ -93,6 +97,7 @@ async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
         (None, Some(index), Some(collection), Some(docs)) => {
             let documents = client::read_documents(&read_input(docs)?)?;
             let envelope = client::envelope(
+                &args.action,
                 index,
                 collection,
                 documents,
@@ -106,7 +111,9 @@ async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     let tls = mupdate_worker::tls::AmqpTls::load(&settings.amqp)?;
-    let client = Client::connect_with(&settings.amqp.url, &tls).await?;
+    let client = Client::connect_with(&settings.amqp.url, &tls)
+        .await?
+        .with_user_id(mupdate_worker::tls::login_user(&settings.amqp));
     let id = client::correlation_id(&body);
     let reply = client
         .request(
@@ -215,6 +222,14 @@ fn main() -> ExitCode {
         eprintln!("mupdate-worker: {err}");
         return ExitCode::from(2);
     }
+    // The rights rules must load for the worker to start (and for `config` to show them).
+    let rules = match Rights::from_settings(&settings.security) {
+        Ok(rights) => rights.map(|r| r.current().written().to_vec()),
+        Err(err) => {
+            eprintln!("mupdate-worker: configuration key security.rules_file: {err}");
+            return ExitCode::from(2);
+        }
+    };
     init_logs(&settings);
 
     // The worker runs on `worker.threads` threads (one by default: it leaves the cores to
@@ -238,10 +253,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(execute(command, settings))
+    runtime.block_on(execute(command, settings, rules))
 }
 
-async fn execute(command: Command, settings: Settings) -> ExitCode {
+async fn execute(command: Command, settings: Settings, rules: Option<Vec<Rule>>) -> ExitCode {
     let result = match command {
         Command::Run => {
             let token = CancellationToken::new();
@@ -250,10 +265,14 @@ async fn execute(command: Command, settings: Settings) -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
-        Command::Send(args) => send(&settings, args).await,
+        Command::Send(args) => send(&settings, *args).await,
         Command::Ready => ready(&settings.metrics.listen).await,
         Command::Config => {
-            let text = serde_json::to_string_pretty(&settings.redacted()).unwrap_or_default();
+            let mut shown = settings.redacted();
+            if let Some(rules) = rules {
+                shown["security"]["rules"] = serde_json::json!(rules);
+            }
+            let text = serde_json::to_string_pretty(&shown).unwrap_or_default();
             println!("{text}");
             Ok(ExitCode::SUCCESS)
         }

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub unroutable_replies: Counter,
     pub requeued: Counter,
     dead_lettered: Family<ReasonLabel, Counter>,
+    rights: Family<OutcomeLabel, Counter>,
     pub pauses: Counter,
     pub panics: Counter,
     pub replies_shrunk: Counter,
@@ -78,6 +79,7 @@ impl Metrics {
         let (engine_retries, reconnects) = (Counter::default(), Counter::default());
         let (unroutable_replies, requeued) = (Counter::default(), Counter::default());
         let dead_lettered = Family::<ReasonLabel, Counter>::default();
+        let rights = Family::<OutcomeLabel, Counter>::default();
         let (pauses, panics) = (Counter::default(), Counter::default());
         let (replies_shrunk, duplicates_skipped) = (Counter::default(), Counter::default());
         let paused_gauge = Gauge::default();
@@ -133,6 +135,11 @@ impl Metrics {
             dead_lettered.clone(),
         );
         registry.register(
+            "rights_checks",
+            "Rights checks (security.enabled), by outcome",
+            rights.clone(),
+        );
+        registry.register(
             "pauses",
             "Times consumption paused because the engine stayed unavailable",
             pauses.clone(),
@@ -180,6 +187,7 @@ impl Metrics {
             unroutable_replies,
             requeued,
             dead_lettered,
+            rights,
             pauses,
             panics,
             replies_shrunk,
@@ -206,6 +214,9 @@ impl Metrics {
         for outcome in outcomes {
             let label = match outcome {
                 Outcome::Updated { item, .. } if item.result.as_deref() == Some("noop") => "noop",
+                Outcome::Updated { item, .. } if item.result.as_deref() == Some("created") => {
+                    "created"
+                }
                 Outcome::Updated { .. } => "updated",
                 Outcome::Failed { status: 404, .. } => "not_found",
                 Outcome::Failed { status: 409, .. } => "conflict",
@@ -235,6 +246,11 @@ impl Metrics {
         self.dead_lettered
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    /// Counts a rights check: `allowed`, `unauthorized` or `forbidden`.
+    pub fn rights(&self, outcome: &'static str) {
+        self.rights.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
     pub fn set_paused(&self, paused: bool) {
@@ -309,10 +325,12 @@ mod tests {
             Outcome::Updated {
                 id: "a".into(),
                 item: item("updated"),
+                slot: 0,
             },
             Outcome::Updated {
                 id: "b".into(),
                 item: item("noop"),
+                slot: 1,
             },
             Outcome::Failed {
                 document: serde_json::json!({}),

@@ -7,8 +7,8 @@ use serde_json::{Value, json};
 
 use crate::bulk::Item;
 use crate::config::Format;
-use crate::envelope::{Echo, Request};
-use crate::error::RequestError;
+use crate::envelope::{Action, Echo, Request};
+use crate::error::{RequestError, kuzzle_code};
 
 /// What became of one document of a request.
 #[derive(Debug, Clone)]
@@ -16,6 +16,8 @@ pub enum Outcome {
     Updated {
         id: String,
         item: Item,
+        /// Its place in the request's `documents`.
+        slot: usize,
     },
     Failed {
         document: Value,
@@ -121,6 +123,9 @@ struct HitV1<'a> {
     _version: Option<i64>,
     result: Option<&'a str>,
     status: u16,
+    /// mUpsert only: whether the document was created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<bool>,
     _shards: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
     _source: Option<&'a RawValue>,
@@ -130,8 +135,13 @@ struct HitV1<'a> {
 #[derive(Serialize)]
 struct HitV2<'a> {
     _id: &'a str,
+    /// The paths the entry set, as Kuzzle's realtime layer reads them.
+    #[serde(rename = "_updatedFields")]
+    updated_fields: Vec<String>,
     _version: Option<i64>,
     status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     _source: Option<&'a RawValue>,
 }
@@ -146,6 +156,42 @@ struct V1Result<'a> {
 struct V2Result<'a> {
     successes: Vec<HitV2<'a>>,
     errors: Vec<Value>,
+}
+
+/// The paths an entry sets (`{"obj": {"z": 1}, "arr": []}` → `obj.z`, `arr`), from its
+/// own changes: each entry's, even when a request updates one `_id` twice.
+fn updated_fields(request: &Request, slot: usize) -> Vec<String> {
+    fn walk(prefix: &str, object: &serde_json::Map<String, Value>, out: &mut Vec<String>) {
+        for (key, value) in object {
+            if prefix.is_empty() && (key == "_kuzzle_info" || key.starts_with("_kuzzle_info.")) {
+                continue;
+            }
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                Value::Object(inner) if !inner.is_empty() => walk(&path, inner, out),
+                _ => out.push(path),
+            }
+        }
+    }
+    let mut fields = Vec::new();
+    let entry = request.documents.get(slot);
+    let changes = match request.action {
+        Action::Update => entry.and_then(|e| e.get("body")),
+        Action::Upsert => entry.and_then(|e| e.get("changes")),
+    };
+    if let Some(Value::Object(changes)) = changes {
+        walk("", changes, &mut fields);
+    }
+    fields
+}
+
+/// mUpsert's `created`; mUpdate's hits don't carry it.
+fn created(request: &Request, item: &Item) -> Option<bool> {
+    (request.action == Action::Upsert).then(|| item.result.as_deref() == Some("created"))
 }
 
 fn source(item: &Item, shape: Shape) -> Option<&RawValue> {
@@ -175,20 +221,21 @@ pub fn documents_response(
         })
         .collect();
     let updated = outcomes.iter().filter_map(|o| match o {
-        Outcome::Updated { id, item } => Some((id.as_str(), item)),
+        Outcome::Updated { id, item, slot } => Some((id.as_str(), item, *slot)),
         Outcome::Failed { .. } => None,
     });
     let failed = errors.len();
     match format {
         Format::V1 => {
             let hits: Vec<HitV1> = updated
-                .map(|(id, item)| HitV1 {
+                .map(|(id, item, _)| HitV1 {
                     _id: id,
                     _index: &request.index,
                     _type: &request.collection,
                     _version: item.version,
                     result: item.result.as_deref(),
                     status: item.status,
+                    created: created(request, item),
                     _shards: item.shards.as_deref(),
                     _source: source(item, shape),
                 })
@@ -202,27 +249,32 @@ pub fn documents_response(
             }
             let error = json!({
                 "status": 206, "id": "services.storage.incomplete_update",
+                "code": kuzzle_code("services.storage.incomplete_update"),
                 "message": format!("{failed} of {} documents could not be updated", outcomes.len()),
                 "count": failed, "errors": errors});
             envelope(echo, 206, &error, result)
         }
         Format::V2 => {
             let successes: Vec<HitV2> = updated
-                .map(|(id, item)| HitV2 {
+                .map(|(id, item, slot)| HitV2 {
                     _id: id,
+                    updated_fields: updated_fields(request, slot),
                     _version: item.version,
                     status: item.status,
+                    created: created(request, item),
                     _source: source(item, shape),
                 })
                 .collect();
-            let result = V2Result { successes, errors };
             if request.strict && failed > 0 {
+                // As Kuzzle 2 answers it: no result, the failed documents in the error.
                 let error = json!({
                     "status": 400, "id": "api.process.incomplete_multiple_request",
-                    "message": format!("{failed} of {} documents could not be updated", outcomes.len()),
-                    "count": failed});
-                return envelope(echo, 400, &error, result);
+                    "code": kuzzle_code("api.process.incomplete_multiple_request"),
+                    "message": format!("At least one of the {} actions failed.", request.action.name()),
+                    "count": failed, "errors": errors});
+                return envelope(echo, 400, &error, Value::Null);
             }
+            let result = V2Result { successes, errors };
             envelope(echo, 200, &Value::Null, result)
         }
     }
@@ -249,6 +301,7 @@ mod tests {
 
     fn request(strict: bool) -> Request {
         Request {
+            action: crate::envelope::Action::Update,
             index: "shop".into(),
             collection: "products".into(),
             refresh: Refresh::WaitFor,
@@ -275,6 +328,7 @@ mod tests {
                 }),
                 error: None,
             },
+            slot: 0,
         }
     }
 
@@ -353,7 +407,7 @@ mod tests {
         let b = body(&r);
         assert_eq!(
             b["result"]["successes"][0],
-            json!({"_id": "p1", "_version": 2, "status": 200, "_source": {"price": 10}})
+            json!({"_id": "p1", "_updatedFields": [], "_version": 2, "status": 200, "_source": {"price": 10}})
         );
         assert_eq!(b["result"]["errors"][0]["status"], 404);
         let strict =
@@ -362,6 +416,26 @@ mod tests {
         assert_eq!(
             body(&strict)["error"]["id"],
             "api.process.incomplete_multiple_request"
+        );
+    }
+
+    #[test]
+    fn updated_fields_are_the_leaf_paths_of_each_entry() {
+        let mut req = request(false);
+        req.documents = vec![
+            json!({"_id": "p1", "body": {"obj": {"inner": {"z": 1}, "e": {}}, "arr": [1], "_kuzzle_info": {}}}),
+            json!({"_id": "p1", "body": {"other": 2}}),
+        ];
+        assert_eq!(updated_fields(&req, 0), ["obj.inner.z", "obj.e", "arr"]);
+        assert_eq!(
+            updated_fields(&req, 1),
+            ["other"],
+            "per entry, even for one _id twice"
+        );
+        let r = documents_response(&echo(), &req, &[updated("p1")], Format::V2, Shape::Full);
+        assert_eq!(
+            body(&r)["result"]["successes"][0]["_updatedFields"],
+            json!(["obj.inner.z", "obj.e", "arr"])
         );
     }
 

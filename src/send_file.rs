@@ -77,6 +77,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode
         Progress::Lines(Mutex::new(Instant::now()))
     };
     let job = Job {
+        action: args.action.clone(),
         queue: settings.amqp.request_queue.clone(),
         index: index.clone(),
         collection: collection.clone(),
@@ -87,7 +88,8 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode
         timeout: Duration::from_secs(args.timeout),
     };
     let tls = mupdate_worker::tls::AmqpTls::load(&settings.amqp)?;
-    let client = Arc::new(Client::connect_with(&settings.amqp.url, &tls).await?);
+    let client = Client::connect_with(&settings.amqp.url, &tls).await?;
+    let client = Arc::new(client.with_user_id(mupdate_worker::tls::login_user(&settings.amqp)));
     let stop = CancellationToken::new();
     let on_signal = stop.clone();
     tokio::spawn(async move {

@@ -53,6 +53,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         });
     }
     tokio::spawn(probe_engine(processor.clone(), background.clone()));
+    if processor.rights.is_some() {
+        tokio::spawn(reload_rights_on_sighup(
+            processor.clone(),
+            background.clone(),
+        ));
+    }
 
     let mut backoff = reconnect_backoff();
     let mut first = true;
@@ -99,6 +105,30 @@ async fn probe_engine(processor: Arc<Processor>, stop: CancellationToken) {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// SIGHUP reads the rights rules again; requests in flight are not disturbed, and a file
+/// that doesn't load keeps the rules in force.
+async fn reload_rights_on_sighup(processor: Arc<Processor>, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {}
+            _ = stop.cancelled() => return,
+        }
+        let Some(rights) = &processor.rights else {
+            return;
+        };
+        match rights.reload() {
+            Ok(rules) => info!(rules, "rights rules reloaded"),
+            Err(err) => {
+                warn!(error = %err, "rights rules not reloaded; the previous rules stay in force")
+            }
         }
     }
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::StorageSettings;
+use crate::config::{Layout, StorageSettings};
 use crate::metrics::Metrics;
 use crate::tls::StorageTls;
 
@@ -65,6 +65,8 @@ pub struct Storage {
     cache_for: Duration,
     /// Physical indexes seen to exist, and when.
     known: Mutex<HashMap<String, Instant>>,
+    /// Kuzzle 2's layout: bulk items must target an alias, so none creates an index.
+    require_alias: bool,
     /// Since when every call has failed as unavailable; `None` while the engine answers.
     down_since: Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
@@ -120,6 +122,7 @@ impl Storage {
             cache_for: Duration::from_millis(settings.index_cache_ms),
             known: Mutex::new(HashMap::new()),
             down_since: Mutex::new(None),
+            require_alias: settings.layout == Layout::Kuzzle2,
             metrics,
         })
     }
@@ -295,14 +298,16 @@ impl Storage {
     /// One `_bulk` call with an NDJSON body, not retried (the coalescer retries, choosing
     /// each time which requests still want it); the engine's response body.
     pub async fn bulk_once(&self, body: &[u8], wait_for: bool) -> Result<Vec<u8>, StorageError> {
-        let query: &[(&str, &str)] = if wait_for {
-            &[("refresh", "wait_for")]
-        } else {
-            &[]
-        };
+        let mut query: Vec<(&str, &str)> = Vec::with_capacity(2);
+        if wait_for {
+            query.push(("refresh", "wait_for"));
+        }
+        if self.require_alias {
+            query.push(("require_alias", "true"));
+        }
         let started = Instant::now();
         let result = self
-            .call_once(Method::Post, "/_bulk", query, Some(body))
+            .call_once(Method::Post, "/_bulk", &query, Some(body))
             .await;
         self.metrics
             .bulk_seconds

@@ -128,6 +128,26 @@ pub fn external_login(url: &str) -> bool {
     amqp_uri(url).is_ok_and(|uri| uri.query.auth_mechanism == Some(SASLMechanism::External))
 }
 
+/// The broker user a client on `settings` logs in as, for the `user_id` it publishes
+/// (RabbitMQ refuses any other): the URL's user, or with certificate login the client
+/// certificate's common name, which is the user under RabbitMQ's
+/// `ssl_cert_login_from = common_name`.
+pub fn login_user(settings: &AmqpSettings) -> Option<String> {
+    if !external_login(&settings.url) {
+        return crate::client::url_user(&settings.url);
+    }
+    let pem = std::fs::read(&settings.tls_cert_file).ok()?;
+    let leaf = X509::stack_from_pem(&pem).ok()?.into_iter().next()?;
+    let cn = leaf
+        .subject_name()
+        .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+        .next()?
+        .data()
+        .to_string()
+        .ok()?;
+    Some(cn)
+}
+
 /// What engine connections present and trust.
 #[derive(Default)]
 pub struct StorageTls {

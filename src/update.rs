@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bulk::{self, Item, ItemOptions};
 use crate::coalesce::BulkError;
-use crate::envelope;
+use crate::envelope::{self, Action};
 use crate::response::Outcome;
 use crate::storage::Abandoned;
 
@@ -24,6 +24,7 @@ use crate::storage::Abandoned;
 /// request is delivered again, and re-applying a partial update is harmless).
 pub async fn apply<F, Fut>(
     documents: &[Value],
+    action: Action,
     options: &ItemOptions<'_>,
     item_retries: u32,
     mut backoff: impl Iterator<Item = Duration>,
@@ -37,7 +38,7 @@ where
     let mut outcomes: Vec<Option<Outcome>> = vec![None; documents.len()];
     let mut pending = Vec::new();
     for (slot, entry) in documents.iter().enumerate() {
-        match envelope::check_document(entry) {
+        match envelope::check_document(entry, action) {
             Ok(_) => pending.push(slot),
             Err(err) => {
                 outcomes[slot] = Some(failed(entry, 400, err.reason().into()));
@@ -48,8 +49,8 @@ where
     while !pending.is_empty() {
         let mut body = Vec::new();
         for &slot in &pending {
-            if let Ok((id, doc)) = envelope::check_document(&documents[slot]) {
-                bulk::append_update(&mut body, options, id, doc);
+            if let Ok(doc) = envelope::check_document(&documents[slot], action) {
+                bulk::append_update(&mut body, options, doc.id, doc.changes, doc.default);
             }
         }
         let items = match send(body, pending.len()).await {
@@ -69,7 +70,7 @@ where
             let entry = &documents[slot];
             if item.is_success() {
                 let id = entry["_id"].as_str().unwrap_or_default().to_owned();
-                outcomes[slot] = Some(Outcome::Updated { id, item });
+                outcomes[slot] = Some(Outcome::Updated { id, item, slot });
             } else if item.is_rejected() && may_retry {
                 rejected.push(slot);
             } else {
@@ -153,6 +154,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let outcomes = apply(
             docs.as_array().unwrap(),
+            Action::Update,
             &OPTIONS,
             retries,
             backoff,
@@ -221,6 +223,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let outcomes = apply(
             docs.as_array().unwrap(),
+            Action::Update,
             &OPTIONS,
             3,
             backoff,
@@ -251,6 +254,7 @@ mod tests {
         let backoff = std::iter::repeat(Duration::from_secs(60));
         let result = apply(
             docs.as_array().unwrap(),
+            Action::Update,
             &OPTIONS,
             5,
             backoff,

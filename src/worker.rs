@@ -22,6 +22,7 @@ use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::reply::{self, Destination};
 use crate::response::{self, Outcome, Response, Shape};
+use crate::security::rights::Rights;
 use crate::storage::{self, Abandoned, IndexState, Storage, StorageError};
 use crate::update;
 
@@ -29,6 +30,8 @@ use crate::update;
 pub struct Answer {
     pub response: Response,
     documents: Option<(Echo, Request, Vec<Outcome>, Format)>,
+    /// The request's span, for what is logged of it after processing.
+    span: tracing::Span,
 }
 
 impl Answer {
@@ -36,6 +39,7 @@ impl Answer {
         Answer {
             response,
             documents: None,
+            span: tracing::Span::none(),
         }
     }
 
@@ -59,10 +63,13 @@ pub struct Processor {
     storage: Arc<Storage>,
     coalescer: Coalescer,
     metrics: Arc<Metrics>,
+    /// `None` when `security.enabled` is off.
+    pub rights: Option<Rights>,
 }
 
 impl Processor {
-    pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
+    pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let rights = Rights::from_settings(&settings.security)?;
         let storage = Arc::new(Storage::new(&settings.storage, metrics.clone())?);
         let s = &settings.storage;
         let limits = BatchLimits {
@@ -78,6 +85,7 @@ impl Processor {
             storage,
             coalescer,
             metrics,
+            rights,
         })
     }
 
@@ -99,8 +107,24 @@ impl Processor {
                 return Ok(Answer::plain(response::error_response(&echo, &err)));
             }
         };
+        if let Some(rights) = &self.rights {
+            let action = echo
+                .action
+                .as_ref()
+                .and_then(|a| a.as_str())
+                .unwrap_or("mUpdate");
+            let user = props.user_id.as_deref();
+            let verdict = rights.check(user, action, &request.index, &request.collection);
+            if let Err((verdict, err)) = verdict {
+                self.metrics.rights(verdict.label());
+                info!(request_id = %echo.request_id, status = err.status(), error = %err, "request refused");
+                return Ok(Answer::plain(response::error_response(&echo, &err)));
+            }
+            self.metrics.rights("allowed");
+        }
         let span = info_span!("request", request_id = %echo.request_id, index = %request.index,
-            collection = %request.collection, documents = request.documents.len());
+            collection = %request.collection, documents = request.documents.len(),
+            traceparent = props.traceparent.as_deref());
         async {
             let outcomes = match self.update(&request, props, cancel).await? {
                 Ok(outcomes) => outcomes,
@@ -121,6 +145,7 @@ impl Processor {
             Ok(Answer {
                 response,
                 documents: Some((echo, request, outcomes, format)),
+                span: tracing::Span::current(),
             })
         }
         .instrument(span)
@@ -138,11 +163,12 @@ impl Processor {
             return Ok(Ok(Vec::new()));
         }
         let s = &self.settings.storage;
-        let target = envelope::target_index(&s.index_template, &request.index, &request.collection);
+        let template = s.target_template();
+        let target = envelope::target_index(template, &request.index, &request.collection);
         let pattern = || {
-            s.index_template
+            template
                 .contains("{collection}")
-                .then(|| envelope::target_index(&s.index_template, &request.index, "*"))
+                .then(|| envelope::target_index(template, &request.index, "*"))
         };
         match self.storage.index_state(&target, pattern, cancel).await {
             Ok(IndexState::Exists) => {}
@@ -174,9 +200,18 @@ impl Processor {
         let send =
             |body: Vec<u8>, items: usize| self.coalescer.submit(body, items, wait_for, cancel);
         let documents = &request.documents;
-        update::apply(documents, &options, s.item_retries, backoff, cancel, send)
-            .await
-            .map(Ok)
+        let action = request.action;
+        update::apply(
+            documents,
+            action,
+            &options,
+            s.item_retries,
+            backoff,
+            cancel,
+            send,
+        )
+        .await
+        .map(Ok)
     }
 
     /// Whether the engine has been unavailable for at least `long`.
@@ -278,7 +313,7 @@ impl Handler {
         ticket.settle(settlement).await?;
         if settlement == Settlement::Ack {
             self.metrics.reply(answer.response.status);
-            info!(status = answer.response.status, "replied");
+            info!(parent: &answer.span, status = answer.response.status, "replied");
         }
         Ok(())
     }
@@ -348,6 +383,7 @@ impl Handler {
                 request_id,
                 status: response.status,
                 body: &response.body,
+                traceparent: props.traceparent.as_deref(),
             };
             match broker.publish_reply(&reply).await? {
                 Published::Confirmed => return Ok(Settlement::Ack),
@@ -488,6 +524,10 @@ mod tests {
                 reply_to,
                 correlation_id,
                 message_id,
+                traceparent: user_id
+                    .as_deref()
+                    .and_then(crate::envelope::trace_context)
+                    .map(str::to_owned),
                 user_id,
             },
         )
@@ -508,7 +548,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(200))]
+        #![proptest_config(ProptestConfig::with_cases(64))]
 
         /// Whatever arrives, handling it ends in a decision: a reply whose AMQP short
         /// strings fit, or a settlement. Valid requests meet an already handed-back
@@ -530,7 +570,7 @@ mod tests {
                         let response = &answer.response;
                         let key = reply::reply_key(&response.request_id, props.correlation_id.as_deref());
                         let reply = Outgoing { destination: &destination, key, request_id: &response.request_id,
-                            status: response.status, body: &response.body };
+                            status: response.status, body: &response.body, traceparent: props.traceparent.as_deref() };
                         let amqp = broker::reply_properties(&reply);
                         let correlation = amqp.correlation_id().as_ref().map_or(0, |c| c.as_str().len());
                         prop_assert!(correlation <= SHORT_STRING_MAX);

@@ -347,3 +347,58 @@ async fn ctrl_c_stops_the_loader_cleanly_and_says_what_was_sent() {
     let _ = std::fs::remove_file(&input);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn the_loader_upserts_with_action_mupsert() {
+    let col = Collection::create(&[("a", json!({"n": 1}))]).await;
+    let worker = Worker::start().await;
+    let dir = tempdir();
+    let file = dir.join("upserts.ndjson");
+    let lines: Vec<String> = (0..250)
+        .map(|i| {
+            json!({"_id": if i == 0 { "a".to_owned() } else { format!("new{i}") },
+                        "changes": {"n": i + 100}, "default": {"fresh": true}})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let (queue, index) = (worker.request_queue().to_owned(), col.index.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        binary()
+            .args([
+                "send",
+                "--index",
+                &index,
+                "--collection",
+                "col",
+                "--action",
+                "mUpsert",
+            ])
+            .arg("--file")
+            .arg(&file)
+            .env("MUPDATE__AMQP__REQUEST_QUEUE", &queue)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["failed"], 0, "{summary}");
+    let (a, _) = col.get("a").await;
+    assert_eq!(
+        (a["n"].as_i64(), a.get("fresh")),
+        (Some(100), None),
+        "updated, not created"
+    );
+    let (created, _) = col.get("new249").await;
+    assert_eq!(
+        (created["n"].as_i64(), created["fresh"].as_bool()),
+        (Some(349), Some(true))
+    );
+    worker.stop().await;
+}

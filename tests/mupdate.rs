@@ -225,6 +225,7 @@ whole_request_error! {
     request_id_not_a_string_is_400_invalid_type: with("requestId", json!(42)) => 400, "api.assert.invalid_type";
     invalid_refresh_is_400_invalid_argument: with("refresh", json!("now")) => 400, "services.storage.invalid_argument";
     invalid_retry_on_conflict_is_400_invalid_argument: with("retryOnConflict", json!(1000)) => 400, "services.storage.invalid_argument";
+    mistyped_retry_on_conflict_is_400_invalid_type: with("retryOnConflict", json!("3")) => 400, "api.assert.invalid_type";
     too_many_documents_is_413_write_limit_exceeded: with("body", json!({"documents":
         (0..201).map(|i| json!({"_id": i.to_string(), "body": {}})).collect::<Vec<_>>()}))
         => 413, "services.storage.write_limit_exceeded";
@@ -584,6 +585,15 @@ async fn v2_format_lists_successes_and_errors_and_strict_makes_failures_a_400() 
         reply["error"]["id"],
         "api.process.incomplete_multiple_request"
     );
+    // Kuzzle 2's shape: no result, the failed documents in the error.
+    assert_eq!(reply["result"], Value::Null);
+    assert_eq!(
+        reply["error"]["message"],
+        "At least one of the mUpdate actions failed."
+    );
+    assert_eq!(reply["error"]["count"], 1);
+    assert_eq!(reply["error"]["errors"][0]["document"]["_id"], "zz");
+    assert_eq!(reply["error"]["errors"][0]["status"], 404);
     worker.stop().await;
 }
 
@@ -643,4 +653,56 @@ async fn a_request_is_acked_only_after_its_reply_is_confirmed() {
     delete_topology(&settings).await;
     delete_queues(&[&queue]).await;
     amqp.close().await;
+}
+
+/// Beside a live Kuzzle 2 (`storage.layout = "kuzzle2"`): writes go through the alias
+/// `@&{index}.{collection}`; an index without that alias is one Kuzzle doesn't know, so
+/// it is an unknown collection, and nothing is created.
+#[tokio::test]
+async fn the_kuzzle2_layout_writes_through_the_alias_and_leaves_other_indexes_alone() {
+    let known = Collection::create(&[("a", json!({"n": 1}))]).await;
+    let alias = format!("@{}", known.physical);
+    let r = http()
+        .put(format!(
+            "{ES_URL}/{}/_alias/{}",
+            path(&known.physical),
+            path(&alias).replace('@', "%40")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let unknown = Collection::create(&[("a", json!({"n": 1}))]).await;
+    let mut settings = settings();
+    settings.storage.layout = mupdate_worker::config::Layout::Kuzzle2;
+    let worker = Worker::start_with(settings).await;
+
+    let reply = call(
+        &worker,
+        &known.envelope(json!([{"_id": "a", "body": {"n": 2}}])),
+    )
+    .await;
+    assert_eq!(reply["status"], 200, "{reply}");
+    assert_eq!(known.get("a").await.0["n"], 2);
+
+    let reply = call(
+        &worker,
+        &unknown.envelope(json!([{"_id": "a", "body": {"n": 2}}])),
+    )
+    .await;
+    assert_eq!(reply["status"], 412, "{reply}");
+    assert_eq!(reply["error"]["id"], "services.storage.unknown_index");
+    assert_eq!(
+        unknown.get("a").await.0["n"],
+        1,
+        "the index without alias is untouched"
+    );
+    assert!(!index_exists(&format!("@{}", unknown.physical)).await);
+
+    let mut other = known.envelope(json!([{"_id": "a", "body": {"n": 3}}]));
+    other["collection"] = json!("nope");
+    let reply = call(&worker, &other).await;
+    assert_eq!(reply["status"], 412, "{reply}");
+    assert_eq!(reply["error"]["id"], "services.storage.unknown_collection");
+    worker.stop().await;
 }

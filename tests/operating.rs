@@ -218,3 +218,67 @@ async fn a_missing_reply_exchange_keeps_the_worker_unready_until_it_exists() {
     amqp.close().await;
     delete_topology(&settings).await;
 }
+
+/// A W3C `traceparent` on a request is carried to its reply's headers and into the
+/// request's log span, so a producer's trace continues through the worker.
+#[tokio::test]
+async fn a_traceparent_reaches_the_reply_and_the_logs() {
+    let col = Collection::create(&[("a", json!({"n": 1}))]).await;
+    let settings = settings();
+    let mut child = worker_command(&settings)
+        .env("MUPDATE__LOG__FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = stderr_lines(&mut child);
+    wait_consumers(&settings.amqp.request_queue, 1).await;
+    let amqp = Amqp::open().await;
+    let replies = fresh("trace-replies");
+    amqp.channel
+        .queue_declare(
+            replies.as_str().into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "traceparent".into(),
+        lapin::types::AMQPValue::LongString(trace.into()),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_reply_to(replies.as_str().into())
+        .with_headers(headers);
+    let body = serde_json::to_vec(&col.envelope(json!([{"_id": "a", "body": {"n": 2}}]))).unwrap();
+    publish(&amqp.channel, &settings.amqp.request_queue, &body, props).await;
+    let reply = next_message(&amqp.channel, &replies).await;
+    let carried = reply
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("traceparent").cloned());
+    assert_eq!(
+        carried,
+        Some(lapin::types::AMQPValue::LongString(trace.into()))
+    );
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let lines = logs.join().unwrap();
+    let replied: Value = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "replied")
+        .expect("a 'replied' line");
+    assert_eq!(replied["span"]["traceparent"], trace, "{replied}");
+    delete_queues(&[&replies]).await;
+    amqp.close().await;
+    delete_topology(&settings).await;
+}

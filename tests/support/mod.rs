@@ -98,8 +98,21 @@ impl Collection {
     }
 
     pub async fn create_with(docs: &[(&str, Value)], settings: Value) -> Self {
-        let index = fresh("idx");
-        let collection = "col".to_owned();
+        Self::create_in(&fresh("idx"), "col", docs, settings).await
+    }
+
+    /// Another collection of an existing (or new) Kuzzle index.
+    pub async fn create_named(index: &str, collection: &str, docs: &[(&str, Value)]) -> Self {
+        Self::create_in(index, collection, docs, json!({})).await
+    }
+
+    async fn create_in(
+        index: &str,
+        collection: &str,
+        docs: &[(&str, Value)],
+        settings: Value,
+    ) -> Self {
+        let (index, collection) = (index.to_owned(), collection.to_owned());
         let physical = format!("&{index}.{collection}");
         let es = http();
         let r = es
@@ -162,6 +175,28 @@ impl Drop for Collection {
         let url = format!("{ES_URL}/{}", path(&self.physical));
         delete_blocking(url);
     }
+}
+
+/// A fresh directory under the system's temporary directory, removed on drop.
+pub struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn tempdir() -> TempDir {
+    let dir = std::env::temp_dir().join(fresh("mupdate-test"));
+    std::fs::create_dir_all(&dir).unwrap();
+    TempDir(dir)
 }
 
 /// Deletes an engine resource from a destructor, outside the test's runtime.
