@@ -38,14 +38,7 @@ impl Pki {
         pki.run("chmod", &["0755", "."]);
         pki.ca("ca", "mupdate test CA");
         pki.ca("other-ca", "unrelated test CA");
-        pki.openssl(&[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .write_to("server.key");
+        pki.ec_key("server.key");
         pki.sign(
             "server",
             "/CN=localhost",
@@ -79,20 +72,27 @@ impl Pki {
         out.stdout
     }
 
-    fn openssl(&self, args: &[&str]) -> Output {
-        Output(self.dir.clone(), self.run(OPENSSL, args))
+    fn openssl(&self, args: &[&str]) {
+        self.run(OPENSSL, args);
     }
 
-    fn ca(&self, name: &str, cn: &str) {
-        let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+    /// A P-256 key, PKCS#8 PEM.
+    fn ec_key(&self, file: &str) {
+        let curve = "ec_paramgen_curve:P-256";
         self.openssl(&[
             "genpkey",
             "-algorithm",
             "EC",
             "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .write_to(&key);
+            curve,
+            "-out",
+            file,
+        ]);
+    }
+
+    fn ca(&self, name: &str, cn: &str) {
+        let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+        self.ec_key(&key);
         self.openssl(&[
             "req",
             "-x509",
@@ -141,14 +141,7 @@ impl Pki {
         if rsa {
             self.openssl(&["genrsa", "-traditional", "-out", &key, "2048"]);
         } else {
-            self.openssl(&[
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .write_to(&key);
+            self.ec_key(&key);
         }
         self.sign(
             &name,
@@ -180,14 +173,6 @@ impl Pki {
 impl Drop for Pki {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-struct Output(PathBuf, Vec<u8>);
-
-impl Output {
-    fn write_to(self, file: &str) {
-        std::fs::write(self.0.join(file), self.1).unwrap();
     }
 }
 
@@ -294,20 +279,22 @@ impl Drop for TlsListener {
 struct CertLogin {
     user: String,
     plugin_enabled_here: bool,
-    /// `application:get_env` of each setting changed, as printed.
-    before: Vec<(&'static str, String)>,
+    /// `application:get_env` of each setting changed, as printed: `[{Key, Value}]`.
+    before: String,
 }
 
-const CERT_LOGIN_SETTINGS: [&str; 3] = ["auth_mechanisms", "ssl_cert_login_from", "ssl_options"];
+/// The broker settings certificate login changes, and their values for the test.
+const CERT_LOGIN_SETTINGS: &str = "[{auth_mechanisms, ['PLAIN', 'AMQPLAIN', 'EXTERNAL']}, \
+     {ssl_cert_login_from, common_name}, {ssl_options, [{verify, verify_peer}]}]";
 
 impl CertLogin {
     fn enable(user: &str) -> Self {
         let plugin = "rabbitmq_auth_mechanism_ssl";
         let plugin_enabled_here = !rabbitmq_plugins(&["is_enabled", plugin]);
-        let before = CERT_LOGIN_SETTINGS
-            .iter()
-            .map(|key| (*key, eval(&format!("application:get_env(rabbit, {key})."))))
-            .collect();
+        // One eval each way: every rabbitmqctl call costs a second or two.
+        let before = eval(&format!(
+            "[{{K, application:get_env(rabbit, K)}} || {{K, _}} <- {CERT_LOGIN_SETTINGS}]."
+        ));
         let mut login = CertLogin {
             user: user.to_owned(),
             plugin_enabled_here: false,
@@ -317,9 +304,9 @@ impl CertLogin {
             assert!(rabbitmq_plugins(&["enable", plugin]), "enable {plugin}");
             login.plugin_enabled_here = true;
         }
-        eval("application:set_env(rabbit, auth_mechanisms, ['PLAIN', 'AMQPLAIN', 'EXTERNAL']).");
-        eval("application:set_env(rabbit, ssl_cert_login_from, common_name).");
-        eval("application:set_env(rabbit, ssl_options, [{verify, verify_peer}]).");
+        eval(&format!(
+            "[application:set_env(rabbit, K, V) || {{K, V}} <- {CERT_LOGIN_SETTINGS}]."
+        ));
         rabbitmqctl(&["add_user", user, &uuid::Uuid::new_v4().to_string()]);
         rabbitmqctl(&["clear_password", user]);
         rabbitmqctl(&["set_permissions", "-p", "/", user, ".*", ".*", ".*"]);
@@ -338,13 +325,12 @@ impl Drop for CertLogin {
                 .status();
         };
         quiet(&["rabbitmqctl", "-q", "delete_user", &self.user]);
-        for (key, before) in &self.before {
-            let restore = format!(
-                "case {before} of {{ok, V}} -> application:set_env(rabbit, {key}, V); \
-                 undefined -> application:unset_env(rabbit, {key}) end."
-            );
-            quiet(&["rabbitmqctl", "-q", "eval", &restore]);
-        }
+        let restore = format!(
+            "[case V of {{ok, X}} -> application:set_env(rabbit, K, X); \
+              undefined -> application:unset_env(rabbit, K) end || {{K, V}} <- {}].",
+            self.before
+        );
+        quiet(&["rabbitmqctl", "-q", "eval", &restore]);
         if self.plugin_enabled_here {
             quiet(&["rabbitmq-plugins", "disable", "rabbitmq_auth_mechanism_ssl"]);
         }
