@@ -46,10 +46,12 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub async fn connect(settings: &AmqpSettings) -> Result<Self, lapin::Error> {
+    /// Connects to the broker node at `url` (one of `settings.urls()`), with the TLS
+    /// files of `settings` read again (a renewed certificate is used from then on).
+    pub async fn connect(settings: &AmqpSettings, url: &str) -> Result<Self, lapin::Error> {
         let tls = AmqpTls::load(settings).map_err(|e| std::io::Error::other(e.to_string()))?;
         let connection = crate::tls::connect(
-            &settings.url,
+            url,
             &tls,
             ConnectionProperties::default().with_connection_name("mupdate-worker".into()),
         )
@@ -236,12 +238,15 @@ async fn confirming_channel(connection: &Connection) -> Result<Channel, lapin::E
     Ok(channel)
 }
 
+/// The longest requestId also carried in a reply's `requestId` header.
+pub const REQUEST_ID_HEADER_MAX: usize = 4096;
+
 /// A reply ready to publish.
 pub struct Outgoing<'a> {
     pub destination: &'a Destination,
     /// Its `correlation_id`: a short string (`reply::reply_key`).
     pub key: &'a str,
-    /// The full requestId, also in a `requestId` header (a long string: any length).
+    /// The full requestId, also in a `requestId` header up to `REQUEST_ID_HEADER_MAX`.
     pub request_id: &'a str,
     pub status: u16,
     pub body: &'a [u8],
@@ -253,10 +258,14 @@ pub struct Outgoing<'a> {
 pub fn reply_properties(reply: &Outgoing<'_>) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert("status".into(), AMQPValue::ShortInt(reply.status as i16));
-    headers.insert(
-        "requestId".into(),
-        AMQPValue::LongString(reply.request_id.as_bytes().into()),
-    );
+    // The properties travel in one frame (128 KiB on RabbitMQ, which closes the whole
+    // connection over a larger one): a longer id is in the body only.
+    if reply.request_id.len() <= REQUEST_ID_HEADER_MAX {
+        headers.insert(
+            "requestId".into(),
+            AMQPValue::LongString(reply.request_id.as_bytes().into()),
+        );
+    }
     if let Some(traceparent) = reply.traceparent {
         headers.insert(
             "traceparent".into(),
@@ -306,6 +315,14 @@ fn refused_size(error: &str) -> Option<usize> {
     digits.parse().ok()
 }
 
+/// `host:port` of an AMQP URL, without credentials: how logs and metrics name a node.
+pub fn node_name(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+        Err(_) => "unparsable-url".to_owned(),
+    }
+}
+
 fn text(value: &Option<ShortString>) -> Option<String> {
     value.as_ref().map(|s| s.as_str().to_owned())
 }
@@ -337,6 +354,18 @@ pub fn properties(p: &BasicProperties) -> Properties {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_are_named_without_credentials() {
+        assert_eq!(
+            node_name("amqp://guest:secret@127.0.0.1:5701/%2f"),
+            "127.0.0.1:5701"
+        );
+        assert_eq!(
+            node_name("amqps://u:p@rabbit.example:5671"),
+            "rabbit.example:5671"
+        );
+    }
 
     #[test]
     fn the_size_limit_is_read_from_the_brokers_refusal() {

@@ -182,8 +182,13 @@ impl Settings {
                 reason: reason.to_owned(),
             })
         };
-        if !self.amqp.url.starts_with("amqp://") && !self.amqp.url.starts_with("amqps://") {
-            return invalid("amqp.url", "must be an amqp:// or amqps:// URL");
+        if self.amqp.urls().next().is_none() {
+            return invalid("amqp.url", "must name at least one broker");
+        }
+        for url in self.amqp.urls() {
+            if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
+                return invalid("amqp.url", "must be amqp:// or amqps:// URLs");
+            }
         }
         if self.amqp.request_queue.is_empty() {
             return invalid("amqp.request_queue", "must not be empty");
@@ -250,7 +255,7 @@ impl Settings {
     fn validate_tls(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
         let amqp = &self.amqp;
-        let amqp_urls: Vec<&str> = amqp_urls(&amqp.url).collect();
+        let amqp_urls: Vec<&str> = amqp.urls().collect();
         for url in &amqp_urls {
             if let Err(reason) = crate::tls::amqp_uri(url) {
                 return invalid("amqp.url", reason);
@@ -322,7 +327,12 @@ impl Settings {
     /// The settings as TOML-ready JSON with every secret replaced.
     pub fn redacted(&self) -> serde_json::Value {
         let mut copy = self.clone();
-        copy.amqp.url = redact_url(&copy.amqp.url);
+        copy.amqp.url = copy
+            .amqp
+            .urls()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",");
         copy.storage.url = copy
             .storage
             .urls()
@@ -338,9 +348,11 @@ impl Settings {
     }
 }
 
-/// The broker URLs of `amqp.url` (comma-separated).
-pub fn amqp_urls(url: &str) -> impl Iterator<Item = &str> {
-    url.split(',').map(str::trim).filter(|u| !u.is_empty())
+impl AmqpSettings {
+    /// The broker nodes' URLs (several nodes of one cluster, comma-separated).
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.url.split(',').map(str::trim).filter(|u| !u.is_empty())
+    }
 }
 
 /// Kuzzle 2's alias of a collection's index.

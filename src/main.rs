@@ -110,10 +110,7 @@ async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
             "give an envelope file, or --index, --collection and --documents or --file"
         ),
     };
-    let tls = mupdate_worker::tls::AmqpTls::load(&settings.amqp)?;
-    let client = Client::connect_with(&settings.amqp.url, &tls)
-        .await?
-        .with_user_id(mupdate_worker::tls::login_user(&settings.amqp));
+    let client = Client::connect_any(&settings.amqp).await?;
     let id = client::correlation_id(&body);
     let reply = client
         .request(

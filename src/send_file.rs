@@ -87,9 +87,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode
         retry_on_conflict: args.retry_on_conflict,
         timeout: Duration::from_secs(args.timeout),
     };
-    let tls = mupdate_worker::tls::AmqpTls::load(&settings.amqp)?;
-    let client = Client::connect_with(&settings.amqp.url, &tls).await?;
-    let client = Arc::new(client.with_user_id(mupdate_worker::tls::login_user(&settings.amqp)));
+    let client = Arc::new(Client::connect_any(&settings.amqp).await?);
     let stop = CancellationToken::new();
     let on_signal = stop.clone();
     tokio::spawn(async move {

@@ -128,13 +128,13 @@ pub fn external_login(url: &str) -> bool {
     amqp_uri(url).is_ok_and(|uri| uri.query.auth_mechanism == Some(SASLMechanism::External))
 }
 
-/// The broker user a client on `settings` logs in as, for the `user_id` it publishes
-/// (RabbitMQ refuses any other): the URL's user, or with certificate login the client
-/// certificate's common name, which is the user under RabbitMQ's
-/// `ssl_cert_login_from = common_name`.
-pub fn login_user(settings: &AmqpSettings) -> Option<String> {
-    if !external_login(&settings.url) {
-        return crate::client::url_user(&settings.url);
+/// The broker user a client connected to `url` (one of `settings.urls()`) logs in as,
+/// for the `user_id` it publishes (RabbitMQ refuses any other): the URL's user, or with
+/// certificate login the client certificate's common name, which is the user under
+/// RabbitMQ's `ssl_cert_login_from = common_name`.
+pub fn login_user(settings: &AmqpSettings, url: &str) -> Option<String> {
+    if !external_login(url) {
+        return crate::client::url_user(url);
     }
     let pem = std::fs::read(&settings.tls_cert_file).ok()?;
     let leaf = X509::stack_from_pem(&pem).ok()?.into_iter().next()?;
