@@ -20,5 +20,6 @@ pub mod response;
 pub mod security;
 pub mod session;
 pub mod storage;
+
 pub mod update;
 pub mod worker;
