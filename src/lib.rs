@@ -20,6 +20,5 @@ pub mod response;
 pub mod security;
 pub mod session;
 pub mod storage;
-
 pub mod update;
 pub mod worker;
