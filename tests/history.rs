@@ -216,7 +216,13 @@ async fn inject(step: Step, proxy: &Proxy, pool: &mut Workers) {
         Wait(_) => unreachable!(),
         StopEngine => {
             blocking(|| services(&["stop", "engine"])).await;
-            let up = http().get(format!("{ES_URL}/_cluster/health")).send().await;
+            // The engine may take a moment to close its port after the signal.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut up = http().get(format!("{ES_URL}/_cluster/health")).send().await;
+            while up.is_ok() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                up = http().get(format!("{ES_URL}/_cluster/health")).send().await;
+            }
             assert!(
                 up.is_err(),
                 "the engine still answers: services.sh did not stop it (set \
