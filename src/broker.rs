@@ -45,9 +45,10 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub async fn connect(settings: &AmqpSettings) -> Result<Self, lapin::Error> {
+    /// Connects to the broker node at `url` (one of `settings.urls()`).
+    pub async fn connect(settings: &AmqpSettings, url: &str) -> Result<Self, lapin::Error> {
         let connection = Connection::connect(
-            &settings.url,
+            url,
             ConnectionProperties::default().with_connection_name("mupdate-worker".into()),
         )
         .await?;
@@ -303,6 +304,14 @@ fn refused_size(error: &str) -> Option<usize> {
     digits.parse().ok()
 }
 
+/// `host:port` of an AMQP URL, without credentials: how logs and metrics name a node.
+pub fn node_name(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+        Err(_) => "unparsable-url".to_owned(),
+    }
+}
+
 fn text(value: &Option<ShortString>) -> Option<String> {
     value.as_ref().map(|s| s.as_str().to_owned())
 }
@@ -334,6 +343,18 @@ pub fn properties(p: &BasicProperties) -> Properties {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_are_named_without_credentials() {
+        assert_eq!(
+            node_name("amqp://guest:secret@127.0.0.1:5701/%2f"),
+            "127.0.0.1:5701"
+        );
+        assert_eq!(
+            node_name("amqps://u:p@rabbit.example:5671"),
+            "rabbit.example:5671"
+        );
+    }
 
     #[test]
     fn the_size_limit_is_read_from_the_brokers_refusal() {

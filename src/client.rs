@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::config::AmqpSettings;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
@@ -84,6 +85,19 @@ impl Client {
             user_id: None,
             dispatcher,
         })
+    }
+
+    /// Connects to the first broker node of `settings.urls()` that answers, and
+    /// publishes as that URL's user.
+    pub async fn connect_any(settings: &AmqpSettings) -> Result<Self, ClientError> {
+        let mut last = None;
+        for url in settings.urls() {
+            match Self::connect(url).await {
+                Ok(client) => return Ok(client.with_user_id(url_user(url))),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Input("amqp.url names no broker".into())))
     }
 
     /// Sets the AMQP `user_id` of every request: it must be the connection's user

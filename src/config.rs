@@ -172,8 +172,13 @@ impl Settings {
                 reason: reason.to_owned(),
             })
         };
-        if !self.amqp.url.starts_with("amqp://") && !self.amqp.url.starts_with("amqps://") {
-            return invalid("amqp.url", "must be an amqp:// or amqps:// URL");
+        if self.amqp.urls().next().is_none() {
+            return invalid("amqp.url", "must name at least one broker");
+        }
+        for url in self.amqp.urls() {
+            if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
+                return invalid("amqp.url", "must be amqp:// or amqps:// URLs");
+            }
         }
         if self.amqp.request_queue.is_empty() {
             return invalid("amqp.request_queue", "must not be empty");
@@ -239,7 +244,12 @@ impl Settings {
     /// The settings as TOML-ready JSON with every secret replaced.
     pub fn redacted(&self) -> serde_json::Value {
         let mut copy = self.clone();
-        copy.amqp.url = redact_url(&copy.amqp.url);
+        copy.amqp.url = copy
+            .amqp
+            .urls()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",");
         copy.storage.url = copy
             .storage
             .urls()
@@ -252,6 +262,13 @@ impl Settings {
             }
         }
         serde_json::to_value(copy).unwrap_or_default()
+    }
+}
+
+impl AmqpSettings {
+    /// The broker nodes' URLs (several nodes of one cluster, comma-separated).
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.url.split(',').map(str::trim).filter(|u| !u.is_empty())
     }
 }
 

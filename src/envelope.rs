@@ -85,6 +85,8 @@ pub struct Request {
     pub retry_on_conflict: u32,
     /// Kuzzle 2's `strict`: any failed document fails the request (format v2).
     pub strict: bool,
+    /// Kuzzle's `silent`: no realtime notification, so no `_updatedFields` (format v2).
+    pub silent: bool,
     /// The entries of `body.documents`, as the client sent them.
     pub documents: Vec<Value>,
 }
@@ -238,7 +240,7 @@ fn validate(
         Some(Value::String(_)) => {
             return Err(RequestError::StorageInvalidArgument {
                 name: "refresh",
-                expected: "false, \"false\" or \"wait_for\"".into(),
+                expected: "\"wait_for\", false".into(),
             });
         }
         Some(_) => {
@@ -260,6 +262,17 @@ fn validate(
                 });
             }
         },
+        // As Kuzzle, whose HTTP arguments are strings: a string that is a whole number.
+        Some(Value::String(text)) => match text.parse::<u64>() {
+            Ok(n) if n <= u64::from(limits.max_retry_on_conflict) => n as u32,
+            Ok(_) => return Err(retry_out_of_range(limits)),
+            Err(_) => {
+                return Err(RequestError::InvalidType {
+                    name: "retryOnConflict",
+                    expected: "integer",
+                });
+            }
+        },
         Some(_) => {
             return Err(RequestError::InvalidType {
                 name: "retryOnConflict",
@@ -268,6 +281,7 @@ fn validate(
         }
     };
     let strict = matches!(object.get("strict"), Some(Value::Bool(true)));
+    let silent = matches!(object.get("silent"), Some(Value::Bool(true)));
 
     if documents.len() > limits.documents_write_count {
         return Err(RequestError::WriteLimitExceeded {
@@ -282,6 +296,7 @@ fn validate(
         refresh,
         retry_on_conflict,
         strict,
+        silent,
         documents,
     })
 }
@@ -589,8 +604,15 @@ mod tests {
         // A wrong type is Kuzzle's invalid_type; a wrong value of the right type,
         // invalid_argument.
         assert_eq!(
-            error_id(with("retryOnConflict", json!("3"))),
+            error_id(with("retryOnConflict", json!("3abc"))),
             "api.assert.invalid_type"
+        );
+        assert_eq!(
+            run(with("retryOnConflict", json!("3")))
+                .request
+                .unwrap()
+                .retry_on_conflict,
+            3
         );
         assert_eq!(
             error_id(with("retryOnConflict", json!(1.5))),

@@ -145,9 +145,9 @@ impl RequestError {
         if let Some(code) = kuzzle_code(id) {
             error["code"] = json!(code);
         }
-        let props = self.props();
-        if !props.is_empty() {
-            error["props"] = json!(props);
+        if error.get("code").is_some() {
+            // Kuzzle's errors always carry their props, empty or not.
+            error["props"] = json!(self.props());
         }
         error
     }
@@ -201,6 +201,8 @@ mod tests {
             err.to_string(),
             "Wrong type for argument \"retryOnConflict\" (expected: integer)"
         );
-        assert!(RequestError::BodyRequired.to_json().get("props").is_none());
+        assert_eq!(RequestError::BodyRequired.to_json()["props"], json!([]));
+        let worker_only = RequestError::BodyTooLarge { size: 2, limit: 1 }.to_json();
+        assert!(worker_only.get("props").is_none() && worker_only.get("code").is_none());
     }
 }

@@ -110,9 +110,7 @@ async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
             "give an envelope file, or --index, --collection and --documents or --file"
         ),
     };
-    let client = Client::connect(&settings.amqp.url)
-        .await?
-        .with_user_id(client::url_user(&settings.amqp.url));
+    let client = Client::connect_any(&settings.amqp).await?;
     let id = client::correlation_id(&body);
     let reply = client
         .request(

@@ -29,6 +29,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabel {
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -48,6 +53,7 @@ pub struct Metrics {
     pub requeued: Counter,
     dead_lettered: Family<ReasonLabel, Counter>,
     rights: Family<OutcomeLabel, Counter>,
+    broker_node: Family<NodeLabel, Gauge>,
     pub pauses: Counter,
     pub panics: Counter,
     pub replies_shrunk: Counter,
@@ -80,6 +86,7 @@ impl Metrics {
         let (unroutable_replies, requeued) = (Counter::default(), Counter::default());
         let dead_lettered = Family::<ReasonLabel, Counter>::default();
         let rights = Family::<OutcomeLabel, Counter>::default();
+        let broker_node = Family::<NodeLabel, Gauge>::default();
         let (pauses, panics) = (Counter::default(), Counter::default());
         let (replies_shrunk, duplicates_skipped) = (Counter::default(), Counter::default());
         let paused_gauge = Gauge::default();
@@ -140,6 +147,11 @@ impl Metrics {
             rights.clone(),
         );
         registry.register(
+            "broker_node",
+            "1 for the broker node (host:port) the worker is connected to, 0 for the others",
+            broker_node.clone(),
+        );
+        registry.register(
             "pauses",
             "Times consumption paused because the engine stayed unavailable",
             pauses.clone(),
@@ -188,6 +200,7 @@ impl Metrics {
             requeued,
             dead_lettered,
             rights,
+            broker_node,
             pauses,
             panics,
             replies_shrunk,
@@ -251,6 +264,20 @@ impl Metrics {
     /// Counts a rights check: `allowed`, `unauthorized` or `forbidden`.
     pub fn rights(&self, outcome: &'static str) {
         self.rights.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// The broker node in use: 1 for `node`, 0 for the `others`.
+    pub fn set_broker_node<'a>(&self, node: &str, others: impl Iterator<Item = &'a str>) {
+        for other in others {
+            let label = NodeLabel {
+                node: other.to_owned(),
+            };
+            self.broker_node.get_or_create(&label).set(0);
+        }
+        let label = NodeLabel {
+            node: node.to_owned(),
+        };
+        self.broker_node.get_or_create(&label).set(1);
     }
 
     pub fn set_paused(&self, paused: bool) {

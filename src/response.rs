@@ -135,9 +135,10 @@ struct HitV1<'a> {
 #[derive(Serialize)]
 struct HitV2<'a> {
     _id: &'a str,
-    /// The paths the entry set, as Kuzzle's realtime layer reads them.
-    #[serde(rename = "_updatedFields")]
-    updated_fields: Vec<String>,
+    /// The paths the entry set, as Kuzzle's realtime layer reads them; as Kuzzle, none
+    /// for a created document or a `silent` request (no notification follows).
+    #[serde(rename = "_updatedFields", skip_serializing_if = "Option::is_none")]
+    updated_fields: Option<Vec<String>>,
     _version: Option<i64>,
     status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -258,7 +259,8 @@ pub fn documents_response(
             let successes: Vec<HitV2> = updated
                 .map(|(id, item, slot)| HitV2 {
                     _id: id,
-                    updated_fields: updated_fields(request, slot),
+                    updated_fields: (!request.silent && created(request, item) != Some(true))
+                        .then(|| updated_fields(request, slot)),
                     _version: item.version,
                     status: item.status,
                     created: created(request, item),
@@ -270,6 +272,7 @@ pub fn documents_response(
                 let error = json!({
                     "status": 400, "id": "api.process.incomplete_multiple_request",
                     "code": kuzzle_code("api.process.incomplete_multiple_request"),
+                    "props": [request.action.name()],
                     "message": format!("At least one of the {} actions failed.", request.action.name()),
                     "count": failed, "errors": errors});
                 return envelope(echo, 400, &error, Value::Null);
@@ -307,6 +310,7 @@ mod tests {
             refresh: Refresh::WaitFor,
             retry_on_conflict: 3,
             strict,
+            silent: false,
             documents: vec![],
         }
     }

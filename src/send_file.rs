@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use mupdate_worker::client::{self, Client};
+use mupdate_worker::client::Client;
 use mupdate_worker::config::Settings;
 use mupdate_worker::loader::{self, Job, Report, Summary};
 use tokio_util::sync::CancellationToken;
@@ -87,8 +87,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode
         retry_on_conflict: args.retry_on_conflict,
         timeout: Duration::from_secs(args.timeout),
     };
-    let client = Client::connect(&settings.amqp.url).await?;
-    let client = Arc::new(client.with_user_id(client::url_user(&settings.amqp.url)));
+    let client = Arc::new(Client::connect_any(&settings.amqp).await?);
     let stop = CancellationToken::new();
     let on_signal = stop.clone();
     tokio::spawn(async move {

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::broker::Broker;
-use crate::config::Settings;
+use crate::config::{AmqpSettings, Settings};
 use crate::delivery::{Settlement, Ticket};
 use crate::metrics::{self, Metrics};
 use crate::worker::{Handler, Processor};
@@ -61,6 +61,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     }
 
     let mut backoff = reconnect_backoff();
+    let mut nodes = Nodes::new(&settings.amqp);
     let mut first = true;
     while !shutdown.is_cancelled() {
         if !first {
@@ -71,22 +72,30 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             settings: &settings,
             handler: &handler,
             shutdown: &shutdown,
+            url: nodes.current(),
             consuming_since: None,
         };
         let outcome = session.run().await;
         metrics.set_broker_up(false);
         metrics.set_paused(false);
-        if session
+        let healthy = session
             .consuming_since
-            .is_some_and(|t| t.elapsed() >= HEALTHY)
-        {
+            .is_some_and(|t| t.elapsed() >= HEALTHY);
+        if healthy {
             backoff = reconnect_backoff();
+            nodes.round_starts();
         }
         match outcome {
             Ok(()) => break,
             Err(err) => {
+                let node = crate::broker::node_name(nodes.current());
+                // The next node of the cluster at once; a pause once all were tried.
+                if nodes.advance() {
+                    warn!(error = %err, %node, "broker node unavailable; trying the next one");
+                    continue;
+                }
                 let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                warn!(error = %err, ?wait, "broker connection lost; reconnecting");
+                warn!(error = %err, %node, ?wait, "broker connection lost; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => break,
@@ -142,6 +151,48 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// The broker nodes (`amqp.url`, comma-separated), tried in turn from a random first one,
+/// so that several workers spread over a cluster's nodes.
+struct Nodes {
+    urls: Vec<String>,
+    current: usize,
+    /// Nodes tried since a session last went well.
+    tried: usize,
+}
+
+impl Nodes {
+    fn new(settings: &AmqpSettings) -> Self {
+        let urls: Vec<String> = settings.urls().map(str::to_owned).collect();
+        let current = (uuid::Uuid::new_v4().as_u128() % urls.len().max(1) as u128) as usize;
+        Nodes {
+            urls,
+            current,
+            tried: 0,
+        }
+    }
+
+    fn current(&self) -> &str {
+        &self.urls[self.current]
+    }
+
+    /// Moves to the next node; false once every node was tried in this round (then
+    /// the caller backs off, and a new round starts).
+    fn advance(&mut self) -> bool {
+        self.current = (self.current + 1) % self.urls.len();
+        self.tried += 1;
+        if self.tried >= self.urls.len() {
+            self.tried = 0;
+            return false;
+        }
+        true
+    }
+
+    /// A session went well: the next failure starts a new round.
+    fn round_starts(&mut self) {
+        self.tried = 0;
+    }
+}
+
 /// How a consuming period ended.
 enum End {
     Shutdown,
@@ -153,6 +204,8 @@ struct Session<'a> {
     settings: &'a Arc<Settings>,
     handler: &'a Arc<Handler>,
     shutdown: &'a CancellationToken,
+    /// The broker node of this session.
+    url: &'a str,
     consuming_since: Option<Instant>,
 }
 
@@ -160,7 +213,12 @@ impl Session<'_> {
     /// One connection's life. `Ok` means a clean shutdown.
     async fn run(&mut self) -> anyhow::Result<()> {
         let amqp = &self.settings.amqp;
-        let broker = Arc::new(Broker::connect(amqp).await?);
+        let broker = Arc::new(Broker::connect(amqp, self.url).await?);
+        let node = crate::broker::node_name(self.url);
+        let others: Vec<String> = amqp.urls().map(crate::broker::node_name).collect();
+        let metrics = self.handler.metrics();
+        metrics.set_broker_node(&node, others.iter().map(String::as_str));
+        info!(%node, "connected");
         if amqp.declare {
             broker.declare(amqp).await?;
         }
@@ -184,7 +242,6 @@ impl Session<'_> {
             let tracker = TaskTracker::new();
             let period = session.child_token();
             let mut consumer = broker.consume(&amqp.request_queue).await?;
-            let metrics = self.handler.metrics();
             metrics.set_broker_up(true);
             metrics.set_paused(false);
             self.consuming_since.get_or_insert_with(Instant::now);
@@ -329,5 +386,36 @@ impl Session<'_> {
             session.cancel();
             let _ = tokio::time::timeout(HAND_BACK, tracker.wait()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_are_tried_in_turn_and_a_round_ends_after_each_was_tried() {
+        let mut settings = Settings::defaults().amqp;
+        settings.url = "amqp://a:1, amqp://b:2 ,amqp://c:3".into();
+        let mut nodes = Nodes::new(&settings);
+        let first = nodes.current().to_owned();
+        let mut seen = vec![first.clone()];
+        assert!(nodes.advance());
+        seen.push(nodes.current().to_owned());
+        assert!(nodes.advance());
+        seen.push(nodes.current().to_owned());
+        assert!(!nodes.advance(), "all three tried: back off");
+        assert_eq!(
+            nodes.current(),
+            first,
+            "the next round starts where this one did"
+        );
+        seen.sort();
+        assert_eq!(seen, ["amqp://a:1", "amqp://b:2", "amqp://c:3"]);
+        // A session that went well starts a new round from wherever it is.
+        assert!(nodes.advance());
+        nodes.round_starts();
+        assert!(nodes.advance() && nodes.advance());
+        assert!(!nodes.advance());
     }
 }

@@ -225,7 +225,7 @@ whole_request_error! {
     request_id_not_a_string_is_400_invalid_type: with("requestId", json!(42)) => 400, "api.assert.invalid_type";
     invalid_refresh_is_400_invalid_argument: with("refresh", json!("now")) => 400, "services.storage.invalid_argument";
     invalid_retry_on_conflict_is_400_invalid_argument: with("retryOnConflict", json!(1000)) => 400, "services.storage.invalid_argument";
-    mistyped_retry_on_conflict_is_400_invalid_type: with("retryOnConflict", json!("3")) => 400, "api.assert.invalid_type";
+    mistyped_retry_on_conflict_is_400_invalid_type: with("retryOnConflict", json!("3x")) => 400, "api.assert.invalid_type";
     too_many_documents_is_413_write_limit_exceeded: with("body", json!({"documents":
         (0..201).map(|i| json!({"_id": i.to_string(), "body": {}})).collect::<Vec<_>>()}))
         => 413, "services.storage.write_limit_exceeded";

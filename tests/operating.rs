@@ -282,3 +282,22 @@ async fn a_traceparent_reaches_the_reply_and_the_logs() {
     amqp.close().await;
     delete_topology(&settings).await;
 }
+
+/// `amqp.url` lists several broker nodes: one that doesn't answer is skipped, and the
+/// node in use shows in a metric, without credentials.
+#[tokio::test]
+async fn an_unreachable_broker_node_is_skipped_for_the_next() {
+    let mut settings = settings();
+    let dead = free_port();
+    settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{dead}/%2f,{AMQP_URL}");
+    let listen = format!("127.0.0.1:{}", free_port());
+    settings.metrics.listen = listen.clone();
+    let worker = Worker::start_with(settings).await;
+    let reply = call_bytes(&worker, b"not json").await;
+    assert_eq!(reply["status"], 400);
+    let up = metric(&listen, "mupdate_broker_node{node=\"127.0.0.1:5672\"}").await;
+    assert_eq!(up, 1.0);
+    let down = format!("mupdate_broker_node{{node=\"127.0.0.1:{dead}\"}}");
+    assert_eq!(metric(&listen, &down).await, 0.0);
+    worker.stop().await;
+}
