@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: scripts/cluster.sh start|stop|status | kill NODE | restart NODE
+# usage: scripts/cluster.sh start|stop|status|running | kill NODE | restart NODE
 #        scripts/cluster.sh rabbitmqctl|rabbitmq-queues NODE ARGS…
 #   NODE: rabbit1 rabbit2 rabbit3 es1 es2 es3
 #
@@ -17,6 +17,7 @@
 #          .services/cluster/, checked to be the same processes); keeps their data.
 # status   each node: up or down, pid, memory (RSS), last start-up time; exit 1 unless
 #          all six are up.
+# running  exit 0 when all six nodes answer, quietly (for scripts/test.sh).
 # kill     SIGKILL of one node, by its pid file.
 # restart  starts that node again and waits until it rejoined its cluster.
 #
@@ -374,6 +375,8 @@ case "${1:-}" in
   start) cluster_start ;;
   stop) cluster_stop ;;
   status) cluster_status ;;
+  running)
+    for i in 1 2 3; do port_open $((5700 + i)) && es_node_up "$i" || exit 1; done ;;
   kill | restart)
     node=${2:-}
     i=$(node_index "$node")
