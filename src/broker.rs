@@ -234,12 +234,15 @@ async fn confirming_channel(connection: &Connection) -> Result<Channel, lapin::E
     Ok(channel)
 }
 
+/// The longest requestId also carried in a reply's `requestId` header.
+pub const REQUEST_ID_HEADER_MAX: usize = 4096;
+
 /// A reply ready to publish.
 pub struct Outgoing<'a> {
     pub destination: &'a Destination,
     /// Its `correlation_id`: a short string (`reply::reply_key`).
     pub key: &'a str,
-    /// The full requestId, also in a `requestId` header (a long string: any length).
+    /// The full requestId, also in a `requestId` header up to `REQUEST_ID_HEADER_MAX`.
     pub request_id: &'a str,
     pub status: u16,
     pub body: &'a [u8],
@@ -251,10 +254,14 @@ pub struct Outgoing<'a> {
 pub fn reply_properties(reply: &Outgoing<'_>) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert("status".into(), AMQPValue::ShortInt(reply.status as i16));
-    headers.insert(
-        "requestId".into(),
-        AMQPValue::LongString(reply.request_id.as_bytes().into()),
-    );
+    // The properties travel in one frame (128 KiB on RabbitMQ, which closes the whole
+    // connection over a larger one): a longer id is in the body only.
+    if reply.request_id.len() <= REQUEST_ID_HEADER_MAX {
+        headers.insert(
+            "requestId".into(),
+            AMQPValue::LongString(reply.request_id.as_bytes().into()),
+        );
+    }
     if let Some(traceparent) = reply.traceparent {
         headers.insert(
             "traceparent".into(),
