@@ -10,7 +10,9 @@
 # engine nodes listed, on one quorum request queue; `loadgen drive` publishes N
 # requests of DOCS documents (1 and 10 by default) through the queue's leader node with
 # 64 × k outstanding and checks every reply. CPU seconds of each node, worker and the
-# driver come from /proc (utime + stime) before and after. Rounds interleave k = 1, 2, 3.
+# driver come from /proc (utime + stime) before and after. A warm-up run per DOCS (the
+# JVMs compile their hot paths: the first runs cost the engine several times more CPU)
+# is left out; then rounds interleave k = 1, 2, 3.
 # Prints one JSON line per run on stderr, then a Markdown table of the medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +82,14 @@ curl -fsS -XPUT -H 'content-type: application/json' "$ES/%26bench.docs" \
   -d '{"settings": {"number_of_shards": 3, "number_of_replicas": 1}}' >/dev/null
 "$LOADGEN" seed -es "$ES" -count 20000 >/dev/null
 curl -fsS "$ES/_cluster/health/%26bench.docs?wait_for_status=green&timeout=60s" >/dev/null
+
+log "warm-up: 3 workers, $N requests of each size"
+start_workers 3
+for docs in $DOCS; do
+  "$LOADGEN" drive -url "$(amqp "$(leader)")" -queue "$QUEUE" -n "$N" -docs "$docs" \
+    -window $((WINDOW_PER_WORKER * 3)) -wait 60s -consumers 3 >/dev/null
+done
+stop_workers
 
 runs=$(mktemp)
 for ((round = 1; round <= ROUNDS; round++)); do
