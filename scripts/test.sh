@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite against the real servers: starts RabbitMQ and Elasticsearch when
 # they are not running (installing them when missing), then a real Kuzzle 2 on that
-# Elasticsearch for tests/kuzzle.rs (scripts/kuzzle.sh: npm ci the first time), runs
-# every test target but tests/cluster.rs; then starts the local cluster
-# (scripts/cluster.sh: three RabbitMQ and three Elasticsearch nodes) for tests/cluster.rs
-# and says how long that part took. Stops what it started, even when a test fails.
+# Elasticsearch for tests/kuzzle.rs (scripts/kuzzle.sh: npm ci the first time), installs
+# what tests/ops.rs and tests/examples.rs need when missing (promtool and prometheus, the
+# examples' Python venv and npm packages: scripts/ops.sh), runs every test target but
+# tests/cluster.rs; then starts the local cluster (scripts/cluster.sh: three RabbitMQ and
+# three Elasticsearch nodes) for tests/cluster.rs and says how long that part took.
+# Stops what it started, even when a test fails.
 #
 # ENGINE=opensearch runs the suite on OpenSearch, without tests/kuzzle.rs (Kuzzle 2
 # speaks to Elasticsearch only); the cluster is Elasticsearch's either way.
@@ -44,6 +46,7 @@ for t in tests/*.rs; do
   name=$(basename "$t" .rs)
   case " $skip " in *" $name "*) ;; *) targets+=(--test "$name") ;; esac
 done
+scripts/ops.sh install
 cargo test "${targets[@]}" "$@"
 
 [ "${CLUSTER:-1}" != 0 ] || { echo "[test] CLUSTER=0: tests/cluster.rs is not run"; exit 0; }

@@ -58,6 +58,7 @@ pub struct StorageSettings {
     pub kuzzle_metadata: bool,
     pub default_retry_on_conflict: u32,
     pub timeout_ms: u64,
+    pub write_timeout_ms: u64,
     pub retry_min_delay_ms: u64,
     pub retry_max_delay_ms: u64,
     pub item_retries: u32,

@@ -57,6 +57,7 @@ pub struct Metrics {
     pub pauses: Counter,
     pub panics: Counter,
     pub replies_shrunk: Counter,
+    pub slow_writes: Counter,
     pub duplicates_skipped: Counter,
     paused_gauge: Gauge,
     paused: AtomicBool,
@@ -89,6 +90,7 @@ impl Metrics {
         let broker_node = Family::<NodeLabel, Gauge>::default();
         let (pauses, panics) = (Counter::default(), Counter::default());
         let (replies_shrunk, duplicates_skipped) = (Counter::default(), Counter::default());
+        let slow_writes = Counter::default();
         let paused_gauge = Gauge::default();
         registry.register(
             "requests",
@@ -172,6 +174,11 @@ impl Metrics {
             replies_shrunk.clone(),
         );
         registry.register(
+            "engine_slow_writes",
+            "_bulk calls not answered within storage.timeout_ms (still awaited)",
+            slow_writes.clone(),
+        );
+        registry.register(
             "duplicates_skipped",
             "Redelivered requests already answered by this worker, acked without a second update",
             duplicates_skipped.clone(),
@@ -204,6 +211,7 @@ impl Metrics {
             pauses,
             panics,
             replies_shrunk,
+            slow_writes,
             duplicates_skipped,
             paused_gauge,
             paused: AtomicBool::new(false),

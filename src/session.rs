@@ -233,7 +233,7 @@ impl Session<'_> {
         let broken = CancellationToken::new();
         loop {
             if self.engine_down_too_long() {
-                match self.pause(&broken).await {
+                match self.pause(&broker, &broken).await {
                     Some(End::Shutdown) => break,
                     Some(End::Failed(err)) => return Err(err),
                     _ => {}
@@ -268,11 +268,15 @@ impl Session<'_> {
                 }
                 End::Failed(err) => {
                     // Calls already at the engine return or time out before the next
-                    // session consumes the same requests again.
+                    // session consumes the same requests again; a handler stuck on the
+                    // dead connection itself doesn't hold the reconnection up for long.
                     session.cancel();
                     tracker.close();
+                    let bound = Duration::from_millis(self.settings.storage.write_timeout_ms);
                     tokio::select! {
-                        _ = tracker.wait() => {}
+                        waited = tokio::time::timeout(bound, tracker.wait()) => if waited.is_err() {
+                            warn!(tasks = tracker.len(), "requests of the lost session still running; reconnecting anyway");
+                        },
                         _ = self.shutdown.cancelled() => {
                             let _ = tokio::time::timeout(HAND_BACK, tracker.wait()).await;
                         }
@@ -325,11 +329,17 @@ impl Session<'_> {
         }
     }
 
-    /// Waits, not consuming, until the engine answers again.
-    async fn pause(&self, broken: &CancellationToken) -> Option<End> {
+    /// Waits, not consuming, until the engine answers again (or the broker connection
+    /// is lost meanwhile).
+    async fn pause(&self, broker: &Broker, broken: &CancellationToken) -> Option<End> {
         let metrics = self.handler.metrics();
         metrics.set_paused(true);
         loop {
+            if !broker.connected() {
+                return Some(End::Failed(anyhow::anyhow!(
+                    "the broker connection was lost while paused"
+                )));
+            }
             if self.handler.processor.engine_answers().await {
                 info!("storage engine answers again; resuming consumption");
                 return None;

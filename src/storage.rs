@@ -56,7 +56,10 @@ pub enum IndexState {
 
 pub struct Storage {
     client: Elasticsearch,
+    /// Reads, and the point past which a write counts as slow.
     timeout: Duration,
+    /// How long a write already sent is awaited before it is given up (and sent again).
+    write_timeout: Duration,
     backoff: ExponentialBuilder,
     cache_for: Duration,
     /// Physical indexes seen to exist, and when.
@@ -95,6 +98,9 @@ impl Storage {
         Ok(Storage {
             client: Elasticsearch::new(transport),
             timeout: Duration::from_millis(settings.timeout_ms),
+            write_timeout: Duration::from_millis(
+                settings.write_timeout_ms.max(settings.timeout_ms),
+            ),
             backoff,
             cache_for: Duration::from_millis(settings.index_cache_ms),
             known: Mutex::new(HashMap::new()),
@@ -104,13 +110,15 @@ impl Storage {
         })
     }
 
-    /// One HTTP call; transport failures, 5xx and 429 are `Unavailable`.
+    /// One HTTP call, given up after `timeout`; transport failures, 5xx and 429 are
+    /// `Unavailable`.
     async fn call_once(
         &self,
         method: Method,
         path: &str,
         query: &[(&str, &str)],
         body: Option<&[u8]>,
+        timeout: Duration,
     ) -> Result<(u16, Vec<u8>), StorageError> {
         let mut headers = HeaderMap::new();
         if body.is_some() {
@@ -121,7 +129,7 @@ impl Storage {
         }
         let response = self
             .client
-            .send(method, path, headers, Some(query), body, Some(self.timeout))
+            .send(method, path, headers, Some(query), body, Some(timeout))
             .await
             .map_err(|e| {
                 self.answered(false);
@@ -176,7 +184,8 @@ impl Storage {
             if cancel.is_cancelled() {
                 return Err(StorageError::Abandoned);
             }
-            self.call_once(method, path, query, body).await
+            self.call_once(method, path, query, body, self.timeout)
+                .await
         };
         attempt
             .retry(self.backoff)
@@ -246,7 +255,7 @@ impl Storage {
     /// One health call, not retried: whether the engine answers. Updates `engine_up`.
     pub async fn ping(&self) -> bool {
         let query = [("timeout", "2s")];
-        self.call_once(Method::Get, "/_cluster/health", &query, None)
+        self.call_once(Method::Get, "/_cluster/health", &query, None, self.timeout)
             .await
             .is_ok()
     }
@@ -262,9 +271,27 @@ impl Storage {
             query.push(("require_alias", "true"));
         }
         let started = Instant::now();
-        let result = self
-            .call_once(Method::Post, "/_bulk", &query, Some(body))
-            .await;
+        // A write already sent is not given up at `timeout`: the engine may still apply
+        // it, after a resend and after the next update of the same document (a stale
+        // write). Past `timeout` the engine counts as slow (toward the pause), and the
+        // call is awaited until `write_timeout`.
+        let call = self.call_once(
+            Method::Post,
+            "/_bulk",
+            &query,
+            Some(body),
+            self.write_timeout,
+        );
+        tokio::pin!(call);
+        let result = tokio::select! {
+            result = &mut call => result,
+            _ = tokio::time::sleep(self.timeout) => {
+                self.metrics.slow_writes.inc();
+                self.answered(false);
+                tracing::warn!(timeout = ?self.timeout, "storage engine slow: a write is not answered yet; still waiting for it");
+                call.await
+            }
+        };
         self.metrics
             .bulk_seconds
             .observe(started.elapsed().as_secs_f64());

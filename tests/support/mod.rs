@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod proxy;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -66,6 +67,30 @@ pub async fn wait_readyz(listen: &str, want: u16) {
             "readyz never {want} (last {status})"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits (up to 3 minutes) until RabbitMQ accepts connections and Elasticsearch answers:
+/// for tests that may start while another test, or another checkout's, restarts them.
+pub async fn wait_servers() {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let broker = tokio::net::TcpStream::connect("127.0.0.1:5672")
+            .await
+            .is_ok();
+        let engine = http()
+            .get(format!("{ES_URL}/_cluster/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if broker && engine {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "servers down (broker up: {broker}, engine up: {engine})"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

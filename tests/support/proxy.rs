@@ -1,0 +1,144 @@
+//! A fault-injecting TCP proxy for tests: forwards every connection to a target, can
+//! delay each direction (like netem: data read at t is written at t + latency, in order)
+//! and can cut every open connection.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub struct Proxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Latency of data going to the target, then of data coming back.
+    latency: Mutex<(Duration, Duration)>,
+    /// Cancelled by `cut`, which puts a fresh one in place for later connections.
+    cut: Mutex<CancellationToken>,
+    /// Cancelled on drop: the parent of every `cut` token.
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    /// Listens on 127.0.0.1 on a free port, forwarding every connection to `target`
+    /// (e.g. "127.0.0.1:9200").
+    pub async fn start(target: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            latency: Mutex::new((Duration::ZERO, Duration::ZERO)),
+            cut: Mutex::new(stop.child_token()),
+            stop,
+        });
+        tokio::spawn(accept(listener, target.to_owned(), shared.clone()));
+        Proxy { addr, shared }
+    }
+
+    /// "127.0.0.1:PORT"
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// "http://127.0.0.1:PORT"
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// From now on, bytes going to the target (`up`) and back (`down`) are each held
+    /// this long before being forwarded, in order, per connection; a connection's close
+    /// is forwarded after the data before it. `Duration::ZERO`: no delay for new data.
+    pub fn set_latency(&self, up: Duration, down: Duration) {
+        *self.shared.latency.lock().unwrap() = (up, down);
+    }
+
+    /// Closes every connection open now (both sides); new ones are accepted as usual.
+    pub fn cut(&self) {
+        let fresh = self.shared.stop.child_token();
+        std::mem::replace(&mut *self.shared.cut.lock().unwrap(), fresh).cancel();
+    }
+}
+
+impl Drop for Proxy {
+    /// Stops accepting and closes every connection.
+    fn drop(&mut self) {
+        self.shared.stop.cancel();
+    }
+}
+
+async fn accept(listener: TcpListener, target: String, shared: Arc<Shared>) {
+    loop {
+        let client = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((client, _)) => client,
+                Err(_) => continue,
+            },
+        };
+        let cut = shared.cut.lock().unwrap().clone();
+        let (target, shared) = (target.clone(), shared.clone());
+        tokio::spawn(async move {
+            // Dropping the sockets, when cut, closes both sides.
+            tokio::select! {
+                _ = cut.cancelled() => {}
+                _ = forward(client, &target, &shared) => {}
+            }
+        });
+    }
+}
+
+/// Both directions of one connection, until both have closed.
+async fn forward(client: TcpStream, target: &str, shared: &Shared) {
+    // A target that refuses (it is down) closes the client's connection at once.
+    let Ok(server) = TcpStream::connect(target).await else {
+        return;
+    };
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    tokio::join!(
+        pipe(client_read, server_write, || shared
+            .latency
+            .lock()
+            .unwrap()
+            .0),
+        pipe(server_read, client_write, || shared
+            .latency
+            .lock()
+            .unwrap()
+            .1),
+    );
+}
+
+/// Copies `from` to `to`, each chunk held for the latency in force when it was read.
+async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, latency: impl Fn() -> Duration) {
+    // An empty chunk stands for the end of the stream (or a read error).
+    let (chunks, mut due) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            let n = from.read(&mut buf).await.unwrap_or(0);
+            let _ = chunks.send((Instant::now() + latency(), buf[..n].to_vec()));
+            if n == 0 {
+                return;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((at, chunk)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if chunk.is_empty() || to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
+}
