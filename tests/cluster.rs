@@ -753,9 +753,10 @@ async fn sequential_updates_through_a_broker_node_kill_leave_no_stale_write() {
         history.add(client, report, &collection).await;
     }
     let amqp = &settings.amqp;
-    history.left_queued = queue_counts_at(&amqp_url(via), &amqp.request_queue)
-        .await
-        .map_or(0, |c| c.0);
+    let url = amqp_url(via);
+    let count = |q| queue_counts_at(&url, q);
+    history.left_queued = count(&amqp.request_queue).await.map_or(0, |c| c.0);
+    history.dead_lettered = count(&amqp.dead_letter_queue).await.map_or(0, |c| c.0);
     let rejoined = t.killed.restart(&rabbit(node)).await;
     t.report(format!(
         "SIGKILL rabbit{node} (the worker's): it moved to rabbit{moved} in \
@@ -1005,6 +1006,7 @@ struct History {
     reconnects: u32,
     failures: Vec<String>,
     left_queued: u32,
+    dead_lettered: u32,
 }
 
 impl History {
@@ -1052,6 +1054,7 @@ impl History {
         assert!(self.unacknowledged.is_empty(), "{:#?}", self.unacknowledged);
         assert!(self.acknowledged > 0, "updates went through");
         assert_eq!(self.left_queued, 0, "requests left in the request queue");
+        assert_eq!(self.dead_lettered, 0, "requests dead-lettered");
     }
 }
 
@@ -1061,7 +1064,7 @@ impl std::fmt::Display for History {
             f,
             "{CLIENTS} clients, updates acknowledged={}, stale documents={}/{} ({} after a \
              client re-publish), unacknowledged writes={}, duplicate replies={}, failures={}, \
-             client re-publishes={}, client reconnects={}, left queued={}",
+             client re-publishes={}, client reconnects={}, left queued={}, dead-lettered={}",
             self.acknowledged,
             self.stale.len(),
             self.documents,
@@ -1071,7 +1074,8 @@ impl std::fmt::Display for History {
             self.failures.len(),
             self.republished,
             self.reconnects,
-            self.left_queued
+            self.left_queued,
+            self.dead_lettered
         )
     }
 }
