@@ -13,21 +13,16 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
-};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties, Consumer};
 use mupdate_worker::config::Settings;
 use serde_json::{Value, json};
+use support::history::*;
 use support::load::Load;
 use support::*;
 use tokio::time::Instant;
@@ -688,10 +683,14 @@ async fn two_workers_on_two_nodes_one_node_killed_the_rest_finish_everything() {
 
 // ------------------------------------------------------------------ history
 
+const CLIENTS: usize = 6;
+/// A reply that takes longer is lost.
+const REPLY_WITHIN: Duration = Duration::from_secs(90);
+
 /// Clients updating their own documents sequentially (update k+1 sent once update k's
 /// 200 came back), spread over the three broker nodes, while the worker's node is
 /// killed: afterwards each document holds its last acknowledged update (the history
-/// check of tests/history.rs, on the cluster).
+/// check of tests/history.rs, `support::history`, on the cluster).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_updates_through_a_broker_node_kill_leave_no_stale_write() {
     let mut t = begin("history through a broker node kill").await;
@@ -703,26 +702,31 @@ async fn sequential_updates_through_a_broker_node_kill_leave_no_stale_write() {
     wait_consumers_at(&amqp_url(via), &queue, 1).await;
     wait_queue_ready(&queue, via, &[]).await;
 
+    // Client c tries node c % 3 + 1 first: some are on the node that goes.
     let clients: Vec<ClientSpec> = (0..CLIENTS)
         .map(|c| ClientSpec {
-            name: format!("c{c}"),
-            documents: (0..3).map(|d| format!("c{c}-d{d}")).collect(),
-            reply_queue: fresh("mupdate.cluster-history"),
-            first: c % 3 + 1,
-            stops_after: STAGGER * c as u32,
+            brokers: urls_from(c % 3 + 1, amqp_url)
+                .split(',')
+                .map(str::to_owned)
+                .collect(),
+            reply_args: quorum(),
+            ..ClientSpec::new(c, 3)
         })
         .collect();
-    let seeds: Vec<(&str, Value)> = clients
-        .iter()
-        .flat_map(|c| c.documents.iter().map(|d| (d.as_str(), json!({"n": 0}))))
-        .collect();
-    let collection = Arc::new(Collection::create_on(&es_url(1), &seeds, index_body()).await);
+    let collection = Collection::create_on(&es_url(1), &seeds(&clients), index_body()).await;
+    let collection = Arc::new(collection);
     let ended = Arc::new(OnceLock::new());
     let tasks: Vec<_> = clients
         .iter()
         .map(|c| {
             let (c, collection, ended) = (c.clone(), collection.clone(), ended.clone());
-            tokio::spawn(run_client(c, collection, queue.clone(), ended))
+            tokio::spawn(run_client(
+                c,
+                collection,
+                queue.clone(),
+                ended,
+                REPLY_WITHIN,
+            ))
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -731,351 +735,43 @@ async fn sequential_updates_through_a_broker_node_kill_leave_no_stale_write() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     ended.set(Instant::now()).unwrap();
 
+    let clients_by = Instant::now() + REPLY_WITHIN + TIMEOUT;
     let mut reports = Vec::new();
     for (client, task) in clients.iter().zip(tasks) {
         let abort = task.abort_handle();
-        reports.push(match tokio::time::timeout(RECOVER + SETTLE, task).await {
+        reports.push(match tokio::time::timeout_at(clients_by, task).await {
             Ok(report) => report.unwrap(),
             Err(_) => {
                 abort.abort();
-                ClientReport {
-                    failures: vec![format!("client {} not done in time", client.name)],
-                    ..ClientReport::default()
-                }
+                ClientReport::failed(format!("client {} not done in time", client.name))
             }
         });
     }
     // Late duplicates and stray writes have time to show.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let mut history = History::default();
+    let mut checks = Checks::default();
     for (client, report) in clients.iter().zip(&mut reports) {
         report.drain(&amqp_url(via), &client.reply_queue).await;
-        history.add(client, report, &collection).await;
+        checks.add(client, report, &collection).await;
     }
     let amqp = &settings.amqp;
     let url = amqp_url(via);
     let count = |q| queue_counts_at(&url, q);
-    history.left_queued = count(&amqp.request_queue).await.map_or(0, |c| c.0);
-    history.dead_lettered = count(&amqp.dead_letter_queue).await.map_or(0, |c| c.0);
+    let left_queued = count(&amqp.request_queue).await.map_or(0, |c| c.0);
+    let dead_lettered = count(&amqp.dead_letter_queue).await.map_or(0, |c| c.0);
     let rejoined = t.killed.restart(&rabbit(node)).await;
     t.report(format!(
-        "SIGKILL rabbit{node} (the worker's): it moved to rabbit{moved} in \
-         {took:.1?}; {history}; rabbit{node} restarted and rejoined in {rejoined:.1?}"
+        "SIGKILL rabbit{node} (the worker's): it moved to rabbit{moved} in {took:.1?}; \
+         {CLIENTS} clients, {checks}, left queued={left_queued}, \
+         dead-lettered={dead_lettered}; rabbit{node} restarted and rejoined in {rejoined:.1?}"
     ));
     let exit = worker.stop().await;
-    delete_topology_at(&amqp_url(via), &settings).await;
+    delete_topology_at(&url, &settings).await;
     let replies: Vec<&str> = clients.iter().map(|c| c.reply_queue.as_str()).collect();
-    delete_queues_at(&amqp_url(via), &replies).await;
-    history.assert_clean();
+    delete_queues_at(&url, &replies).await;
+    checks.assert_clean();
+    assert!(checks.acknowledged > 0, "updates went through");
+    assert_eq!(left_queued, 0, "requests left in the request queue");
+    assert_eq!(dead_lettered, 0, "requests dead-lettered");
     assert_eq!(exit, Some(0), "the worker exits 0 on SIGTERM");
-}
-
-const CLIENTS: usize = 6;
-/// The clients stop one after another, this long apart: a late older update shows.
-const STAGGER: Duration = Duration::from_millis(250);
-/// A reply that takes longer is lost.
-const REPLY_WITHIN: Duration = Duration::from_secs(90);
-
-#[derive(Clone)]
-struct ClientSpec {
-    name: String,
-    documents: Vec<String>,
-    /// A quorum queue: replies wait there while the client moves to another node.
-    reply_queue: String,
-    /// The broker node it tries first.
-    first: usize,
-    stops_after: Duration,
-}
-
-impl ClientSpec {
-    fn request_id(&self, k: u64) -> String {
-        format!("{}-{k}", self.name)
-    }
-}
-
-#[derive(Default)]
-struct ClientReport {
-    /// Updates 1..=acked were acknowledged by a 200 reply.
-    acked: u64,
-    /// requestId → the distinct reply bodies (a redelivered reply has the same body).
-    replies: HashMap<String, HashSet<Vec<u8>>>,
-    /// Updates published again because their first publish was never confirmed.
-    republished: HashSet<u64>,
-    failures: Vec<String>,
-    reconnects: u32,
-}
-
-impl ClientReport {
-    fn record(&mut self, body: Vec<u8>) -> (String, Value) {
-        let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let id = parsed["requestId"].as_str().unwrap_or_default().to_owned();
-        if parsed["status"] != 200 {
-            self.failures.push(format!("reply to {id}: {parsed}"));
-        }
-        self.replies.entry(id.clone()).or_default().insert(body);
-        (id, parsed)
-    }
-
-    async fn drain(&mut self, url: &str, queue: &str) {
-        let waiting = queue_counts_at(url, queue).await.map_or(0, |c| c.0) as usize;
-        if waiting > 0 {
-            let amqp = Amqp::open_at(url).await;
-            for message in next_messages(&amqp.channel, queue, waiting).await {
-                self.record(message.data);
-            }
-            amqp.close().await;
-        }
-    }
-}
-
-/// A client's connection to one broker node: a confirming channel consuming its replies.
-struct Session {
-    connection: Connection,
-    channel: lapin::Channel,
-    replies: Consumer,
-}
-
-impl Session {
-    /// Connects to the first node that answers, from `first` on.
-    async fn open(first: usize, reply_queue: &str) -> Option<Self> {
-        for k in 0..3 {
-            let url = amqp_url((first - 1 + k) % 3 + 1);
-            if let Ok(Ok(s)) = tokio::time::timeout(TIMEOUT, Self::open_at(&url, reply_queue)).await
-            {
-                return Some(s);
-            }
-        }
-        None
-    }
-
-    async fn open_at(url: &str, reply_queue: &str) -> Result<Self, lapin::Error> {
-        let properties = ConnectionProperties::default().with_connection_name("history".into());
-        let connection = Connection::connect(url, properties).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        channel
-            .queue_declare(reply_queue.into(), QueueDeclareOptions::durable(), quorum())
-            .await?;
-        let replies = channel
-            .basic_consume(
-                reply_queue.into(),
-                "history-client".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(Session {
-            connection,
-            channel,
-            replies,
-        })
-    }
-
-    async fn close(self) {
-        let _ = tokio::time::timeout(TIMEOUT, self.connection.close(200, "bye".into())).await;
-    }
-
-    /// Publishes persistently; true once the broker confirmed it.
-    async fn publish(&self, queue: &str, request_id: &str, body: &[u8], reply_to: &str) -> bool {
-        let props = BasicProperties::default()
-            .with_reply_to(reply_to.into())
-            .with_correlation_id(request_id.into())
-            .with_message_id(request_id.into())
-            .with_delivery_mode(2);
-        let published = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await;
-        let confirmed = async { published.ok()?.await.ok().map(|c| c.is_ack()) };
-        matches!(
-            tokio::time::timeout(TIMEOUT, confirmed).await,
-            Ok(Some(true))
-        )
-    }
-}
-
-#[derive(PartialEq)]
-enum Sent {
-    No,
-    /// The connection died, or the broker refused it, before a confirm.
-    Unconfirmed,
-    Confirmed,
-}
-
-/// Sends updates 1, 2, … of the client's documents, each once the previous one's 200
-/// came back, until `stops_after` the end; moves to another node when its own dies.
-async fn run_client(
-    me: ClientSpec,
-    collection: Arc<Collection>,
-    queue: String,
-    ended: Arc<OnceLock<Instant>>,
-) -> ClientReport {
-    let mut report = ClientReport::default();
-    let mut session: Option<Session> = None;
-    let (mut k, mut sent, mut since) = (1, Sent::No, Instant::now());
-    loop {
-        let over = ended.get().is_some_and(|t| t.elapsed() >= me.stops_after);
-        if sent == Sent::No && over {
-            break;
-        }
-        if sent != Sent::No && since.elapsed() > REPLY_WITHIN {
-            let failure = format!("{}: no reply within {REPLY_WITHIN:?}", me.request_id(k));
-            report.failures.push(failure);
-            break;
-        }
-        let Some(s) = session.as_mut() else {
-            session = Session::open(me.first, &me.reply_queue).await;
-            if session.is_none() {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            continue;
-        };
-        if sent != Sent::Confirmed {
-            if sent == Sent::No {
-                since = Instant::now();
-            } else {
-                report.republished.insert(k);
-            }
-            let docs: Vec<Value> = me
-                .documents
-                .iter()
-                .map(|id| json!({"_id": id, "body": {"n": k, "w": me.name}}))
-                .collect();
-            let mut envelope = collection.envelope(json!(docs));
-            envelope["requestId"] = json!(me.request_id(k));
-            envelope["retryOnConflict"] = json!(10);
-            let body = serde_json::to_vec(&envelope).unwrap();
-            if s.publish(&queue, &me.request_id(k), &body, &me.reply_queue)
-                .await
-            {
-                sent = Sent::Confirmed;
-            } else {
-                sent = Sent::Unconfirmed;
-                session = None;
-                report.reconnects += 1;
-                continue;
-            }
-        }
-        match tokio::time::timeout(Duration::from_secs(1), s.replies.next()).await {
-            Err(_) => {}
-            Ok(Some(Ok(delivery))) => {
-                let _ =
-                    tokio::time::timeout(TIMEOUT, delivery.ack(BasicAckOptions::default())).await;
-                let (id, reply) = report.record(delivery.data);
-                if id == me.request_id(k) {
-                    if reply["status"] != 200 {
-                        break;
-                    }
-                    report.acked = k;
-                    k += 1;
-                    sent = Sent::No;
-                }
-            }
-            Ok(_) => {
-                session.take().unwrap().close().await;
-                report.reconnects += 1;
-            }
-        }
-    }
-    if let Some(s) = session {
-        s.close().await;
-    }
-    report
-}
-
-#[derive(Default)]
-struct History {
-    acknowledged: u64,
-    documents: usize,
-    /// Documents holding an update older than their last acknowledged one.
-    stale: Vec<String>,
-    /// Of those, holding an update the client published twice (its own at-least-once).
-    stale_after_republish: usize,
-    /// Documents holding an update never acknowledged.
-    unacknowledged: Vec<String>,
-    duplicates: usize,
-    republished: usize,
-    reconnects: u32,
-    failures: Vec<String>,
-    left_queued: u32,
-    dead_lettered: u32,
-}
-
-impl History {
-    async fn add(&mut self, client: &ClientSpec, report: &ClientReport, collection: &Collection) {
-        self.acknowledged += report.acked;
-        self.republished += report.republished.len();
-        self.reconnects += report.reconnects;
-        self.failures.extend(report.failures.iter().cloned());
-        for k in 1..=report.acked {
-            if !report.replies.contains_key(&client.request_id(k)) {
-                let missing = format!("no reply to {}", client.request_id(k));
-                self.failures.push(missing);
-            }
-        }
-        for bodies in report.replies.values() {
-            self.duplicates += bodies.len() - 1;
-        }
-        for doc in &client.documents {
-            self.documents += 1;
-            let (source, version) = collection.get(doc).await;
-            let n = source["n"].as_u64().unwrap_or(0);
-            let held = format!(
-                "{doc} holds n={n} (version {version}), last acknowledged {}",
-                report.acked
-            );
-            if n < report.acked || (n > 0 && source["w"] != client.name.as_str()) {
-                if report.republished.contains(&n) {
-                    self.stale_after_republish += 1;
-                }
-                self.stale.push(held);
-            } else if n > report.acked {
-                self.unacknowledged.push(held);
-            }
-        }
-    }
-
-    fn assert_clean(&self) {
-        assert!(self.failures.is_empty(), "failures: {:#?}", self.failures);
-        assert_eq!(
-            self.stale.len(),
-            self.stale_after_republish,
-            "stale documents: {:#?}",
-            self.stale
-        );
-        assert!(self.unacknowledged.is_empty(), "{:#?}", self.unacknowledged);
-        assert!(self.acknowledged > 0, "updates went through");
-        assert_eq!(self.left_queued, 0, "requests left in the request queue");
-        assert_eq!(self.dead_lettered, 0, "requests dead-lettered");
-    }
-}
-
-impl std::fmt::Display for History {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{CLIENTS} clients, updates acknowledged={}, stale documents={}/{} ({} after a \
-             client re-publish), unacknowledged writes={}, duplicate replies={}, failures={}, \
-             client re-publishes={}, client reconnects={}, left queued={}, dead-lettered={}",
-            self.acknowledged,
-            self.stale.len(),
-            self.documents,
-            self.stale_after_republish,
-            self.unacknowledged.len(),
-            self.duplicates,
-            self.failures.len(),
-            self.republished,
-            self.reconnects,
-            self.left_queued,
-            self.dead_lettered
-        )
-    }
 }

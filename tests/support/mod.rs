@@ -2,6 +2,7 @@
 //! started in-process on fresh queues, and clean-up of what a test made.
 #![allow(dead_code)]
 
+pub mod history;
 pub mod load;
 pub mod proxy;
 
