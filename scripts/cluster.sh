@@ -144,16 +144,18 @@ rabbit_node_launch() {
   if rabbit_node_pid "$i" >/dev/null; then log "rabbit$i already running"; return; fi
   port_open $((5700 + i)) && die "port $((5700 + i)) is taken by a process this script didn't start"
   log "starting rabbit$i (rabbit-c$i@localhost, AMQP $((5700 + i)), distribution $((25700 + i)))"
+  rm -f "$CSTATE/rabbit$i.startup"
   date +%s >"$CSTATE/rabbit$i.launched"
   as_rabbit_node "$i" rabbitmq-server -detached
 }
 
-# Waits until node I runs; records its start-up time.
+# Waits until node I runs; records its start-up time (once per launch).
 rabbit_node_await() {
   local i=$1
   wait_until "rabbit$i start-up" rabbit_node_ctl "$i" -q await_startup --timeout 10
   wait_until "rabbit$i AMQP port" port_open $((5700 + i))
-  echo $(($(date +%s) - $(cat "$CSTATE/rabbit$i.launched"))) >"$CSTATE/rabbit$i.startup"
+  [ -s "$CSTATE/rabbit$i.startup" ] ||
+    echo $(($(date +%s) - $(cat "$CSTATE/rabbit$i.launched"))) >"$CSTATE/rabbit$i.startup"
 }
 
 # Whether rabbit-cI@localhost runs in the cluster, as node J sees it.
@@ -249,6 +251,7 @@ es_node_launch() {
   log "starting es$i (es-c$i, HTTP $((9200 + i)), transport $((9300 + i)), heap $ES_NODE_HEAP)"
   jh=$(java_home)
   rm -f "$dir/engine.pid"
+  rm -f "$CSTATE/es$i.startup"
   date +%s >"$CSTATE/es$i.launched"
   # -d returns once the node runs; it joins the cluster after.
   runuser -u "$ES_USER" -- env "ES_JAVA_HOME=$jh" "ES_PATH_CONF=$dir/config" \
@@ -260,7 +263,8 @@ es_node_launch() {
 es_node_await() {
   local i=$1
   wait_until "es$i answering" es_node_up "$i"
-  echo $(($(date +%s) - $(cat "$CSTATE/es$i.launched"))) >"$CSTATE/es$i.startup"
+  [ -s "$CSTATE/es$i.startup" ] ||
+    echo $(($(date +%s) - $(cat "$CSTATE/es$i.launched"))) >"$CSTATE/es$i.startup"
 }
 
 # Launches node I and waits until it answers (run in the background, one per node).
