@@ -126,8 +126,9 @@ async fn require_cluster() {
         .unwrap();
     assert!(
         status.status.success(),
-        "the local cluster isn't up: start it with `scripts/cluster.sh start` \
-         (scripts/test.sh does for this target). scripts/cluster.sh status says:\n{}",
+        "the local cluster isn't up: start it with `scripts/cluster.sh start` (which also \
+         restarts a node an interrupted test left down; scripts/test.sh starts the cluster \
+         for this target). scripts/cluster.sh status says:\n{}",
         String::from_utf8_lossy(&status.stdout)
     );
     wait_green(&es_url(1), "").await;
