@@ -6,6 +6,8 @@
 #   scripts/services.sh start|stop [rabbitmq|engine]
 #   scripts/services.sh status|running
 #   scripts/services.sh rabbitmqctl ARGS…
+#   scripts/services.sh rabbitmq-plugins ARGS…
+#   scripts/services.sh tools        # what the tests run beside the services (nginx, openssl)
 #
 # Idempotent: `start` leaves running services alone; `stop` ends only what this script
 # started, found by its pid files under .services/.
@@ -194,16 +196,38 @@ engine_stop() {
   rm -f "$pidf"
 }
 
+# ---------------------------------------------------------------- tools
+
+# The TLS tests (tests/tls.rs) generate certificates with the openssl CLI and put nginx,
+# started by the test itself on its own port and configuration, in front of the engine
+# as an https:// proxy. Installed only (the package's own service is not started).
+tools_install() {
+  local missing=()
+  command -v openssl >/dev/null || missing+=(openssl)
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+  [ ${#missing[@]} -eq 0 ] && return
+  need_root
+  log "installing ${missing[*]} from Debian's packages"
+  apt-get update -qq
+  # policy-rc.d: the package must not start (or enable) its own nginx on port 80.
+  local policy=/usr/sbin/policy-rc.d created=
+  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; created=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  [ -z "$created" ] || rm -f "$policy"
+}
+
 # ---------------------------------------------------------------- main
 
 main() {
   # A second argument, rabbitmq or engine, limits start and stop to that service (the
   # fault tests stop and start one of them).
   local only=${2:-all}
-  [ "${1:-}" = rabbitmqctl ] || case "$only" in all|rabbitmq|engine) ;; *) die "unknown service '$only'" ;; esac
+  case "${1:-}" in rabbitmqctl|rabbitmq-plugins|tools) only=all ;; esac
+  case "$only" in all|rabbitmq|engine) ;; *) die "unknown service '$only'" ;; esac
   case "${1:-}" in
     start)
       mkdir -p "$STATE"
+      [ "$only" != all ] || tools_install
       [ "$only" = engine ] || rabbit_start
       [ "$only" = rabbitmq ] || engine_start ;;
     stop)
@@ -214,6 +238,13 @@ main() {
       shift
       rabbit_env
       exec rabbitmqctl "$@" ;;
+    rabbitmq-plugins)
+      # rabbitmq-plugins against that node (enable/disable apply to the running node too).
+      shift
+      rabbit_env
+      exec rabbitmq-plugins "$@" ;;
+    tools)
+      tools_install ;;
     running)
       # Exit 0 when both services answer (for scripts that must not stop what they didn't start).
       rabbit_up && engine_up ;;
@@ -222,7 +253,7 @@ main() {
       if engine_up; then
         echo "engine: up on 127.0.0.1:$ES_PORT ($(curl -fsS "http://127.0.0.1:$ES_PORT/_nodes/_local?filter_path=nodes.*.version" | grep -o '"version":"[^"]*"'))"
       else echo "engine: down"; fi ;;
-    *) echo "usage: $0 start|stop [rabbitmq|engine] | status | running   (ENGINE=elasticsearch|opensearch)" >&2; exit 2 ;;
+    *) echo "usage: $0 start|stop [rabbitmq|engine] | status | running | tools | rabbitmqctl ARGS | rabbitmq-plugins ARGS   (ENGINE=elasticsearch|opensearch)" >&2; exit 2 ;;
   esac
 }
 

@@ -18,6 +18,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 use crate::config::{AmqpSettings, QueueType};
 use crate::envelope::Properties;
 use crate::reply::Destination;
+use crate::security::tls::AmqpTls;
 
 /// What the broker said of a published reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,10 +46,13 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects to the broker node at `url` (one of `settings.urls()`).
+    /// Connects to the broker node at `url` (one of `settings.urls()`), with the TLS
+    /// files of `settings` read again (a renewed certificate is used from then on).
     pub async fn connect(settings: &AmqpSettings, url: &str) -> Result<Self, lapin::Error> {
-        let connection = Connection::connect(
+        let tls = AmqpTls::load(settings).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let connection = crate::security::tls::connect(
             url,
+            &tls,
             ConnectionProperties::default().with_connection_name("mupdate-worker".into()),
         )
         .await?;

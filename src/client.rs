@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::reply::DIRECT_REPLY_TO;
+use crate::security::tls::AmqpTls;
 
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 
@@ -47,7 +48,13 @@ impl Drop for Client {
 
 impl Client {
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        Self::connect_with(url, &AmqpTls::default()).await
+    }
+
+    /// `connect` presenting and trusting `tls` (an `amqps://` URL's TLS settings).
+    pub async fn connect_with(url: &str, tls: &AmqpTls) -> Result<Self, ClientError> {
+        let connection =
+            crate::security::tls::connect(url, tls, ConnectionProperties::default()).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -87,13 +94,16 @@ impl Client {
         })
     }
 
-    /// Connects to the first broker node of `settings.urls()` that answers, and
-    /// publishes as that URL's user.
+    /// Connects to the first broker node of `settings.urls()` that answers (with the
+    /// TLS files of `settings`), and publishes as the user it logs in as.
     pub async fn connect_any(settings: &AmqpSettings) -> Result<Self, ClientError> {
+        let tls = AmqpTls::load(settings).map_err(|e| ClientError::Input(e.to_string()))?;
         let mut last = None;
         for url in settings.urls() {
-            match Self::connect(url).await {
-                Ok(client) => return Ok(client.with_user_id(url_user(url))),
+            match Self::connect_with(url, &tls).await {
+                Ok(client) => {
+                    return Ok(client.with_user_id(crate::security::tls::login_user(settings, url)));
+                }
                 Err(err) => last = Some(err),
             }
         }

@@ -38,6 +38,11 @@ pub struct AmqpSettings {
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
     pub reply_attempts: u32,
+    /// PEM CA bundle trusted for an `amqps://` broker ("" = the system's).
+    pub tls_ca_file: String,
+    /// PEM client certificate (chain) and its unencrypted private key ("" = none).
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -68,6 +73,11 @@ pub struct StorageSettings {
     pub concurrent_bulks: usize,
     pub bulk_linger_ms: u64,
     pub compression: bool,
+    /// PEM CA bundle trusted for `https://` nodes ("" = the system's).
+    pub tls_ca_file: String,
+    /// PEM client certificate (chain) and its unencrypted private key ("" = none).
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 /// Where a Kuzzle index and collection live in the engine.
@@ -238,6 +248,82 @@ impl Settings {
                 "storage.default_retry_on_conflict",
                 "must not exceed limits.max_retry_on_conflict",
             );
+        }
+        self.validate_tls()
+    }
+
+    /// The TLS settings' consistency, without reading their files (`tls::check` does).
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let amqp = &self.amqp;
+        let amqp_urls: Vec<&str> = amqp.urls().collect();
+        for url in &amqp_urls {
+            if let Err(reason) = crate::security::tls::amqp_uri(url) {
+                return invalid("amqp.url", reason);
+            }
+        }
+        let amqps = amqp_urls.iter().all(|u| u.starts_with("amqps://"));
+        let amqp_files = [
+            ("amqp.tls_ca_file", &amqp.tls_ca_file),
+            ("amqp.tls_cert_file", &amqp.tls_cert_file),
+            ("amqp.tls_key_file", &amqp.tls_key_file),
+        ];
+        for (key, file) in amqp_files {
+            if !file.is_empty() && !amqps {
+                return invalid(
+                    key,
+                    "is set but amqp.url is not amqps://: the connection would not use TLS".into(),
+                );
+            }
+        }
+        if amqp_urls
+            .iter()
+            .any(|u| crate::security::tls::external_login(u))
+            && amqp.tls_cert_file.is_empty()
+        {
+            return invalid(
+                "amqp.url",
+                "auth_mechanism=external logs in with the client certificate: \
+                 set amqp.tls_cert_file and amqp.tls_key_file"
+                    .into(),
+            );
+        }
+        let storage = &self.storage;
+        let https = storage.urls().all(|u| u.starts_with("https://"));
+        let storage_files = [
+            ("storage.tls_ca_file", &storage.tls_ca_file),
+            ("storage.tls_cert_file", &storage.tls_cert_file),
+            ("storage.tls_key_file", &storage.tls_key_file),
+        ];
+        for (key, file) in storage_files {
+            if !file.is_empty() && !https {
+                return invalid(
+                    key,
+                    "is set but a storage.url node is not https://: it would not use TLS".into(),
+                );
+            }
+        }
+        let pairs = [
+            (
+                "amqp.tls_cert_file",
+                &amqp.tls_cert_file,
+                "amqp.tls_key_file",
+                &amqp.tls_key_file,
+            ),
+            (
+                "storage.tls_cert_file",
+                &storage.tls_cert_file,
+                "storage.tls_key_file",
+                &storage.tls_key_file,
+            ),
+        ];
+        for (cert_key, cert, key_key, key) in pairs {
+            if !cert.is_empty() && key.is_empty() {
+                return invalid(key_key, format!("must be set with {cert_key}"));
+            }
+            if cert.is_empty() && !key.is_empty() {
+                return invalid(cert_key, format!("must be set with {key_key}"));
+            }
         }
         Ok(())
     }

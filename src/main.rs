@@ -211,6 +211,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let command = cli.command.unwrap_or(Command::Run);
+    // The TLS files are read before anything starts: a bad one is a bad setting.
+    if matches!(command, Command::Run | Command::Send(_))
+        && let Err(err) = mupdate_worker::security::tls::check(&settings)
+    {
+        eprintln!("mupdate-worker: {err}");
+        return ExitCode::from(2);
+    }
     // The rights rules must load for the worker to start (and for `config` to show them).
     let rules = match Rights::from_settings(&settings.security) {
         Ok(rights) => rights.map(|r| r.current().written().to_vec()),
@@ -221,7 +229,6 @@ fn main() -> ExitCode {
     };
     init_logs(&settings);
 
-    let command = cli.command.unwrap_or(Command::Run);
     // The worker runs on `worker.threads` threads (one by default: it leaves the cores to
     // the engine and the broker); the loader reads its file on a thread of its own.
     let runtime = match (&command, settings.worker.threads) {

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use elasticsearch::Elasticsearch;
-use elasticsearch::auth::Credentials;
-use elasticsearch::http::headers::{ACCEPT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderValue};
+use elasticsearch::auth::{ClientCertificate, Credentials};
+use elasticsearch::cert::CertificateValidation;
+use elasticsearch::http::headers::{
+    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue,
+};
 use elasticsearch::http::transport::{MultiNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{Method, Url};
 
@@ -19,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Layout, StorageSettings};
 use crate::metrics::Metrics;
+use crate::security::tls::StorageTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -85,11 +89,30 @@ impl Storage {
             // Compressing costs the engine and the worker CPU; over a LAN it buys little.
             builder.header(ACCEPT_ENCODING, HeaderValue::from_static("identity"))
         };
-        if let Some(key) = settings.api_key.as_ref().filter(|k| !k.is_empty()) {
-            builder = builder.auth(Credentials::EncodedApiKey(key.clone()));
+        let tls = StorageTls::load(settings).map_err(|e| StorageError::Config(e.to_string()))?;
+        if let Some(ca) = tls.ca {
+            builder = builder.cert_validation(CertificateValidation::Full(ca));
+        }
+        let credentials = if let Some(key) = settings.api_key.as_ref().filter(|k| !k.is_empty()) {
+            Some(Credentials::EncodedApiKey(key.clone()))
         } else if let Some(user) = settings.username.as_ref().filter(|u| !u.is_empty()) {
             let password = settings.password.clone().unwrap_or_default();
-            builder = builder.auth(Credentials::Basic(user.clone(), password));
+            Some(Credentials::Basic(user.clone(), password))
+        } else {
+            None
+        };
+        match (tls.identity, credentials) {
+            (Some(pkcs12), credentials) => {
+                // The client's credentials slot holds the certificate: an API key or
+                // basic auth goes along as a default Authorization header.
+                let certificate = ClientCertificate::Pkcs12(pkcs12, Some(String::new()));
+                builder = builder.auth(Credentials::Certificate(certificate));
+                if let Some(value) = credentials.as_ref().and_then(authorization) {
+                    builder = builder.header(AUTHORIZATION, value);
+                }
+            }
+            (None, Some(credentials)) => builder = builder.auth(credentials),
+            (None, None) => {}
         }
         let transport = builder
             .build()
@@ -133,15 +156,25 @@ impl Storage {
             .await
             .map_err(|e| {
                 self.answered(false);
-                StorageError::Unavailable(e.to_string())
+                // With its causes: a TLS failure's reason is in them.
+                StorageError::Unavailable(crate::security::tls::chain(&e))
             })?;
         let status = response.status_code().as_u16();
         let bytes = response.bytes().await.map_err(|e| {
             self.answered(false);
             StorageError::Unavailable(e.to_string())
         })?;
-        // A 429 is an engine that answers, busy; a 5xx is one that can't serve.
-        self.answered(status < 500);
+        // A 429 is an engine that answers, busy; a 5xx is one that can't serve; a 401
+        // one that refuses the worker's credentials (wrong, or changed on the engine),
+        // which no request can fix: retried like an outage, the worker unready meanwhile.
+        self.answered(status < 500 && status != 401);
+        if status == 401 {
+            return Err(StorageError::Unavailable(
+                "HTTP 401: the engine refused the worker's credentials (storage.username and \
+                 password, storage.api_key, or the client certificate)"
+                    .into(),
+            ));
+        }
         if status >= 500 || status == 429 {
             let reason = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
             return Err(StorageError::Unavailable(format!(
@@ -255,9 +288,20 @@ impl Storage {
     /// One health call, not retried: whether the engine answers. Updates `engine_up`.
     pub async fn ping(&self) -> bool {
         let query = [("timeout", "2s")];
-        self.call_once(Method::Get, "/_cluster/health", &query, None, self.timeout)
+        let answered = self.unavailable_for().is_none();
+        match self
+            .call_once(Method::Get, "/_cluster/health", &query, None, self.timeout)
             .await
-            .is_ok()
+        {
+            Ok(_) => true,
+            Err(err) => {
+                // Said once per outage (requests' retries say it on their own).
+                if answered {
+                    tracing::warn!(error = %err, "storage engine does not answer; unready");
+                }
+                false
+            }
+        }
     }
 
     /// One `_bulk` call with an NDJSON body, not retried (the coalescer retries, choosing
@@ -328,6 +372,24 @@ pub fn backoff(settings: &StorageSettings) -> ExponentialBuilder {
         .with_max_delay(Duration::from_millis(settings.retry_max_delay_ms))
         .with_jitter()
         .without_max_times()
+}
+
+/// The Authorization header of basic auth or an API key, marked sensitive (never
+/// printed by the HTTP stack's debug output).
+fn authorization(credentials: &Credentials) -> Option<HeaderValue> {
+    use base64::Engine;
+    let text = match credentials {
+        Credentials::Basic(user, password) => {
+            let pair =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            format!("Basic {pair}")
+        }
+        Credentials::EncodedApiKey(key) => format!("ApiKey {key}"),
+        _ => return None,
+    };
+    let mut value = HeaderValue::from_str(&text).ok()?;
+    value.set_sensitive(true);
+    Some(value)
 }
 
 /// The `error.reason` of an engine error body, or its first bytes.

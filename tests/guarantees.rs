@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use support::load::Load;
 use support::*;
 
-use support::proxy::Proxy;
+use proxy::Proxy;
 
 /// Long enough for a full load after an engine restart, on 2 cores.
 const SETTLE: Duration = Duration::from_secs(120);
@@ -621,12 +621,15 @@ async fn resent_after_a_timeout(retry_on_conflict: Option<u64>, give_up: bool) {
         .json()
         .await
         .unwrap();
-    assert!(
-        metric(&listen, "mupdate_engine_slow_writes_total").await > slow,
-        "the first call was not answered in time"
-    );
     let resent = metric(&listen, "mupdate_engine_retries_total").await > retries;
     assert_eq!(resent, give_up, "sent again only when given up");
+    if !give_up {
+        // Given up at the same moment, the call may end before it is counted as slow.
+        assert!(
+            metric(&listen, "mupdate_engine_slow_writes_total").await > slow,
+            "the first call was not answered in time"
+        );
+    }
     assert_eq!(reply["status"], 200, "{reply}");
     let hit = &reply["result"]["hits"][0];
     assert_eq!(hit["_id"], "a");
@@ -974,5 +977,132 @@ impl Drop for Binary {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A TCP proxy in front of the engine that delays each direction on demand: the API of
+/// `support::proxy::Proxy` (on another branch), kept private until that one lands.
+mod proxy {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+
+    struct Shared {
+        /// (client to target, target to client)
+        latency: Mutex<(Duration, Duration)>,
+        /// Cancelled by `cut`: ends every open connection.
+        connections: Mutex<CancellationToken>,
+    }
+
+    pub struct Proxy {
+        addr: SocketAddr,
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+    }
+
+    impl Proxy {
+        /// Listens on a free loopback port; forwards to `target` (`host:port` or a URL).
+        pub async fn start(target: &str) -> Self {
+            let target = target
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let shared = Arc::new(Shared {
+                latency: Mutex::new((Duration::ZERO, Duration::ZERO)),
+                connections: Mutex::new(CancellationToken::new()),
+            });
+            let stop = CancellationToken::new();
+            tokio::spawn(accept(listener, target, shared.clone(), stop.clone()));
+            Proxy { addr, shared, stop }
+        }
+
+        pub fn url(&self) -> String {
+            format!("http://{}", self.addr)
+        }
+
+        /// Delays what is read from now on: `up` towards the target, `down` back.
+        pub fn set_latency(&self, up: Duration, down: Duration) {
+            *self.shared.latency.lock().unwrap() = (up, down);
+        }
+
+        /// Closes every open connection; new ones are accepted.
+        pub fn cut(&self) {
+            let fresh = CancellationToken::new();
+            std::mem::replace(&mut *self.shared.connections.lock().unwrap(), fresh).cancel();
+        }
+    }
+
+    impl Drop for Proxy {
+        fn drop(&mut self) {
+            self.stop.cancel();
+            self.cut();
+        }
+    }
+
+    async fn accept(
+        listener: TcpListener,
+        target: String,
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let client = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((client, _)) => client,
+                    Err(_) => continue,
+                },
+            };
+            let (target, shared) = (target.clone(), shared.clone());
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(&target).await else {
+                    return;
+                };
+                let cut = shared.connections.lock().unwrap().clone();
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::select! {
+                    _ = cut.cancelled() => {}
+                    _ = async {
+                        tokio::join!(
+                            pump(client_read, server_write, shared.clone(), true),
+                            pump(server_read, client_write, shared.clone(), false),
+                        )
+                    } => {}
+                }
+            });
+        }
+    }
+
+    /// Copies `from` to `to`, each chunk written the direction's latency after it was read.
+    async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, shared: Arc<Shared>, up: bool) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let read = async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n @ 1..) = from.read(&mut buf).await {
+                let (to_target, to_client) = *shared.latency.lock().unwrap();
+                let due = tokio::time::Instant::now() + if up { to_target } else { to_client };
+                if tx.send((due, buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        };
+        let write = async move {
+            while let Some((due, bytes)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if to.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            let _ = to.shutdown().await;
+        };
+        tokio::join!(read, write);
     }
 }
