@@ -331,18 +331,42 @@ impl WorkerProcess {
             .map(|port| port - 5700)
     }
 
-    /// Waits until it is connected to a node other than `not`: that node and how long.
+    /// The broker node its `mupdate_broker_node` metric gives (the gauge at 1).
+    async fn metric_node(&self) -> Option<usize> {
+        let text = http()
+            .get(format!("http://{}/metrics", self.listen))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines().find_map(|l| {
+            let port = l.strip_prefix("mupdate_broker_node{node=\"127.0.0.1:")?;
+            let (port, value) = port.split_once("\"} ")?;
+            let port: usize = port.parse().ok()?;
+            port.checked_sub(5700).filter(|_| value.trim() == "1")
+        })
+    }
+
+    /// Waits until it is connected to a node other than `not`, its metric saying the
+    /// same: that node and how long.
     async fn wait_node(&self, not: Option<usize>) -> (usize, Duration) {
         let t0 = Instant::now();
         loop {
-            if let Some(node) = self.node().await.filter(|n| Some(*n) != not) {
+            let node = self.node().await.filter(|n| Some(*n) != not);
+            if let Some(node) = node
+                && self.metric_node().await == Some(node)
+            {
                 return (node, t0.elapsed());
             }
             assert!(
                 t0.elapsed() < RECOVER,
-                "the worker is connected to no broker node other than {not:?}"
+                "the worker is connected to no broker node other than {not:?} (sockets: \
+                 {node:?}, mupdate_broker_node: {:?})",
+                self.metric_node().await
             );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
