@@ -126,15 +126,22 @@ engine_user() {
   useradd --system --no-create-home --shell /usr/sbin/nologin "$ES_USER"
 }
 
-engine_config() {
-  local conf=$ENGINE_STATE/config
-  mkdir -p "$conf" "$ENGINE_STATE/data" "$ENGINE_STATE/logs"
+# A node's config, data and logs directories under DIR (the distribution's config with
+# jvm.options pointed at DIR); the caller writes DIR/config/$ARTIFACT.yml. Also used by
+# scripts/cluster.sh.
+engine_node_dirs() {
+  local dir=$1 conf=$1/config
+  mkdir -p "$conf" "$dir/data" "$dir/logs"
   cp -r "$HOME_DIR/config/." "$conf/"
   # jvm.options names paths relative to the distribution, which the engine's user can't
   # write: point them at the state directory.
-  sed -i -e "s#=logs/#=$ENGINE_STATE/logs/#g" -e "s#file=logs/#file=$ENGINE_STATE/logs/#g" \
-    -e "s#HeapDumpPath=data#HeapDumpPath=$ENGINE_STATE/data#" "$conf/jvm.options"
-  local yml=$conf/$ARTIFACT.yml
+  sed -i -e "s#=logs/#=$dir/logs/#g" -e "s#file=logs/#file=$dir/logs/#g" \
+    -e "s#HeapDumpPath=data#HeapDumpPath=$dir/data#" "$conf/jvm.options"
+}
+
+engine_config() {
+  engine_node_dirs "$ENGINE_STATE"
+  local yml=$ENGINE_STATE/config/$ARTIFACT.yml
   {
     echo "cluster.name: mupdate-dev"
     echo "node.name: node-1"
@@ -211,39 +218,46 @@ tools_install() {
 
 # ---------------------------------------------------------------- main
 
-# A second argument, rabbitmq or engine, limits start and stop to that service (the
-# fault tests stop and start one of them).
-only=${2:-all}
-case "${1:-}" in rabbitmqctl|rabbitmq-plugins|tools) only=all ;; esac
-case "$only" in all|rabbitmq|engine) ;; *) die "unknown service '$only'" ;; esac
-case "${1:-}" in
-  start)
-    mkdir -p "$STATE"
-    [ "$only" != all ] || tools_install
-    [ "$only" = engine ] || rabbit_start
-    [ "$only" = rabbitmq ] || engine_start ;;
-  stop)
-    [ "$only" = rabbitmq ] || engine_stop
-    [ "$only" = engine ] || rabbit_stop ;;
-  rabbitmqctl)
-    # rabbitmqctl against the node this script runs (its name and address).
-    shift
-    rabbit_env
-    exec rabbitmqctl "$@" ;;
-  rabbitmq-plugins)
-    # rabbitmq-plugins against that node (enable/disable apply to the running node too).
-    shift
-    rabbit_env
-    exec rabbitmq-plugins "$@" ;;
-  tools)
-    tools_install ;;
-  running)
-    # Exit 0 when both services answer (for scripts that must not stop what they didn't start).
-    rabbit_up && engine_up ;;
-  status)
-    rabbit_up && echo "rabbitmq: up on 127.0.0.1:$AMQP_PORT" || echo "rabbitmq: down"
-    if engine_up; then
-      echo "engine: up on 127.0.0.1:$ES_PORT ($(curl -fsS "http://127.0.0.1:$ES_PORT/_nodes/_local?filter_path=nodes.*.version" | grep -o '"version":"[^"]*"'))"
-    else echo "engine: down"; fi ;;
-  *) echo "usage: $0 start|stop [rabbitmq|engine] | status | running | tools | rabbitmqctl ARGS | rabbitmq-plugins ARGS   (ENGINE=elasticsearch|opensearch)" >&2; exit 2 ;;
-esac
+main() {
+  # A second argument, rabbitmq or engine, limits start and stop to that service (the
+  # fault tests stop and start one of them).
+  local only=${2:-all}
+  case "${1:-}" in rabbitmqctl|rabbitmq-plugins|tools) only=all ;; esac
+  case "$only" in all|rabbitmq|engine) ;; *) die "unknown service '$only'" ;; esac
+  case "${1:-}" in
+    start)
+      mkdir -p "$STATE"
+      [ "$only" != all ] || tools_install
+      [ "$only" = engine ] || rabbit_start
+      [ "$only" = rabbitmq ] || engine_start ;;
+    stop)
+      [ "$only" = rabbitmq ] || engine_stop
+      [ "$only" = engine ] || rabbit_stop ;;
+    rabbitmqctl)
+      # rabbitmqctl against the node this script runs (its name and address).
+      shift
+      rabbit_env
+      exec rabbitmqctl "$@" ;;
+    rabbitmq-plugins)
+      # rabbitmq-plugins against that node (enable/disable apply to the running node too).
+      shift
+      rabbit_env
+      exec rabbitmq-plugins "$@" ;;
+    tools)
+      tools_install ;;
+    running)
+      # Exit 0 when both services answer (for scripts that must not stop what they didn't start).
+      rabbit_up && engine_up ;;
+    status)
+      rabbit_up && echo "rabbitmq: up on 127.0.0.1:$AMQP_PORT" || echo "rabbitmq: down"
+      if engine_up; then
+        echo "engine: up on 127.0.0.1:$ES_PORT ($(curl -fsS "http://127.0.0.1:$ES_PORT/_nodes/_local?filter_path=nodes.*.version" | grep -o '"version":"[^"]*"'))"
+      else echo "engine: down"; fi ;;
+    *) echo "usage: $0 start|stop [rabbitmq|engine] | status | running | tools | rabbitmqctl ARGS | rabbitmq-plugins ARGS   (ENGINE=elasticsearch|opensearch)" >&2; exit 2 ;;
+  esac
+}
+
+# Sourced (by scripts/cluster.sh, for the install functions): define, don't run.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  main "$@"
+fi

@@ -10,20 +10,12 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties, Consumer};
 use mupdate_worker::config::Settings;
-use serde_json::{Value, json};
+use support::history::*;
 use support::proxy::Proxy;
 use support::*;
 use tokio::time::Instant;
@@ -119,19 +111,9 @@ async fn history(name: &str, workers: usize) {
 async fn scenario(name: &str, workers: usize) -> Outcome {
     let clients_by = Instant::now() + CLIENTS_WITHIN;
     let clients: Vec<ClientSpec> = (0..CLIENTS)
-        .map(|c| ClientSpec {
-            name: format!("c{c}"),
-            documents: (0..DOCUMENTS_PER_CLIENT)
-                .map(|d| format!("c{c}-d{d}"))
-                .collect(),
-            reply_queue: fresh("mupdate.history-replies"),
-        })
+        .map(|c| ClientSpec::new(c, DOCUMENTS_PER_CLIENT))
         .collect();
-    let seeds: Vec<(&str, Value)> = clients
-        .iter()
-        .flat_map(|c| c.documents.iter().map(|d| (d.as_str(), json!({"n": 0}))))
-        .collect();
-    let collection = Arc::new(Collection::create(&seeds).await);
+    let collection = Arc::new(Collection::create(&seeds(&clients)).await);
     let proxy = Proxy::start("127.0.0.1:9200").await;
     let mut settings = settings();
     settings.amqp.prefetch = 16;
@@ -145,8 +127,9 @@ async fn scenario(name: &str, workers: usize) -> Outcome {
             tokio::spawn(run_client(
                 c.clone(),
                 collection.clone(),
-                settings.clone(),
+                settings.amqp.request_queue.clone(),
                 ended.clone(),
+                REPLY_WITHIN,
             ))
         })
         .collect();
@@ -165,10 +148,7 @@ async fn scenario(name: &str, workers: usize) -> Outcome {
             Err(_) => {
                 abort.abort();
                 let stuck = format!("client {} not done within {CLIENTS_WITHIN:?}", client.name);
-                ClientReport {
-                    failures: vec![stuck],
-                    ..ClientReport::default()
-                }
+                ClientReport::failed(stuck)
             }
         });
     }
@@ -178,7 +158,7 @@ async fn scenario(name: &str, workers: usize) -> Outcome {
     ));
     tokio::time::sleep(SETTLE).await;
     for (client, report) in clients.iter().zip(&mut reports) {
-        report.drain(&client.reply_queue).await;
+        report.drain(AMQP_URL, &client.reply_queue).await;
     }
 
     let mut outcome = Outcome {
@@ -190,7 +170,7 @@ async fn scenario(name: &str, workers: usize) -> Outcome {
         ..Outcome::default()
     };
     for (client, report) in clients.iter().zip(&reports) {
-        outcome.add(client, report, &collection).await;
+        outcome.checks.add(client, report, &collection).await;
     }
     pool.note("replies drained, documents checked; stopping the workers");
     outcome.worker_exits = pool.stop().await;
@@ -395,224 +375,6 @@ impl Drop for Workers {
 
 // ------------------------------------------------------------------ clients
 
-#[derive(Clone)]
-struct ClientSpec {
-    name: String,
-    documents: Vec<String>,
-    /// Durable: replies wait there while the client reconnects.
-    reply_queue: String,
-}
-
-impl ClientSpec {
-    fn request_id(&self, k: u64) -> String {
-        format!("{}-{k}", self.name)
-    }
-}
-
-#[derive(Default)]
-struct ClientReport {
-    /// The last update acknowledged by a 200 reply: updates 1..=acked all were.
-    acked: u64,
-    /// requestId → the distinct reply bodies received (a message the broker delivered
-    /// again, unacknowledged, has the same body; a second reply has another `_version`).
-    replies: HashMap<String, HashSet<Vec<u8>>>,
-    /// Updates published again because their first publish was never confirmed.
-    republished: HashSet<u64>,
-    /// What went wrong: no reply in time, a reply other than 200.
-    failures: Vec<String>,
-    reconnects: u32,
-}
-
-impl ClientReport {
-    /// Records a reply: its requestId and body.
-    fn record(&mut self, body: Vec<u8>) -> (String, Value) {
-        let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let id = parsed["requestId"].as_str().unwrap_or_default().to_owned();
-        if parsed["status"] != 200 {
-            self.failures.push(format!("reply to {id}: {parsed}"));
-        }
-        self.replies.entry(id.clone()).or_default().insert(body);
-        (id, parsed)
-    }
-
-    /// Takes the replies still waiting in the client's queue.
-    async fn drain(&mut self, queue: &str) {
-        let waiting = queue_counts(queue).await.map_or(0, |c| c.0) as usize;
-        if waiting == 0 {
-            return;
-        }
-        let amqp = Amqp::open().await;
-        for message in next_messages(&amqp.channel, queue, waiting).await {
-            self.record(message.data);
-        }
-        amqp.close().await;
-    }
-}
-
-/// A client's broker connection: one confirming channel consuming its reply queue.
-struct Session {
-    connection: Connection,
-    channel: lapin::Channel,
-    replies: Consumer,
-}
-
-impl Session {
-    async fn open(reply_queue: &str) -> Result<Self, lapin::Error> {
-        let properties = ConnectionProperties::default().with_connection_name("history".into());
-        let connection = Connection::connect(AMQP_URL, properties).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        channel
-            .queue_declare(
-                reply_queue.into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await?;
-        let replies = channel
-            .basic_consume(
-                reply_queue.into(),
-                "history-client".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(Session {
-            connection,
-            channel,
-            replies,
-        })
-    }
-
-    async fn close(self) {
-        let close = self.connection.close(200, "bye".into());
-        let _ = tokio::time::timeout(TIMEOUT, close).await;
-    }
-
-    /// Publishes persistently; true once the broker confirmed it.
-    async fn publish(&self, queue: &str, request_id: &str, body: &[u8], reply_to: &str) -> bool {
-        let props = BasicProperties::default()
-            .with_reply_to(reply_to.into())
-            .with_correlation_id(request_id.into())
-            .with_message_id(request_id.into())
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2);
-        let published = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await;
-        let confirmed = async { published.ok()?.await.ok().map(|c| c.is_ack()) };
-        // A connection the broker dropped fails at once; bounded all the same.
-        matches!(
-            tokio::time::timeout(TIMEOUT, confirmed).await,
-            Ok(Some(true))
-        )
-    }
-}
-
-/// Whether update k has been published.
-#[derive(PartialEq)]
-enum Sent {
-    No,
-    /// Maybe: the connection died, or the broker refused it, before a confirm.
-    Unconfirmed,
-    Confirmed,
-}
-
-/// Sends updates 1, 2, … of the client's documents, each once the previous one's 200
-/// reply came back; reconnects whenever its connection dies. Once the schedule has
-/// `ended`, it sends one more update and stops: an older update (the one in flight at
-/// the end) that lands late then lands after the client's last one, and shows.
-async fn run_client(
-    me: ClientSpec,
-    collection: Arc<Collection>,
-    settings: Settings,
-    ended: Arc<OnceLock<Instant>>,
-) -> ClientReport {
-    let queue = settings.amqp.request_queue;
-    let mut report = ClientReport::default();
-    let mut session: Option<Session> = None;
-    let mut k = 1;
-    let mut sent = Sent::No;
-    let mut since = Instant::now();
-    loop {
-        if sent != Sent::No && since.elapsed() > REPLY_WITHIN {
-            let failure = format!("{}: no reply within {REPLY_WITHIN:?}", me.request_id(k));
-            report.failures.push(failure);
-            break;
-        }
-        let Some(s) = session.as_mut() else {
-            match tokio::time::timeout(TIMEOUT, Session::open(&me.reply_queue)).await {
-                Ok(Ok(s)) => session = Some(s),
-                _ => tokio::time::sleep(Duration::from_millis(300)).await,
-            }
-            continue;
-        };
-        if sent != Sent::Confirmed {
-            if sent == Sent::No {
-                since = Instant::now();
-            } else {
-                report.republished.insert(k);
-            }
-            let docs: Vec<Value> = me
-                .documents
-                .iter()
-                .map(|id| json!({"_id": id, "body": {"n": k, "w": me.name}}))
-                .collect();
-            let mut envelope = collection.envelope(json!(docs));
-            envelope["requestId"] = json!(me.request_id(k));
-            envelope["retryOnConflict"] = json!(10);
-            let body = serde_json::to_vec(&envelope).unwrap();
-            if s.publish(&queue, &me.request_id(k), &body, &me.reply_queue)
-                .await
-            {
-                sent = Sent::Confirmed;
-            } else {
-                sent = Sent::Unconfirmed;
-                session = None;
-                report.reconnects += 1;
-                continue;
-            }
-        }
-        match tokio::time::timeout(Duration::from_secs(1), s.replies.next()).await {
-            Err(_) => {} // nothing yet: check the bounds again
-            Ok(Some(Ok(delivery))) => {
-                // Unacked when the connection dies: delivered again, recorded once.
-                let ack = delivery.ack(BasicAckOptions::default());
-                let _ = tokio::time::timeout(TIMEOUT, ack).await;
-                let (id, reply) = report.record(delivery.data);
-                if id == me.request_id(k) {
-                    if reply["status"] != 200 {
-                        break;
-                    }
-                    report.acked = k;
-                    k += 1;
-                    sent = Sent::No;
-                    if ended.get().is_some_and(|end| since >= *end) {
-                        break;
-                    }
-                }
-            }
-            Ok(_) => {
-                session.take().unwrap().close().await;
-                report.reconnects += 1;
-            }
-        }
-    }
-    if let Some(s) = session {
-        s.close().await;
-    }
-    report
-}
-
 // ------------------------------------------------------------------ checks
 
 #[derive(Default)]
@@ -621,80 +383,15 @@ struct Outcome {
     workers: usize,
     /// Workers consuming the request queue after the settle period.
     consuming: usize,
-    acknowledged: u64,
-    documents: usize,
-    /// Documents holding an update older than their last acknowledged one.
-    stale: Vec<String>,
-    /// Of those, the ones holding an update the client published twice (its first
-    /// publish unconfirmed): the client's own at-least-once, not the worker's doing.
-    stale_after_republish: usize,
-    /// Documents holding an update never acknowledged (its client gave up on it).
-    unacknowledged: Vec<String>,
-    duplicates: usize,
-    /// Of those, replies to updates the client published twice.
-    duplicates_after_republish: usize,
-    republished: usize,
-    reconnects: u32,
-    failures: Vec<String>,
+    checks: Checks,
     left_queued: u32,
     dead_lettered: u32,
     worker_exits: Vec<Option<i32>>,
 }
 
 impl Outcome {
-    async fn add(&mut self, client: &ClientSpec, report: &ClientReport, collection: &Collection) {
-        self.acknowledged += report.acked;
-        self.republished += report.republished.len();
-        self.reconnects += report.reconnects;
-        self.failures.extend(report.failures.iter().cloned());
-        for k in 1..=report.acked {
-            if !report.replies.contains_key(&client.request_id(k)) {
-                self.failures
-                    .push(format!("no reply to {}", client.request_id(k)));
-            }
-        }
-        for (id, bodies) in &report.replies {
-            self.duplicates += bodies.len() - 1;
-            let k = id.rsplit('-').next().and_then(|k| k.parse().ok());
-            if k.is_some_and(|k| report.republished.contains(&k)) {
-                self.duplicates_after_republish += bodies.len() - 1;
-            }
-            if !id
-                .strip_prefix(&client.name)
-                .is_some_and(|k| k.starts_with('-'))
-            {
-                self.failures
-                    .push(format!("{}: a reply to {id}", client.name));
-            }
-        }
-        for doc in &client.documents {
-            self.documents += 1;
-            let (source, version) = collection.get(doc).await;
-            let n = source["n"].as_u64().unwrap_or(0);
-            let held = format!(
-                "{doc} holds n={n} (version {version}), last acknowledged {}",
-                report.acked
-            );
-            if n < report.acked || (n > 0 && source["w"] != client.name.as_str()) {
-                if report.republished.contains(&n) {
-                    self.stale_after_republish += 1;
-                }
-                self.stale.push(held);
-            } else if n > report.acked {
-                self.unacknowledged.push(held);
-            }
-        }
-    }
-
     fn assert_clean(&self) {
-        assert!(self.failures.is_empty(), "failures: {:#?}", self.failures);
-        assert_eq!(
-            self.stale.len(),
-            self.stale_after_republish,
-            "stale documents: {:#?}",
-            self.stale
-        );
-        assert!(self.unacknowledged.is_empty(), "{:#?}", self.unacknowledged);
+        self.checks.assert_clean();
         assert_eq!(self.left_queued, 0, "requests left in the request queue");
         assert_eq!(self.consuming, self.workers, "every worker consumes again");
         assert_eq!(self.dead_lettered, 0, "requests dead-lettered");
@@ -710,21 +407,10 @@ impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "updates acknowledged={}, faults injected={}, stale documents={}/{} ({} after \
-             a client re-publish), unacknowledged writes={}, duplicate replies={} ({} after \
-             a client re-publish), failures={}, client re-publishes={}, client reconnects={}, \
-             workers consuming={}/{}, left queued={}, dead-lettered={}, worker exits={:?}",
-            self.acknowledged,
+            "{}, faults injected={}, workers consuming={}/{}, left queued={}, \
+             dead-lettered={}, worker exits={:?}",
+            self.checks,
             self.faults,
-            self.stale.len(),
-            self.documents,
-            self.stale_after_republish,
-            self.unacknowledged.len(),
-            self.duplicates,
-            self.duplicates_after_republish,
-            self.failures.len(),
-            self.republished,
-            self.reconnects,
             self.consuming,
             self.workers,
             self.left_queued,

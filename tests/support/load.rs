@@ -1,13 +1,17 @@
 //! A bounded load for the fault tests: N requests of mixed sizes over one collection,
 //! replies to a durable queue, and the checks that every request got its reply and the
-//! engine holds every update.
+//! engine holds every update. On the single node by default; `Load::on` puts it on
+//! other servers (the local cluster), with the index settings and reply queue type
+//! given there.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::BasicProperties;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
@@ -19,6 +23,9 @@ const DOCUMENTS: usize = 300;
 pub struct Load {
     pub collection: Collection,
     pub reply_queue: String,
+    /// Where it publishes, counts and collects: a test on the cluster points this at a
+    /// node it isn't about to kill.
+    pub amqp: String,
     /// requestId → the document ids it updates.
     pub requests: BTreeMap<String, Vec<String>>,
     envelopes: Vec<(String, Vec<u8>)>,
@@ -27,6 +34,21 @@ pub struct Load {
 impl Load {
     /// `n` requests of 1 to 12 documents; request `i` sets field `r{i}` on each.
     pub async fn new(n: usize, refresh: bool) -> Self {
+        let index = json!({"settings": {}});
+        Self::on(&Servers::single(), n, refresh, index, FieldTable::default()).await
+    }
+
+    /// The same on `servers`: the collection's index created with `index` (its
+    /// `settings` and `mappings`: with 1,000 requests or more, `"dynamic": false`, as
+    /// each request adds a field), the reply queue declared with `reply_args` (e.g.
+    /// `x-queue-type: quorum`).
+    pub async fn on(
+        servers: &Servers,
+        n: usize,
+        refresh: bool,
+        index: Value,
+        reply_args: FieldTable,
+    ) -> Self {
         let docs: Vec<(String, Value)> = (0..DOCUMENTS)
             .map(|d| (format!("d{d}"), json!({"seed": d})))
             .collect();
@@ -34,14 +56,14 @@ impl Load {
             .iter()
             .map(|(id, v)| (id.as_str(), v.clone()))
             .collect();
-        let collection = Collection::create(&refs).await;
+        let collection = Collection::create_on(&servers.es, &refs, index).await;
         let reply_queue = fresh("mupdate.fault-replies");
-        let amqp = Amqp::open().await;
+        let amqp = Amqp::open_at(&servers.amqp).await;
         amqp.channel
             .queue_declare(
                 reply_queue.as_str().into(),
                 QueueDeclareOptions::durable(),
-                FieldTable::default(),
+                reply_args,
             )
             .await
             .unwrap();
@@ -70,27 +92,46 @@ impl Load {
         Load {
             collection,
             reply_queue,
+            amqp: servers.amqp.clone(),
             requests,
             envelopes,
         }
     }
 
-    /// Publishes every request (persistent, confirmed) to `queue`.
+    /// Publishes every request (persistent) to `queue`, up to 256 awaiting their
+    /// confirms at once, and returns once all are confirmed.
     pub async fn publish(&self, queue: &str) {
-        let amqp = Amqp::open().await;
-        for (request_id, body) in &self.envelopes {
-            let props = BasicProperties::default()
-                .with_reply_to(self.reply_queue.as_str().into())
-                .with_message_id(request_id.as_str().into())
-                .with_delivery_mode(2);
-            publish(&amqp.channel, queue, body, props).await;
+        let amqp = Amqp::open_at(&self.amqp).await;
+        for batch in self.envelopes.chunks(256) {
+            let mut confirms = Vec::with_capacity(batch.len());
+            for (request_id, body) in batch {
+                let props = BasicProperties::default()
+                    .with_reply_to(self.reply_queue.as_str().into())
+                    .with_message_id(request_id.as_str().into())
+                    .with_delivery_mode(2);
+                let confirm = amqp
+                    .channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        body,
+                        props,
+                    )
+                    .await
+                    .unwrap();
+                confirms.push(confirm);
+            }
+            for confirm in confirms {
+                assert!(confirm.await.unwrap().is_ack(), "request confirmed");
+            }
         }
         amqp.close().await;
     }
 
     /// Replies now in the reply queue.
     pub async fn replies_waiting(&self) -> u32 {
-        queue_counts(&self.reply_queue)
+        queue_counts_at(&self.amqp, &self.reply_queue)
             .await
             .map_or(0, |(ready, _)| ready)
     }
@@ -110,7 +151,7 @@ impl Load {
     /// Consumes replies until every request has one or `within` passes, then takes
     /// whatever else is waiting: requestId → the replies to it.
     pub async fn collect(&self, within: Duration) -> HashMap<String, Vec<Value>> {
-        let amqp = Amqp::open().await;
+        let amqp = Amqp::open_at(&self.amqp).await;
         let mut consumer = amqp
             .channel
             .basic_consume(
@@ -145,29 +186,47 @@ impl Load {
 
     /// Each reply is the right one for its request: 200, its documents in order.
     pub fn check_replies(&self, replies: &HashMap<String, Vec<Value>>) {
+        let wrong = self.wrong_replies(replies);
+        assert!(wrong.is_empty(), "wrong replies: {wrong:#?}");
+    }
+
+    /// The replies that aren't the right one for their request, described.
+    pub fn wrong_replies(&self, replies: &HashMap<String, Vec<Value>>) -> Vec<String> {
+        let mut wrong = Vec::new();
         for (id, bodies) in replies {
-            let ids = self
-                .requests
-                .get(id)
-                .unwrap_or_else(|| panic!("reply to unknown request {id}"));
+            let Some(ids) = self.requests.get(id) else {
+                wrong.push(format!("reply to unknown request {id}"));
+                continue;
+            };
             for body in bodies {
-                assert_eq!(body["status"], 200, "{body}");
-                let hits: Vec<&str> = body["result"]["hits"]
+                let hits: Option<Vec<&str>> = body["result"]["hits"]
                     .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|h| h["_id"].as_str().unwrap())
-                    .collect();
-                assert_eq!(hits, *ids, "reply to {id}");
+                    .and_then(|hits| hits.iter().map(|h| h["_id"].as_str()).collect());
+                if body["status"] != 200
+                    || hits.as_ref() != Some(&ids.iter().map(String::as_str).collect())
+                {
+                    wrong.push(format!("reply to {id}: {body}"));
+                }
             }
         }
+        wrong
     }
 
     /// The engine holds the update of every request in `done`.
     pub async fn check_engine<'a>(&self, done: impl Iterator<Item = &'a String>) {
+        let missing = self.missing_updates(done).await;
+        assert!(
+            missing.is_empty(),
+            "updates not in the engine: {missing:#?}"
+        );
+    }
+
+    /// The updates of requests in `done` that the engine doesn't hold, described.
+    pub async fn missing_updates<'a>(&self, done: impl Iterator<Item = &'a String>) -> Vec<String> {
         let found: Value = http()
             .post(format!(
-                "{ES_URL}/{}/_search",
+                "{}/{}/_search",
+                self.collection.es,
                 path(&self.collection.physical)
             ))
             .json(&json!({"size": DOCUMENTS, "query": {"match_all": {}}}))
@@ -183,23 +242,24 @@ impl Load {
             .iter()
             .map(|h| (h["_id"].as_str().unwrap().to_owned(), h["_source"].clone()))
             .collect();
+        let mut missing = Vec::new();
         for request_id in done {
             let i: u64 = request_id.trim_start_matches("req-").parse().unwrap();
             for doc in &self.requests[request_id] {
-                assert_eq!(
-                    sources[doc][format!("r{i}")],
-                    i,
-                    "{request_id} updated {doc}"
-                );
+                if sources.get(doc).map(|s| &s[format!("r{i}")]) != Some(&json!(i)) {
+                    missing.push(format!("{request_id} updated {doc}"));
+                }
             }
         }
+        missing
     }
 
     /// Refreshes the collection so a search sees every update.
     pub async fn refresh(&self) {
         http()
             .post(format!(
-                "{ES_URL}/{}/_refresh",
+                "{}/{}/_refresh",
+                self.collection.es,
                 path(&self.collection.physical)
             ))
             .send()
@@ -208,6 +268,6 @@ impl Load {
     }
 
     pub async fn cleanup(self) {
-        delete_queues(&[&self.reply_queue]).await;
+        delete_queues_at(&self.amqp, &[&self.reply_queue]).await;
     }
 }

@@ -2,6 +2,7 @@
 //! started in-process on fresh queues, and clean-up of what a test made.
 #![allow(dead_code)]
 
+pub mod history;
 pub mod load;
 pub mod proxy;
 
@@ -14,12 +15,29 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use mupdate_worker::config::Settings;
+use mupdate_worker::config::{Settings, redact_url};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const ES_URL: &str = "http://127.0.0.1:9200";
+
+/// The servers a helper talks to: the single node of scripts/services.sh unless a test
+/// names others (a node of scripts/cluster.sh's cluster).
+#[derive(Clone, Debug)]
+pub struct Servers {
+    pub amqp: String,
+    pub es: String,
+}
+
+impl Servers {
+    pub fn single() -> Self {
+        Servers {
+            amqp: AMQP_URL.to_owned(),
+            es: ES_URL.to_owned(),
+        }
+    }
+}
 /// Every wait in a test is bounded by this.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -114,6 +132,8 @@ pub struct Collection {
     pub index: String,
     pub collection: String,
     pub physical: String,
+    /// The engine it is read and deleted through (any node of a cluster).
+    pub es: String,
 }
 
 impl Collection {
@@ -123,26 +143,33 @@ impl Collection {
     }
 
     pub async fn create_with(docs: &[(&str, Value)], settings: Value) -> Self {
-        Self::create_in(&fresh("idx"), "col", docs, settings).await
+        Self::create_on(ES_URL, docs, json!({"settings": settings})).await
+    }
+
+    /// A fresh collection on the engine at `es`, its index created with `body`
+    /// (`settings`, `mappings`).
+    pub async fn create_on(es: &str, docs: &[(&str, Value)], body: Value) -> Self {
+        Self::create_in(es, &fresh("idx"), "col", docs, body).await
     }
 
     /// Another collection of an existing (or new) Kuzzle index.
     pub async fn create_named(index: &str, collection: &str, docs: &[(&str, Value)]) -> Self {
-        Self::create_in(index, collection, docs, json!({})).await
+        Self::create_in(ES_URL, index, collection, docs, json!({"settings": {}})).await
     }
 
     async fn create_in(
+        es_url: &str,
         index: &str,
         collection: &str,
         docs: &[(&str, Value)],
-        settings: Value,
+        body: Value,
     ) -> Self {
         let (index, collection) = (index.to_owned(), collection.to_owned());
         let physical = format!("&{index}.{collection}");
         let es = http();
         let r = es
-            .put(format!("{ES_URL}/{}", path(&physical)))
-            .json(&json!({"settings": settings}))
+            .put(format!("{es_url}/{}", path(&physical)))
+            .json(&body)
             .send()
             .await
             .unwrap();
@@ -153,14 +180,14 @@ impl Collection {
         );
         for (id, source) in docs {
             let r = es
-                .put(format!("{ES_URL}/{}/_doc/{id}", path(&physical)))
+                .put(format!("{es_url}/{}/_doc/{id}", path(&physical)))
                 .json(source)
                 .send()
                 .await
                 .unwrap();
             assert!(r.status().is_success());
         }
-        es.post(format!("{ES_URL}/{}/_refresh", path(&physical)))
+        es.post(format!("{es_url}/{}/_refresh", path(&physical)))
             .send()
             .await
             .unwrap();
@@ -168,13 +195,14 @@ impl Collection {
             index,
             collection,
             physical,
+            es: es_url.to_owned(),
         }
     }
 
     /// A stored document's `_source` and `_version`.
     pub async fn get(&self, id: &str) -> (Value, u64) {
         let doc: Value = http()
-            .get(format!("{ES_URL}/{}/_doc/{id}", path(&self.physical)))
+            .get(format!("{}/{}/_doc/{id}", self.es, path(&self.physical)))
             .send()
             .await
             .unwrap()
@@ -197,7 +225,7 @@ impl Collection {
 
 impl Drop for Collection {
     fn drop(&mut self) {
-        let url = format!("{ES_URL}/{}", path(&self.physical));
+        let url = format!("{}/{}", self.es, path(&self.physical));
         delete_blocking(url);
     }
 }
@@ -310,15 +338,23 @@ impl Worker {
 
 /// Deletes the queues and the dead-letter exchange a worker on `settings` declares.
 pub async fn delete_topology(settings: &Settings) {
+    delete_topology_at(AMQP_URL, settings).await
+}
+
+/// The same through the broker at `url`.
+pub async fn delete_topology_at(url: &str, settings: &Settings) {
     let amqp = &settings.amqp;
-    delete_queues(&[
-        &amqp.request_queue,
-        &amqp.reply_queue,
-        &amqp.dead_letter_queue,
-    ])
+    delete_queues_at(
+        url,
+        &[
+            &amqp.request_queue,
+            &amqp.reply_queue,
+            &amqp.dead_letter_queue,
+        ],
+    )
     .await;
     if !amqp.dead_letter_exchange.is_empty() {
-        let broker = Amqp::open().await;
+        let broker = Amqp::open_at(url).await;
         let _ = broker
             .channel
             .exchange_delete(
@@ -331,7 +367,11 @@ pub async fn delete_topology(settings: &Settings) {
 }
 
 pub async fn delete_queues(queues: &[&str]) {
-    let amqp = Amqp::open().await;
+    delete_queues_at(AMQP_URL, queues).await
+}
+
+pub async fn delete_queues_at(url: &str, queues: &[&str]) {
+    let amqp = Amqp::open_at(url).await;
     for q in queues {
         let _ = amqp
             .channel
@@ -380,8 +420,12 @@ pub fn stderr_lines(child: &mut std::process::Child) -> std::thread::JoinHandle<
 
 /// Waits until `queue` has at least `n` consumers.
 pub async fn wait_consumers(queue: &str, n: u32) {
+    wait_consumers_at(AMQP_URL, queue, n).await
+}
+
+pub async fn wait_consumers_at(url: &str, queue: &str, n: u32) {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while queue_consumers(queue).await.unwrap_or(0) < n {
+    while queue_counts_at(url, queue).await.map_or(0, |c| c.1) < n {
         assert!(
             tokio::time::Instant::now() < deadline,
             "workers did not start consuming"
@@ -392,7 +436,11 @@ pub async fn wait_consumers(queue: &str, n: u32) {
 
 /// Ready messages and consumers of a queue, or None when it doesn't exist.
 pub async fn queue_counts(queue: &str) -> Option<(u32, u32)> {
-    let amqp = Amqp::open().await;
+    queue_counts_at(AMQP_URL, queue).await
+}
+
+pub async fn queue_counts_at(url: &str, queue: &str) -> Option<(u32, u32)> {
+    let amqp = Amqp::open_at(url).await;
     let declared = amqp
         .channel
         .queue_declare(
@@ -422,9 +470,13 @@ pub struct Amqp {
 
 impl Amqp {
     pub async fn open() -> Self {
-        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        Self::open_at(AMQP_URL).await
+    }
+
+    pub async fn open_at(url: &str) -> Self {
+        let connection = Connection::connect(url, ConnectionProperties::default())
             .await
-            .expect("RabbitMQ on 127.0.0.1:5672");
+            .unwrap_or_else(|e| panic!("RabbitMQ at {}: {e}", redact_url(url)));
         let channel = connection.create_channel().await.unwrap();
         channel
             .confirm_select(ConfirmSelectOptions::default())
