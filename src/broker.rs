@@ -77,10 +77,15 @@ impl Broker {
     }
 
     /// Declares the topology, all durable: the dead-letter exchange and queue when
-    /// configured, the request queue (classic or quorum) and the default reply queue.
+    /// configured, the request queue and the default reply queue. With
+    /// `queue_type = "quorum"` all three queues are quorum queues, replicated over a
+    /// cluster: a classic queue lives on the node it was declared on and is gone with it.
+    /// The dead-letter and reply queues are declared only when missing: one that already
+    /// exists is kept as it is, whatever its type, and one that exists but can't be reached
+    /// (a classic queue whose node is down) is reported, not a reason to stop consuming.
     pub async fn declare(&self, settings: &AmqpSettings) -> Result<(), lapin::Error> {
         let ch = &self.consume;
-        let mut request_args = FieldTable::default();
+        let mut request_args = queue_args(settings.queue_type);
         let dlx = settings.dead_letter_exchange.as_str();
         if !dlx.is_empty() {
             ch.exchange_declare(
@@ -94,34 +99,24 @@ impl Broker {
             )
             .await?;
             let dlq = settings.dead_letter_queue.as_str();
-            ch.queue_declare(
-                dlq.into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await?;
-            ch.queue_bind(
-                dlq.into(),
-                dlx.into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+            if self.declare_missing(dlq, settings.queue_type).await? {
+                ch.queue_bind(
+                    dlq.into(),
+                    dlx.into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            }
             request_args.insert(
                 "x-dead-letter-exchange".into(),
                 AMQPValue::LongString(dlx.into()),
             );
         }
-        if settings.queue_type == QueueType::Quorum {
-            request_args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("quorum".into()),
-            );
-            if settings.delivery_limit > 0 {
-                let limit = i64::from(settings.delivery_limit);
-                request_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
-            }
+        if settings.queue_type == QueueType::Quorum && settings.delivery_limit > 0 {
+            let limit = i64::from(settings.delivery_limit);
+            request_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
         }
         ch.queue_declare(
             settings.request_queue.as_str().into(),
@@ -129,13 +124,47 @@ impl Broker {
             request_args,
         )
         .await?;
-        ch.queue_declare(
-            settings.reply_queue.as_str().into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await?;
+        self.declare_missing(&settings.reply_queue, settings.queue_type)
+            .await?;
         Ok(())
+    }
+
+    /// Declares `queue` of `queue_type` unless it exists; whether it can be used (bound).
+    async fn declare_missing(
+        &self,
+        queue: &str,
+        queue_type: QueueType,
+    ) -> Result<bool, lapin::Error> {
+        // A failed passive declare closes its channel: a probe channel of its own.
+        let probe = self.connection.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::durable()
+        };
+        match probe
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(_) => {
+                let _ = probe.close(200, "checked".into()).await;
+                Ok(true)
+            }
+            Err(err) if missing_queue(&err) => {
+                self.consume
+                    .queue_declare(
+                        queue.into(),
+                        QueueDeclareOptions::durable(),
+                        queue_args(queue_type),
+                    )
+                    .await?;
+                Ok(true)
+            }
+            Err(err) if self.connected() => {
+                tracing::warn!(queue, error = %err, "queue exists but can't be used now; going on without it");
+                Ok(false)
+            }
+            Err(err) => Err(err),
+        }
     }
 
     /// Fails unless `exchange` exists: publishing a reply to a missing exchange would
@@ -306,6 +335,24 @@ async fn publish_on(channel: &Channel, reply: &Outgoing<'_>) -> Result<Published
         Confirmation::Ack(Some(_)) => Published::Unroutable,
         Confirmation::Nack(_) => Published::Refused,
     })
+}
+
+/// The arguments a new queue of `queue_type` is declared with.
+fn queue_args(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
+    args
+}
+
+/// Whether a passive declare failed because the queue doesn't exist (`NOT_FOUND - no
+/// queue …`), as opposed to existing on a node that is down (`NOT_FOUND - home node …`).
+fn missing_queue(err: &lapin::Error) -> bool {
+    err.to_string().contains("no queue")
 }
 
 /// The limit in RabbitMQ's "message size N is larger than [configured] max size L".

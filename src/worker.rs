@@ -385,7 +385,23 @@ impl Handler {
                 body: &response.body,
                 traceparent: props.traceparent.as_deref(),
             };
-            match broker.publish_reply(&reply).await? {
+            let published = {
+                let publish = broker.publish_reply(&reply);
+                tokio::pin!(publish);
+                tokio::select! {
+                published = &mut publish => published?,
+                // Work given up (the connection lost, a pause, shutdown): a confirm still
+                // due gets a little longer, then the delivery is handed back; one stuck on
+                // a dead connection must not hold the next session up.
+                _ = ticket.cancel().cancelled() => {
+                    match tokio::time::timeout(CONFIRM_GRACE, &mut publish).await {
+                        Ok(published) => published?,
+                        Err(_) => return Ok(Settlement::Requeue),
+                    }
+                }
+                }
+            };
+            match published {
                 Published::Confirmed => return Ok(Settlement::Ack),
                 Published::Unroutable => {
                     self.metrics.unroutable_replies.inc();
@@ -401,7 +417,7 @@ impl Handler {
                         );
                         return Ok(self.dead_letter("refused", request_id));
                     }
-                    let pause = Duration::from_millis(250 << refusals.min(6));
+                    let pause = reply_pause(refusals);
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
                         _ = ticket.cancel().cancelled() => return Ok(Settlement::Requeue),
@@ -435,6 +451,15 @@ impl Handler {
         );
         Settlement::DeadLetter
     }
+}
+
+/// How long a reply's confirm is still awaited once its delivery's work is given up.
+const CONFIRM_GRACE: Duration = Duration::from_secs(5);
+
+/// The pause after a reply's `refusals`-th refusal: doubling from 0.5 s, at most 4 s, so
+/// that the default attempts outlast a quorum reply queue's leader election (2 s here).
+fn reply_pause(refusals: u32) -> Duration {
+    Duration::from_millis((250u64 << refusals.min(4)).min(4000))
 }
 
 /// Counts a request in flight for as long as it lives, panics included.
@@ -509,6 +534,18 @@ mod tests {
     use super::*;
     use crate::reply::SHORT_STRING_MAX;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_default_reply_attempts_outlast_a_leader_election() {
+        let attempts = crate::config::Settings::load(None)
+            .unwrap()
+            .amqp
+            .reply_attempts;
+        let waited: Duration = (1..attempts).map(reply_pause).sum();
+        assert!(waited >= Duration::from_secs(10), "{waited:?}");
+        assert!((1..100).all(|n| reply_pause(n) <= Duration::from_secs(4)));
+        assert_eq!(reply_pause(1), Duration::from_millis(500));
+    }
 
     fn text(max: usize) -> impl Strategy<Value = Option<String>> {
         prop::option::of(prop_oneof![

@@ -202,9 +202,30 @@ async fn poison_messages_on_a_quorum_queue_end_in_the_dead_letter_queue() {
     settings.amqp.delivery_limit = 2;
     settings.amqp.dead_letter_exchange = fresh("mupdate.dlx");
     settings.amqp.dead_letter_queue = fresh("mupdate.dead");
-    let worker = Worker::start_with(settings).await;
-
+    settings.amqp.reply_attempts = 3;
+    // A default reply queue that already exists as a classic queue is kept as it is.
     let amqp = Amqp::open().await;
+    amqp.channel
+        .queue_declare(
+            settings.amqp.reply_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let worker = Worker::start_with(settings).await;
+    // On a cluster a classic queue dies with its node: with quorum requests, the
+    // dead-letter queue the worker declares is a quorum queue too.
+    let amqp_settings = &worker.settings.amqp;
+    let types = queue_types(&[
+        &amqp_settings.request_queue,
+        &amqp_settings.dead_letter_queue,
+        &amqp_settings.reply_queue,
+    ]);
+    assert_eq!(types[&amqp_settings.request_queue], "quorum");
+    assert_eq!(types[&amqp_settings.dead_letter_queue], "quorum");
+    assert_eq!(types[&amqp_settings.reply_queue], "classic");
+
     // One reply destination that doesn't exist: the request can't be answered at all.
     let props = BasicProperties::default()
         .with_reply_to(fresh("no-such-queue").as_str().into())

@@ -6,6 +6,7 @@ pub mod history;
 pub mod load;
 pub mod proxy;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -601,6 +602,22 @@ pub fn services(args: &[&str]) {
         .status()
         .unwrap();
     assert!(status.success(), "services.sh {args:?}");
+}
+
+/// The type (`classic`, `quorum`, …) of each of `queues`, from `rabbitmqctl list_queues`.
+pub fn queue_types(queues: &[&str]) -> HashMap<String, String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+    let out = std::process::Command::new(script)
+        .args(["rabbitmqctl", "-q", "list_queues", "--no-table-headers", "name", "type"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rabbitmqctl list_queues");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(name, _)| queues.contains(name))
+        .map(|(name, kind)| (name.to_owned(), kind.trim().to_owned()))
+        .collect()
 }
 
 /// rabbitmqctl, through the script that knows the node's name.
