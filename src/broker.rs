@@ -80,8 +80,8 @@ impl Broker {
     /// configured, the request queue and the default reply queue. With
     /// `queue_type = "quorum"` all three queues are quorum queues, replicated over a
     /// cluster: a classic queue lives on the node it was declared on and is gone with it.
-    /// The dead-letter and reply queues are declared only when missing: one that already
-    /// exists is kept as it is, whatever its type, and one that exists but can't be reached
+    /// A dead-letter or reply queue that already exists with other arguments (say, a
+    /// classic one from before) is kept as it is, and one that exists but can't be reached
     /// (a classic queue whose node is down) is reported, not a reason to stop consuming.
     pub async fn declare(&self, settings: &AmqpSettings) -> Result<(), lapin::Error> {
         let ch = &self.consume;
@@ -99,7 +99,7 @@ impl Broker {
             )
             .await?;
             let dlq = settings.dead_letter_queue.as_str();
-            if self.declare_missing(dlq, settings.queue_type).await? {
+            if self.declare_secondary(dlq, settings.queue_type).await? {
                 ch.queue_bind(
                     dlq.into(),
                     dlx.into(),
@@ -124,46 +124,38 @@ impl Broker {
             request_args,
         )
         .await?;
-        self.declare_missing(&settings.reply_queue, settings.queue_type)
+        self.declare_secondary(&settings.reply_queue, settings.queue_type)
             .await?;
         Ok(())
     }
 
-    /// Declares `queue` of `queue_type` unless it exists; whether it can be used (bound).
-    async fn declare_missing(
+    /// Declares `queue` of `queue_type`, keeping it as it is if it exists with other
+    /// arguments; whether it can be used (bound).
+    async fn declare_secondary(
         &self,
         queue: &str,
         queue_type: QueueType,
     ) -> Result<bool, lapin::Error> {
-        // A failed passive declare closes its channel: a probe channel of its own.
+        // A refused declare closes its channel: a channel of its own.
         let probe = self.connection.create_channel().await?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::durable()
-        };
-        match probe
-            .queue_declare(queue.into(), passive, FieldTable::default())
-            .await
-        {
+        let declared = probe
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::durable(),
+                queue_args(queue_type),
+            )
+            .await;
+        match declared {
             Ok(_) => {
-                let _ = probe.close(200, "checked".into()).await;
+                let _ = probe.close(200, "declared".into()).await;
                 Ok(true)
             }
-            Err(err) if missing_queue(&err) => {
-                self.consume
-                    .queue_declare(
-                        queue.into(),
-                        QueueDeclareOptions::durable(),
-                        queue_args(queue_type),
-                    )
-                    .await?;
-                Ok(true)
-            }
-            Err(err) if self.connected() => {
-                tracing::warn!(queue, error = %err, "queue exists but can't be used now; going on without it");
+            Err(err) if !self.connected() => Err(err),
+            Err(err) if exists_otherwise(&err) => Ok(true),
+            Err(err) => {
+                tracing::warn!(queue, error = %err, "queue can't be declared now; going on without it");
                 Ok(false)
             }
-            Err(err) => Err(err),
         }
     }
 
@@ -224,21 +216,48 @@ impl Broker {
             Err(err) if self.connected() => {
                 // The broker closed the channel, over this reply or one sent beside it.
                 self.replace_publish_channel(generation).await?;
-                match refused_size(&err.to_string()) {
-                    Some(limit) => {
-                        self.max_reply.fetch_min(limit, Ordering::Relaxed);
-                        if body.len() > limit {
-                            return Ok(Published::TooLarge { limit });
-                        }
-                        Ok(Published::Refused)
-                    }
-                    None => {
-                        tracing::warn!(error = %err, "the broker closed the reply channel");
-                        Ok(Published::Refused)
-                    }
-                }
+                Ok(self.refusal(&err, body.len()))
             }
             Err(err) => Err(err),
+        }
+    }
+
+    /// Publishes `reply` on a channel of its own, opened for it: how a refused reply is
+    /// tried again. A channel keeps what it learned of a quorum queue's leader, and one
+    /// that published while the leader was being elected was seen refusing every later
+    /// reply to that queue for 20 s after a new leader was known; a new channel asks anew.
+    pub async fn publish_reply_alone(
+        &self,
+        reply: &Outgoing<'_>,
+    ) -> Result<Published, lapin::Error> {
+        let limit = self.max_reply.load(Ordering::Relaxed);
+        if reply.body.len() > limit {
+            return Ok(Published::TooLarge { limit });
+        }
+        let channel = confirming_channel(&self.connection).await?;
+        let published = match publish_on(&channel, reply).await {
+            Ok(published) => Ok(published),
+            Err(err) if self.connected() => return Ok(self.refusal(&err, reply.body.len())),
+            Err(err) => Err(err),
+        };
+        let _ = channel.close(200, "published".into()).await;
+        published
+    }
+
+    /// What a channel closed over a reply of `size` bytes means.
+    fn refusal(&self, err: &lapin::Error, size: usize) -> Published {
+        match refused_size(&err.to_string()) {
+            Some(limit) => {
+                self.max_reply.fetch_min(limit, Ordering::Relaxed);
+                if size > limit {
+                    return Published::TooLarge { limit };
+                }
+                Published::Refused
+            }
+            None => {
+                tracing::warn!(error = %err, "the broker closed the reply channel");
+                Published::Refused
+            }
         }
     }
 
@@ -349,10 +368,11 @@ fn queue_args(queue_type: QueueType) -> FieldTable {
     args
 }
 
-/// Whether a passive declare failed because the queue doesn't exist (`NOT_FOUND - no
-/// queue …`), as opposed to existing on a node that is down (`NOT_FOUND - home node …`).
-fn missing_queue(err: &lapin::Error) -> bool {
-    err.to_string().contains("no queue")
+/// Whether a declare was refused because the queue exists with other arguments
+/// (`PRECONDITION_FAILED - inequivalent arg …`), not because it can't be reached
+/// (`NOT_FOUND - home node … is down or inaccessible`).
+fn exists_otherwise(err: &lapin::Error) -> bool {
+    err.to_string().contains("inequivalent arg")
 }
 
 /// The limit in RabbitMQ's "message size N is larger than [configured] max size L".

@@ -54,6 +54,7 @@ pub struct Metrics {
     dead_lettered: Family<ReasonLabel, Counter>,
     rights: Family<OutcomeLabel, Counter>,
     broker_node: Family<NodeLabel, Gauge>,
+    engine_node: Family<NodeLabel, Gauge>,
     pub pauses: Counter,
     pub panics: Counter,
     pub replies_shrunk: Counter,
@@ -88,6 +89,7 @@ impl Metrics {
         let dead_lettered = Family::<ReasonLabel, Counter>::default();
         let rights = Family::<OutcomeLabel, Counter>::default();
         let broker_node = Family::<NodeLabel, Gauge>::default();
+        let engine_node = Family::<NodeLabel, Gauge>::default();
         let (pauses, panics) = (Counter::default(), Counter::default());
         let (replies_shrunk, duplicates_skipped) = (Counter::default(), Counter::default());
         let slow_writes = Counter::default();
@@ -154,6 +156,11 @@ impl Metrics {
             broker_node.clone(),
         );
         registry.register(
+            "engine_node_up",
+            "0 for a storage engine node (host:port) left out after a refused or broken connection, 1 otherwise",
+            engine_node.clone(),
+        );
+        registry.register(
             "pauses",
             "Times consumption paused because the engine stayed unavailable",
             pauses.clone(),
@@ -208,6 +215,7 @@ impl Metrics {
             dead_lettered,
             rights,
             broker_node,
+            engine_node,
             pauses,
             panics,
             replies_shrunk,
@@ -275,6 +283,13 @@ impl Metrics {
     }
 
     /// The broker node in use: 1 for `node`, 0 for the `others`.
+    pub fn set_engine_node(&self, node: &str, up: bool) {
+        let label = NodeLabel {
+            node: node.to_owned(),
+        };
+        self.engine_node.get_or_create(&label).set(i64::from(up));
+    }
+
     pub fn set_broker_node<'a>(&self, node: &str, others: impl Iterator<Item = &'a str>) {
         for other in others {
             let label = NodeLabel {

@@ -13,7 +13,7 @@ use elasticsearch::cert::CertificateValidation;
 use elasticsearch::http::headers::{
     ACCEPT_ENCODING, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue,
 };
-use elasticsearch::http::transport::{MultiNodeConnectionPool, TransportBuilder};
+use elasticsearch::http::transport::{SingleNodeConnectionPool, Transport, TransportBuilder};
 use elasticsearch::http::{Method, Url};
 
 use std::sync::Arc;
@@ -23,6 +23,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Layout, StorageSettings};
 use crate::metrics::Metrics;
 use crate::security::tls::StorageTls;
+
+mod nodes;
+
+use nodes::{Node, Nodes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -59,7 +63,7 @@ pub enum IndexState {
 }
 
 pub struct Storage {
-    client: Elasticsearch,
+    nodes: Nodes,
     /// Reads, and the point past which a write counts as slow.
     timeout: Duration,
     /// How long a write already sent is awaited before it is given up (and sent again).
@@ -77,49 +81,27 @@ pub struct Storage {
 
 impl Storage {
     pub fn new(settings: &StorageSettings, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
-        let urls = settings
+        let nodes = settings
             .urls()
-            .map(|u| Url::parse(u).map_err(|e| StorageError::Config(format!("storage.url: {e}"))))
+            .map(|u| {
+                let url =
+                    Url::parse(u).map_err(|e| StorageError::Config(format!("storage.url: {e}")))?;
+                let name = match (url.host_str(), url.port_or_known_default()) {
+                    (Some(host), Some(port)) => format!("{host}:{port}"),
+                    _ => return Err(StorageError::Config(format!("storage.url: no host in {u}"))),
+                };
+                Ok(Node::new(
+                    name,
+                    Elasticsearch::new(transport(settings, url)?),
+                ))
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let pool = MultiNodeConnectionPool::round_robin(urls, None);
-        let mut builder = TransportBuilder::new(pool);
-        builder = if settings.compression {
-            builder.request_body_compression(true)
-        } else {
-            // Compressing costs the engine and the worker CPU; over a LAN it buys little.
-            builder.header(ACCEPT_ENCODING, HeaderValue::from_static("identity"))
-        };
-        let tls = StorageTls::load(settings).map_err(|e| StorageError::Config(e.to_string()))?;
-        if let Some(ca) = tls.ca {
-            builder = builder.cert_validation(CertificateValidation::Full(ca));
+        if nodes.is_empty() {
+            return Err(StorageError::Config("storage.url lists no node".into()));
         }
-        let credentials = if let Some(key) = settings.api_key.as_ref().filter(|k| !k.is_empty()) {
-            Some(Credentials::EncodedApiKey(key.clone()))
-        } else if let Some(user) = settings.username.as_ref().filter(|u| !u.is_empty()) {
-            let password = settings.password.clone().unwrap_or_default();
-            Some(Credentials::Basic(user.clone(), password))
-        } else {
-            None
-        };
-        match (tls.identity, credentials) {
-            (Some(pkcs12), credentials) => {
-                // The client's credentials slot holds the certificate: an API key or
-                // basic auth goes along as a default Authorization header.
-                let certificate = ClientCertificate::Pkcs12(pkcs12, Some(String::new()));
-                builder = builder.auth(Credentials::Certificate(certificate));
-                if let Some(value) = credentials.as_ref().and_then(authorization) {
-                    builder = builder.header(AUTHORIZATION, value);
-                }
-            }
-            (None, Some(credentials)) => builder = builder.auth(credentials),
-            (None, None) => {}
-        }
-        let transport = builder
-            .build()
-            .map_err(|e| StorageError::Config(e.to_string()))?;
         let backoff = backoff(settings);
         Ok(Storage {
-            client: Elasticsearch::new(transport),
+            nodes: Nodes::new(nodes, &metrics),
             timeout: Duration::from_millis(settings.timeout_ms),
             write_timeout: Duration::from_millis(
                 settings.write_timeout_ms.max(settings.timeout_ms),
@@ -150,15 +132,42 @@ impl Storage {
                 HeaderValue::from_static("application/x-ndjson"),
             );
         }
-        let response = self
-            .client
-            .send(method, path, headers, Some(query), body, Some(timeout))
-            .await
-            .map_err(|e| {
-                self.answered(false);
-                // With its causes: a TLS failure's reason is in them.
-                StorageError::Unavailable(crate::security::tls::chain(&e))
-            })?;
+        let mut tried = 0;
+        let response = loop {
+            let node = self.nodes.pick();
+            let sent = node
+                .client
+                .send(
+                    method,
+                    path,
+                    headers.clone(),
+                    Some(query),
+                    body,
+                    Some(timeout),
+                )
+                .await;
+            match sent {
+                Ok(response) => {
+                    node.answered(&self.metrics);
+                    break response;
+                }
+                Err(e) => {
+                    // A node too slow to answer is still a node; one that refused or
+                    // broke the connection is left out for a while.
+                    if !e.is_timeout() {
+                        node.failed(&self.metrics);
+                    }
+                    tried += 1;
+                    // Nothing reached that node: the next one is asked at once.
+                    if never_sent(&e) && tried < self.nodes.len() {
+                        continue;
+                    }
+                    self.answered(false);
+                    // With its causes: a TLS failure's reason is in them.
+                    return Err(StorageError::Unavailable(crate::security::tls::chain(&e)));
+                }
+            }
+        };
         let status = response.status_code().as_u16();
         let bytes = response.bytes().await.map_err(|e| {
             self.answered(false);
@@ -347,6 +356,58 @@ impl Storage {
             }),
         }
     }
+}
+
+/// Whether a call failed before anything was sent: its connection was refused (or could
+/// not be made), so another node may be asked at once, without risk of a double write.
+fn never_sent(err: &elasticsearch::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(e) = e.downcast_ref::<reqwest::Error>() {
+            return e.is_connect();
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// One node's transport, with the TLS files and credentials of `settings`.
+fn transport(settings: &StorageSettings, url: Url) -> Result<Transport, StorageError> {
+    let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(url));
+    builder = if settings.compression {
+        builder.request_body_compression(true)
+    } else {
+        // Compressing costs the engine and the worker CPU; over a LAN it buys little.
+        builder.header(ACCEPT_ENCODING, HeaderValue::from_static("identity"))
+    };
+    let tls = StorageTls::load(settings).map_err(|e| StorageError::Config(e.to_string()))?;
+    if let Some(ca) = tls.ca {
+        builder = builder.cert_validation(CertificateValidation::Full(ca));
+    }
+    let credentials = if let Some(key) = settings.api_key.as_ref().filter(|k| !k.is_empty()) {
+        Some(Credentials::EncodedApiKey(key.clone()))
+    } else if let Some(user) = settings.username.as_ref().filter(|u| !u.is_empty()) {
+        let password = settings.password.clone().unwrap_or_default();
+        Some(Credentials::Basic(user.clone(), password))
+    } else {
+        None
+    };
+    match (tls.identity, credentials) {
+        (Some(pkcs12), credentials) => {
+            // The client's credentials slot holds the certificate: an API key or basic
+            // auth goes along as a default Authorization header.
+            let certificate = ClientCertificate::Pkcs12(pkcs12, Some(String::new()));
+            builder = builder.auth(Credentials::Certificate(certificate));
+            if let Some(value) = credentials.as_ref().and_then(authorization) {
+                builder = builder.header(AUTHORIZATION, value);
+            }
+        }
+        (None, Some(credentials)) => builder = builder.auth(credentials),
+        (None, None) => {}
+    }
+    builder
+        .build()
+        .map_err(|e| StorageError::Config(e.to_string()))
 }
 
 /// A backoff sleep that ends early when `cancel` is cancelled.

@@ -386,7 +386,13 @@ impl Handler {
                 traceparent: props.traceparent.as_deref(),
             };
             let published = {
-                let publish = broker.publish_reply(&reply);
+                let publish = async {
+                    if refusals == 0 {
+                        broker.publish_reply(&reply).await
+                    } else {
+                        broker.publish_reply_alone(&reply).await
+                    }
+                };
                 tokio::pin!(publish);
                 tokio::select! {
                 published = &mut publish => published?,

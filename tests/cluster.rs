@@ -20,6 +20,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable};
+use mupdate_worker::client::Client;
 use mupdate_worker::config::Settings;
 use serde_json::{Value, json};
 use support::history::*;
@@ -641,13 +642,41 @@ async fn killing_an_engine_node_loses_nothing() {
     let at = until_kill(&load, &queue).await;
     t.killed.kill(&format!("es{victim}")).await;
     let replies = load.collect(SETTLE).await;
+    // The worker left the dead node out (calls went to the others at once) …
+    let node_up = format!(
+        "mupdate_engine_node_up{{node=\"127.0.0.1:{}\"}}",
+        9200 + victim
+    );
+    let left_out = metric(&worker.listen, &node_up).await == 0.0;
+    let retries = metric(&worker.listen, "mupdate_engine_retries_total").await;
     let rejoined = t.killed.restart(&format!("es{victim}")).await;
     let outcome = Outcome::of(&load, &replies, &settings).await;
     wait_green(&es_url(survivor), &load.collection.physical).await;
+    // … and calls it again once it is back.
+    let back = Instant::now();
+    let client = Client::connect(&amqp_url(via)).await.unwrap();
+    while metric(&worker.listen, &node_up).await != 1.0 {
+        assert!(
+            back.elapsed() < RECOVER,
+            "es{victim} back in use by the worker"
+        );
+        let envelope = json!({
+            "index": load.collection.index, "collection": load.collection.collection,
+            "controller": "document", "action": "mUpdate", "requestId": "after",
+            "body": {"documents": [{"_id": "d1", "body": {"after": true}}]},
+        });
+        let body = serde_json::to_vec(&envelope).unwrap();
+        client
+            .request(&queue, &body, "after", TIMEOUT)
+            .await
+            .unwrap();
+    }
+    let back = back.elapsed();
     t.report(format!(
         "N={N}, answered before the kill={}, queued at the kill={}; SIGKILL es{victim} \
-         ({} of 3 primaries, elected master: {}); {outcome}; es{victim} restarted and \
-         rejoined in {rejoined:.1?}",
+         ({} of 3 primaries, elected master: {}); left out by the worker: {left_out}, engine \
+         call retries {retries}; {outcome}; es{victim} restarted and rejoined in \
+         {rejoined:.1?}, called again by the worker {back:.1?} after that",
         at.answered,
         at.queued,
         primaries(victim),
@@ -655,6 +684,7 @@ async fn killing_an_engine_node_loses_nothing() {
     ));
     finish(vec![worker], &settings, load).await;
     outcome.assert_clean();
+    assert!(left_out, "the dead engine node left out");
 }
 
 #[tokio::test]

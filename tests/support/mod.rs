@@ -608,7 +608,14 @@ pub fn services(args: &[&str]) {
 pub fn queue_types(queues: &[&str]) -> HashMap<String, String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
     let out = std::process::Command::new(script)
-        .args(["rabbitmqctl", "-q", "list_queues", "--no-table-headers", "name", "type"])
+        .args([
+            "rabbitmqctl",
+            "-q",
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "type",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "rabbitmqctl list_queues");
