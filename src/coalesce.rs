@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -46,6 +46,9 @@ pub struct BatchLimits {
     pub max_bytes: usize,
     /// Calls at once without refresh; `wait_for` calls may be as many as `queue`.
     pub concurrent_bulks: usize,
+    /// With calls under way, another starts only for at least this many documents;
+    /// a call starts at once when none is under way. 0: whenever a slot is free.
+    pub spread_documents: usize,
     pub linger: Duration,
     /// Requests that may wait for a slot (bounds memory).
     pub queue: usize,
@@ -80,6 +83,7 @@ impl Coalescer {
         tokio::spawn(batch_loop(storage.clone(), limits, false, plain_jobs));
         let wait_limits = BatchLimits {
             concurrent_bulks: queue,
+            spread_documents: 0,
             ..limits
         };
         tokio::spawn(batch_loop(storage, wait_limits, true, wait_for_jobs));
@@ -138,7 +142,8 @@ async fn batch_loop(
     wait_for: bool,
     mut queue: mpsc::Receiver<Job>,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.concurrent_bulks.max(1)));
+    let calls = Arc::new(Calls::default());
+    let most = limits.concurrent_bulks.max(1);
     let mut carried: Option<Job> = None;
     loop {
         let first = match carried.take() {
@@ -148,47 +153,144 @@ async fn batch_loop(
                 None => return,
             },
         };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (mut documents, mut bytes) = (first.items, first.body.len());
-        let mut batch = vec![first];
-        let fits = |job: &Job, documents: usize, bytes: usize| {
-            documents + job.items <= limits.max_documents
-                && bytes + job.body.len() <= limits.max_bytes
-        };
+        let mut batch = Batch::new(first);
         let linger = tokio::time::sleep(limits.linger);
         tokio::pin!(linger);
+        // Take what is waiting; then, while calls are under way, wait for one to end
+        // unless the batch is worth a call of its own beside them.
         loop {
             let next = match queue.try_recv() {
                 Ok(job) => Some(job),
-                Err(_) if limits.linger.is_zero() => None,
+                Err(_) if limits.linger.is_zero() || linger.is_elapsed() => None,
                 Err(_) => tokio::select! {
                     job = queue.recv() => job,
                     _ = &mut linger => None,
                 },
             };
-            let Some(job) = next else { break };
-            if job.cancel.is_cancelled() {
-                job.answer(Err(BulkError::Abandoned));
-                continue;
+            if let Some(job) = next {
+                match batch.add(job, &limits) {
+                    Added::Taken => continue,
+                    Added::Full => break,
+                    Added::DoesNotFit(job) => {
+                        carried = Some(job);
+                        break;
+                    }
+                }
             }
-            if !fits(&job, documents, bytes) {
-                carried = Some(job);
+            if may_start(calls.running(), most, batch.documents, limits.spread_documents) {
                 break;
             }
-            documents += job.items;
-            bytes += job.body.len();
-            batch.push(job);
-            if documents >= limits.max_documents {
-                break;
+            tokio::select! {
+                _ = calls.ended.notified() => {}
+                job = queue.recv() => match job {
+                    Some(job) => match batch.add(job, &limits) {
+                        Added::Taken => {}
+                        Added::Full => break,
+                        Added::DoesNotFit(job) => {
+                            carried = Some(job);
+                            break;
+                        }
+                    },
+                    None => break,
+                },
             }
         }
+        // A full batch (or the lane's end) goes as soon as a call may start.
+        calls.wait_below(most).await;
         let storage = storage.clone();
+        let call = calls.start();
         tokio::spawn(async move {
-            send(&storage, batch, wait_for, false).await;
-            drop(slot);
+            send(&storage, batch.jobs, wait_for, false).await;
+            drop(call);
         });
+    }
+}
+
+/// Whether a batch of `documents` may go now, with `running` calls under way: at once
+/// when none is; beside them when it is worth a call of its own and a slot is free.
+fn may_start(running: usize, most: usize, documents: usize, spread: usize) -> bool {
+    running == 0 || (running < most && documents >= spread)
+}
+
+/// The calls of a lane under way.
+#[derive(Default)]
+struct Calls {
+    running: std::sync::atomic::AtomicUsize,
+    ended: tokio::sync::Notify,
+}
+
+impl Calls {
+    fn running(&self) -> usize {
+        self.running.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn start(self: &Arc<Self>) -> Call {
+        self.running
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Call(self.clone())
+    }
+
+    async fn wait_below(&self, most: usize) {
+        while self.running() >= most {
+            self.ended.notified().await;
+        }
+    }
+}
+
+/// A call under way: counted until dropped.
+struct Call(Arc<Calls>);
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.ended.notify_one();
+    }
+}
+
+/// The jobs of the next call.
+struct Batch {
+    jobs: Vec<Job>,
+    documents: usize,
+    bytes: usize,
+}
+
+enum Added {
+    Taken,
+    /// Taken, and the batch is as large as a call may be.
+    Full,
+    /// Not taken: it would make the call too large.
+    DoesNotFit(Job),
+}
+
+impl Batch {
+    fn new(first: Job) -> Self {
+        Batch {
+            documents: first.items,
+            bytes: first.body.len(),
+            jobs: vec![first],
+        }
+    }
+
+    fn add(&mut self, job: Job, limits: &BatchLimits) -> Added {
+        if job.cancel.is_cancelled() {
+            job.answer(Err(BulkError::Abandoned));
+            return Added::Taken;
+        }
+        if self.documents + job.items > limits.max_documents
+            || self.bytes + job.body.len() > limits.max_bytes
+        {
+            return Added::DoesNotFit(job);
+        }
+        self.documents += job.items;
+        self.bytes += job.body.len();
+        self.jobs.push(job);
+        if self.documents >= limits.max_documents {
+            Added::Full
+        } else {
+            Added::Taken
+        }
     }
 }
 
@@ -327,6 +429,21 @@ mod tests {
         assert_eq!(parts[0][0].status, 404);
         assert_eq!(parts[1][1].reason(), "3");
         assert!(parts[2][0].is_success());
+    }
+
+    #[test]
+    fn a_small_batch_waits_for_the_call_under_way_a_large_one_goes_beside_it() {
+        // Idle engine: even one document goes at once.
+        assert!(may_start(0, 4, 1, 100));
+        // Busy: small batches wait (and grow) until a call ends …
+        assert!(!may_start(1, 4, 99, 100));
+        // … large ones get a call of their own while slots are free …
+        assert!(may_start(1, 4, 100, 100));
+        assert!(may_start(3, 4, 500, 100));
+        // … and never more than the slots.
+        assert!(!may_start(4, 4, 500, 100));
+        // 0: whenever a slot is free (the wait_for lane).
+        assert!(may_start(3, 4, 1, 0));
     }
 
     #[test]

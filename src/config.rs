@@ -71,6 +71,7 @@ pub struct StorageSettings {
     pub bulk_max_documents: usize,
     pub bulk_max_bytes: usize,
     pub concurrent_bulks: usize,
+    pub bulk_spread_documents: usize,
     pub bulk_linger_ms: u64,
     pub compression: bool,
     /// PEM CA bundle trusted for `https://` nodes ("" = the system's).

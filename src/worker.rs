@@ -76,6 +76,7 @@ impl Processor {
             max_documents: s.bulk_max_documents,
             max_bytes: s.bulk_max_bytes,
             concurrent_bulks: s.concurrent_bulks,
+            spread_documents: s.bulk_spread_documents,
             linger: Duration::from_millis(s.bulk_linger_ms),
             queue: usize::from(settings.amqp.prefetch),
         };
