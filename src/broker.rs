@@ -43,6 +43,8 @@ pub struct Broker {
     /// The broker's message size limit, once it has told us (by refusing a reply).
     max_reply: AtomicUsize,
     consumer_tag: String,
+    /// The consuming channel's unsettled deliveries, acked together.
+    acks: crate::delivery::Acks,
 }
 
 impl Broker {
@@ -68,7 +70,13 @@ impl Broker {
             publish: tokio::sync::Mutex::new((0, publish)),
             max_reply: AtomicUsize::new(usize::MAX),
             consumer_tag,
+            acks: crate::delivery::Acks::start(),
         })
+    }
+
+    /// The consuming channel's unsettled deliveries.
+    pub fn acks(&self) -> &crate::delivery::Acks {
+        &self.acks
     }
 
     /// Whether the connection still stands (a closed channel leaves it up).

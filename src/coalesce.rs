@@ -177,7 +177,12 @@ async fn batch_loop(
                     }
                 }
             }
-            if may_start(calls.running(), most, batch.documents, limits.spread_documents) {
+            if may_start(
+                calls.running(),
+                most,
+                batch.documents,
+                limits.spread_documents,
+            ) {
                 break;
             }
             tokio::select! {

@@ -7,11 +7,17 @@
 //! and then no new engine call starts for it. A ticket dropped unsettled (a panic while
 //! handling it) still settles: to the dead-letter exchange when panicking, so a message
 //! that crashes its handler can't loop; back to the queue otherwise.
+//!
+//! Acks of one channel go together (`Acks`): the answered deliveries at the front of
+//! the channel's unsettled ones are acked with one `multiple` ack, the others one by
+//! one, so a burst of answers (a bulk call's requests) costs the broker one frame.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
 
 use lapin::Acker;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
@@ -34,17 +40,145 @@ pub enum Settlement {
 #[error("could not settle the delivery ({0:?}): its channel is gone")]
 pub struct ChannelGone(pub Settlement);
 
+/// The unsettled deliveries of one consuming channel, for acking them together.
+#[derive(Clone)]
+pub struct Acks(Arc<Unsettled>);
+
+struct Unsettled {
+    /// By delivery tag, every delivery taken from the channel and not yet settled.
+    held: Mutex<BTreeMap<u64, Held<Answer>>>,
+    wake: Arc<Notify>,
+}
+
+enum Held<A> {
+    Working,
+    /// To be acked: with what (the acker, and whom to tell whether it was).
+    Answered(A),
+}
+
+type Answer = (Acker, oneshot::Sender<bool>);
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        // The sender task ends with the last handle.
+        self.wake.notify_one();
+    }
+}
+
+impl Acks {
+    /// For a new channel: starts the task that sends its acks.
+    pub fn start() -> Self {
+        let wake = Arc::new(Notify::new());
+        let acks = Acks(Arc::new(Unsettled {
+            held: Mutex::new(BTreeMap::new()),
+            wake: wake.clone(),
+        }));
+        let unsettled = Arc::downgrade(&acks.0);
+        tokio::spawn(send_acks(unsettled, wake));
+        acks
+    }
+
+    /// A delivery taken from the channel, in the channel's order: before anything else
+    /// is done with it, so that no `multiple` ack can cover it unsettled.
+    pub fn taken(&self, tag: u64) {
+        self.lock().insert(tag, Held::Working);
+    }
+
+    fn answered(&self, tag: u64, acker: Acker) -> oneshot::Receiver<bool> {
+        let (told, acked) = oneshot::channel();
+        self.lock().insert(tag, Held::Answered((acker, told)));
+        self.0.wake.notify_one();
+        acked
+    }
+
+    /// Settled otherwise (requeued, rejected), once the broker was told.
+    fn forget(&self, tag: u64) {
+        self.lock().remove(&tag);
+        self.0.wake.notify_one();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Held<Answer>>> {
+        self.0.held.lock().expect("poisoned")
+    }
+}
+
+/// Sends the acks of answered deliveries: one `multiple` ack for those at the front,
+/// one ack each for the others.
+async fn send_acks(unsettled: Weak<Unsettled>, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        // Let the rest of a burst of answers arrive.
+        tokio::task::yield_now().await;
+        let Some(unsettled) = unsettled.upgrade() else {
+            return;
+        };
+        let (front, others) = answered(&mut unsettled.held.lock().expect("poisoned"));
+        drop(unsettled);
+        if let Some((last, _)) = front.last() {
+            let multiple = BasicAckOptions {
+                multiple: front.len() > 1,
+            };
+            let acked = matches!(last.ack(multiple).await, Ok(true));
+            for (_, told) in front {
+                let _ = told.send(acked);
+            }
+        }
+        for (acker, told) in others {
+            let acked = matches!(acker.ack(BasicAckOptions::default()).await, Ok(true));
+            let _ = told.send(acked);
+        }
+    }
+}
+
+/// Takes the answered deliveries out of `held`: those before any still worked on (in
+/// tag order), and the others.
+fn answered<A>(held: &mut BTreeMap<u64, Held<A>>) -> (Vec<A>, Vec<A>) {
+    let mut front = Vec::new();
+    while let Some(entry) = held.first_entry() {
+        if !matches!(entry.get(), Held::Answered(_)) {
+            break;
+        }
+        if let Held::Answered(answer) = entry.remove() {
+            front.push(answer);
+        }
+    }
+    let later: Vec<u64> = held
+        .iter()
+        .filter(|(_, h)| matches!(h, Held::Answered(_)))
+        .map(|(tag, _)| *tag)
+        .collect();
+    let others = later
+        .into_iter()
+        .filter_map(|tag| match held.remove(&tag) {
+            Some(Held::Answered(answer)) => Some(answer),
+            _ => None,
+        })
+        .collect();
+    (front, others)
+}
+
 pub struct Ticket {
+    tag: u64,
     acker: Acker,
+    acks: Acks,
     cancel: CancellationToken,
     metrics: Arc<Metrics>,
     settled: bool,
 }
 
 impl Ticket {
-    pub fn new(acker: Acker, cancel: CancellationToken, metrics: Arc<Metrics>) -> Self {
+    /// For a delivery `acks` was told of (`Acks::taken`).
+    pub fn new(
+        tag: u64,
+        acker: Acker,
+        acks: Acks,
+        cancel: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Ticket {
+            tag,
             acker,
+            acks,
             cancel,
             metrics,
             settled: false,
@@ -63,7 +197,14 @@ impl Ticket {
 
     pub async fn settle(mut self, how: Settlement) -> Result<(), ChannelGone> {
         self.settled = true;
-        let settled = send(&self.acker, how).await;
+        let settled = if how == Settlement::Ack {
+            let acked = self.acks.answered(self.tag, self.acker.clone());
+            Ok(acked.await.unwrap_or(false))
+        } else {
+            let sent = send(&self.acker, how).await;
+            self.acks.forget(self.tag);
+            sent
+        };
         match settled {
             Ok(true) => Ok(()),
             // Ok(false): the acker was poisoned by the channel's end.
@@ -100,11 +241,52 @@ impl Drop for Ticket {
         } else {
             Settlement::Requeue
         };
-        let acker = self.acker.clone();
+        let (acker, acks, tag) = (self.acker.clone(), self.acks.clone(), self.tag);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let _ = send(&acker, how).await;
+                acks.forget(tag);
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(states: &[(u64, Option<&'static str>)]) -> BTreeMap<u64, Held<&'static str>> {
+        states
+            .iter()
+            .map(|(tag, answer)| (*tag, answer.map_or(Held::Working, Held::Answered)))
+            .collect()
+    }
+
+    #[test]
+    fn answered_deliveries_at_the_front_go_together_the_others_alone() {
+        let mut h = held(&[
+            (1, Some("a")),
+            (2, Some("b")),
+            (3, None),
+            (4, Some("d")),
+            (5, None),
+        ]);
+        let (front, others) = answered(&mut h);
+        assert_eq!(front, ["a", "b"]);
+        assert_eq!(others, ["d"]);
+        // What is still worked on stays, and blocks no later ack.
+        assert_eq!(h.keys().copied().collect::<Vec<_>>(), [3, 5]);
+    }
+
+    #[test]
+    fn a_delivery_still_worked_on_is_never_covered_by_a_multiple_ack() {
+        let mut h = held(&[(7, None), (8, Some("h")), (9, Some("i"))]);
+        let (front, others) = answered(&mut h);
+        assert!(
+            front.is_empty(),
+            "8 and 9 can't be acked up to 9: 7 would go too"
+        );
+        assert_eq!(others, ["h", "i"]);
+        assert!(matches!(h.get(&7), Some(Held::Working)));
     }
 }

@@ -313,6 +313,7 @@ impl Session<'_> {
                 },
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
+                        broker.acks().taken(delivery.delivery_tag);
                         let (handler, broker) = (self.handler.clone(), broker.clone());
                         let (cancel, broken) = (period.child_token(), broken.clone());
                         tracker.spawn(async move {
@@ -359,7 +360,14 @@ impl Session<'_> {
             tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
         {
             let metrics = self.handler.metrics().clone();
-            let ticket = Ticket::new(delivery.acker, CancellationToken::new(), metrics.clone());
+            broker.acks().taken(delivery.delivery_tag);
+            let ticket = Ticket::new(
+                delivery.delivery_tag,
+                delivery.acker,
+                broker.acks().clone(),
+                CancellationToken::new(),
+                metrics.clone(),
+            );
             ticket.settle(Settlement::Requeue).await?;
             metrics.requeued.inc();
         }

@@ -287,13 +287,15 @@ impl Handler {
         cancel: CancellationToken,
     ) -> Result<(), HandleError> {
         let Delivery {
+            delivery_tag,
             data,
             properties,
             acker,
             redelivered,
             ..
         } = delivery;
-        let ticket = Ticket::new(acker, cancel, self.metrics.clone());
+        let acks = broker.acks().clone();
+        let ticket = Ticket::new(delivery_tag, acker, acks, cancel, self.metrics.clone());
         let _in_flight = InFlight::new(&self.metrics);
         let props = broker::properties(&properties);
         let work = ticket.cancel().clone();

@@ -351,7 +351,10 @@ async fn retry_on_conflict_lets_concurrent_updates_of_one_document_all_land() {
 #[tokio::test]
 async fn without_retry_on_conflict_conflicts_surface_as_409_items() {
     let col = Collection::create(&[("a", json!({}))]).await;
-    let worker = Worker::start().await;
+    // Conflicts need calls that overlap: every slot used, however small the batch.
+    let mut settings = settings();
+    settings.storage.bulk_spread_documents = 0;
+    let worker = Worker::start_with(settings).await;
     let mut conflicts = 0;
     // Conflicts need two updates of one document to overlap: try a few bounded rounds.
     for _ in 0..10 {
