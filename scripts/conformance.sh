@@ -46,7 +46,7 @@ for engine in "${engines[@]}"; do
     # take it: another checkout's suite restarts no shared server meanwhile. The fault
     # test below takes it itself.
     flock "${TMPDIR:-/tmp}/mupdate-worker-servers.lock" \
-      cargo test --test mupdate --test mupsert --test services || result=failed
+      cargo test --no-fail-fast --test mupdate --test mupsert --test services || result=failed
     cargo test --test faults an_engine_outage_mid_stream_loses_nothing -- --exact || result=failed
   fi
   scripts/services.sh stop engine
