@@ -19,7 +19,7 @@
 # RabbitMQ on 5672 must be running (scripts/services.sh start rabbitmq); the engine on
 # 9200 is not touched.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 export ENGINE_PORT=${MATRIX_PORT:-9210}
 export ES_HEAP=${MATRIX_HEAP:-512m}
@@ -40,7 +40,7 @@ for engine in "${engines[@]}"; do
   t0=$SECONDS
   result=passed
   if ! scripts/services.sh start engine; then
-    result=failed-to-start
+    result="failed-to-start"
   else
     # Under the tests' servers lock (tests/support: servers_lock), as the fault tests
     # take it: another checkout's suite restarts no shared server meanwhile. The fault
