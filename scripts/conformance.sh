@@ -36,6 +36,8 @@ for engine in "${engines[@]}"; do
   export ENGINE=$engine
   info=$(scripts/services.sh engine-info) || { failed=1; rows+=("$engine ? ? error 0"); continue; }
   read -r name version java <<<"$info"
+  # tests/services.rs checks that the engine it reaches is this version.
+  export MUPDATE_TEST_ENGINE_VERSION=$version
   echo "[matrix] $name $version ($java) on $ENGINE_PORT"
   t0=$SECONDS
   result=passed

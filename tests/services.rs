@@ -28,6 +28,11 @@ async fn the_engine_is_a_real_elasticsearch_or_opensearch() {
     // Elasticsearch 7, 8, 9, OpenSearch 2, 3: the engines of scripts/versions.env.
     let major = version.split('.').next().unwrap();
     assert!(["7", "8", "9", "2", "3"].contains(&major), "{version}");
+    // The matrix (scripts/conformance.sh) names the version it started: the tests must
+    // be talking to that engine, not to another on a default port.
+    if let Ok(want) = std::env::var("MUPDATE_TEST_ENGINE_VERSION") {
+        assert_eq!(version, want, "the engine at {ES_URL}");
+    }
 }
 
 #[test]
