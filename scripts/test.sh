@@ -11,6 +11,11 @@
 # ENGINE=opensearch runs the suite on OpenSearch, without tests/kuzzle.rs (Kuzzle 2
 # speaks to Elasticsearch only); the cluster is Elasticsearch's either way.
 # CLUSTER=0 leaves out the cluster part (e.g. with a filter that selects no cluster test).
+#
+# Then the engine matrix (scripts/conformance.sh): each other engine of services.sh
+# (Elasticsearch 7, 8, 9, OpenSearch 2, 3, less the one the suite ran on) in turn on
+# port 9210, the conformance subset against it, one line per engine. MATRIX=0 leaves it
+# out; MATRIX_ENGINES="elasticsearch-7 opensearch-3" chooses the engines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +54,24 @@ done
 scripts/ops.sh install
 cargo test "${targets[@]}" "$@"
 
-[ "${CLUSTER:-1}" != 0 ] || { echo "[test] CLUSTER=0: tests/cluster.rs is not run"; exit 0; }
+status=0
+if [ "${MATRIX:-1}" = 0 ]; then
+  echo "[test] MATRIX=0: the engine matrix is not run"
+else
+  case "${ENGINE:-elasticsearch}" in
+    elasticsearch) main_engine=elasticsearch-8 ;;
+    opensearch) main_engine=opensearch-2 ;;
+    *) main_engine=$ENGINE ;;
+  esac
+  read -r -a matrix <<<"${MATRIX_ENGINES:-elasticsearch-7 elasticsearch-8 elasticsearch-9 opensearch-2 opensearch-3}"
+  others=()
+  for e in "${matrix[@]}"; do [ "$e" = "$main_engine" ] || others+=("$e"); done
+  t0=$SECONDS
+  if [ ${#others[@]} -gt 0 ]; then scripts/conformance.sh "${others[@]}" || status=1; fi
+  echo "[test] the engine matrix took $((SECONDS - t0)) s"
+fi
+
+[ "${CLUSTER:-1}" != 0 ] || { echo "[test] CLUSTER=0: tests/cluster.rs is not run"; exit "$status"; }
 t0=$SECONDS
 if scripts/cluster.sh running; then
   echo "[test] the local cluster is already running; leaving it running afterwards"
@@ -57,7 +79,6 @@ else
   started+=(scripts/cluster.sh)
   scripts/cluster.sh start
 fi
-status=0
-cargo test --test cluster "$@" || status=$?
+cargo test --test cluster "$@" || status=1
 echo "[test] the cluster part (start-up included) took $((SECONDS - t0)) s"
 exit "$status"

@@ -134,6 +134,17 @@ fn write_json<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) {
 
 /// One item of a bulk response.
 /// `_shards` and `_source` stay raw JSON: they are only copied into the reply.
+///
+/// This is where the engines' answers are read, and the one place their differences
+/// meet the worker (scripts/conformance.sh runs the matrix): Elasticsearch 7 adds
+/// `"_type": "_doc"` to each item (ignored: the reply's `_type` is the Kuzzle
+/// collection) and says `[_doc][id]: document missing` where later versions say
+/// `[id]: document missing` (a 404 is always "document not found"); a mapping error is
+/// `mapper_parsing_exception` on Elasticsearch 7 and OpenSearch, `document_parsing_exception`
+/// with a `[line:column] ` prefix on Elasticsearch 8 and 9 (its reason is passed on as
+/// the engine wrote it, as SPEC says). Decisions go by the item's status, never by an
+/// error's type name, so engines that name the same failure differently are handled
+/// alike.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Item {
     pub status: u16,
@@ -391,6 +402,67 @@ mod tests {
         assert!(items[4].is_rejected() && !items[4].is_success());
         assert_eq!(items[5].status, 409);
         assert!(items[5].reason().contains("version conflict"));
+    }
+
+    // Recorded from Elasticsearch 7.17.29 (scripts/services.sh, ENGINE=elasticsearch-7; the
+    // index name and uuid replaced):
+    // each item has `_type`, a missing document's reason names it.
+    const RECORDED_ES7: &str = r#"{"errors":true,"took":3,"items":[
+      {"update":{"_index":"t1","_type":"_doc","_id":"a","_version":2,"result":"updated","_shards":{"total":2,"successful":1,"failed":0},"_seq_no":1,"_primary_term":1,"get":{"_seq_no":1,"_primary_term":1,"found":true,"_source":{"n":1,"x":"k","y":2}},"status":200}},
+      {"update":{"_index":"t1","_type":"_doc","_id":"zz","status":404,"error":{"type":"document_missing_exception","reason":"[_doc][zz]: document missing","index_uuid":"9p1kP0QdR0W3t7yBrk0b1A","shard":"0","index":"t1"}}},
+      {"update":{"_index":"t1","_type":"_doc","_id":"a","status":400,"error":{"type":"mapper_parsing_exception","reason":"failed to parse field [n] of type [long] in document with id 'a'. Preview of field's value: 'notanumber'","caused_by":{"type":"illegal_argument_exception","reason":"For input string: \"notanumber\""}}}},
+      {"update":{"_index":"t1","_type":"_doc","_id":"a","status":409,"error":{"type":"version_conflict_engine_exception","reason":"[a]: version conflict, required seqNo [0], primary term [1]. current document has seqNo [2] and primary term [1]","index_uuid":"9p1kP0QdR0W3t7yBrk0b1A","shard":"0","index":"t1"}}},
+      {"update":{"_index":"t1","_type":"_doc","_id":"new","_version":1,"result":"created","_shards":{"total":2,"successful":1,"failed":0},"_seq_no":3,"_primary_term":1,"get":{"_seq_no":3,"_primary_term":1,"found":true,"_source":{"d":0,"y":1}},"status":201}}
+    ]}"#;
+
+    // Recorded from OpenSearch 3.8.0 (the index name and uuid replaced): Elasticsearch 7's
+    // mapping error, without `_type`.
+    const RECORDED_OPENSEARCH: &str = r#"{"took":4,"errors":true,"items":[
+      {"update":{"_index":"t1","_id":"a","_version":2,"result":"updated","_shards":{"total":2,"successful":1,"failed":0},"_seq_no":1,"_primary_term":1,"get":{"_seq_no":1,"_primary_term":1,"found":true,"_source":{"n":1,"x":"k","y":2}},"status":200}},
+      {"update":{"_index":"t1","_id":"zz","status":404,"error":{"type":"document_missing_exception","reason":"[zz]: document missing","index":"t1","shard":"0","index_uuid":"JZ0E3qYeQeyH2k2C2HqH0g"}}},
+      {"update":{"_index":"t1","_id":"a","status":400,"error":{"type":"mapper_parsing_exception","reason":"failed to parse field [n] of type [long] in document with id 'a'. Preview of field's value: 'notanumber'","caused_by":{"type":"illegal_argument_exception","reason":"For input string: \"notanumber\""}}}},
+      {"update":{"_index":"t1","_id":"a","status":409,"error":{"type":"version_conflict_engine_exception","reason":"[a]: version conflict, required seqNo [0], primary term [1]. current document has seqNo [2] and primary term [1]","index":"t1","shard":"0","index_uuid":"JZ0E3qYeQeyH2k2C2HqH0g"}}},
+      {"update":{"_index":"t1","_id":"new","_version":1,"result":"created","_shards":{"total":2,"successful":1,"failed":0},"_seq_no":3,"_primary_term":1,"get":{"_seq_no":3,"_primary_term":1,"found":true,"_source":{"d":0,"y":1}},"status":201}}
+    ]}"#;
+
+    #[test]
+    fn every_engines_items_read_the_same() {
+        for (engine, recorded) in [
+            ("elasticsearch 7", RECORDED_ES7),
+            ("opensearch", RECORDED_OPENSEARCH),
+        ] {
+            let items = parse_response(recorded.as_bytes(), 5).unwrap();
+            assert!(items[0].is_success(), "{engine}");
+            assert_eq!(items[0].version, Some(2), "{engine}");
+            let source = items[0].get.as_ref().unwrap().source.as_ref().unwrap();
+            assert_eq!(
+                serde_json::from_str::<Value>(source.get()).unwrap(),
+                json!({"n": 1, "x": "k", "y": 2}),
+                "{engine}"
+            );
+            // Elasticsearch 7's "[_doc][zz]" or OpenSearch's "[zz]": the same 404.
+            assert_eq!(
+                (items[1].status, items[1].reason()),
+                (404, "document not found".into()),
+                "{engine}"
+            );
+            // The engine's own reason, without Elasticsearch 8's "[1:6] " prefix.
+            assert_eq!(
+                (items[2].status, items[2].reason()),
+                (
+                    400,
+                    "failed to parse field [n] of type [long] in document with id 'a'. \
+                     Preview of field's value: 'notanumber'"
+                        .into()
+                ),
+                "{engine}"
+            );
+            assert!(!items[2].is_rejected(), "{engine}");
+            assert_eq!(items[3].status, 409, "{engine}");
+            assert!(items[3].reason().contains("version conflict"), "{engine}");
+            assert!(items[4].is_success(), "{engine}");
+            assert_eq!(items[4].result.as_deref(), Some("created"), "{engine}");
+        }
     }
 
     #[test]

@@ -580,7 +580,7 @@ async fn resent_after_a_timeout(retry_on_conflict: Option<u64>, give_up: bool) {
         json!({"refresh_interval": "3s"}),
     )
     .await;
-    let proxy = Proxy::start(ES_URL).await;
+    let proxy = Proxy::start(&ES_URL).await;
     let mut settings = settings();
     settings.storage.url = proxy.url();
     settings.storage.timeout_ms = 1000;
@@ -889,7 +889,7 @@ impl EngineStopped {
         let stopped = EngineStopped { started: false };
         // services.sh stops only an engine whose pid file is in its state directory.
         assert!(
-            http().get(ES_URL).send().await.is_err(),
+            http().get(ES_URL.to_string()).send().await.is_err(),
             "the engine still answers: set MUPDATE_SERVICES_DIR to the .services \
              directory of the checkout that started it"
         );

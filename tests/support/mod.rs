@@ -21,7 +21,31 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const ES_URL: &str = "http://127.0.0.1:9200";
+/// The engine under test: `MUPDATE_TEST_ES_URL`, else the single node on 9200. It reads
+/// as a `&str` (`&ES_URL`, `ES_URL.to_owned()`) and formats as one (`{ES_URL}`), so the
+/// conformance run of scripts/test.sh can point every test at another engine.
+pub const ES_URL: EsUrl = EsUrl;
+
+pub struct EsUrl;
+
+impl std::ops::Deref for EsUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        URL.get_or_init(|| {
+            std::env::var("MUPDATE_TEST_ES_URL")
+                .ok()
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| "http://127.0.0.1:9200".to_owned())
+        })
+    }
+}
+
+impl std::fmt::Display for EsUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
 
 /// The servers a helper talks to: the single node of scripts/services.sh unless a test
 /// names others (a node of scripts/cluster.sh's cluster).
@@ -144,7 +168,7 @@ impl Collection {
     }
 
     pub async fn create_with(docs: &[(&str, Value)], settings: Value) -> Self {
-        Self::create_on(ES_URL, docs, json!({"settings": settings})).await
+        Self::create_on(&ES_URL, docs, json!({"settings": settings})).await
     }
 
     /// A fresh collection on the engine at `es`, its index created with `body`
@@ -155,7 +179,7 @@ impl Collection {
 
     /// Another collection of an existing (or new) Kuzzle index.
     pub async fn create_named(index: &str, collection: &str, docs: &[(&str, Value)]) -> Self {
-        Self::create_in(ES_URL, index, collection, docs, json!({"settings": {}})).await
+        Self::create_in(&ES_URL, index, collection, docs, json!({"settings": {}})).await
     }
 
     async fn create_in(
@@ -279,6 +303,7 @@ pub async fn index_exists(name: &str) -> bool {
 /// Defaults, with fresh queue names so tests run in parallel.
 pub fn settings() -> Settings {
     let mut s = Settings::defaults();
+    s.storage.url = ES_URL.to_owned();
     s.amqp.request_queue = fresh("mupdate.requests");
     s.amqp.reply_queue = fresh("mupdate.replies");
     s.amqp.dead_letter_exchange = fresh("mupdate.dlx");
@@ -401,6 +426,7 @@ pub fn worker_command(settings: &Settings) -> std::process::Command {
             "MUPDATE__AMQP__PREFETCH",
             settings.amqp.prefetch.to_string(),
         )
+        .env("MUPDATE__STORAGE__URL", &settings.storage.url)
         .env("MUPDATE__METRICS__LISTEN", "")
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null());
