@@ -316,7 +316,7 @@ impl Handler {
         ticket.settle(settlement).await?;
         if settlement == Settlement::Ack {
             self.metrics.reply(answer.response.status);
-            info!(parent: &answer.span, status = answer.response.status, "replied");
+            debug!(parent: &answer.span, status = answer.response.status, "replied");
         }
         Ok(())
     }
