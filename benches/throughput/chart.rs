@@ -139,23 +139,24 @@ fn short(v: f64) -> String {
     }
 }
 
-/// One soak window: seconds since the start, worker RSS MiB, p99 ms, worker CPU µs per
-/// request.
+/// One soak window: seconds since the start, replies per second, worker RSS MiB, p99
+/// ms, worker CPU µs per request.
 pub struct Sample {
     pub t: f64,
+    pub rate: f64,
     pub rss_mib: f64,
     pub p99_ms: f64,
     pub cpu_us: f64,
 }
 
-/// The soak over time: the worker's RSS, the p99 latency and the worker's CPU per
-/// request, one panel each.
+/// The soak over time: replies per second, the worker's RSS, the p99 latency and the
+/// worker's CPU per request, one panel each.
 pub fn soak(path: &Path, title: &str, samples: &[Sample]) -> Result<(), Box<dyn Error>> {
     register_font();
-    let root = BitMapBackend::new(path, (1200, 900)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1200, 1100)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, (FONT, 22))?;
-    let panels = root.split_evenly((3, 1));
+    let panels = root.split_evenly((4, 1));
     line(
         &panels[0],
         "worker RSS, MiB",
@@ -177,6 +178,8 @@ pub fn soak(path: &Path, title: &str, samples: &[Sample]) -> Result<(), Box<dyn 
         |s| s.cpu_us,
         COLORS[2],
     )?;
+    let gray = RGBColor(90, 90, 90);
+    line(&panels[3], "replies per second", samples, |s| s.rate, gray)?;
     root.present()?;
     Ok(())
 }
@@ -193,7 +196,7 @@ fn line(
     let mut chart = ChartBuilder::on(area)
         .caption(caption, (FONT, 18))
         .margin(10)
-        .x_label_area_size(30)
+        .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..end, 0.0..hi)?;
     chart

@@ -48,6 +48,9 @@ pub struct Scenario {
     wait_for: bool,
     /// Size of a string field added to each document (0: none).
     doc_bytes: usize,
+    /// L's documents have a collection of their own: made large, they would slow the
+    /// updates of the other scenarios.
+    collection: &'static str,
 }
 
 const SCENARIOS: [Scenario; 5] = [
@@ -58,6 +61,7 @@ const SCENARIOS: [Scenario; 5] = [
         outstanding: 16,
         wait_for: false,
         doc_bytes: 0,
+        collection: "docs",
     },
     Scenario {
         name: "S2",
@@ -66,6 +70,7 @@ const SCENARIOS: [Scenario; 5] = [
         outstanding: 64,
         wait_for: false,
         doc_bytes: 0,
+        collection: "docs",
     },
     Scenario {
         name: "S3",
@@ -74,6 +79,7 @@ const SCENARIOS: [Scenario; 5] = [
         outstanding: 16,
         wait_for: true,
         doc_bytes: 0,
+        collection: "docs",
     },
     Scenario {
         name: "S4",
@@ -82,6 +88,7 @@ const SCENARIOS: [Scenario; 5] = [
         outstanding: 256,
         wait_for: false,
         doc_bytes: 0,
+        collection: "docs",
     },
     Scenario {
         name: "L",
@@ -90,6 +97,7 @@ const SCENARIOS: [Scenario; 5] = [
         outstanding: 8,
         wait_for: false,
         doc_bytes: 10 * 1024,
+        collection: "large",
     },
 ];
 
@@ -225,8 +233,6 @@ pub struct Bench {
     http: reqwest::Client,
     client: Arc<Client>,
     index: String,
-    collection: String,
-    target: String,
     worker_queue: String,
     echo_queue: String,
     worker: u32,
@@ -237,6 +243,11 @@ pub struct Bench {
 }
 
 impl Bench {
+    /// The engine's index of a scenario's collection.
+    fn target(&self, s: &Scenario) -> String {
+        format!("&{}.{}", self.index, s.collection)
+    }
+
     fn cpu(&self, contender: Contender) -> Cpu {
         let consumer = match contender {
             Contender::Worker => procfs::cpu_seconds(&self.worker.to_string()),
@@ -283,6 +294,7 @@ impl Bench {
     }
 
     async fn direct(&self, s: &Scenario, value: u64) -> Run {
+        let target = &self.target(s);
         let cpu0 = self.cpu(Contender::Direct);
         let start = Instant::now();
         let url = format!(
@@ -293,7 +305,7 @@ impl Bench {
             .map(|i| {
                 let (http, url) = (self.http.clone(), url.clone());
                 let docs = documents(s, i, value);
-                let body = bulk_body(&self.target, &docs);
+                let body = bulk_body(target, &docs);
                 async move {
                     let t = Instant::now();
                     let r: Value = match http
@@ -311,7 +323,7 @@ impl Bench {
                         && r["items"].as_array().map(Vec::len) == Some(docs.len());
                     let ok = ok
                         && (!s.wait_for
-                            || visible(&http, &self.target, &docs, value).await == docs.len());
+                            || visible(&http, target, &docs, value).await == docs.len());
                     (ms, ok)
                 }
             })
@@ -327,6 +339,7 @@ impl Bench {
             Contender::Worker => (&self.worker_queue, self.worker),
             _ => (&self.echo_queue, self.echo),
         };
+        let target = &self.target(s);
         procfs::reset_peak_rss(pid);
         let bulks0 = self.bulk_stats().await;
         let cpu0 = self.cpu(contender);
@@ -346,7 +359,7 @@ impl Bench {
                     let ok = ok
                         && (!s.wait_for || {
                             let docs = envelope["body"]["documents"].as_array().unwrap();
-                            visible(&self.http, &self.target, docs, value).await == docs.len()
+                            visible(&self.http, target, docs, value).await == docs.len()
                         });
                     (ms, ok)
                 }
@@ -390,7 +403,7 @@ impl Bench {
     /// The mUpdate envelope of request `i`.
     fn envelope(&self, s: &Scenario, i: usize, value: u64, id: &str) -> Value {
         let mut envelope = json!({"controller": "document", "action": "mUpdate",
-            "index": self.index, "collection": self.collection, "retryOnConflict": 5,
+            "index": self.index, "collection": s.collection, "retryOnConflict": 5,
             "requestId": id, "body": {"documents": documents(s, i, value)}});
         if s.wait_for {
             envelope["refresh"] = json!("wait_for");
@@ -617,14 +630,18 @@ fn args() -> Option<Args> {
             .cloned()
     };
     let names = value("--scenarios").unwrap_or_else(|| DEFAULT_SCENARIOS.to_owned());
-    let scenarios = names
-        .split(',')
-        .map(|n| {
-            *SCENARIOS
-                .iter()
-                .find(|s| s.name.eq_ignore_ascii_case(n.trim()))
-                .unwrap_or_else(|| panic!("unknown scenario {n:?} (S1, S2, S3, S4, L)"))
-        })
+    let names: Vec<&str> = names.split(',').map(str::trim).collect();
+    for n in &names {
+        assert!(
+            SCENARIOS.iter().any(|s| s.name.eq_ignore_ascii_case(n)),
+            "unknown scenario {n:?} (S1, S2, S3, S4, L)"
+        );
+    }
+    // In SCENARIOS' order whatever the order asked: L last.
+    let scenarios = SCENARIOS
+        .iter()
+        .filter(|s| names.iter().any(|n| s.name.eq_ignore_ascii_case(n)))
+        .copied()
         .collect();
     Some(Args {
         rounds: value("--rounds").and_then(|v| v.parse().ok()).unwrap_or(1),
@@ -657,7 +674,8 @@ fn shell(command: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-/// The machine, the commit measured, the time and the load: the header of a report.
+/// The machine, the worker's commit (the last to change src/ or config/), the time and
+/// the load: the header of a report.
 fn context() -> Value {
     json!({
         "machine": format!(
@@ -670,7 +688,7 @@ fn context() -> Value {
                     .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_owned)))
                 .unwrap_or_default()
         ),
-        "commit": shell("git", &["log", "-1", "--format=%h %cs %s"]),
+        "commit": shell("git", &["log", "-1", "--format=%h (%cs)", "--", "src", "config"]),
         "dirty": !shell("git", &["status", "--porcelain", "--untracked-files=no", "src"]).is_empty(),
         "date": shell("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         "load_average_before": procfs::load_average(),
@@ -680,13 +698,19 @@ fn context() -> Value {
 async fn bench(args: Args) -> bool {
     let http = http();
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    let (index, collection) = (format!("bench{suffix}"), "docs".to_owned());
-    let target = format!("&{index}.{collection}");
+    let index = format!("bench{suffix}");
+    let collections: BTreeMap<&str, usize> = SCENARIOS.iter().fold(BTreeMap::new(), |mut c, s| {
+        let n = c.entry(s.collection).or_default();
+        *n = (*n).max((s.requests * s.docs_per_request).min(DOCUMENTS));
+        c
+    });
     let worker_queue = format!("mupdate.bench.{suffix}");
     let echo_queue = format!("mupdate.bench.{suffix}.echo");
     let mut context = context();
 
-    seed(&http, &target).await;
+    for (collection, count) in &collections {
+        seed(&http, &format!("&{index}.{collection}"), *count).await;
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -709,8 +733,6 @@ async fn bench(args: Args) -> bool {
         echo: echo.0.id(),
         http,
         index,
-        collection,
-        target,
         worker_queue,
         echo_queue,
         metrics,
@@ -723,11 +745,13 @@ async fn bench(args: Args) -> bool {
 
     drop(worker);
     drop(echo);
-    let _ = b
-        .http
-        .delete(format!("{ES_URL}/{}", b.target.replace('&', "%26")))
-        .send()
-        .await;
+    for collection in collections.keys() {
+        let _ = b
+            .http
+            .delete(format!("{ES_URL}/%26{}.{collection}", b.index))
+            .send()
+            .await;
+    }
     let ch = admin.create_channel().await.unwrap();
     for queue in [&b.worker_queue, &b.echo_queue] {
         let _ = ch
@@ -737,8 +761,8 @@ async fn bench(args: Args) -> bool {
     ok
 }
 
-/// One shard, no replica (one node), the documents the scenarios update.
-async fn seed(http: &reqwest::Client, target: &str) {
+/// One shard, no replica (one node), the `count` documents the scenarios update.
+async fn seed(http: &reqwest::Client, target: &str, count: usize) {
     let r = http
         .put(format!("{ES_URL}/{}", target.replace('&', "%26")))
         .json(&json!({"settings": {"number_of_shards": 1, "number_of_replicas": 0}}))
@@ -746,7 +770,7 @@ async fn seed(http: &reqwest::Client, target: &str) {
         .await
         .expect("Elasticsearch on 127.0.0.1:9200 (scripts/services.sh start)");
     assert!(r.status().is_success(), "create the bench index");
-    for chunk in (0..DOCUMENTS).collect::<Vec<_>>().chunks(5_000) {
+    for chunk in (0..count).collect::<Vec<_>>().chunks(5_000) {
         let mut body = String::new();
         for i in chunk {
             body.push_str(&format!(
@@ -783,8 +807,10 @@ fn publish(out: &Path, name: &str, draw: impl Fn(&Path) -> Result<(), Box<dyn st
 async fn scenarios(b: &Bench, args: &Args, context: &mut Value) -> bool {
     let mut value = 1u64;
     let mut results: BTreeMap<(&str, Contender), Vec<Run>> = BTreeMap::new();
-    for round in 0..args.rounds {
-        for s in &args.scenarios {
+    // Scenario by scenario, L last: the memory the worker keeps after L's large messages
+    // would show in the peak RSS of every scenario after it. Contenders interleave.
+    for s in &args.scenarios {
+        for round in 0..args.rounds {
             // Rotate who goes first, so no contender always runs on a cold (or hot) engine.
             let mut order = s.contenders().to_vec();
             let len = order.len();

@@ -127,7 +127,7 @@ pub async fn run(b: &Bench, args: &Args, seconds: u64, context: &mut Value) -> b
     let drained = tokio::time::timeout(TIMEOUT, in_flight.acquire_many(MAX_IN_FLIGHT as u32)).await;
     let errors = errors.load(Ordering::Relaxed) + if drained.is_err() { 1 } else { 0 };
 
-    let verdict = verdict(&samples);
+    let verdict = verdict(&samples, rate);
     context["load_average_after"] = json!(procfs::load_average());
     let achieved = samples.iter().map(|s| s.requests).sum::<usize>() as f64
         / samples.last().map_or(1.0, |s| s.t);
@@ -169,6 +169,7 @@ pub async fn run(b: &Bench, args: &Args, seconds: u64, context: &mut Value) -> b
         .iter()
         .map(|s| chart::Sample {
             t: s.t,
+            rate: s.requests as f64 / WINDOW.as_secs_f64(),
             rss_mib: s.rss_mib,
             p99_ms: percentile(&s.latencies_ms, 0.99),
             cpu_us: s.cpu_us,
@@ -188,7 +189,7 @@ pub async fn run(b: &Bench, args: &Args, seconds: u64, context: &mut Value) -> b
 
 /// The first and the last minute (or, in a shorter soak, the first and last half)
 /// compared: mean RSS, p99 of all their latencies.
-fn verdict(samples: &[Sample]) -> Value {
+fn verdict(samples: &[Sample], rate: f64) -> Value {
     let k = (samples.len() / 2).min(6);
     if k == 0 {
         return json!({"summary": "too short to compare (under 20 s)"});
@@ -204,13 +205,26 @@ fn verdict(samples: &[Sample]) -> Value {
     let rss_grew = rss1 > rss0 * RSS_GROWTH.0 && rss1 - rss0 > RSS_GROWTH.1;
     let p99_grew = p991 > p990 * P99_GROWTH.0 && p991 - p990 > P99_GROWTH.1;
     let span = format!("{} s", k * WINDOW.as_secs() as usize);
+    let last_rate = samples[samples.len() - k..]
+        .iter()
+        .map(|s| s.requests)
+        .sum::<usize>() as f64
+        / (k as f64 * WINDOW.as_secs_f64());
+    // Replies slower than requests for the last stretch: a backlog built up.
+    let behind = last_rate < 0.95 * rate;
     let summary = format!(
-        "First {span} against last {span}: worker RSS {rss0:.1} → {rss1:.1} MiB ({}), p99 {p990:.1} → {p991:.1} ms ({}).",
+        "First {span} against last {span}: worker RSS {rss0:.1} → {rss1:.1} MiB ({}), p99 {p990:.1} → {p991:.1} ms ({}); replies in the last {span}: {last_rate:.0}/s for {rate:.0}/s sent{}.",
         if rss_grew { "**grew**" } else { "no growth" },
         if p99_grew { "**grew**" } else { "no growth" },
+        if behind {
+            " (**fell behind**: a backlog built up)"
+        } else {
+            ""
+        },
     );
     json!({"compared_seconds": k * WINDOW.as_secs() as usize,
            "rss_mib": {"first": rss0, "last": rss1, "grew": rss_grew},
            "p99_ms": {"first": p990, "last": p991, "grew": p99_grew},
+           "last_replies_per_second": last_rate, "fell_behind": behind,
            "summary": summary})
 }
