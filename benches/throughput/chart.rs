@@ -126,9 +126,11 @@ fn bars(
     Ok(())
 }
 
-/// 45300 → "45k", 12.3 → "12", 0.84 → "0.8".
+/// 1200000 → "1.2M", 45300 → "45k", 12.3 → "12", 0.84 → "0.8".
 fn short(v: f64) -> String {
-    if v >= 10_000.0 {
+    if v >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v >= 10_000.0 {
         format!("{:.0}k", v / 1000.0)
     } else if v >= 1000.0 {
         format!("{:.1}k", v / 1000.0)
@@ -196,12 +198,14 @@ fn line(
     let mut chart = ChartBuilder::on(area)
         .caption(caption, (FONT, 18))
         .margin(10)
+        .margin_right(30)
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..end, 0.0..hi)?;
     chart
         .configure_mesh()
         .x_desc("seconds")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .label_style((FONT, 14))
         .draw()?;
     chart.draw_series(LineSeries::new(

@@ -867,8 +867,8 @@ fn report(args: &Args, context: &Value, results: &BTreeMap<(&str, Contender), Ve
         context["load_average_after"].as_str().unwrap_or(""),
     );
     let mut ratios = String::from(
-        "| scenario | worker / echo docs/s | worker p99 / echo p99 | worker / direct docs/s | worker / echo by round |\n\
-         | --- | ---: | ---: | ---: | --- |\n",
+        "| scenario | worker / echo docs/s | worker p99 / echo p99 | worker / direct docs/s | worker / echo by round | worker / direct by round |\n\
+         | --- | ---: | ---: | ---: | --- | --- |\n",
     );
     let mut groups = Vec::new();
     let mut errors = 0;
@@ -934,24 +934,28 @@ fn report(args: &Args, context: &Value, results: &BTreeMap<(&str, Contender), Ve
         };
         let over_direct = w.docs_per_second() / d.docs_per_second();
         let fmt = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.2}"));
+        let list = |r: &[f64]| {
+            r.iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let rounds_direct = by_round(Contender::Direct);
         ratios.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {} |\n",
+            "| {} | {} | {} | {:.2} | {} | {} |\n",
             s.name,
             fmt(over_echo),
             fmt(p99_over_echo),
             over_direct,
-            rounds_echo
-                .iter()
-                .map(|r| format!("{r:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            list(&rounds_echo),
+            list(&rounds_direct),
         ));
         json_out["scenarios"][s.name]["ratios"] = json!({
             "worker_over_echo_docs_per_second": over_echo,
             "worker_p99_over_echo_p99": p99_over_echo,
             "worker_over_direct_docs_per_second": over_direct,
             "worker_over_echo_by_round": rounds_echo,
-            "worker_over_direct_by_round": by_round(Contender::Direct),
+            "worker_over_direct_by_round": rounds_direct,
         });
         groups.push(group);
     }
