@@ -2,8 +2,8 @@
 //! echo consumer that touches no engine) and the engine's own `_bulk`, in one run, on
 //! the running services (scripts/services.sh start).
 //!
-//!     cargo bench --bench throughput [-- --rounds 3 --scenarios S1,S2,S4,L --out target/bench]
-//!     cargo bench --bench throughput -- --soak 600 [--rate 4000]
+//!     cargo bench --bench throughput [-- --rounds 3 --scenarios S1,S2,S4,L --out target/bench --publish]
+//!     cargo bench --bench throughput -- --soak 600 [--rate 4000] [--publish]
 //!
 //! Each round runs every scenario with each contender, interleaved:
 //! - worker: envelopes on the worker's request queue, replies on direct reply-to;
@@ -11,7 +11,7 @@
 //! - direct: the same bulk bodies straight to `_bulk`, one call per request, no broker.
 //!
 //! Every reply is checked; the tool exits non-zero on any wrong or missing one. It
-//! writes JSON, Markdown and a PNG chart (copied to docs/bench/). `--soak` drives
+//! writes JSON, Markdown and a PNG chart (copied to docs/bench/ with `--publish`). `--soak` drives
 //! one-document requests through the worker at a fixed rate instead (soak.rs).
 
 mod chart;
@@ -20,6 +20,7 @@ mod procfs;
 mod soak;
 
 use std::collections::BTreeMap;
+use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -611,6 +612,7 @@ pub struct Args {
     scenarios: Vec<Scenario>,
     soak: Option<u64>,
     rate: Option<f64>,
+    publish: bool,
 }
 
 fn args() -> Option<Args> {
@@ -652,6 +654,7 @@ fn args() -> Option<Args> {
             .any(|a| a == "--soak")
             .then(|| value("--soak").and_then(|v| v.parse().ok()).unwrap_or(600)),
         rate: value("--rate").and_then(|v| v.parse().ok()),
+        publish: argv.iter().any(|a| a == "--publish"),
     })
 }
 
@@ -792,16 +795,20 @@ async fn seed(http: &reqwest::Client, target: &str, count: usize) {
         .unwrap();
 }
 
-/// Writes `name` under `out` and a copy under docs/bench/.
-fn publish(out: &Path, name: &str, draw: impl Fn(&Path) -> Result<(), Box<dyn std::error::Error>>) {
-    let path = out.join(name);
+/// Draws chart `name` under `--out`, and with `--publish` copies it to docs/bench/ (a
+/// partial run leaves the committed charts alone).
+fn write_chart(args: &Args, name: &str, draw: impl Fn(&Path) -> Result<(), Box<dyn Error>>) {
+    let path = args.out.join(name);
     if let Err(err) = draw(&path) {
         eprintln!("chart {name}: {err}");
         return;
     }
-    let _ = std::fs::create_dir_all(PUBLISHED);
-    let _ = std::fs::copy(&path, Path::new(PUBLISHED).join(name));
-    eprintln!("wrote {} and {PUBLISHED}/{name}", path.display());
+    eprintln!("wrote {}", path.display());
+    if args.publish {
+        let _ = std::fs::create_dir_all(PUBLISHED);
+        let _ = std::fs::copy(&path, Path::new(PUBLISHED).join(name));
+        eprintln!("copied to {PUBLISHED}/{name}");
+    }
 }
 
 async fn scenarios(b: &Bench, args: &Args, context: &mut Value) -> bool {
@@ -973,7 +980,7 @@ fn report(args: &Args, context: &Value, results: &BTreeMap<(&str, Contender), Ve
         context["date"].as_str().unwrap_or(""),
         args.rounds
     );
-    publish(&args.out, "throughput.png", |p| {
+    write_chart(args, "throughput.png", |p| {
         chart::throughput(p, &title, &groups)
     });
     println!("{md}");

@@ -179,7 +179,7 @@ pub async fn run(b: &Bench, args: &Args, seconds: u64, context: &mut Value) -> b
         "mupdate-worker soak: {seconds} s at {rate:.0} requests/s, {}",
         context["date"].as_str().unwrap_or("")
     );
-    super::publish(&args.out, "soak.png", |p| chart::soak(p, &title, &points));
+    super::write_chart(args, "soak.png", |p| chart::soak(p, &title, &points));
     println!("{md}");
     if errors > 0 {
         eprintln!("{errors} wrong or missing replies");
