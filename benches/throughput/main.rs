@@ -26,7 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use mupdate_worker::bulk::{self, ItemOptions, Metadata};
 use mupdate_worker::client::Client;
 use serde_json::{Value, json};
@@ -267,15 +267,16 @@ impl Bench {
 
     /// The worker's `mupdate_bulk_documents` sum and count so far.
     async fn bulk_stats(&self) -> (f64, f64) {
-        let text = self
+        // Nothing (0, 0) when the worker doesn't answer: its replies tell what went wrong.
+        let text = match self
             .http
             .get(format!("http://{}/metrics", self.metrics))
             .send()
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
         let read = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
@@ -341,6 +342,7 @@ impl Bench {
             _ => (&self.echo_queue, self.echo),
         };
         let target = &self.target(s);
+        let watch = ProcessWatch::new(pid, contender.name());
         procfs::reset_peak_rss(pid);
         let bulks0 = self.bulk_stats().await;
         let cpu0 = self.cpu(contender);
@@ -351,12 +353,13 @@ impl Bench {
                 let id = format!("b{value}-{i}");
                 let envelope = self.envelope(s, i, value, &id);
                 let expected = ids(s, i);
+                let gone = watch.gone.clone();
                 async move {
                     let body = serde_json::to_vec(&envelope).unwrap();
                     let t = Instant::now();
-                    let reply = client.request(queue, &body, &id, TIMEOUT).await;
+                    let reply = request(&client, gone, queue, &body, &id).await;
                     let ms = t.elapsed().as_secs_f64() * 1000.0;
-                    let ok = reply.is_ok_and(|r| good_reply(&r, &id, &expected));
+                    let ok = reply.is_some_and(|r| good_reply(&r, &id, &expected));
                     let ok = ok
                         && (!s.wait_for || {
                             let docs = envelope["body"]["documents"].as_array().unwrap();
@@ -410,6 +413,54 @@ impl Bench {
             envelope["refresh"] = json!("wait_for");
         }
         envelope
+    }
+}
+
+/// Watches a consumer's process, so that the requests in flight fail at once when it
+/// ends rather than each after TIMEOUT.
+pub struct ProcessWatch {
+    gone: tokio::sync::watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ProcessWatch {
+    pub fn new(pid: u32, name: &'static str) -> Self {
+        assert!(procfs::alive(pid), "the {name} process ({pid}) has ended");
+        let (tx, gone) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            while procfs::alive(pid) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            eprintln!("the {name} process ({pid}) has ended");
+            let _ = tx.send(true);
+        });
+        ProcessWatch { gone, task }
+    }
+}
+
+impl Drop for ProcessWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One request and its reply; None when it failed, or the consumer's process ended.
+pub async fn request(
+    client: &Client,
+    mut gone: tokio::sync::watch::Receiver<bool>,
+    queue: &str,
+    body: &[u8],
+    id: &str,
+) -> Option<Vec<u8>> {
+    let ended = async {
+        if gone.wait_for(|g| *g).await.is_err() {
+            // The watch stopped without seeing the end: nothing to report.
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        reply = client.request(queue, body, id, TIMEOUT) => reply.ok(),
+        () = ended => None,
     }
 }
 
@@ -741,10 +792,15 @@ async fn bench(args: Args) -> bool {
         metrics,
     };
 
-    let ok = match args.soak {
-        Some(seconds) => soak::run(&b, &args, seconds, &mut context).await,
-        None => scenarios(&b, &args, &mut context).await,
-    };
+    // A panic still removes the index and the queues.
+    let outcome = std::panic::AssertUnwindSafe(async {
+        match args.soak {
+            Some(seconds) => soak::run(&b, &args, seconds, &mut context).await,
+            None => scenarios(&b, &args, &mut context).await,
+        }
+    })
+    .catch_unwind()
+    .await;
 
     drop(worker);
     drop(echo);
@@ -761,7 +817,7 @@ async fn bench(args: Args) -> bool {
             .queue_delete(queue.as_str().into(), Default::default())
             .await;
     }
-    ok
+    outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// One shard, no replica (one node), the `count` documents the scenarios update.

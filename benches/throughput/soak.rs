@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{Args, Bench, Contender, SCENARIOS, TIMEOUT, chart, good_reply, ids, percentile};
+use super::{
+    Args, Bench, Contender, ProcessWatch, SCENARIOS, TIMEOUT, chart, good_reply, ids, percentile,
+    request,
+};
 use crate::procfs;
 
 const WINDOW: Duration = Duration::from_secs(10);
@@ -65,6 +68,7 @@ pub async fn run(b: &Bench, args: &Args, seconds: u64, context: &mut Value) -> b
     let window = Arc::new(Mutex::new(Window::default()));
     let errors = Arc::new(AtomicUsize::new(0));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let watch = ProcessWatch::new(b.worker, "worker");
     let start = Instant::now();
     let value = 1_000_000u64;
 
@@ -79,11 +83,12 @@ pub async fn run(b: &Bench, args: &Args, seconds: u64, context: &mut Value) -> b
             let expected = ids(s2, n);
             let (client, queue) = (b.client.clone(), b.worker_queue.clone());
             let (window, errors) = (window.clone(), errors.clone());
+            let gone = watch.gone.clone();
             tokio::spawn(async move {
                 let t = Instant::now();
-                let reply = client.request(&queue, &body, &id, TIMEOUT).await;
+                let reply = request(&client, gone, &queue, &body, &id).await;
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
-                if !reply.is_ok_and(|r| good_reply(&r, &id, &expected)) {
+                if !reply.is_some_and(|r| good_reply(&r, &id, &expected)) {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
                 window.lock().unwrap().latencies_ms.push(ms);
