@@ -123,6 +123,7 @@ pub struct WorkerSettings {
     pub shutdown_timeout_ms: u64,
     pub max_hold_ms: u64,
     pub pause_after_ms: u64,
+    pub max_processing_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

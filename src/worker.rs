@@ -261,15 +261,39 @@ pub struct Handler {
     settings: Arc<Settings>,
     metrics: Arc<Metrics>,
     answered: Answered,
+    /// Room for request bytes in process, in KiB (`worker.max_processing_bytes`).
+    room: Arc<tokio::sync::Semaphore>,
+    room_kib: u32,
 }
 
 impl Handler {
     pub fn new(processor: Arc<Processor>) -> Self {
+        let room_kib = u32::try_from(processor.settings.worker.max_processing_bytes / 1024)
+            .unwrap_or(u32::MAX)
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS as u32);
         Handler {
             settings: processor.settings.clone(),
             metrics: processor.metrics.clone(),
             processor,
             answered: Answered::default(),
+            room: Arc::new(tokio::sync::Semaphore::new(room_kib as usize)),
+            room_kib,
+        }
+    }
+
+    /// Waits for room for `bytes` of request (all of it for a larger one); `None` when
+    /// the work is given up meanwhile.
+    async fn room_for(
+        &self,
+        bytes: usize,
+        cancel: &CancellationToken,
+    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.room_kib);
+        tokio::select! {
+            permit = self.room.acquire_many(kib) => permit.ok(),
+            _ = cancel.cancelled() => None,
         }
     }
 
@@ -299,6 +323,10 @@ impl Handler {
         let _in_flight = InFlight::new(&self.metrics);
         let props = broker::properties(&properties);
         let work = ticket.cancel().clone();
+        let Some(_room) = self.room_for(data.len(), &work).await else {
+            self.metrics.requeued.inc();
+            return Ok(ticket.settle(Settlement::Requeue).await?);
+        };
         let (answer, destination) = match self.plan(&data, &props, redelivered, &work).await {
             Plan::Settle(settlement) => return Ok(ticket.settle(settlement).await?),
             Plan::Reply {

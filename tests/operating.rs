@@ -303,3 +303,50 @@ async fn an_unreachable_broker_node_is_skipped_for_the_next() {
     assert_eq!(metric(&listen, &down).await, 0.0);
     worker.stop().await;
 }
+
+/// `worker.max_processing_bytes` bounds the request bytes in process: requests larger
+/// than it are each processed alone (so none shares a bulk call), and all answered.
+#[tokio::test]
+async fn request_bytes_in_process_are_bounded() {
+    let docs: Vec<(String, Value)> = (0..12).map(|i| (format!("d{i}"), json!({}))).collect();
+    let docs: Vec<(&str, Value)> = docs
+        .iter()
+        .map(|(id, v)| (id.as_str(), v.clone()))
+        .collect();
+    let col = Collection::create(&docs).await;
+    let mut settings = settings();
+    let listen = format!("127.0.0.1:{}", free_port());
+    settings.metrics.listen = listen.clone();
+    settings.worker.max_processing_bytes = 4096;
+    let worker = Worker::start_with(settings).await;
+    let client = mupdate_worker::client::Client::connect(AMQP_URL)
+        .await
+        .unwrap();
+    let big = "x".repeat(6000);
+    let calls = (0..12).map(|i| {
+        let envelope = col.envelope(json!([{"_id": format!("d{i}"), "body": {"big": big}}]));
+        let client = &client;
+        let queue = worker.request_queue();
+        async move {
+            let reply = client
+                .request(
+                    queue,
+                    &serde_json::to_vec(&envelope).unwrap(),
+                    &format!("b{i}"),
+                    TIMEOUT,
+                )
+                .await
+                .unwrap();
+            serde_json::from_slice::<Value>(&reply).unwrap()
+        }
+    });
+    for reply in futures_util::future::join_all(calls).await {
+        assert_eq!(reply["status"], 200, "{reply}");
+    }
+    assert_eq!(
+        metric(&listen, "mupdate_bulk_documents_count").await,
+        12.0,
+        "one request in process at a time: a bulk call each"
+    );
+    worker.stop().await;
+}
