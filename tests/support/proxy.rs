@@ -30,7 +30,11 @@ struct Shared {
 impl Proxy {
     /// Listens on 127.0.0.1 on a free port, forwarding every connection to `target`
     /// (e.g. "127.0.0.1:9200").
+    /// Forwards to `target`: `host:port`, or a URL (`http://host:port/`).
     pub async fn start(target: &str) -> Proxy {
+        let target = target
+            .trim_start_matches("http://")
+            .trim_end_matches('/');
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
