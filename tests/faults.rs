@@ -91,6 +91,10 @@ async fn an_engine_outage_mid_stream_loses_nothing() {
     // Held requests go back to the queue after 3 s (RabbitMQ's consumer timeout stands
     // behind this in production): the outage outlasts that.
     settings.worker.max_hold_ms = 3000;
+    // Fewer held than the load (200), so that requests reach the worker during the
+    // outage: with all of them held at once (prefetch 256), every call was already at
+    // the engine, which answered them while stopping, and none had to be handed back.
+    settings.amqp.prefetch = 64;
     let listen = format!("127.0.0.1:{}", free_port());
     settings.metrics.listen = listen.clone();
     let fault = async {

@@ -32,9 +32,7 @@ impl Proxy {
     /// (e.g. "127.0.0.1:9200").
     /// Forwards to `target`: `host:port`, or a URL (`http://host:port/`).
     pub async fn start(target: &str) -> Proxy {
-        let target = target
-            .trim_start_matches("http://")
-            .trim_end_matches('/');
+        let target = target.trim_start_matches("http://").trim_end_matches('/');
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
