@@ -229,7 +229,8 @@ async fn a_traceparent_reaches_the_reply_and_the_logs() {
     let settings = settings();
     let mut child = worker_command(&settings)
         .env("MUPDATE__LOG__FORMAT", "json")
-        .env("RUST_LOG", "info")
+        // The line per answered request is at debug.
+        .env("RUST_LOG", "debug")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
