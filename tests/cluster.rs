@@ -660,11 +660,9 @@ async fn killing_an_engine_node_loses_nothing() {
             back.elapsed() < RECOVER,
             "es{victim} back in use by the worker"
         );
-        let envelope = json!({
-            "index": load.collection.index, "collection": load.collection.collection,
-            "controller": "document", "action": "mUpdate", "requestId": "after",
-            "body": {"documents": [{"_id": "d1", "body": {"after": true}}]},
-        });
+        let envelope = load
+            .collection
+            .envelope(json!([{"_id": "d1", "body": {"after": true}}]));
         let body = serde_json::to_vec(&envelope).unwrap();
         client
             .request(&queue, &body, "after", TIMEOUT)

@@ -468,14 +468,7 @@ async fn prometheus_scrapes_the_worker_and_runs_every_dashboard_and_alert_expres
     }
 
     // The worker's series are all in Prometheus, with the job and instance labels.
-    let text = http()
-        .get(format!("http://{listen}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&listen).await;
     let exposed: std::collections::BTreeSet<&str> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -120,17 +120,23 @@ pub async fn wait_servers() {
     }
 }
 
-/// One sample of the Prometheus text at `http://{listen}/metrics`, 0 when absent.
-pub async fn metric(listen: &str, name: &str) -> f64 {
-    let text = http()
+/// The Prometheus text a worker serves at `http://{listen}/metrics`.
+pub async fn metrics_text(listen: &str) -> String {
+    http()
         .get(format!("http://{listen}/metrics"))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    text.lines()
+        .unwrap()
+}
+
+/// One sample of the Prometheus text at `http://{listen}/metrics`, 0 when absent.
+pub async fn metric(listen: &str, name: &str) -> f64 {
+    metrics_text(listen)
+        .await
+        .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
 }
