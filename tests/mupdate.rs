@@ -355,8 +355,30 @@ async fn without_retry_on_conflict_conflicts_surface_as_409_items() {
     let mut settings = settings();
     settings.storage.bulk_spread_documents = 0;
     let worker = Worker::start_with(settings).await;
+    // Conflicts need two updates of one document to overlap. The worker's own calls
+    // overlap rarely on a fast engine, so writers beside it update the same document
+    // straight at the engine (retrying their own conflicts) for as long as the test runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let stop = stop.clone();
+            let url = format!(
+                "{ES_URL}/{}/_update/a?retry_on_conflict=1000",
+                path(&col.physical)
+            );
+            tokio::spawn(async move {
+                let http = http();
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 100_000 {
+                    let body = json!({"doc": {format!("w{w}"): n}});
+                    let _ = http.post(&url).json(&body).send().await;
+                    n += 1;
+                }
+            })
+        })
+        .collect();
     let mut conflicts = 0;
-    // Conflicts need two updates of one document to overlap: try a few bounded rounds.
+    // Bounded rounds: stop at the first that surfaced a conflict.
     for _ in 0..10 {
         for reply in concurrent_updates(&worker, &col, 60, 0).await {
             if reply["status"] == 206 {
@@ -376,6 +398,10 @@ async fn without_retry_on_conflict_conflicts_surface_as_409_items() {
         if conflicts > 0 {
             break;
         }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        writer.await.unwrap();
     }
     assert!(conflicts > 0, "no conflict surfaced");
     worker.stop().await;
