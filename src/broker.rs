@@ -5,7 +5,7 @@
 //! closing that channel (over its `max_message_size`, or an address it won't take)
 //! costs a new publishing channel, never the consuming channel and its deliveries.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use lapin::Confirmation;
 use lapin::options::{
@@ -42,7 +42,12 @@ pub struct Broker {
     publish: tokio::sync::Mutex<(u64, Channel)>,
     /// The broker's message size limit, once it has told us (by refusing a reply).
     max_reply: AtomicUsize,
+    /// Consumer tags are this, then `-` and the number of the consumer: each consumer
+    /// of the connection gets a tag of its own (a quorum queue fails the connection with
+    /// INTERNAL_ERROR when a tag is used again while the deliveries of its cancelled
+    /// consumer are still unsettled).
     consumer_tag: String,
+    consumers: AtomicU64,
     /// The consuming channel's unsettled deliveries, acked together.
     acks: crate::delivery::Acks,
 }
@@ -59,9 +64,6 @@ impl Broker {
         )
         .await?;
         let consume = connection.create_channel().await?;
-        consume
-            .basic_qos(settings.prefetch, BasicQosOptions::default())
-            .await?;
         let publish = confirming_channel(&connection).await?;
         let consumer_tag = format!("mupdate-worker-{}", uuid::Uuid::new_v4());
         Ok(Broker {
@@ -70,6 +72,7 @@ impl Broker {
             publish: tokio::sync::Mutex::new((0, publish)),
             max_reply: AtomicUsize::new(usize::MAX),
             consumer_tag,
+            consumers: AtomicU64::new(0),
             acks: crate::delivery::Acks::start(),
         })
     }
@@ -189,11 +192,17 @@ impl Broker {
     }
 
     /// Starts consuming with manual acks (again after `cancel`: the consumer resumes).
-    pub async fn consume(&self, queue: &str) -> Result<Consumer, lapin::Error> {
+    /// Consumes `queue` with at most `prefetch` unacked deliveries: a consumer's
+    /// prefetch is the one set on its channel when it starts.
+    pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, lapin::Error> {
+        self.consume
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let n = self.consumers.fetch_add(1, Ordering::AcqRel) + 1;
         self.consume
             .basic_consume(
                 queue.into(),
-                self.consumer_tag.as_str().into(),
+                format!("{}-{n}", self.consumer_tag).into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -204,7 +213,12 @@ impl Broker {
     pub async fn cancel(&self) -> Result<(), lapin::Error> {
         self.consume
             .basic_cancel(
-                self.consumer_tag.as_str().into(),
+                format!(
+                    "{}-{}",
+                    self.consumer_tag,
+                    self.consumers.load(Ordering::Acquire)
+                )
+                .into(),
                 BasicCancelOptions::default(),
             )
             .await

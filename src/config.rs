@@ -32,6 +32,7 @@ pub struct AmqpSettings {
     pub reply_queue: String,
     pub reply_exchange: String,
     pub prefetch: u16,
+    pub max_held_bytes: usize,
     pub declare: bool,
     pub queue_type: QueueType,
     pub delivery_limit: u32,

@@ -15,6 +15,7 @@ pub mod envelope;
 pub mod error;
 pub mod loader;
 pub mod metrics;
+pub mod prefetch;
 pub mod reply;
 pub mod response;
 pub mod security;

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub bulk_seconds: Histogram,
     pub bulk_documents: Histogram,
     pub in_flight: Gauge,
+    pub prefetch: Gauge,
+    pub held_bytes: Gauge,
     pub engine_retries: Counter,
     pub reconnects: Counter,
     pub unroutable_replies: Counter,
@@ -94,6 +96,17 @@ impl Metrics {
         let (replies_shrunk, duplicates_skipped) = (Counter::default(), Counter::default());
         let slow_writes = Counter::default();
         let paused_gauge = Gauge::default();
+        let (prefetch, held_bytes) = (Gauge::default(), Gauge::default());
+        registry.register(
+            "prefetch",
+            "The consumer's prefetch, chosen from the requests' sizes (amqp.max_held_bytes)",
+            prefetch.clone(),
+        );
+        registry.register(
+            "held_bytes",
+            "Bytes of the requests received and not yet settled",
+            held_bytes.clone(),
+        );
         registry.register(
             "requests",
             "Requests answered, by reply status",
@@ -208,6 +221,8 @@ impl Metrics {
             bulk_seconds,
             bulk_documents,
             in_flight,
+            prefetch,
+            held_bytes,
             engine_retries,
             reconnects,
             unroutable_replies,

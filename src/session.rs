@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::Consumer;
+use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -21,12 +22,15 @@ use crate::broker::Broker;
 use crate::config::{AmqpSettings, Settings};
 use crate::delivery::{Settlement, Ticket};
 use crate::metrics::{self, Metrics};
+use crate::prefetch::{Held, Sizing};
 use crate::worker::{Handler, Processor};
 
 /// A session that consumed this long counts as healthy: the reconnect backoff restarts.
 const HEALTHY: Duration = Duration::from_secs(5);
 /// After the shutdown grace: time for handed-back requests to reach the broker.
 const HAND_BACK: Duration = Duration::from_millis(700);
+/// The most a consumer change (cancel, consume) may wait for the broker's answer.
+const BROKER_CALL: Duration = Duration::from_secs(10);
 /// How often the session checks whether the engine has been unavailable too long.
 const ENGINE_CHECK: Duration = Duration::from_millis(250);
 
@@ -63,6 +67,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let mut backoff = reconnect_backoff();
     let mut nodes = Nodes::new(&settings.amqp);
     let mut first = true;
+    // Across sessions: the work of a lost session holds its bytes until it ends.
+    let held = Arc::new(Held::new(metrics.held_bytes.clone()));
     while !shutdown.is_cancelled() {
         if !first {
             metrics.reconnects.inc();
@@ -74,6 +80,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             shutdown: &shutdown,
             url: nodes.current(),
             consuming_since: None,
+            held: held.clone(),
+            sizing: Sizing::new(
+                settings.amqp.prefetch,
+                settings.amqp.max_held_bytes,
+                settings.limits.max_message_bytes,
+            ),
         };
         let outcome = session.run().await;
         metrics.set_broker_up(false);
@@ -193,10 +205,12 @@ impl Nodes {
     }
 }
 
-/// How a consuming period ended.
+/// How a consumer's work ended.
 enum End {
     Shutdown,
     Pause,
+    /// Requests' sizes call for another prefetch (module `prefetch`).
+    Resize,
     Failed(anyhow::Error),
 }
 
@@ -207,6 +221,9 @@ struct Session<'a> {
     /// The broker node of this session.
     url: &'a str,
     consuming_since: Option<Instant>,
+    /// Bytes of the requests received and not yet settled.
+    held: Arc<Held>,
+    sizing: Sizing,
 }
 
 impl Session<'_> {
@@ -241,14 +258,29 @@ impl Session<'_> {
             }
             let tracker = TaskTracker::new();
             let period = session.child_token();
-            let mut consumer = broker.consume(&amqp.request_queue).await?;
+            let prefetch = self.sizing.prefetch();
+            let mut consumer = broker.consume(&amqp.request_queue, prefetch).await?;
             metrics.set_broker_up(true);
             metrics.set_paused(false);
+            metrics.prefetch.set(prefetch.into());
             self.consuming_since.get_or_insert_with(Instant::now);
-            info!(queue = %amqp.request_queue, prefetch = amqp.prefetch, "consuming");
-            let end = self
-                .consume(&mut consumer, &broker, &tracker, &period, &broken)
-                .await;
+            info!(queue = %amqp.request_queue, prefetch, "consuming");
+            // None: the end came between two consumers.
+            let (end, consumer) = loop {
+                let end = self
+                    .consume(&mut consumer, &broker, &tracker, &period, &broken)
+                    .await;
+                let End::Resize = end else {
+                    break (end, Some(consumer));
+                };
+                match self
+                    .resize(consumer, &broker, &tracker, &period, &broken)
+                    .await
+                {
+                    Ok(next) => consumer = next,
+                    Err(end) => break (end, None),
+                }
+            };
             match end {
                 End::Pause => {
                     metrics.pauses.inc();
@@ -266,6 +298,7 @@ impl Session<'_> {
                     self.drain(&broker, consumer, &tracker, &session).await;
                     break;
                 }
+                End::Resize => unreachable!("a resize ends in another consumer or another end"),
                 End::Failed(err) => {
                     // Calls already at the engine return or time out before the next
                     // session consumes the same requests again; a handler stuck on the
@@ -294,9 +327,97 @@ impl Session<'_> {
         self.handler.processor.engine_unavailable_for(pause_after)
     }
 
-    /// Takes deliveries until shutdown, a failure, or an engine unavailable too long.
-    async fn consume(
+    /// Works on a delivery in a task of its own, its bytes counted as held until it is
+    /// settled.
+    fn start(
         &self,
+        delivery: Delivery,
+        broker: &Arc<Broker>,
+        tracker: &TaskTracker,
+        period: &CancellationToken,
+        broken: &CancellationToken,
+    ) {
+        broker.acks().taken(delivery.delivery_tag);
+        let hold = self.held.hold(delivery.data.len());
+        let (handler, broker) = (self.handler.clone(), broker.clone());
+        let (cancel, broken) = (period.child_token(), broken.clone());
+        tracker.spawn(async move {
+            let _hold = hold;
+            if let Err(err) = handler.handle(delivery, &broker, cancel).await {
+                warn!(error = %err, "broker channel failed; the request will be redelivered");
+                broken.cancel();
+            }
+        });
+    }
+
+    /// Consumes again with the prefetch the requests' sizes call for: cancels the
+    /// consumer, works on the deliveries it had already received, waits until the bytes
+    /// held leave room for the new consumer's, and consumes. The work under way goes on
+    /// throughout.
+    async fn resize(
+        &mut self,
+        mut consumer: Consumer,
+        broker: &Arc<Broker>,
+        tracker: &TaskTracker,
+        period: &CancellationToken,
+        broken: &CancellationToken,
+    ) -> Result<Consumer, End> {
+        // A connection lost meanwhile fails the calls; one that hangs counts as lost.
+        let failed = |err: lapin::Error| End::Failed(err.into());
+        let unanswered = |_| {
+            End::Failed(anyhow::anyhow!(
+                "the broker did not answer a consumer change"
+            ))
+        };
+        tokio::time::timeout(BROKER_CALL, broker.cancel())
+            .await
+            .map_err(unanswered)?
+            .map_err(failed)?;
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+        {
+            let size = delivery.data.len();
+            self.start(delivery, broker, tracker, period, broken);
+            self.sizing.received(size, self.held.bytes());
+        }
+        let (prefetch, start_below) = self.sizing.resize();
+        let mut check = tokio::time::interval(ENGINE_CHECK);
+        let held = self.held.clone();
+        let room = held.until_at_most(start_below);
+        tokio::pin!(room);
+        loop {
+            tokio::select! {
+                _ = &mut room => break,
+                _ = self.shutdown.cancelled() => return Err(End::Shutdown),
+                _ = broken.cancelled() => return Err(End::Failed(anyhow::anyhow!("a broker channel failed"))),
+                _ = check.tick() => {
+                    if !broker.connected() {
+                        return Err(End::Failed(anyhow::anyhow!("the broker connection was lost")));
+                    }
+                    if self.engine_down_too_long() {
+                        return Err(End::Pause);
+                    }
+                }
+            }
+        }
+        let queue = &self.settings.amqp.request_queue;
+        let consumer = tokio::time::timeout(BROKER_CALL, broker.consume(queue, prefetch))
+            .await
+            .map_err(unanswered)?
+            .map_err(failed)?;
+        self.handler.metrics().prefetch.set(prefetch.into());
+        info!(
+            prefetch,
+            held_bytes = self.held.bytes(),
+            "consuming again, with a prefetch for the requests' sizes"
+        );
+        Ok(consumer)
+    }
+
+    /// Takes deliveries until shutdown, a failure, an engine unavailable too long, or
+    /// requests whose sizes call for another prefetch.
+    async fn consume(
+        &mut self,
         consumer: &mut Consumer,
         broker: &Arc<Broker>,
         tracker: &TaskTracker,
@@ -313,15 +434,11 @@ impl Session<'_> {
                 },
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        broker.acks().taken(delivery.delivery_tag);
-                        let (handler, broker) = (self.handler.clone(), broker.clone());
-                        let (cancel, broken) = (period.child_token(), broken.clone());
-                        tracker.spawn(async move {
-                            if let Err(err) = handler.handle(delivery, &broker, cancel).await {
-                                warn!(error = %err, "broker channel failed; the request will be redelivered");
-                                broken.cancel();
-                            }
-                        });
+                        let size = delivery.data.len();
+                        self.start(delivery, broker, tracker, period, broken);
+                        if self.sizing.received(size, self.held.bytes()) {
+                            return End::Resize;
+                        }
                     }
                     Some(Err(err)) => return End::Failed(err.into()),
                     None => return End::Failed(anyhow::anyhow!("the broker cancelled the consumer")),
@@ -354,7 +471,15 @@ impl Session<'_> {
     }
 
     /// Cancels the consumer and hands back the deliveries it had already received.
-    async fn stop_consuming(&self, broker: &Broker, mut consumer: Consumer) -> anyhow::Result<()> {
+    async fn stop_consuming(
+        &self,
+        broker: &Broker,
+        consumer: Option<Consumer>,
+    ) -> anyhow::Result<()> {
+        // None: already cancelled (between two consumers).
+        let Some(mut consumer) = consumer else {
+            return Ok(());
+        };
         broker.cancel().await?;
         while let Ok(Some(Ok(delivery))) =
             tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
@@ -379,7 +504,7 @@ impl Session<'_> {
     async fn drain(
         &self,
         broker: &Broker,
-        consumer: Consumer,
+        consumer: Option<Consumer>,
         tracker: &TaskTracker,
         session: &CancellationToken,
     ) {

@@ -470,7 +470,9 @@ async fn sigterm_with_the_engine_down_exits_0_within_the_grace_and_loses_nothing
         worker_command(&settings)
             .env("MUPDATE__WORKER__SHUTDOWN_TIMEOUT_MS", "3000")
             // Held, not paused, when the signal comes.
-            .env("MUPDATE__WORKER__PAUSE_AFTER_MS", "600000"),
+            .env("MUPDATE__WORKER__PAUSE_AFTER_MS", "600000")
+            // All of them held: no prefetch chosen by size (it starts at 4).
+            .env("MUPDATE__AMQP__MAX_HELD_BYTES", "0"),
     );
     wait_consumers(&queue, 1).await;
     let engine = EngineStopped::stop().await;
@@ -519,7 +521,9 @@ async fn a_second_sigterm_exits_at_once() {
     let mut binary = Binary::spawn(
         worker_command(&settings)
             .env("MUPDATE__WORKER__SHUTDOWN_TIMEOUT_MS", "60000")
-            .env("MUPDATE__WORKER__PAUSE_AFTER_MS", "600000"),
+            .env("MUPDATE__WORKER__PAUSE_AFTER_MS", "600000")
+            // All of them held: no prefetch chosen by size (it starts at 4).
+            .env("MUPDATE__AMQP__MAX_HELD_BYTES", "0"),
     );
     wait_consumers(&queue, 1).await;
     let engine = EngineStopped::stop().await;

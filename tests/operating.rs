@@ -351,3 +351,82 @@ async fn request_bytes_in_process_are_bounded() {
     );
     worker.stop().await;
 }
+
+/// `amqp.max_held_bytes` bounds the bytes of requests held: large requests lower the
+/// consumer's prefetch, so the broker keeps the rest queued, and small ones raise it
+/// back to `amqp.prefetch`.
+#[tokio::test]
+async fn held_request_bytes_choose_the_prefetch() {
+    let ids: Vec<String> = (0..30).map(|i| format!("d{i}")).collect();
+    let docs: Vec<(&str, Value)> = ids.iter().map(|id| (id.as_str(), json!({}))).collect();
+    let col = Collection::create(&docs).await;
+    let mut settings = settings();
+    let listen = format!("127.0.0.1:{}", free_port());
+    settings.metrics.listen = listen.clone();
+    settings.amqp.max_held_bytes = 4 << 20;
+    // One request in process at a time, so that the others are held meanwhile.
+    settings.worker.max_processing_bytes = 4096;
+    let most = settings.amqp.prefetch;
+    let worker = Worker::start_with(settings).await;
+    let client = mupdate_worker::client::Client::connect(AMQP_URL)
+        .await
+        .unwrap();
+    let requests = |envelopes: Vec<Value>, tag: &'static str| {
+        let (client, queue) = (&client, worker.request_queue());
+        futures_util::future::join_all(envelopes.into_iter().enumerate().map(
+            move |(i, envelope)| async move {
+                let body = serde_json::to_vec(&envelope).unwrap();
+                let reply = client
+                    .request(queue, &body, &format!("{tag}{i}"), TIMEOUT)
+                    .await
+                    .unwrap();
+                serde_json::from_slice::<Value>(&reply).unwrap()
+            },
+        ))
+    };
+
+    // The most held while 30 requests of 512 KiB are answered: 7 of them fit in 4 MiB.
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::spawn({
+        let (listen, sampling) = (listen.clone(), sampling.clone());
+        async move {
+            let (mut held, mut in_flight) = (0.0f64, 0.0f64);
+            while !sampling.is_cancelled() {
+                let text = metrics_text(&listen).await;
+                let value = |name: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                        .unwrap_or(0.0)
+                };
+                held = held.max(value("mupdate_held_bytes"));
+                in_flight = in_flight.max(value("mupdate_requests_in_flight"));
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            (held, in_flight)
+        }
+    });
+    let big = "x".repeat(512 << 10);
+    let envelopes = ids
+        .iter()
+        .map(|id| col.envelope(json!([{"_id": id, "body": {"big": big}}])))
+        .collect();
+    for reply in requests(envelopes, "big").await {
+        assert_eq!(reply["status"], 200, "{reply}");
+    }
+    sampling.cancel();
+    let (held, in_flight) = sampler.await.unwrap();
+    println!("large requests: at most {held} bytes and {in_flight} requests held");
+    assert!(held > 0.0 && held <= (4 << 20) as f64, "{held} bytes held");
+    assert!(in_flight <= 8.0, "{in_flight} requests held");
+    assert_eq!(metric(&listen, "mupdate_prefetch").await, 7.0);
+
+    // Small requests: once twice the prefetch of them are seen, the most again.
+    let envelopes = (0..40)
+        .map(|i| col.envelope(json!([{"_id": format!("d{}", i % 30), "body": {"n": i}}])))
+        .collect();
+    for reply in requests(envelopes, "small").await {
+        assert_eq!(reply["status"], 200, "{reply}");
+    }
+    assert_eq!(metric(&listen, "mupdate_prefetch").await, f64::from(most));
+    worker.stop().await;
+}
