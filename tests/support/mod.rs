@@ -2,6 +2,7 @@
 //! started in-process on fresh queues, and clean-up of what a test made.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod history;
 pub mod load;
 pub mod proxy;
@@ -414,7 +415,7 @@ pub async fn delete_queues_at(url: &str, queues: &[&str]) {
 }
 
 /// The worker binary on `settings`' queues and prefetch, metrics off, logging warnings;
-/// callers add environment and stdio, then spawn.
+/// callers add environment and stdio, then spawn it (`binary::BinaryWorker::spawn`).
 pub fn worker_command(settings: &Settings) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mupdate-worker"));
     command
