@@ -440,18 +440,6 @@ pub fn worker_command(settings: &Settings) -> std::process::Command {
     command
 }
 
-/// A child's stderr, line by line, read on a thread until it closes.
-pub fn stderr_lines(child: &mut std::process::Child) -> std::thread::JoinHandle<Vec<String>> {
-    use std::io::BufRead;
-    let stderr = child.stderr.take().expect("stderr piped");
-    std::thread::spawn(move || {
-        std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect()
-    })
-}
-
 /// Waits until `queue` has at least `n` consumers.
 pub async fn wait_consumers(queue: &str, n: u32) {
     wait_consumers_at(AMQP_URL, queue, n).await
