@@ -6,6 +6,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
+use support::binary::BinaryWorker;
 use support::*;
 
 fn binary() -> Command {
@@ -307,35 +308,29 @@ async fn ctrl_c_stops_the_loader_cleanly_and_says_what_was_sent() {
         })
         .collect();
     std::fs::write(&input, lines).unwrap();
-    let child = binary()
-        .args([
-            "send",
-            "--index",
-            &col.index,
-            "--collection",
-            &col.collection,
-            "--file",
-        ])
-        .arg(&input)
-        .args(["--refresh", "wait_for", "--in-flight", "1"])
-        .env("MUPDATE__AMQP__REQUEST_QUEUE", worker.request_queue())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut loader = BinaryWorker::spawn(
+        binary()
+            .args([
+                "send",
+                "--index",
+                &col.index,
+                "--collection",
+                &col.collection,
+                "--file",
+            ])
+            .arg(&input)
+            .args(["--refresh", "wait_for", "--in-flight", "1"])
+            .env("MUPDATE__AMQP__REQUEST_QUEUE", worker.request_queue())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    loader.signal("-INT");
+    let status = loader.wait_exit(TIMEOUT).await;
+    let stderr = loader.stderr();
+    assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
-    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary: Value = serde_json::from_str(&loader.stdout()).unwrap();
     assert_eq!(summary["interrupted"], true);
     let sent = summary["sent"].as_u64().unwrap();
     assert!(sent > 0 && sent < 20_000, "{summary}");

@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::process::{Child, Command};
 use std::time::Duration;
 
 use lapin::BasicProperties;
@@ -14,6 +13,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use mupdate_worker::config::{QueueType, Settings};
 use serde_json::Value;
+use support::binary::BinaryWorker;
 use support::load::Load;
 use support::*;
 
@@ -111,24 +111,6 @@ async fn an_engine_outage_mid_stream_loses_nothing() {
     survives("engine outage", settings, fault).await;
 }
 
-fn spawn_binary(settings: &Settings) -> Child {
-    worker_command(settings).spawn().unwrap()
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([name, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-async fn wait_exit(mut child: Child) -> std::process::ExitStatus {
-    tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_and_leaves_the_rest_queued() {
     let _servers = servers_lock().await;
@@ -136,15 +118,13 @@ async fn sigterm_finishes_in_flight_requests_and_leaves_the_rest_queued() {
     let load = Load::new(N, true).await;
     let mut settings = settings();
     settings.amqp.prefetch = 16;
-    let child = spawn_binary(&settings);
+    let mut child = BinaryWorker::start(&settings);
     let queue = settings.amqp.request_queue.clone();
     wait_consumers(&queue, 1).await;
     load.publish(&queue).await;
     load.wait_for_replies(20, TIMEOUT).await;
-    signal(&child, "-TERM");
-    let status = tokio::time::timeout(TIMEOUT, wait_exit(child))
-        .await
-        .expect("exits in time");
+    child.signal("-TERM");
+    let status = child.exit_within(TIMEOUT).await.expect("exits in time");
     assert_eq!(status.code(), Some(0));
 
     let replied = load.replies_waiting().await as usize;
@@ -178,20 +158,18 @@ async fn sigkill_of_one_of_two_workers_leaves_the_other_to_finish_everything() {
     let load = Load::new(N, true).await;
     let mut settings = settings();
     settings.amqp.prefetch = 16;
-    let victim = spawn_binary(&settings);
-    let survivor = spawn_binary(&settings);
+    let mut victim = BinaryWorker::start(&settings);
+    let mut survivor = BinaryWorker::start(&settings);
     let queue = settings.amqp.request_queue.clone();
     wait_consumers(&queue, 2).await;
     load.publish(&queue).await;
     load.wait_for_replies(20, TIMEOUT).await;
-    signal(&victim, "-KILL");
-    wait_exit(victim).await;
+    victim.signal("-KILL");
+    victim.wait_exit(TIMEOUT).await;
     let replies = load.collect(SETTLE).await;
     summary("SIGKILL of one of two workers", &replies);
-    signal(&survivor, "-TERM");
-    let status = tokio::time::timeout(TIMEOUT, wait_exit(survivor))
-        .await
-        .expect("exits in time");
+    survivor.signal("-TERM");
+    let status = survivor.exit_within(TIMEOUT).await.expect("exits in time");
     assert_eq!(status.code(), Some(0));
     assert_complete(&load, &replies, &queue).await;
     delete_topology(&settings).await;

@@ -9,7 +9,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, ExitStatus};
+use std::process::Command;
 use std::time::Duration;
 
 use lapin::BasicProperties;
@@ -18,6 +18,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use mupdate_worker::config::{QueueType, Settings};
 use serde_json::{Value, json};
+use support::binary::BinaryWorker;
 use support::load::Load;
 use support::*;
 
@@ -466,7 +467,7 @@ async fn sigterm_with_the_engine_down_exits_0_within_the_grace_and_loses_nothing
     let mut cleanup = Cleanup::of(&settings);
     cleanup.queue(load.reply_queue.clone());
     let queue = settings.amqp.request_queue.clone();
-    let mut binary = Binary::spawn(
+    let mut binary = BinaryWorker::spawn(
         worker_command(&settings)
             .env("MUPDATE__WORKER__SHUTDOWN_TIMEOUT_MS", "3000")
             // Held, not paused, when the signal comes.
@@ -518,7 +519,7 @@ async fn a_second_sigterm_exits_at_once() {
     let mut cleanup = Cleanup::of(&settings);
     cleanup.queue(load.reply_queue.clone());
     let queue = settings.amqp.request_queue.clone();
-    let mut binary = Binary::spawn(
+    let mut binary = BinaryWorker::spawn(
         worker_command(&settings)
             .env("MUPDATE__WORKER__SHUTDOWN_TIMEOUT_MS", "60000")
             .env("MUPDATE__WORKER__PAUSE_AFTER_MS", "600000")
@@ -939,47 +940,5 @@ impl Drop for MaxMessageSize {
         if !restored {
             eprintln!("could not restore RabbitMQ's max_message_size: run `{restore}`");
         }
-    }
-}
-
-/// A worker process, killed when dropped if still running.
-struct Binary(Child);
-
-impl Binary {
-    fn spawn(command: &mut Command) -> Self {
-        Binary(command.spawn().unwrap())
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([name, &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn running(&mut self) -> bool {
-        self.0.try_wait().unwrap().is_none()
-    }
-
-    /// Its exit status, if it exits within `within`.
-    async fn exit_within(&mut self, within: Duration) -> Option<ExitStatus> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return Some(status);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }

@@ -3,9 +3,10 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use serde_json::{Value, json};
+use support::binary::BinaryWorker;
 use support::*;
 
 async fn assert_rejected(worker: &Worker, body: &[u8], status: u64, id: &str) -> Value {
@@ -204,14 +205,13 @@ async fn dotted_metadata_keys_cant_forge_the_updater() {
 async fn secrets_appear_in_neither_replies_nor_logs() {
     let col = Collection::create(&[("a", json!({"n": 1}))]).await;
     let settings = settings();
-    let mut child = worker_command(&settings)
-        .env("MUPDATE__STORAGE__USERNAME", "elastic")
-        .env("MUPDATE__STORAGE__PASSWORD", "storage-pass-s3cret")
-        .env("RUST_LOG", "trace")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = stderr_lines(&mut child);
+    let mut binary = BinaryWorker::spawn(
+        worker_command(&settings)
+            .env("MUPDATE__STORAGE__USERNAME", "elastic")
+            .env("MUPDATE__STORAGE__PASSWORD", "storage-pass-s3cret")
+            .env("RUST_LOG", "trace")
+            .stderr(Stdio::piped()),
+    );
     wait_consumers(&settings.amqp.request_queue, 1).await;
     let client = mupdate_worker::client::Client::connect(AMQP_URL)
         .await
@@ -233,16 +233,8 @@ async fn secrets_appear_in_neither_replies_nor_logs() {
         let text = String::from_utf8_lossy(&reply);
         assert!(!text.contains("s3cret"), "{text}");
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(exit.code(), Some(0));
-    let logs = logs.join().unwrap().join("\n");
+    assert_eq!(binary.terminate().await.code(), Some(0));
+    let logs = binary.stderr();
     assert!(logs.contains("replied"), "the request was logged: {logs}");
     assert!(!logs.contains("s3cret"), "a secret in the logs");
     delete_topology(&settings).await;
@@ -255,12 +247,11 @@ async fn secrets_appear_in_neither_replies_nor_logs() {
 async fn no_body_reaches_the_logs_at_any_level() {
     let col = Collection::create(&[("a", json!({"kept": "SOURCE-MARK"}))]).await;
     let settings = settings();
-    let mut child = worker_command(&settings)
-        .env("RUST_LOG", "trace,lapin::returned_messages=trace")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = stderr_lines(&mut child);
+    let mut binary = BinaryWorker::spawn(
+        worker_command(&settings)
+            .env("RUST_LOG", "trace,lapin::returned_messages=trace")
+            .stderr(Stdio::piped()),
+    );
     wait_consumers(&settings.amqp.request_queue, 1).await;
     let envelope = col.envelope(json!([
         {"_id": "a", "body": {"n": "BODY-MARK"}},
@@ -280,16 +271,8 @@ async fn no_body_reaches_the_logs_at_any_level() {
         "the unroutable request was dead-lettered as sent"
     );
     amqp.close().await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(exit.code(), Some(0));
-    let logs = logs.join().unwrap().join("\n");
+    assert_eq!(binary.terminate().await.code(), Some(0));
+    let logs = binary.stderr();
     assert!(logs.contains("TRACE"), "trace logging was on");
     for mark in ["SOURCE-MARK", "BODY-MARK", "FAILED-MARK"] {
         // As text, or as the list of byte values a `Debug` of the payload prints.

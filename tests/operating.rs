@@ -5,6 +5,7 @@ mod support;
 use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
+use support::binary::BinaryWorker;
 use support::*;
 
 #[tokio::test]
@@ -98,15 +99,14 @@ async fn metrics_count_a_known_sequence_of_requests() {
 async fn json_log_lines_parse_and_carry_the_request_id() {
     let col = Collection::create(&[("a", json!({"n": 1}))]).await;
     let settings = settings();
-    let mut child = worker_command(&settings)
-        .env("MUPDATE__LOG__FORMAT", "json")
-        // A line per request is at debug: at info (the default) it cost 10 % of the
-        // worker's CPU per one-document request.
-        .env("RUST_LOG", "debug")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = stderr_lines(&mut child);
+    let mut binary = BinaryWorker::spawn(
+        worker_command(&settings)
+            .env("MUPDATE__LOG__FORMAT", "json")
+            // A line per request is at debug: at info (the default) it cost 10 % of the
+            // worker's CPU per one-document request.
+            .env("RUST_LOG", "debug")
+            .stderr(Stdio::piped()),
+    );
     wait_consumers(&settings.amqp.request_queue, 1).await;
     let client = mupdate_worker::client::Client::connect(AMQP_URL)
         .await
@@ -122,16 +122,10 @@ async fn json_log_lines_parse_and_carry_the_request_id() {
         )
         .await
         .unwrap();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    let lines = logs.join().unwrap();
-    let parsed: Vec<Value> = lines
-        .iter()
+    binary.terminate().await;
+    let logs = binary.stderr();
+    let parsed: Vec<Value> = logs
+        .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
     let replied = parsed
@@ -227,14 +221,13 @@ async fn a_missing_reply_exchange_keeps_the_worker_unready_until_it_exists() {
 async fn a_traceparent_reaches_the_reply_and_the_logs() {
     let col = Collection::create(&[("a", json!({"n": 1}))]).await;
     let settings = settings();
-    let mut child = worker_command(&settings)
-        .env("MUPDATE__LOG__FORMAT", "json")
-        // The line per answered request is at debug.
-        .env("RUST_LOG", "debug")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = stderr_lines(&mut child);
+    let mut binary = BinaryWorker::spawn(
+        worker_command(&settings)
+            .env("MUPDATE__LOG__FORMAT", "json")
+            // The line per answered request is at debug.
+            .env("RUST_LOG", "debug")
+            .stderr(Stdio::piped()),
+    );
     wait_consumers(&settings.amqp.request_queue, 1).await;
     let amqp = Amqp::open().await;
     let replies = fresh("trace-replies");
@@ -267,16 +260,10 @@ async fn a_traceparent_reaches_the_reply_and_the_logs() {
         carried,
         Some(lapin::types::AMQPValue::LongString(trace.into()))
     );
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    let lines = logs.join().unwrap();
-    let replied: Value = lines
-        .iter()
+    binary.terminate().await;
+    let logs = binary.stderr();
+    let replied: Value = logs
+        .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .find(|l| l["fields"]["message"] == "replied")
         .expect("a 'replied' line");

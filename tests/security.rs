@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 
 use mupdate_worker::client::Client;
 use serde_json::{Value, json};
+use support::binary::BinaryWorker;
 use support::*;
 
 /// A broker user made for one test, deleted on drop.
@@ -159,26 +160,15 @@ async fn sighup_reloads_the_rules_and_a_broken_file_keeps_them() {
     let rules = dir.join("rules.toml");
     write_rules(&rules, "");
     let settings = settings();
-    let mut child = worker_command(&settings)
-        .env("MUPDATE__SECURITY__ENABLED", "true")
-        .env("MUPDATE__SECURITY__RULES_FILE", &rules)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = stderr_lines(&mut child);
+    let mut binary = BinaryWorker::spawn(
+        worker_command(&settings)
+            .env("MUPDATE__SECURITY__ENABLED", "true")
+            .env("MUPDATE__SECURITY__RULES_FILE", &rules)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped()),
+    );
     let queue = settings.amqp.request_queue.clone();
     wait_consumers(&queue, 1).await;
-    let hangup = |child: &std::process::Child| {
-        let pid = child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-HUP", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
     let status = |reply: Value| reply["status"].as_u64().unwrap();
 
     assert_eq!(
@@ -193,7 +183,7 @@ async fn sighup_reloads_the_rules_and_a_broken_file_keeps_them() {
             user.name, target.index
         ),
     );
-    hangup(&child);
+    binary.signal("-HUP");
     // The reload is asynchronous: ask until the answer changes, within a bound.
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     let mut n = 1;
@@ -209,23 +199,12 @@ async fn sighup_reloads_the_rules_and_a_broken_file_keeps_them() {
 
     // A broken file: the rules in force stay.
     write_rules(&rules, "[[allow]]\nusers = [\"unclosed\"\n");
-    hangup(&child);
+    binary.signal("-HUP");
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(status(user.call(&queue, &update(&target, 100)).await), 200);
 
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(exit.code(), Some(0));
-    let logs = logs.join().unwrap().join("\n");
+    assert_eq!(binary.terminate().await.code(), Some(0));
+    let logs = binary.stderr();
     assert!(logs.contains("rights rules reloaded"), "{logs}");
     assert!(logs.contains("rights rules not reloaded"), "{logs}");
     delete_topology(&settings).await;

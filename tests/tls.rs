@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use mupdate_worker::config::Settings;
 use serde_json::json;
+use support::binary::BinaryWorker;
 use support::*;
 
 const OPENSSL: &str = "/usr/bin/openssl";
@@ -454,58 +455,20 @@ impl Drop for Nginx {
 
 // ------------------------------------------------------------------ the worker
 
-/// The worker binary with its stderr collected; killed on drop if still running, its
-/// logs then printed when the test is failing.
-struct Running {
-    child: Child,
-    logs: Option<std::thread::JoinHandle<Vec<String>>>,
-}
-
-impl Running {
-    /// SIGTERM, then its stderr once it has exited.
-    fn stop(mut self) -> String {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the worker did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.logs.take().unwrap().join().unwrap().join("\n")
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(logs) = self.logs.take()
-            && std::thread::panicking()
-        {
-            eprintln!(
-                "worker logs:\n{}",
-                logs.join().unwrap_or_default().join("\n")
-            );
-        }
-    }
-}
-
 /// The worker binary on `settings`' queues with `env`, metrics on `listen`.
-fn spawn_worker(settings: &Settings, env: &[(&str, &str)], listen: &str, log: &str) -> Running {
-    let mut command = worker_command(settings);
-    command
-        .envs(env.iter().copied())
-        .env("MUPDATE__METRICS__LISTEN", listen)
-        .env("RUST_LOG", log)
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().unwrap();
-    let logs = Some(stderr_lines(&mut child));
-    Running { child, logs }
+fn spawn_worker(
+    settings: &Settings,
+    env: &[(&str, &str)],
+    listen: &str,
+    log: &str,
+) -> BinaryWorker {
+    BinaryWorker::spawn(
+        worker_command(settings)
+            .envs(env.iter().copied())
+            .env("MUPDATE__METRICS__LISTEN", listen)
+            .env("RUST_LOG", log)
+            .stderr(Stdio::piped()),
+    )
 }
 
 /// A log line holding every one of `words` (case aside), printed: the log says why.
@@ -590,7 +553,7 @@ async fn certificate_login_with_external_round_trips_and_an_unknown_client_ca_is
         ("MUPDATE__AMQP__TLS_KEY_FILE", &key),
     ];
     let listen = format!("127.0.0.1:{}", free_port());
-    let worker = spawn_worker(&settings, &env, &listen, "debug");
+    let mut worker = spawn_worker(&settings, &env, &listen, "debug");
     wait_readyz(&listen, 200).await;
     let connections = listener.connections();
     assert!(
@@ -657,14 +620,16 @@ async fn certificate_login_with_external_round_trips_and_an_unknown_client_ca_is
         ("MUPDATE__AMQP__TLS_KEY_FILE", &other_key),
     ];
     let other_listen = format!("127.0.0.1:{}", free_port());
-    let refused = spawn_worker(&other_settings, &other_env, &other_listen, "warn");
+    let mut refused = spawn_worker(&other_settings, &other_env, &other_listen, "warn");
     stays_unready(&other_listen).await;
     assert!(metric(&other_listen, "mupdate_broker_reconnects_total").await >= 1.0);
-    let refused_text = refused.stop();
+    refused.terminate().await;
+    let refused_text = refused.stderr();
     let tls_port = format!("TLS connection to 127.0.0.1:{}", listener.port);
     says(&refused_text, &["reconnecting", &tls_port, "unknown ca"]);
 
-    let text = worker.stop();
+    worker.terminate().await;
+    let text = worker.stderr();
     for secret in pki
         .secret_lines(&key)
         .iter()
@@ -693,7 +658,7 @@ async fn a_broker_certificate_from_another_ca_keeps_the_worker_unready() {
         ("MUPDATE__AMQP__TLS_CA_FILE", &pki.path("other-ca.pem")),
     ];
     let listen = format!("127.0.0.1:{}", free_port());
-    let worker = spawn_worker(&settings, &env, &listen, "warn");
+    let mut worker = spawn_worker(&settings, &env, &listen, "warn");
     stays_unready(&listen).await;
     assert!(
         metric(&listen, "mupdate_broker_reconnects_total").await >= 1.0,
@@ -704,7 +669,8 @@ async fn a_broker_certificate_from_another_ca_keeps_the_worker_unready() {
         listener.connections().is_empty(),
         "no connection was opened"
     );
-    let text = worker.stop();
+    worker.terminate().await;
+    let text = worker.stderr();
     let tls_port = format!("TLS connection to 127.0.0.1:{}", listener.port);
     says(
         &text,
@@ -781,12 +747,13 @@ async fn wrong_engine_credentials_keep_the_worker_unready() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let listen = format!("127.0.0.1:{}", free_port());
     // Debug level: the engine client's own logs are in too.
-    let worker = spawn_worker(&settings, &env, &listen, "debug");
+    let mut worker = spawn_worker(&settings, &env, &listen, "debug");
     wait_consumers(&settings.amqp.request_queue, 1).await;
     stays_unready(&listen).await;
     assert_eq!(metric(&listen, "mupdate_broker_up").await, 1.0);
     assert_eq!(metric(&listen, "mupdate_engine_up").await, 0.0);
-    let text = worker.stop();
+    worker.terminate().await;
+    let text = worker.stderr();
     says(&text, &["storage engine does not answer", "HTTP 401"]);
     assert!(
         nginx.access_log().contains("\" 401 "),
@@ -815,11 +782,12 @@ async fn an_engine_certificate_from_another_ca_keeps_the_worker_unready() {
     let env = storage_env(&settings);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let listen = format!("127.0.0.1:{}", free_port());
-    let worker = spawn_worker(&settings, &env, &listen, "warn");
+    let mut worker = spawn_worker(&settings, &env, &listen, "warn");
     wait_consumers(&settings.amqp.request_queue, 1).await;
     stays_unready(&listen).await;
     assert_eq!(metric(&listen, "mupdate_engine_up").await, 0.0);
-    let text = worker.stop();
+    worker.terminate().await;
+    let text = worker.stderr();
     says(
         &text,
         &[

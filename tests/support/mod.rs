@@ -2,6 +2,7 @@
 //! started in-process on fresh queues, and clean-up of what a test made.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod history;
 pub mod load;
 pub mod proxy;
@@ -414,7 +415,7 @@ pub async fn delete_queues_at(url: &str, queues: &[&str]) {
 }
 
 /// The worker binary on `settings`' queues and prefetch, metrics off, logging warnings;
-/// callers add environment and stdio, then spawn.
+/// callers add environment and stdio, then spawn it (`binary::BinaryWorker::spawn`).
 pub fn worker_command(settings: &Settings) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mupdate-worker"));
     command
@@ -437,18 +438,6 @@ pub fn worker_command(settings: &Settings) -> std::process::Command {
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null());
     command
-}
-
-/// A child's stderr, line by line, read on a thread until it closes.
-pub fn stderr_lines(child: &mut std::process::Child) -> std::thread::JoinHandle<Vec<String>> {
-    use std::io::BufRead;
-    let stderr = child.stderr.take().expect("stderr piped");
-    std::thread::spawn(move || {
-        std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect()
-    })
 }
 
 /// Waits until `queue` has at least `n` consumers.
