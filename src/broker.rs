@@ -209,18 +209,11 @@ impl Broker {
             .await
     }
 
-    /// Stops the broker from sending more requests; unacked ones stay with us.
-    pub async fn cancel(&self) -> Result<(), lapin::Error> {
+    /// Stops the broker from sending more requests to the consumer `tag`; unacked ones
+    /// stay with us.
+    pub async fn cancel(&self, tag: lapin::types::ShortString) -> Result<(), lapin::Error> {
         self.consume
-            .basic_cancel(
-                format!(
-                    "{}-{}",
-                    self.consumer_tag,
-                    self.consumers.load(Ordering::Acquire)
-                )
-                .into(),
-                BasicCancelOptions::default(),
-            )
+            .basic_cancel(tag, BasicCancelOptions::default())
             .await
     }
 

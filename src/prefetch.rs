@@ -14,12 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::Notify;
 
 /// Bytes of request bodies received and not yet settled, shown in a gauge.
 pub struct Held {
     bytes: AtomicUsize,
-    released: Notify,
     gauge: Gauge,
 }
 
@@ -27,41 +25,27 @@ impl Held {
     pub fn new(gauge: Gauge) -> Self {
         Held {
             bytes: AtomicUsize::new(0),
-            released: Notify::new(),
             gauge,
         }
     }
 
     /// Counts `bytes` as held until the returned guard is dropped.
     pub fn hold(self: &Arc<Self>, bytes: usize) -> Hold {
-        let now = self.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        self.gauge.set(i64::try_from(now).unwrap_or(i64::MAX));
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.gauge.inc_by(gauge_value(bytes));
         Hold {
             held: self.clone(),
             bytes,
         }
     }
 
-    fn release(&self, bytes: usize) {
-        let now = self.bytes.fetch_sub(bytes, Ordering::AcqRel) - bytes;
-        self.gauge.set(i64::try_from(now).unwrap_or(i64::MAX));
-        self.released.notify_waiters();
-    }
-
     pub fn bytes(&self) -> usize {
         self.bytes.load(Ordering::Acquire)
     }
+}
 
-    /// Returns once no more than `most` bytes are held.
-    pub async fn until_at_most(&self, most: usize) {
-        loop {
-            let released = self.released.notified();
-            if self.bytes() <= most {
-                return;
-            }
-            released.await;
-        }
-    }
+fn gauge_value(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 /// A delivery's bytes, held until it is dropped (its task ended, however).
@@ -72,9 +56,15 @@ pub struct Hold {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        self.held.release(self.bytes);
+        self.held.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.held.gauge.dec_by(gauge_value(self.bytes));
     }
 }
+
+/// How much the prefetch may grow in one change: a few requests in a row that happen
+/// to be small among larger ones don't open the whole `amqp.prefetch` to the next
+/// large ones.
+const MOST_GROWTH: u16 = 4;
 
 /// Chooses the prefetch of each consumer and tells when to choose again.
 #[derive(Debug)]
@@ -100,16 +90,16 @@ impl Sizing {
             largest: 0,
             seen: 0,
         };
-        sizing.current = sizing.count_for(max_message_bytes);
+        sizing.current = sizing.count_for(max_message_bytes, budget);
         sizing
     }
 
-    /// The prefetch for requests of up to `size` bytes.
-    fn count_for(&self, size: usize) -> u16 {
+    /// How many requests of up to `size` bytes fit in `room` bytes (at least one).
+    fn count_for(&self, size: usize, room: usize) -> u16 {
         if self.budget == 0 {
             return self.most;
         }
-        let count = self.budget / size.max(1);
+        let count = room / size.max(1);
         u16::try_from(count).unwrap_or(u16::MAX).clamp(1, self.most)
     }
 
@@ -120,16 +110,14 @@ impl Sizing {
 
     /// A delivery of `size` bytes arrived, with `held` bytes now held in all: whether to
     /// consume again with another prefetch (then `resize` says which). Lower at once
-    /// when larger requests pushed the bytes held past the bound; higher (at least
-    /// doubled, or the most) when twice the prefetch of requests in a row were small
-    /// enough.
+    /// when larger requests pushed the bytes held past the bound; higher when twice the
+    /// prefetch of requests in a row were small enough for at least twice as many.
     pub fn received(&mut self, size: usize, held: usize) -> bool {
         if self.budget == 0 {
             return false;
         }
-        self.largest = self.largest.max(size);
-        self.seen += 1;
-        let fits = self.count_for(self.largest);
+        self.observe(size);
+        let fits = self.count_for(self.largest, self.budget);
         if held > self.budget && fits < self.current {
             return true;
         }
@@ -143,14 +131,24 @@ impl Sizing {
         higher
     }
 
-    /// The next consumer's prefetch, from the latest requests; and the bytes that may be
-    /// held when it starts, so that its deliveries stay within the bound.
-    pub fn resize(&mut self) -> (u16, usize) {
-        self.current = self.count_for(self.largest);
-        let incoming = usize::from(self.current) * self.largest;
-        let start_below = self.budget.saturating_sub(incoming);
+    /// A delivery of `size` bytes arrived after the decision to change: its size counts
+    /// toward the next prefetch, nothing else.
+    pub fn observe(&mut self, size: usize) {
+        self.largest = self.largest.max(size);
+        self.seen += 1;
+    }
+
+    /// The next consumer's prefetch: as many of the latest requests' largest as fit in
+    /// the room `held` bytes leave (at least one), and no more than `MOST_GROWTH` times
+    /// the prefetch in force.
+    pub fn resize(&mut self, held: usize) -> u16 {
+        if self.largest > 0 {
+            let room = self.budget.saturating_sub(held);
+            let grown = self.current.saturating_mul(MOST_GROWTH);
+            self.current = self.count_for(self.largest, room).min(grown);
+        }
         (self.largest, self.seen) = (0, 0);
-        (self.current, start_below)
+        self.current
     }
 }
 
@@ -161,34 +159,61 @@ mod tests {
     const MIB: usize = 1 << 20;
 
     #[test]
-    fn small_requests_raise_the_prefetch_to_its_most_once_seen() {
+    fn small_requests_raise_the_prefetch_in_steps_up_to_its_most() {
         let mut s = Sizing::new(256, 64 * MIB, 16 * MIB);
         assert_eq!(
             s.prefetch(),
             4,
             "as if each request were the largest allowed"
         );
-        let resize_at = (1..=8).find(|_| s.received(500, 500));
-        assert_eq!(resize_at, Some(8), "after twice the prefetch");
-        assert_eq!(s.resize(), (256, 64 * MIB - 256 * 500));
+        let mut steps = vec![];
+        let mut n = 0;
+        while s.prefetch() < 256 && n < 10_000 {
+            n += 1;
+            if s.received(500, 500) {
+                steps.push((n, s.resize(500)));
+            }
+        }
+        assert_eq!(
+            steps,
+            [(8, 16), (40, 64), (168, 256)],
+            "after twice each prefetch"
+        );
         assert!((0..10_000).all(|_| !s.received(500, 500)), "at its most");
     }
 
     #[test]
     fn larger_requests_lower_it_once_over_the_bound() {
-        let mut s = Sizing::new(256, 64 * MIB, 16 * MIB);
-        (1..=8).for_each(|_| _ = s.received(1000, 1000));
-        s.resize();
-        assert_eq!(s.prefetch(), 256);
+        let mut s = at_most(256, 64 * MIB);
         // 2 MiB requests: under the bound nothing changes; past it, 32 of them fit.
         assert!(!s.received(2 * MIB, 60 * MIB));
         assert!(s.received(2 * MIB, 66 * MIB));
-        let (prefetch, start_below) = s.resize();
-        assert_eq!(prefetch, 32);
+        assert_eq!(s.resize(0), 32);
+        assert!(!s.received(2 * MIB, 64 * MIB), "at the bound, not past it");
+    }
+
+    #[test]
+    fn the_room_left_by_what_is_held_sizes_the_next_consumer() {
+        let mut s = at_most(256, 64 * MIB);
+        assert!(s.received(2 * MIB, 66 * MIB));
         assert_eq!(
-            start_below, 0,
-            "wait until none is held: 32 × 2 MiB is the bound"
+            s.resize(40 * MIB),
+            12,
+            "24 MiB of room: 12 requests of 2 MiB"
         );
+        let mut s = at_most(256, 64 * MIB);
+        assert!(s.received(2 * MIB, 66 * MIB));
+        assert_eq!(s.resize(66 * MIB), 1, "no room: one at a time, never none");
+    }
+
+    #[test]
+    fn a_large_request_received_after_the_decision_to_rise_counts() {
+        let mut s = Sizing::new(256, 64 * MIB, 16 * MIB);
+        let rise = (1..=8).map(|_| s.received(MIB, MIB)).last();
+        assert_eq!(rise, Some(true));
+        // Still in the cancelled consumer's buffer: the largest allowed.
+        s.observe(16 * MIB);
+        assert_eq!(s.resize(16 * MIB), 3, "48 MiB of room for 16 MiB requests");
     }
 
     #[test]
@@ -196,7 +221,7 @@ mod tests {
         let mut s = Sizing::new(256, 4 * MIB, 16 * MIB);
         assert_eq!(s.prefetch(), 1);
         assert!(!s.received(10 * MIB, 10 * MIB), "already one at a time");
-        assert_eq!(s.resize(), (1, 0));
+        assert_eq!(s.resize(10 * MIB), 1);
     }
 
     #[test]
@@ -207,45 +232,37 @@ mod tests {
     }
 
     #[test]
-    fn it_rises_in_steps_no_smaller_than_doubling() {
-        // 1 MiB requests under a 64 MiB bound: 64 fit, from 4.
-        let mut s = Sizing::new(256, 64 * MIB, 16 * MIB);
-        let n = (1..=100).find(|_| s.received(MIB, MIB)).unwrap();
-        assert_eq!(n, 8);
-        assert_eq!(s.resize().0, 64);
-        // Then requests of 600 KiB: 109 fit, not twice 64: no re-consume for that.
-        assert!((0..1000).all(|_| !s.received(600 << 10, MIB)));
-    }
-
-    #[test]
-    fn it_rises_again_once_the_large_requests_are_past() {
+    fn no_rise_while_a_large_request_is_among_the_latest() {
         let mut s = Sizing::new(256, 64 * MIB, 16 * MIB);
         (1..=8).for_each(|_| _ = s.received(2 * MIB, 2 * MIB));
-        assert_eq!(s.resize().0, 32);
-        // Large and small mixed: no rise while a large one is among the latest 64.
+        assert_eq!(s.resize(2 * MIB), 16);
+        let mut s = at_most(256, 64 * MIB);
+        assert!(s.received(2 * MIB, 66 * MIB));
+        assert_eq!(s.resize(0), 32);
+        // One 2 MiB request in every 50: every window of 64 has one.
         let mixed = (0..640).map(|i| if i % 50 == 0 { 2 * MIB } else { 100 });
         assert!(mixed.into_iter().all(|size| !s.received(size, size)));
         let n = (1..=200).find(|_| s.received(100, 100)).unwrap();
         assert!(n <= 128, "within two windows of small ones: {n}");
-        assert_eq!(s.resize().0, 256);
+        assert_eq!(s.resize(0), 128, "four times, not all at once");
     }
 
-    #[tokio::test]
-    async fn held_bytes_wake_the_one_waiting_for_room() {
+    /// A sizing whose prefetch has risen to `prefetch`.
+    fn at_most(prefetch: u16, budget: usize) -> Sizing {
+        let s = Sizing::new(prefetch, budget, 100);
+        assert_eq!(s.prefetch(), prefetch);
+        s
+    }
+
+    #[test]
+    fn held_bytes_are_counted_until_each_hold_ends() {
         let held = Arc::new(Held::new(Gauge::default()));
         let first = held.hold(10);
-        let _second = held.hold(5);
-        let waiting = tokio::spawn({
-            let held = held.clone();
-            async move { held.until_at_most(5).await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
+        let second = held.hold(5);
+        assert_eq!((held.bytes(), held.gauge.get()), (15, 15));
         drop(first);
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
-            .await
-            .expect("woken")
-            .unwrap();
-        assert_eq!(held.bytes(), 5);
+        assert_eq!((held.bytes(), held.gauge.get()), (5, 5));
+        drop(second);
+        assert_eq!((held.bytes(), held.gauge.get()), (0, 0));
     }
 }

@@ -351,9 +351,9 @@ impl Session<'_> {
     }
 
     /// Consumes again with the prefetch the requests' sizes call for: cancels the
-    /// consumer, works on the deliveries it had already received, waits until the bytes
-    /// held leave room for the new consumer's, and consumes. The work under way goes on
-    /// throughout.
+    /// consumer, works on the deliveries it had already received, and consumes with as
+    /// many as the room left by the bytes held allows (one at least). The work under way
+    /// goes on throughout.
     async fn resize(
         &mut self,
         mut consumer: Consumer,
@@ -369,37 +369,24 @@ impl Session<'_> {
                 "the broker did not answer a consumer change"
             ))
         };
-        tokio::time::timeout(BROKER_CALL, broker.cancel())
+        tokio::time::timeout(BROKER_CALL, broker.cancel(consumer.tag()))
             .await
             .map_err(unanswered)?
             .map_err(failed)?;
+        // Its deliveries come before the broker's cancel-ok; then the stream ends.
         while let Ok(Some(Ok(delivery))) =
             tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
         {
-            let size = delivery.data.len();
+            self.sizing.observe(delivery.data.len());
             self.start(delivery, broker, tracker, period, broken);
-            self.sizing.received(size, self.held.bytes());
         }
-        let (prefetch, start_below) = self.sizing.resize();
-        let mut check = tokio::time::interval(ENGINE_CHECK);
-        let held = self.held.clone();
-        let room = held.until_at_most(start_below);
-        tokio::pin!(room);
-        loop {
-            tokio::select! {
-                _ = &mut room => break,
-                _ = self.shutdown.cancelled() => return Err(End::Shutdown),
-                _ = broken.cancelled() => return Err(End::Failed(anyhow::anyhow!("a broker channel failed"))),
-                _ = check.tick() => {
-                    if !broker.connected() {
-                        return Err(End::Failed(anyhow::anyhow!("the broker connection was lost")));
-                    }
-                    if self.engine_down_too_long() {
-                        return Err(End::Pause);
-                    }
-                }
-            }
+        if self.shutdown.is_cancelled() {
+            return Err(End::Shutdown);
         }
+        if broken.is_cancelled() {
+            return Err(End::Failed(anyhow::anyhow!("a broker channel failed")));
+        }
+        let prefetch = self.sizing.resize(self.held.bytes());
         let queue = &self.settings.amqp.request_queue;
         let consumer = tokio::time::timeout(BROKER_CALL, broker.consume(queue, prefetch))
             .await
@@ -480,7 +467,7 @@ impl Session<'_> {
         let Some(mut consumer) = consumer else {
             return Ok(());
         };
-        broker.cancel().await?;
+        broker.cancel(consumer.tag()).await?;
         while let Ok(Some(Ok(delivery))) =
             tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
         {

@@ -405,10 +405,12 @@ async fn held_request_bytes_choose_the_prefetch() {
     println!("large requests: at most {held} bytes and {in_flight} requests held");
     assert!(held > 0.0 && held <= (4 << 20) as f64, "{held} bytes held");
     assert!(in_flight <= 8.0, "{in_flight} requests held");
-    assert_eq!(metric(&listen, "mupdate_prefetch").await, 7.0);
+    let prefetch = metric(&listen, "mupdate_prefetch").await;
+    assert!((1.0..=7.0).contains(&prefetch), "prefetch {prefetch}");
 
-    // Small requests: once twice the prefetch of them are seen, the most again.
-    let envelopes = (0..40)
+    // Small requests: the prefetch rises (at most four times in each change, once twice
+    // the prefetch of them were seen) to the most again.
+    let envelopes = (0..300)
         .map(|i| col.envelope(json!([{"_id": format!("d{}", i % 30), "body": {"n": i}}])))
         .collect();
     for reply in requests(envelopes, "small").await {
