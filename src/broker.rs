@@ -6,8 +6,11 @@
 //! costs a new publishing channel, never the consuming channel and its deliveries.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
+use futures_util::StreamExt;
 use lapin::Confirmation;
+use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -191,9 +194,8 @@ impl Broker {
         Ok(())
     }
 
-    /// Starts consuming with manual acks (again after `cancel`: the consumer resumes).
-    /// Consumes `queue` with at most `prefetch` unacked deliveries: a consumer's
-    /// prefetch is the one set on its channel when it starts.
+    /// Consumes `queue` with manual acks and at most `prefetch` unacked deliveries (a
+    /// consumer's prefetch is the one set on its channel when it starts).
     pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, lapin::Error> {
         self.consume
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -209,12 +211,20 @@ impl Broker {
             .await
     }
 
-    /// Stops the broker from sending more requests to the consumer `tag`; unacked ones
-    /// stay with us.
-    pub async fn cancel(&self, tag: lapin::types::ShortString) -> Result<(), lapin::Error> {
+    /// Stops the broker from sending more requests to `consumer`, and returns the
+    /// deliveries it had already received (they come before the broker's cancel-ok, and
+    /// then its stream ends). Unacked ones stay with us.
+    pub async fn cancel(&self, mut consumer: Consumer) -> Result<Vec<Delivery>, lapin::Error> {
         self.consume
-            .basic_cancel(tag, BasicCancelOptions::default())
-            .await
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await?;
+        let mut received = Vec::new();
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+        {
+            received.push(delivery);
+        }
+        Ok(received)
     }
 
     /// Publishes a reply and waits for the broker's confirm. An error means the

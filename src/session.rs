@@ -259,10 +259,9 @@ impl Session<'_> {
             let tracker = TaskTracker::new();
             let period = session.child_token();
             let prefetch = self.sizing.prefetch();
-            let mut consumer = broker.consume(&amqp.request_queue, prefetch).await?;
+            let mut consumer = self.consume_with(&broker, prefetch).await?;
             metrics.set_broker_up(true);
             metrics.set_paused(false);
-            metrics.prefetch.set(prefetch.into());
             self.consuming_since.get_or_insert_with(Instant::now);
             info!(queue = %amqp.request_queue, prefetch, "consuming");
             // None: the end came between two consumers.
@@ -327,6 +326,15 @@ impl Session<'_> {
         self.handler.processor.engine_unavailable_for(pause_after)
     }
 
+    /// Consumes the request queue with `prefetch`, shown in its gauge.
+    async fn consume_with(&self, broker: &Broker, prefetch: u16) -> Result<Consumer, lapin::Error> {
+        let consumer = broker
+            .consume(&self.settings.amqp.request_queue, prefetch)
+            .await?;
+        self.handler.metrics().prefetch.set(prefetch.into());
+        Ok(consumer)
+    }
+
     /// Works on a delivery in a task of its own, its bytes counted as held until it is
     /// settled.
     fn start(
@@ -356,7 +364,7 @@ impl Session<'_> {
     /// goes on throughout.
     async fn resize(
         &mut self,
-        mut consumer: Consumer,
+        consumer: Consumer,
         broker: &Arc<Broker>,
         tracker: &TaskTracker,
         period: &CancellationToken,
@@ -369,14 +377,11 @@ impl Session<'_> {
                 "the broker did not answer a consumer change"
             ))
         };
-        tokio::time::timeout(BROKER_CALL, broker.cancel(consumer.tag()))
+        let received = tokio::time::timeout(BROKER_CALL, broker.cancel(consumer))
             .await
             .map_err(unanswered)?
             .map_err(failed)?;
-        // Its deliveries come before the broker's cancel-ok; then the stream ends.
-        while let Ok(Some(Ok(delivery))) =
-            tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
-        {
+        for delivery in received {
             self.sizing.observe(delivery.data.len());
             self.start(delivery, broker, tracker, period, broken);
         }
@@ -387,12 +392,10 @@ impl Session<'_> {
             return Err(End::Failed(anyhow::anyhow!("a broker channel failed")));
         }
         let prefetch = self.sizing.resize(self.held.bytes());
-        let queue = &self.settings.amqp.request_queue;
-        let consumer = tokio::time::timeout(BROKER_CALL, broker.consume(queue, prefetch))
+        let consumer = tokio::time::timeout(BROKER_CALL, self.consume_with(broker, prefetch))
             .await
             .map_err(unanswered)?
             .map_err(failed)?;
-        self.handler.metrics().prefetch.set(prefetch.into());
         info!(
             prefetch,
             held_bytes = self.held.bytes(),
@@ -464,13 +467,10 @@ impl Session<'_> {
         consumer: Option<Consumer>,
     ) -> anyhow::Result<()> {
         // None: already cancelled (between two consumers).
-        let Some(mut consumer) = consumer else {
+        let Some(consumer) = consumer else {
             return Ok(());
         };
-        broker.cancel(consumer.tag()).await?;
-        while let Ok(Some(Ok(delivery))) =
-            tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
-        {
+        for delivery in broker.cancel(consumer).await? {
             let metrics = self.handler.metrics().clone();
             broker.acks().taken(delivery.delivery_tag);
             let ticket = Ticket::new(

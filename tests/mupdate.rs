@@ -358,7 +358,7 @@ async fn without_retry_on_conflict_conflicts_surface_as_409_items() {
     // Conflicts need two updates of one document to overlap. The worker's own calls
     // overlap rarely on a fast engine, so writers beside it update the same document
     // straight at the engine (retrying their own conflicts) for as long as the test runs.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = tokio_util::sync::CancellationToken::new();
     let writers: Vec<_> = (0..4)
         .map(|w| {
             let stop = stop.clone();
@@ -369,7 +369,7 @@ async fn without_retry_on_conflict_conflicts_surface_as_409_items() {
             tokio::spawn(async move {
                 let http = http();
                 let mut n = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 100_000 {
+                while !stop.is_cancelled() && n < 100_000 {
                     let body = json!({"doc": {format!("w{w}"): n}});
                     let _ = http.post(&url).json(&body).send().await;
                     n += 1;
@@ -399,7 +399,7 @@ async fn without_retry_on_conflict_conflicts_surface_as_409_items() {
             break;
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.cancel();
     for writer in writers {
         writer.await.unwrap();
     }

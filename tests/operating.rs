@@ -380,13 +380,8 @@ async fn held_request_bytes_choose_the_prefetch() {
             let (mut held, mut in_flight) = (0.0f64, 0.0f64);
             while !sampling.is_cancelled() {
                 let text = metrics_text(&listen).await;
-                let value = |name: &str| {
-                    text.lines()
-                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-                        .unwrap_or(0.0)
-                };
-                held = held.max(value("mupdate_held_bytes"));
-                in_flight = in_flight.max(value("mupdate_requests_in_flight"));
+                held = held.max(sample(&text, "mupdate_held_bytes"));
+                in_flight = in_flight.max(sample(&text, "mupdate_requests_in_flight"));
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
             (held, in_flight)

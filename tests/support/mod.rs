@@ -135,9 +135,12 @@ pub async fn metrics_text(listen: &str) -> String {
 
 /// One sample of the Prometheus text at `http://{listen}/metrics`, 0 when absent.
 pub async fn metric(listen: &str, name: &str) -> f64 {
-    metrics_text(listen)
-        .await
-        .lines()
+    sample(&metrics_text(listen).await, name)
+}
+
+/// The sample `name` (with its labels, if any) of Prometheus text, 0 when absent.
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
 }
