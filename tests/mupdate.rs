@@ -350,7 +350,9 @@ async fn retry_on_conflict_lets_concurrent_updates_of_one_document_all_land() {
 
 #[tokio::test]
 async fn without_retry_on_conflict_conflicts_surface_as_409_items() {
-    let col = Collection::create(&[("a", json!({}))]).await;
+    // A 1 MB document: each update reads, merges and writes it again, which widens the
+    // window in which another update of it can land between the read and the write.
+    let col = Collection::create(&[("a", json!({"pad": "x ".repeat(500_000)}))]).await;
     // Conflicts need calls that overlap: every slot used, however small the batch.
     let mut settings = settings();
     settings.storage.bulk_spread_documents = 0;
