@@ -778,21 +778,6 @@ async fn wait_ready(queue: &str, n: u32) {
     }
 }
 
-async fn wait_metric(listen: &str, name: &str, value: f64) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let now = metric(listen, name).await;
-        if now == value {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} {now}, never {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn readyz(listen: &str) -> u16 {
     http()
         .get(format!("http://{listen}/readyz"))

@@ -138,6 +138,22 @@ pub async fn metric(listen: &str, name: &str) -> f64 {
     sample(&metrics_text(listen).await, name)
 }
 
+/// Waits (within `TIMEOUT`) until the worker's metric `name` is `value`.
+pub async fn wait_metric(listen: &str, name: &str, value: f64) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let now = metric(listen, name).await;
+        if now == value {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} {now}, never {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The sample `name` (with its labels, if any) of Prometheus text, 0 when absent.
 pub fn sample(text: &str, name: &str) -> f64 {
     text.lines()
