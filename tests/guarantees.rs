@@ -764,26 +764,7 @@ async fn ready(queue: &str) -> u32 {
 
 /// Waits until `queue` holds exactly `n` ready messages.
 async fn wait_ready(queue: &str, n: u32) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let now = ready(queue).await;
-        if now == n {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{queue}: {now} ready, never {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn readyz(listen: &str) -> u16 {
-    http()
-        .get(format!("http://{listen}/readyz"))
-        .send()
-        .await
-        .map_or(0, |r| r.status().as_u16())
+    wait_equal(&format!("{queue}: ready"), n, || ready(queue)).await;
 }
 
 /// A valid request over direct reply-to is still answered.

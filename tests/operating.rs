@@ -77,12 +77,7 @@ async fn metrics_count_a_known_sequence_of_requests() {
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
-    let ready = http
-        .get(format!("http://{listen}/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200);
+    assert_eq!(readyz(&listen).await, 200);
     let listen_env = listen.clone();
     let check = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_mupdate-worker"))

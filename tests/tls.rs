@@ -488,12 +488,7 @@ async fn stays_unready(listen: &str) {
     wait_readyz(listen, 503).await;
     let until = tokio::time::Instant::now() + WATCH;
     while tokio::time::Instant::now() < until {
-        let status = http()
-            .get(format!("http://{listen}/readyz"))
-            .send()
-            .await
-            .map_or(0, |r| r.status().as_u16());
-        assert_eq!(status, 503, "the worker must stay unready");
+        assert_eq!(readyz(listen).await, 503, "the worker must stay unready");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -78,22 +78,36 @@ pub fn free_port() -> u16 {
 
 /// Waits until `http://{listen}/readyz` answers `want`.
 pub async fn wait_readyz(listen: &str, want: u16) {
-    let url = format!("http://{listen}/readyz");
+    wait_equal("readyz", want, || readyz(listen)).await;
+}
+
+/// The status of the worker's `/readyz` (0 when it doesn't answer).
+pub async fn readyz(listen: &str) -> u16 {
+    http()
+        .get(format!("http://{listen}/readyz"))
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+/// Polls `probe` until it gives `want`; fails the test, naming `what` and the last value,
+/// after `TIMEOUT`.
+pub async fn wait_equal<T, F>(what: &str, want: T, mut probe: impl FnMut() -> F)
+where
+    T: PartialEq + std::fmt::Debug,
+    F: std::future::Future<Output = T>,
+{
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
-        let status = http()
-            .get(&url)
-            .send()
-            .await
-            .map_or(0, |r| r.status().as_u16());
-        if status == want {
+        let now = probe().await;
+        if now == want {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "readyz never {want} (last {status})"
+            "{what}: {now:?}, never {want:?}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -140,18 +154,7 @@ pub async fn metric(listen: &str, name: &str) -> f64 {
 
 /// Waits (within `TIMEOUT`) until the worker's metric `name` is `value`.
 pub async fn wait_metric(listen: &str, name: &str, value: f64) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let now = metric(listen, name).await;
-        if now == value {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} {now}, never {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_equal(name, value, || metric(listen, name)).await;
 }
 
 /// The sample `name` (with its labels, if any) of Prometheus text, 0 when absent.
