@@ -317,21 +317,12 @@ impl Prometheus {
 
     /// Waits until `expr`'s only sample is `value`.
     async fn wait_value(&self, expr: &str, value: f64) {
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
+        let only = move || async move {
             let got = self.query(expr).await.unwrap();
-            let seen = got
-                .first()
-                .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok());
-            if seen == Some(value) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{expr} never {value} (last {got:?})"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+            got.first()
+                .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+        };
+        wait_equal(expr, Some(value), only).await;
     }
 
     /// The alerting rules, once each has been evaluated.
