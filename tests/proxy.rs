@@ -66,3 +66,23 @@ async fn forwards_delays_cuts_and_stops() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_frozen_proxy_forwards_nothing_until_thawed() {
+    let proxy = Proxy::start("127.0.0.1:9200").await;
+    let client = http();
+    assert_eq!(health(&client, &proxy).await.unwrap(), 200);
+    proxy.freeze();
+    let held = tokio::time::timeout(Duration::from_millis(800), health(&client, &proxy)).await;
+    assert!(held.is_err(), "a frozen target answers nothing");
+    let fresh = reqwest::Client::new();
+    let call = tokio::spawn({
+        let url = format!("{}/_cluster/health", proxy.url());
+        async move { fresh.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!call.is_finished(), "a new connection is held too");
+    proxy.thaw();
+    let status = tokio::time::timeout(Duration::from_secs(10), call).await;
+    assert_eq!(status.unwrap().unwrap().unwrap(), 200);
+}

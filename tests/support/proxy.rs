@@ -1,6 +1,7 @@
 //! A fault-injecting TCP proxy for tests: forwards every connection to a target, can
-//! delay each direction (like netem: data read at t is written at t + latency, in order)
-//! and can cut every open connection.
+//! delay each direction (like netem: data read at t is written at t + latency, in order),
+//! freeze every connection (nothing forwarded, nothing closed: a hung process or a long GC
+//! pause as seen from outside) and cut every open connection.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,9 @@ struct Shared {
     cut: Mutex<CancellationToken>,
     /// Cancelled on drop: the parent of every `cut` token.
     stop: CancellationToken,
+    /// While true, nothing is forwarded either way and new connections are held
+    /// unanswered (accepted, never connected through): the target looks frozen.
+    frozen: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -40,6 +44,7 @@ impl Proxy {
             latency: Mutex::new((Duration::ZERO, Duration::ZERO)),
             cut: Mutex::new(stop.child_token()),
             stop,
+            frozen: tokio::sync::watch::Sender::new(false),
         });
         tokio::spawn(accept(listener, target.to_owned(), shared.clone()));
         Proxy { addr, shared }
@@ -60,6 +65,18 @@ impl Proxy {
     /// is forwarded after the data before it. `Duration::ZERO`: no delay for new data.
     pub fn set_latency(&self, up: Duration, down: Duration) {
         *self.shared.latency.lock().unwrap() = (up, down);
+    }
+
+    /// From now on nothing is forwarded, either way, on any connection, and new
+    /// connections are accepted but not connected through: like `kill -STOP` of the
+    /// target, without touching the target (which other tests share).
+    pub fn freeze(&self) {
+        self.shared.frozen.send_replace(true);
+    }
+
+    /// Forwards again what was held by `freeze`, in order.
+    pub fn thaw(&self) {
+        self.shared.frozen.send_replace(false);
     }
 
     /// Closes every connection open now (both sides); new ones are accepted as usual.
@@ -99,6 +116,7 @@ async fn accept(listener: TcpListener, target: String, shared: Arc<Shared>) {
 
 /// Both directions of one connection, until both have closed.
 async fn forward(client: TcpStream, target: &str, shared: &Shared) {
+    thawed(&shared.frozen).await;
     // A target that refuses (it is down) closes the client's connection at once.
     let Ok(server) = TcpStream::connect(target).await else {
         return;
@@ -106,12 +124,12 @@ async fn forward(client: TcpStream, target: &str, shared: &Shared) {
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     tokio::join!(
-        pipe(client_read, server_write, || shared
+        pipe(client_read, server_write, &shared.frozen, || shared
             .latency
             .lock()
             .unwrap()
             .0),
-        pipe(server_read, client_write, || shared
+        pipe(server_read, client_write, &shared.frozen, || shared
             .latency
             .lock()
             .unwrap()
@@ -120,7 +138,12 @@ async fn forward(client: TcpStream, target: &str, shared: &Shared) {
 }
 
 /// Copies `from` to `to`, each chunk held for the latency in force when it was read.
-async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, latency: impl Fn() -> Duration) {
+async fn pipe(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    frozen: &tokio::sync::watch::Sender<bool>,
+    latency: impl Fn() -> Duration,
+) {
     // An empty chunk stands for the end of the stream (or a read error).
     let (chunks, mut due) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let read = async move {
@@ -136,6 +159,7 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, latency: impl Fn(
     let write = async move {
         while let Some((at, chunk)) = due.recv().await {
             tokio::time::sleep_until(at).await;
+            thawed(frozen).await;
             if chunk.is_empty() || to.write_all(&chunk).await.is_err() {
                 break;
             }
@@ -143,4 +167,10 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, latency: impl Fn(
         let _ = to.shutdown().await;
     };
     tokio::join!(read, write);
+}
+
+/// Returns once the proxy is not frozen.
+async fn thawed(frozen: &tokio::sync::watch::Sender<bool>) {
+    let mut state = frozen.subscribe();
+    let _ = state.wait_for(|frozen| !*frozen).await;
 }
