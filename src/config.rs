@@ -234,6 +234,19 @@ impl Settings {
                 "must name the rules file when security.enabled is true",
             );
         }
+        if self.storage.write_timeout_ms < self.storage.timeout_ms {
+            return invalid(
+                "storage.write_timeout_ms",
+                "must be at least storage.timeout_ms: a write already sent is awaited at least as \
+                 long as a read",
+            );
+        }
+        if self.storage.retry_min_delay_ms > self.storage.retry_max_delay_ms {
+            return invalid(
+                "storage.retry_min_delay_ms",
+                "must not exceed storage.retry_max_delay_ms",
+            );
+        }
         if self.storage.concurrent_bulks == 0 {
             return invalid("storage.concurrent_bulks", "must be at least 1");
         }

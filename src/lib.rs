@@ -5,6 +5,7 @@
 //! published by [`broker`] to the [`reply`] destination, then settled ([`worker`],
 //! [`delivery`]); [`session`] keeps the broker connection alive around it.
 
+pub mod backoff;
 pub mod broker;
 pub mod bulk;
 pub mod client;

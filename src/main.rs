@@ -155,7 +155,9 @@ async fn ready(listen: &str) -> anyhow::Result<ExitCode> {
 
 /// The first SIGTERM/SIGINT starts a graceful shutdown; a second one exits at once
 /// (what is unsettled goes back to the queue when the broker sees the connection end).
-async fn shutdown_signal(token: CancellationToken) {
+/// Whatever the graceful path meets (a frozen engine or broker, a blocked connection), the
+/// process ends with 0 within the grace and `EXIT_MARGIN`: see `exit_at_the_latest`.
+async fn shutdown_signal(token: CancellationToken, grace: Duration) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -168,12 +170,35 @@ async fn shutdown_signal(token: CancellationToken) {
         _ = int.recv() => {}
     }
     token.cancel();
+    exit_at_the_latest(grace + EXIT_MARGIN);
     let code = tokio::select! {
         _ = term.recv() => 128 + 15,
         _ = int.recv() => 128 + 2,
     };
     eprintln!("mupdate-worker: second signal; exiting now");
     std::process::exit(code);
+}
+
+/// After the grace: time for what is handed back to reach the broker, and to exit.
+const EXIT_MARGIN: Duration = Duration::from_millis(1500);
+
+/// The backstop of the shutdown bound, on a thread of its own (so that nothing the runtime
+/// waits on can hold it up): the process exits 0 at `after` if it is still running. What is
+/// still unsettled then goes back to the queue when the broker sees the connection end,
+/// which is what a graceful shutdown past its grace does too.
+fn exit_at_the_latest(after: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("shutdown-bound".into())
+        .spawn(move || {
+            std::thread::sleep(after);
+            eprintln!(
+                "mupdate-worker: shutdown not finished {after:?} after the signal; exiting now"
+            );
+            std::process::exit(0);
+        });
+    if spawned.is_err() {
+        eprintln!("mupdate-worker: cannot start the shutdown bound's thread");
+    }
 }
 
 /// Logs to stderr, text or JSON, filtered by `RUST_LOG` or `log.level`. Whatever the
@@ -250,14 +275,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(execute(command, settings, rules))
+    let code = runtime.block_on(execute(command, settings, rules));
+    // Blocking tasks still running (a name lookup of a silent DNS server) don't hold the
+    // exit up.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    code
 }
 
 async fn execute(command: Command, settings: Settings, rules: Option<Vec<Rule>>) -> ExitCode {
     let result = match command {
         Command::Run => {
             let token = CancellationToken::new();
-            tokio::spawn(shutdown_signal(token.clone()));
+            let grace = Duration::from_millis(settings.worker.shutdown_timeout_ms);
+            tokio::spawn(shutdown_signal(token.clone(), grace));
             mupdate_worker::session::run(settings, token)
                 .await
                 .map(|()| ExitCode::SUCCESS)

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use futures_util::StreamExt;
 use lapin::Consumer;
 use lapin::message::Delivery;
@@ -57,12 +57,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         });
     }
     tokio::spawn(probe_engine(processor.clone(), background.clone()));
-    if processor.rights.is_some() {
-        tokio::spawn(reload_rights_on_sighup(
-            processor.clone(),
-            background.clone(),
-        ));
-    }
+    tokio::spawn(reload_rights_on_sighup(
+        processor.clone(),
+        background.clone(),
+    ));
 
     let mut backoff = reconnect_backoff();
     let mut nodes = Nodes::new(&settings.amqp);
@@ -131,10 +129,12 @@ async fn probe_engine(processor: Arc<Processor>, stop: CancellationToken) {
 }
 
 /// SIGHUP reads the rights rules again; requests in flight are not disturbed, and a file
-/// that doesn't load keeps the rules in force.
+/// that doesn't load keeps the rules in force. Handled whether or not there are rules:
+/// operators send it to reload, and its default action would end the process.
 async fn reload_rights_on_sighup(processor: Arc<Processor>, stop: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        warn!("SIGHUP can't be handled; sending it would end the worker");
         return;
     };
     loop {
@@ -143,7 +143,8 @@ async fn reload_rights_on_sighup(processor: Arc<Processor>, stop: CancellationTo
             _ = stop.cancelled() => return,
         }
         let Some(rights) = &processor.rights else {
-            return;
+            info!("SIGHUP: nothing to reload (security.enabled is off)");
+            continue;
         };
         match rights.reload() {
             Ok(rules) => info!(rules, "rights rules reloaded"),
@@ -155,12 +156,7 @@ async fn reload_rights_on_sighup(processor: Arc<Processor>, stop: CancellationTo
 }
 
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
+    crate::backoff::jittered(Duration::from_millis(200), Duration::from_secs(10)).build()
 }
 
 /// The broker nodes (`amqp.url`, comma-separated), tried in turn from a random first one,

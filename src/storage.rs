@@ -426,13 +426,13 @@ fn cancellable_sleep(
     }
 }
 
-/// The engine's backoff: capped exponential with jitter, without a limit on tries.
+/// The engine's backoff: capped exponential with jitter (the cap included), without a
+/// limit on tries.
 pub fn backoff(settings: &StorageSettings) -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(settings.retry_min_delay_ms))
-        .with_max_delay(Duration::from_millis(settings.retry_max_delay_ms))
-        .with_jitter()
-        .without_max_times()
+    crate::backoff::jittered(
+        Duration::from_millis(settings.retry_min_delay_ms),
+        Duration::from_millis(settings.retry_max_delay_ms),
+    )
 }
 
 /// The Authorization header of basic auth or an API key, marked sensitive (never
