@@ -354,11 +354,14 @@ async fn send(storage: &Storage, mut jobs: Vec<Job>, wait_for: bool, mut resent:
             Ok(bytes) => {
                 match bulk::parse_response(&bytes, total) {
                     Ok(items) => {
+                        let all_rejected = items.iter().all(Item::is_rejected);
+                        storage.bulk_items_answered(all_rejected);
                         for (job, items) in jobs.into_iter().zip(split(items, &counts)) {
                             job.answer(Ok(items));
                         }
                     }
                     Err(reason) => {
+                        storage.bulk_items_answered(false);
                         for job in jobs {
                             job.answer(Err(BulkError::Refused(500, reason.clone())));
                         }

@@ -39,6 +39,8 @@ pub struct AmqpSettings {
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
     pub reply_attempts: u32,
+    pub reply_channels: u16,
+    pub confirm_timeout_ms: u64,
     /// PEM CA bundle trusted for an `amqps://` broker ("" = the system's).
     pub tls_ca_file: String,
     /// PEM client certificate (chain) and its unencrypted private key ("" = none).
@@ -199,6 +201,12 @@ impl Settings {
         }
         if self.amqp.delivery_limit > 0 && self.amqp.queue_type != QueueType::Quorum {
             return invalid("amqp.delivery_limit", "needs amqp.queue_type = \"quorum\"");
+        }
+        if self.amqp.reply_channels == 0 {
+            return invalid("amqp.reply_channels", "must be at least 1");
+        }
+        if self.amqp.confirm_timeout_ms == 0 {
+            return invalid("amqp.confirm_timeout_ms", "must be at least 1");
         }
         if self.amqp.reply_attempts == 0 {
             return invalid("amqp.reply_attempts", "must be at least 1");

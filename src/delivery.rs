@@ -118,13 +118,16 @@ async fn send_acks(unsettled: Weak<Unsettled>, wake: Arc<Notify>) {
             let multiple = BasicAckOptions {
                 multiple: front.len() > 1,
             };
-            let acked = matches!(last.ack(multiple).await, Ok(true));
+            let acked = matches!(bounded_ack(last.ack(multiple)).await, Ok(Ok(true)));
             for (_, told) in front {
                 let _ = told.send(acked);
             }
         }
         for (acker, told) in others {
-            let acked = matches!(acker.ack(BasicAckOptions::default()).await, Ok(true));
+            let acked = matches!(
+                bounded_ack(acker.ack(BasicAckOptions::default())).await,
+                Ok(Ok(true))
+            );
             let _ = told.send(acked);
         }
     }
@@ -213,7 +216,24 @@ impl Ticket {
     }
 }
 
+/// The most an ack, nack or reject may take to be handed to the connection (a broker
+/// that reads nothing more, or a connection gone silent, holds it).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `settle`, bounded by `SETTLE`: past it, the channel counts as gone.
+async fn bounded_ack(
+    settle: impl std::future::Future<Output = lapin::Result<bool>>,
+) -> Result<lapin::Result<bool>, crate::bounded::Interrupted> {
+    let never = tokio_util::sync::CancellationToken::new();
+    crate::bounded::bounded("settle a delivery", SETTLE, &never, settle).await
+}
+
 async fn send(acker: &Acker, how: Settlement) -> lapin::Result<bool> {
+    let sent = bounded_ack(send_unbounded(acker, how)).await;
+    sent.unwrap_or(Ok(false))
+}
+
+async fn send_unbounded(acker: &Acker, how: Settlement) -> lapin::Result<bool> {
     match how {
         Settlement::Ack => acker.ack(BasicAckOptions::default()).await,
         Settlement::Requeue => {

@@ -6,6 +6,7 @@
 //! [`delivery`]); [`session`] keeps the broker connection alive around it.
 
 pub mod backoff;
+pub mod bounded;
 pub mod broker;
 pub mod bulk;
 pub mod client;

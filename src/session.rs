@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, BrokerError};
 use crate::config::{AmqpSettings, Settings};
 use crate::delivery::{Settlement, Ticket};
 use crate::metrics::{self, Metrics};
@@ -223,10 +223,11 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    /// One connection's life. `Ok` means a clean shutdown.
-    async fn run(&mut self) -> anyhow::Result<()> {
+    /// Connects, declares the topology and checks the reply exchange: the broker of a
+    /// session that can consume.
+    async fn start_session(&self, session: &CancellationToken) -> anyhow::Result<Arc<Broker>> {
         let amqp = &self.settings.amqp;
-        let broker = Arc::new(Broker::connect(amqp, self.url).await?);
+        let broker = Arc::new(Broker::connect(amqp, self.url, session.clone()).await?);
         let node = crate::broker::node_name(self.url);
         let others: Vec<String> = amqp.urls().map(crate::broker::node_name).collect();
         let metrics = self.handler.metrics();
@@ -241,11 +242,25 @@ impl Session<'_> {
                 anyhow::anyhow!("amqp.reply_exchange \"{reply_exchange}\" is not usable: {err}")
             })?;
         }
+        Ok(broker)
+    }
+
+    /// One connection's life. `Ok` means a clean shutdown.
+    async fn run(&mut self) -> anyhow::Result<()> {
+        // Every broker call of this session gives up once it ends, however it ends.
         let session = CancellationToken::new();
+        let _ended = session.clone().drop_guard();
+        let starting = self.start_session(&session);
+        let broker = tokio::select! {
+            started = starting => started?,
+            // Nothing is held yet: nothing to finish.
+            _ = self.shutdown.cancelled() => return Ok(()),
+        };
+        let (amqp, metrics) = (&self.settings.amqp, self.handler.metrics().clone());
         // Cancelled by a handler whose channel failed: the session must start over.
         let broken = CancellationToken::new();
         loop {
-            if self.engine_down_too_long() {
+            if self.pause_reason(&broker).is_some() {
                 match self.pause(&broker, &broken).await {
                     Some(End::Shutdown) => break,
                     Some(End::Failed(err)) => return Err(err),
@@ -255,7 +270,10 @@ impl Session<'_> {
             let tracker = TaskTracker::new();
             let period = session.child_token();
             let prefetch = self.sizing.prefetch();
-            let mut consumer = self.consume_with(&broker, prefetch).await?;
+            let mut consumer = tokio::select! {
+                consumer = self.consume_with(&broker, prefetch) => consumer?,
+                _ = self.shutdown.cancelled() => break,
+            };
             metrics.set_broker_up(true);
             metrics.set_paused(false);
             self.consuming_since.get_or_insert_with(Instant::now);
@@ -280,13 +298,20 @@ impl Session<'_> {
                 End::Pause => {
                     metrics.pauses.inc();
                     metrics.set_paused(true);
-                    warn!(
-                        "storage engine unavailable too long; pausing consumption and handing held requests back"
-                    );
+                    let why = self.pause_reason(&broker).unwrap_or("unavailable");
+                    warn!(why, "pausing consumption and handing held requests back");
                     let stopped = self.stop_consuming(&broker, consumer).await;
                     period.cancel();
                     tracker.close();
-                    tracker.wait().await;
+                    // Calls already at the engine are awaited (a write may still land),
+                    // unless shutdown comes first: then the grace bounds them.
+                    tokio::select! {
+                        _ = tracker.wait() => {}
+                        _ = self.shutdown.cancelled() => {
+                            self.drain(&broker, None, &tracker, &session).await;
+                            break;
+                        }
+                    }
                     stopped?;
                 }
                 End::Shutdown => {
@@ -317,13 +342,21 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn engine_down_too_long(&self) -> bool {
+    /// Why consumption must pause now, if it must: the engine unavailable for
+    /// `worker.pause_after_ms`, or replies blocked by a broker alarm.
+    fn pause_reason(&self, broker: &Broker) -> Option<&'static str> {
         let pause_after = Duration::from_millis(self.settings.worker.pause_after_ms);
-        self.handler.processor.engine_unavailable_for(pause_after)
+        if self.handler.processor.engine_unavailable_for(pause_after) {
+            Some("the storage engine has been unavailable too long")
+        } else if broker.replies_blocked() {
+            Some("the broker blocks replies (a memory or disk alarm)")
+        } else {
+            None
+        }
     }
 
     /// Consumes the request queue with `prefetch`, shown in its gauge.
-    async fn consume_with(&self, broker: &Broker, prefetch: u16) -> Result<Consumer, lapin::Error> {
+    async fn consume_with(&self, broker: &Broker, prefetch: u16) -> Result<Consumer, BrokerError> {
         let consumer = broker
             .consume(&self.settings.amqp.request_queue, prefetch)
             .await?;
@@ -367,7 +400,7 @@ impl Session<'_> {
         broken: &CancellationToken,
     ) -> Result<Consumer, End> {
         // A connection lost meanwhile fails the calls; one that hangs counts as lost.
-        let failed = |err: lapin::Error| End::Failed(err.into());
+        let failed = |err: BrokerError| End::Failed(err.into());
         let unanswered = |_| {
             End::Failed(anyhow::anyhow!(
                 "the broker did not answer a consumer change"
@@ -415,7 +448,7 @@ impl Session<'_> {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return End::Shutdown,
                 _ = broken.cancelled() => return End::Failed(anyhow::anyhow!("a broker channel failed")),
-                _ = check.tick() => if self.engine_down_too_long() {
+                _ = check.tick() => if self.pause_reason(broker).is_some() {
                     return End::Pause;
                 },
                 next = consumer.next() => match next {
@@ -444,8 +477,12 @@ impl Session<'_> {
                     "the broker connection was lost while paused"
                 )));
             }
-            if self.handler.processor.engine_answers().await {
-                info!("storage engine answers again; resuming consumption");
+            let answers = tokio::select! {
+                answers = self.handler.processor.engine_answers() => answers,
+                _ = self.shutdown.cancelled() => return Some(End::Shutdown),
+            };
+            if answers && !broker.replies_blocked() {
+                info!("storage engine answers and the broker takes replies; resuming consumption");
                 return None;
             }
             tokio::select! {

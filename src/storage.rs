@@ -76,6 +76,9 @@ pub struct Storage {
     require_alias: bool,
     /// Since when every call has failed as unavailable; `None` while the engine answers.
     down_since: Mutex<Option<Instant>>,
+    /// Whether the last unavailability was an overload (429, or a bulk call whose every
+    /// item was rejected): then a health call proves nothing, and `ping` asks `_bulk`.
+    overload: std::sync::atomic::AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -110,6 +113,7 @@ impl Storage {
             cache_for: Duration::from_millis(settings.index_cache_ms),
             known: Mutex::new(HashMap::new()),
             down_since: Mutex::new(None),
+            overload: std::sync::atomic::AtomicBool::new(false),
             require_alias: settings.layout == Layout::Kuzzle2,
             metrics,
         })
@@ -124,6 +128,7 @@ impl Storage {
         query: &[(&str, &str)],
         body: Option<&[u8]>,
         timeout: Duration,
+        judged_by_items: bool,
     ) -> Result<(u16, Vec<u8>), StorageError> {
         let mut headers = HeaderMap::new();
         if body.is_some() {
@@ -173,10 +178,25 @@ impl Storage {
             self.answered(false);
             StorageError::Unavailable(e.to_string())
         })?;
-        // A 429 is an engine that answers, busy; a 5xx is one that can't serve; a 401
-        // one that refuses the worker's credentials (wrong, or changed on the engine),
-        // which no request can fix: retried like an outage, the worker unready meanwhile.
-        self.answered(status < 500 && status != 401);
+        // A 429 is an engine too busy to take the call, a 5xx one that can't serve: both
+        // an outage (SPEC section 6: the broker is the buffer). A 401 is one that refuses
+        // the worker's credentials (wrong, or changed on the engine), which no request
+        // can fix: retried like an outage, the worker unready meanwhile. A bulk call's
+        // answer is judged by its items too (`bulk_items_answered`).
+        // During an overload a read answering proves nothing of writes.
+        use std::sync::atomic::Ordering::Relaxed;
+        let up = status < 500 && status != 401 && status != 429;
+        let read = method != Method::Post;
+        if !up {
+            self.answered(false);
+        } else if !(judged_by_items || read && self.overload.load(Relaxed)) {
+            self.answered(true);
+        }
+        if status == 429 {
+            self.overload.store(true, Relaxed);
+        } else if up && !read && !judged_by_items {
+            self.overload.store(false, Relaxed);
+        }
         if status == 401 {
             return Err(StorageError::Unavailable(
                 "HTTP 401: the engine refused the worker's credentials (storage.username and \
@@ -226,7 +246,7 @@ impl Storage {
             if cancel.is_cancelled() {
                 return Err(StorageError::Abandoned);
             }
-            self.call_once(method, path, query, body, self.timeout)
+            self.call_once(method, path, query, body, self.timeout, false)
                 .await
         };
         attempt
@@ -294,14 +314,46 @@ impl Storage {
         &self.metrics
     }
 
+    /// What a bulk call's items say of the engine, once it answered 200: every item
+    /// rejected (429/503 items) is an overload, and counts toward the pause as an outage
+    /// does; anything else is an engine that works.
+    pub fn bulk_items_answered(&self, all_rejected: bool) {
+        self.overload
+            .store(all_rejected, std::sync::atomic::Ordering::Relaxed);
+        self.answered(!all_rejected);
+    }
+
     /// One health call, not retried: whether the engine answers. Updates `engine_up`.
+    /// After an overload, `_cluster/health` answering proves nothing: the call is a
+    /// `_bulk` of one update to an alias that can't exist (`require_alias`, so nothing is
+    /// ever written or created), which a busy engine or its proxy refuses with a 429.
     pub async fn ping(&self) -> bool {
-        let query = [("timeout", "2s")];
         let answered = self.unavailable_for().is_none();
-        match self
-            .call_once(Method::Get, "/_cluster/health", &query, None, self.timeout)
+        let call = if self.overload.load(std::sync::atomic::Ordering::Relaxed) {
+            let query = [("require_alias", "true"), ("timeout", "2s")];
+            let body = PROBE_BULK.as_bytes();
+            self.call_once(
+                Method::Post,
+                "/_bulk",
+                &query,
+                Some(body),
+                self.timeout,
+                false,
+            )
             .await
-        {
+        } else {
+            let query = [("timeout", "2s")];
+            self.call_once(
+                Method::Get,
+                "/_cluster/health",
+                &query,
+                None,
+                self.timeout,
+                false,
+            )
+            .await
+        };
+        match call {
             Ok(_) => true,
             Err(err) => {
                 // Said once per outage (requests' retries say it on their own).
@@ -334,6 +386,7 @@ impl Storage {
             &query,
             Some(body),
             self.write_timeout,
+            true,
         );
         tokio::pin!(call);
         let result = tokio::select! {
@@ -350,13 +403,21 @@ impl Storage {
             .observe(started.elapsed().as_secs_f64());
         match result? {
             (200, bytes) => Ok(bytes),
-            (status, bytes) => Err(StorageError::Refused {
-                status,
-                reason: error_reason(&bytes),
-            }),
+            (status, bytes) => {
+                self.answered(true);
+                Err(StorageError::Refused {
+                    status,
+                    reason: error_reason(&bytes),
+                })
+            }
         }
     }
 }
+
+/// The health call after an overload: one update of an alias no one can have made (its
+/// name starts with `.mupdate-probe`), refused item by item under `require_alias`.
+const PROBE_BULK: &str =
+    "{\"update\":{\"_index\":\".mupdate-probe-alias\",\"_id\":\"probe\"}}\n{\"doc\":{}}\n";
 
 /// Whether a call failed before anything was sent: its connection was refused (or could
 /// not be made), so another node may be asked at once, without risk of a double write.

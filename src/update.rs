@@ -53,6 +53,14 @@ where
                 bulk::append_update(&mut body, options, doc.id, doc.changes, doc.default);
             }
         }
+        // A later round is a resend: its items were rejected by the call that answered,
+        // but that call may itself have been a resend of one whose fate is unknown (the
+        // coalescer sends again after a timeout or a broken connection), which may have
+        // applied them. So it keeps the resend's protections: no false `noop`, no
+        // conflict with that first call (`bulk::for_resend`).
+        if attempt > 0 {
+            body = bulk::for_resend(&body);
+        }
         let items = match send(body, pending.len()).await {
             Ok(items) => items,
             Err(BulkError::Abandoned) => return Err(Abandoned),
@@ -186,6 +194,37 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, ["a", "b", "c"], "the request's order");
+    }
+
+    #[tokio::test]
+    async fn later_rounds_keep_the_resend_protections() {
+        let docs = json!([{"_id": "a", "body": {}}]);
+        let bodies: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        let responses = Mutex::new(vec![vec![rejected("a")], vec![ok("a")]]);
+        let send = |body: Vec<u8>, count: usize| {
+            bodies
+                .lock()
+                .unwrap()
+                .push(String::from_utf8(body).unwrap());
+            let items = responses.lock().unwrap().remove(0);
+            let bytes = serde_json::to_vec(&json!({"items": items})).unwrap();
+            async move { Ok(bulk::parse_response(&bytes, count).unwrap()) }
+        };
+        let cancel = CancellationToken::new();
+        let backoff = std::iter::repeat(Duration::from_millis(1));
+        let docs = docs.as_array().unwrap();
+        apply(docs, Action::Update, &OPTIONS, 3, backoff, &cancel, send)
+            .await
+            .unwrap();
+        let bodies = bodies.into_inner().unwrap();
+        assert!(!bodies[0].contains("detect_noop"), "{}", bodies[0]);
+        assert!(bodies[0].contains("\"retry_on_conflict\":0"));
+        assert!(bodies[1].contains("\"detect_noop\":false"), "{}", bodies[1]);
+        assert!(
+            bodies[1].contains("\"retry_on_conflict\":1"),
+            "{}",
+            bodies[1]
+        );
     }
 
     #[tokio::test]

@@ -250,7 +250,7 @@ pub enum Plan {
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
     #[error("the broker connection failed: {0}")]
-    Broker(#[from] lapin::Error),
+    Broker(#[from] crate::broker::BrokerError),
     #[error(transparent)]
     Settle(#[from] ChannelGone),
 }
@@ -401,7 +401,7 @@ impl Handler {
         destination: &Destination,
         broker: &Broker,
         ticket: &Ticket,
-    ) -> Result<Settlement, lapin::Error> {
+    ) -> Result<Settlement, crate::broker::BrokerError> {
         let request_id = answer.response.request_id.as_str();
         let key = reply::reply_key(request_id, props.correlation_id.as_deref());
         let mut response = std::borrow::Cow::Borrowed(&answer.response);
@@ -440,6 +440,12 @@ impl Handler {
             };
             match published {
                 Published::Confirmed => return Ok(Settlement::Ack),
+                // Back to the queue rather than wait on a blocked connection: the
+                // session pauses while the broker blocks replies.
+                Published::Unconfirmed => {
+                    self.metrics.requeued.inc();
+                    return Ok(Settlement::Requeue);
+                }
                 Published::Unroutable => {
                     self.metrics.unroutable_replies.inc();
                     warn!(?destination, "reply could not be routed");

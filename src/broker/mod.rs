@@ -1,0 +1,285 @@
+//! RabbitMQ over AMQP 0-9-1: the request consumer (`mod.rs`), the topology
+//! (`topology.rs`) and confirmed reply publishing (`replies.rs`). Knows nothing of the
+//! storage engine.
+//!
+//! Every call to the broker goes through `Broker::call` (or `bounded` directly before a
+//! broker exists): a deadline and the session's stop token on each, so that a silent or
+//! frozen broker, or a connection blocked by an alarm, ends a wait instead of holding it.
+//!
+//! Replies go out on a connection of their own: RabbitMQ blocks a connection that
+//! publishes during a memory or disk alarm, reading nothing more from it, and acks and
+//! requeues must still reach it then.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use tokio_util::sync::CancellationToken;
+
+use crate::bounded::{Interrupted, bounded};
+use crate::config::AmqpSettings;
+use crate::envelope::Properties;
+use crate::reply::Destination;
+use crate::security::tls::AmqpTls;
+
+mod replies;
+mod topology;
+
+pub use replies::Published;
+
+/// The most a broker call (connect, open a channel, declare, consume, cancel, close) may
+/// wait for its answer.
+pub const CALL: Duration = Duration::from_secs(10);
+
+/// How a call to the broker failed. Every one means the session must start over, except
+/// where a caller says otherwise (a refused reply).
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker: {0}")]
+    Interrupted(#[from] Interrupted),
+}
+
+/// One consuming connection and one publishing connection to a broker node.
+pub struct Broker {
+    connection: Connection,
+    consume: Channel,
+    replies: replies::Replies,
+    /// Cancelled when the session ends (connection lost, or the shutdown grace over):
+    /// every call still waiting gives up.
+    stop: CancellationToken,
+    /// Consumer tags are this, then `-` and the number of the consumer: each consumer
+    /// of the connection gets a tag of its own (a quorum queue fails the connection with
+    /// INTERNAL_ERROR when a tag is used again while the deliveries of its cancelled
+    /// consumer are still unsettled).
+    consumer_tag: String,
+    consumers: AtomicU64,
+    /// The consuming channel's unsettled deliveries, acked together.
+    acks: crate::delivery::Acks,
+}
+
+impl Broker {
+    /// Connects to the broker node at `url` (one of `settings.urls()`), with the TLS
+    /// files of `settings` read again (a renewed certificate is used from then on). Every
+    /// call of the broker returned gives up when `stop` is cancelled.
+    pub async fn connect(
+        settings: &AmqpSettings,
+        url: &str,
+        stop: CancellationToken,
+    ) -> Result<Self, BrokerError> {
+        let tls = AmqpTls::load(settings)
+            .map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
+        let open = |name: &'static str| {
+            let (tls, stop) = (&tls, &stop);
+            async move {
+                let properties = ConnectionProperties::default().with_connection_name(name.into());
+                let connecting = crate::security::tls::connect(url, tls, properties);
+                bounded("connect", CALL, stop, connecting)
+                    .await?
+                    .map_err(BrokerError::from)
+            }
+        };
+        let connection = open("mupdate-worker").await?;
+        let consume = bounded("open a channel", CALL, &stop, connection.create_channel()).await??;
+        let publishing = open("mupdate-worker replies").await?;
+        let replies = replies::Replies::new(publishing, settings, stop.clone());
+        let consumer_tag = format!("mupdate-worker-{}", uuid::Uuid::new_v4());
+        Ok(Broker {
+            connection,
+            consume,
+            replies,
+            stop,
+            consumer_tag,
+            consumers: AtomicU64::new(0),
+            acks: crate::delivery::Acks::start(),
+        })
+    }
+
+    /// `call`, bounded by `CALL` and the session's stop.
+    async fn call<T>(
+        &self,
+        what: &'static str,
+        call: impl std::future::Future<Output = Result<T, lapin::Error>>,
+    ) -> Result<T, BrokerError> {
+        Ok(bounded(what, CALL, &self.stop, call).await??)
+    }
+
+    /// The consuming channel's unsettled deliveries.
+    pub fn acks(&self) -> &crate::delivery::Acks {
+        &self.acks
+    }
+
+    /// Whether both connections still stand (a closed channel leaves them up).
+    pub fn connected(&self) -> bool {
+        self.connection.status().connected() && self.replies.connected()
+    }
+
+    /// Whether the broker blocked the publishing connection (a memory or disk alarm):
+    /// replies can't go out until it unblocks it.
+    pub fn replies_blocked(&self) -> bool {
+        self.replies.blocked()
+    }
+
+    /// Consumes `queue` with manual acks and at most `prefetch` unacked deliveries (a
+    /// consumer's prefetch is the one set on its channel when it starts).
+    pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, BrokerError> {
+        let qos = self.consume.basic_qos(prefetch, BasicQosOptions::default());
+        self.call("set the prefetch", qos).await?;
+        let n = self.consumers.fetch_add(1, Ordering::AcqRel) + 1;
+        let consume = self.consume.basic_consume(
+            queue.into(),
+            format!("{}-{n}", self.consumer_tag).into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        );
+        self.call("consume", consume).await
+    }
+
+    /// Stops the broker from sending more requests to `consumer`, and returns the
+    /// deliveries it had already received (they come before the broker's cancel-ok, and
+    /// then its stream ends). Unacked ones stay with us.
+    pub async fn cancel(&self, mut consumer: Consumer) -> Result<Vec<Delivery>, BrokerError> {
+        let cancel = self
+            .consume
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default());
+        self.call("cancel the consumer", cancel).await?;
+        let mut received = Vec::new();
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+        {
+            received.push(delivery);
+        }
+        Ok(received)
+    }
+
+    /// Publishes a reply and waits for the broker's confirm, on a channel with no other
+    /// publish outstanding. An error means the session is lost.
+    pub async fn publish_reply(&self, reply: &Outgoing<'_>) -> Result<Published, BrokerError> {
+        self.replies.publish(reply).await
+    }
+
+    /// Publishes `reply` on a channel of its own, opened for it: how a refused reply is
+    /// tried again. A channel keeps what it learned of a quorum queue's leader, and one
+    /// that published while the leader was being elected was seen refusing every later
+    /// reply to that queue for 20 s after a new leader was known; a new channel asks anew.
+    pub async fn publish_reply_alone(
+        &self,
+        reply: &Outgoing<'_>,
+    ) -> Result<Published, BrokerError> {
+        self.replies.publish_alone(reply).await
+    }
+
+    /// Closes both connections, each call bounded.
+    pub async fn close(&self) {
+        let _ = self
+            .call("close", self.consume.close(200, "shutdown".into()))
+            .await;
+        self.replies.close().await;
+        let _ = self
+            .call("close", self.connection.close(200, "shutdown".into()))
+            .await;
+    }
+}
+
+/// The longest requestId also carried in a reply's `requestId` header.
+pub const REQUEST_ID_HEADER_MAX: usize = 4096;
+
+/// A reply ready to publish.
+pub struct Outgoing<'a> {
+    pub destination: &'a Destination,
+    /// Its `correlation_id`: a short string (`reply::reply_key`).
+    pub key: &'a str,
+    /// The full requestId, also in a `requestId` header up to `REQUEST_ID_HEADER_MAX`.
+    pub request_id: &'a str,
+    pub status: u16,
+    pub body: &'a [u8],
+    /// The request's W3C `traceparent`, carried on so the producer's trace continues.
+    pub traceparent: Option<&'a str>,
+}
+
+/// The AMQP properties of a reply (SPEC section 5).
+pub fn reply_properties(reply: &Outgoing<'_>) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert("status".into(), AMQPValue::ShortInt(reply.status as i16));
+    // The properties travel in one frame (128 KiB on RabbitMQ, which closes the whole
+    // connection over a larger one): a longer id is in the body only.
+    if reply.request_id.len() <= REQUEST_ID_HEADER_MAX {
+        headers.insert(
+            "requestId".into(),
+            AMQPValue::LongString(reply.request_id.as_bytes().into()),
+        );
+    }
+    if let Some(traceparent) = reply.traceparent {
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(traceparent.as_bytes().into()),
+        );
+    }
+    let properties = BasicProperties::default()
+        .with_correlation_id(reply.key.into())
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    if reply.destination.persistent() {
+        properties.with_delivery_mode(2)
+    } else {
+        properties
+    }
+}
+
+/// `host:port` of an AMQP URL, without credentials: how logs and metrics name a node.
+pub fn node_name(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+        Err(_) => "unparsable-url".to_owned(),
+    }
+}
+
+fn text(value: &Option<ShortString>) -> Option<String> {
+    value.as_ref().map(|s| s.as_str().to_owned())
+}
+
+/// The properties of a delivery the envelope reads.
+pub fn properties(p: &BasicProperties) -> Properties {
+    let traceparent =
+        p.headers()
+            .as_ref()
+            .and_then(|headers| match headers.inner().get("traceparent")? {
+                AMQPValue::LongString(value) => {
+                    let value = std::str::from_utf8(value.as_bytes()).ok()?;
+                    crate::envelope::trace_context(value).map(str::to_owned)
+                }
+                AMQPValue::ShortString(value) => {
+                    crate::envelope::trace_context(value.as_str()).map(str::to_owned)
+                }
+                _ => None,
+            });
+    Properties {
+        reply_to: text(p.reply_to()),
+        correlation_id: text(p.correlation_id()),
+        message_id: text(p.message_id()),
+        user_id: text(p.user_id()),
+        traceparent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_are_named_without_credentials() {
+        assert_eq!(
+            node_name("amqp://guest:secret@127.0.0.1:5701/%2f"),
+            "127.0.0.1:5701"
+        );
+        assert_eq!(
+            node_name("amqps://u:p@rabbit.example:5671"),
+            "rabbit.example:5671"
+        );
+    }
+}
