@@ -127,6 +127,8 @@ pub struct WorkerSettings {
     pub max_hold_ms: u64,
     pub pause_after_ms: u64,
     pub max_processing_bytes: usize,
+    pub answered_window_ms: u64,
+    pub answered_max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -48,6 +48,9 @@ pub enum Refresh {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Echo {
     pub request_id: String,
+    /// Whether `request_id` is the envelope's own `requestId` (not taken from the AMQP
+    /// properties, nor generated): part of what identifies a request again.
+    pub own_id: bool,
     pub index: Option<Value>,
     pub collection: Option<Value>,
     pub controller: Option<Value>,
@@ -120,6 +123,7 @@ pub fn parse(
     if body.len() > limits.max_message_bytes {
         let echo = Echo {
             request_id: fallback_id(),
+            own_id: false,
             ..Echo::default()
         };
         let err = RequestError::BodyTooLarge {
@@ -133,6 +137,7 @@ pub fn parse(
         Ok(_) => {
             let echo = Echo {
                 request_id: fallback_id(),
+                own_id: false,
                 ..Echo::default()
             };
             let err = RequestError::InvalidArgument {
@@ -144,6 +149,7 @@ pub fn parse(
         Err(e) => {
             let echo = Echo {
                 request_id: fallback_id(),
+                own_id: false,
                 ..Echo::default()
             };
             let err = RequestError::InvalidArgument {
@@ -160,6 +166,7 @@ pub fn parse(
             Some(Value::String(id)) => id.clone(),
             _ => fallback_id(),
         },
+        own_id: matches!(request_id, Some(Value::String(_))),
         index: object.get("index").cloned(),
         collection: object.get("collection").cloned(),
         controller: object.get("controller").cloned(),

@@ -62,6 +62,7 @@ pub struct Metrics {
     pub replies_shrunk: Counter,
     pub slow_writes: Counter,
     pub duplicates_skipped: Counter,
+    pub answered_window: Gauge,
     paused_gauge: Gauge,
     paused: AtomicBool,
     broker_up_gauge: Gauge,
@@ -203,6 +204,12 @@ impl Metrics {
             "Redelivered requests already answered by this worker, acked without a second update",
             duplicates_skipped.clone(),
         );
+        let answered_window = Gauge::default();
+        registry.register(
+            "answered_window_seconds",
+            "How far back the answered requests remembered for redeliveries go (worker.answered_window_ms at most)",
+            answered_window.clone(),
+        );
         registry.register(
             "broker_up",
             "1 when consuming from the broker",
@@ -236,6 +243,7 @@ impl Metrics {
             replies_shrunk,
             slow_writes,
             duplicates_skipped,
+            answered_window,
             paused_gauge,
             paused: AtomicBool::new(false),
             broker_up_gauge,

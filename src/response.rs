@@ -103,6 +103,7 @@ fn failure_json(document: &Value, status: u16, reason: &str, shape: Shape) -> Va
 pub fn too_large_response(key: &str, size: usize, limit: usize) -> Response {
     let echo = Echo {
         request_id: key.to_owned(),
+        own_id: false,
         index: None,
         collection: None,
         controller: None,
@@ -292,6 +293,7 @@ mod tests {
     fn echo() -> Echo {
         Echo {
             request_id: "r-42".into(),
+            own_id: true,
             index: Some(json!("shop")),
             collection: Some(json!("products")),
             controller: Some(json!("document")),

@@ -2,8 +2,6 @@
 //! settle. `Processor` turns a request's bytes into its answer; `Handler` carries one
 //! delivery from the broker through the processor to its reply and settlement.
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,6 +27,9 @@ use crate::update;
 /// A request's answer, and what a smaller one is made from if the broker refuses its size.
 pub struct Answer {
     pub response: Response,
+    /// Whether the request carries an identity of its own (the envelope's `requestId`):
+    /// only then, or with a `message_id`, is it remembered as answered (`Answered`).
+    identified: bool,
     documents: Option<(Echo, Request, Vec<Outcome>, Format)>,
     /// The request's span, for what is logged of it after processing.
     span: tracing::Span,
@@ -38,6 +39,7 @@ impl Answer {
     fn plain(response: Response) -> Self {
         Answer {
             response,
+            identified: false,
             documents: None,
             span: tracing::Span::none(),
         }
@@ -145,6 +147,7 @@ impl Processor {
                 response::documents_response(&echo, &request, &outcomes, format, Shape::Full);
             Ok(Answer {
                 response,
+                identified: echo.own_id,
                 documents: Some((echo, request, outcomes, format)),
                 span: tracing::Span::current(),
             })
@@ -271,11 +274,16 @@ impl Handler {
         let room_kib = u32::try_from(processor.settings.worker.max_processing_bytes / 1024)
             .unwrap_or(u32::MAX)
             .clamp(1, tokio::sync::Semaphore::MAX_PERMITS as u32);
+        let worker = &processor.settings.worker;
+        let answered = Answered::new(
+            Duration::from_millis(worker.answered_window_ms),
+            worker.answered_max_bytes,
+        );
         Handler {
             settings: processor.settings.clone(),
             metrics: processor.metrics.clone(),
             processor,
-            answered: Answered::default(),
+            answered,
             room: Arc::new(tokio::sync::Semaphore::new(room_kib as usize)),
             room_kib,
         }
@@ -339,7 +347,10 @@ impl Handler {
             .await?;
         if settlement == Settlement::Ack {
             // Remembered before the ack goes: if the ack is lost, the redelivery is known.
-            self.answered.insert(&data, &props);
+            if self.answered.insert(answer.identified, &data, &props) {
+                let window = self.answered.held_for().as_secs();
+                self.metrics.answered_window.set(window as i64);
+            }
         }
         ticket.settle(settlement).await?;
         if settlement == Settlement::Ack {
@@ -530,45 +541,121 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Requests this worker answered lately (a hash of their bytes and ids), so that one
-/// redelivered only because its ack was lost isn't applied a second time, after an
-/// update the client sent on the strength of its reply. Bounded in size and age.
-#[derive(Default)]
+/// Requests this worker answered lately, so that one redelivered only because its ack was
+/// lost isn't applied a second time, after an update the client sent on the strength of
+/// its reply.
+///
+/// **Why it can't drop a request.** A redelivery is skipped only when all of this holds:
+/// the broker flags it redelivered; the request carries an identity of its own (the
+/// envelope's `requestId`, else the `message_id` property; a request with neither is
+/// always applied, byte-identical or not); and its identity, its verified `user_id`, its
+/// other properties and every byte of its body are those of a request this worker
+/// answered (its reply confirmed) within the window. The key is 128 bits of two SipHash
+/// hashers keyed at random per process: a false match is out of reach by chance or by
+/// design. A producer that reuses an id for the same bytes sends, by its own word, the
+/// same request.
+///
+/// **The window**: `worker.answered_window_ms` (10 minutes), within
+/// `worker.answered_max_bytes` (16 MiB, about 300,000 requests): at rates too high for
+/// both, the oldest entries go first, one by one (never all at once), and
+/// `mupdate_answered_window_seconds` shows the window actually held.
 struct Answered {
-    seen: Mutex<HashMap<u64, Instant>>,
+    state: Mutex<AnsweredState>,
+    hashers: (std::hash::RandomState, std::hash::RandomState),
+    window: Duration,
+    most: usize,
 }
 
-const ANSWERED_MAX: usize = 100_000;
-const ANSWERED_FOR: Duration = Duration::from_secs(600);
+#[derive(Default)]
+struct AnsweredState {
+    keys: std::collections::HashSet<u128>,
+    /// In the order they were answered.
+    order: std::collections::VecDeque<(u128, tokio::time::Instant)>,
+}
+
+/// What one remembered request costs: its key in the order and in the set, with the
+/// set's spare capacity.
+const ANSWERED_ENTRY_BYTES: usize = 56;
 
 impl Answered {
-    fn key(body: &[u8], props: &Properties) -> u64 {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (
+    fn new(window: Duration, max_bytes: usize) -> Self {
+        Answered {
+            state: Mutex::default(),
+            hashers: Default::default(),
+            window,
+            most: max_bytes / ANSWERED_ENTRY_BYTES,
+        }
+    }
+
+    fn key(&self, identity: &str, body: &[u8], props: &Properties) -> u128 {
+        use std::hash::BuildHasher;
+        let parts = (
+            identity,
+            &props.user_id,
             body,
             &props.correlation_id,
             &props.message_id,
             &props.reply_to,
-        )
-            .hash(&mut hasher);
-        hasher.finish()
+        );
+        let (a, b) = (&self.hashers.0, &self.hashers.1);
+        (u128::from(a.hash_one(parts)) << 64) | u128::from(b.hash_one(parts))
     }
 
+    /// Whether this redelivered request was answered within the window.
     fn contains(&self, body: &[u8], props: &Properties) -> bool {
-        let seen = self.seen.lock().expect("poisoned");
-        seen.get(&Self::key(body, props))
-            .is_some_and(|at| at.elapsed() < ANSWERED_FOR)
+        // The envelope's requestId is in the body: the key covers it. Without a
+        // message_id, whether the body names a requestId is only known once parsed, so
+        // `insert` remembers only requests that have one.
+        let identity = props.message_id.as_deref().unwrap_or("");
+        let key = self.key(identity, body, props);
+        let mut state = self.state.lock().expect("poisoned");
+        state.expire(self.window);
+        state.keys.contains(&key)
     }
 
-    fn insert(&self, body: &[u8], props: &Properties) {
-        let mut seen = self.seen.lock().expect("poisoned");
-        if seen.len() >= ANSWERED_MAX {
-            seen.retain(|_, at| at.elapsed() < ANSWERED_FOR);
-            if seen.len() >= ANSWERED_MAX {
-                seen.clear();
-            }
+    /// Remembers an answered request, if it has an identity of its own.
+    fn insert(&self, identified: bool, body: &[u8], props: &Properties) -> bool {
+        if self.most == 0 || !identified && props.message_id.is_none() {
+            return false;
         }
-        seen.insert(Self::key(body, props), Instant::now());
+        let identity = props.message_id.as_deref().unwrap_or("");
+        let key = self.key(identity, body, props);
+        let mut state = self.state.lock().expect("poisoned");
+        state.expire(self.window);
+        while state.order.len() >= self.most {
+            state.forget_oldest();
+        }
+        if state.keys.insert(key) {
+            state.order.push_back((key, tokio::time::Instant::now()));
+        }
+        true
+    }
+
+    /// How long ago the oldest remembered request was answered.
+    fn held_for(&self) -> Duration {
+        let state = self.state.lock().expect("poisoned");
+        state
+            .order
+            .front()
+            .map_or(Duration::ZERO, |(_, at)| at.elapsed())
+    }
+}
+
+impl AnsweredState {
+    fn expire(&mut self, window: Duration) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(_, at)| at.elapsed() >= window)
+        {
+            self.forget_oldest();
+        }
+    }
+
+    fn forget_oldest(&mut self) {
+        if let Some((key, _)) = self.order.pop_front() {
+            self.keys.remove(&key);
+        }
     }
 }
 
@@ -577,6 +664,67 @@ mod tests {
     use super::*;
     use crate::reply::SHORT_STRING_MAX;
     use proptest::prelude::*;
+
+    fn props(message_id: Option<&str>, user_id: Option<&str>) -> Properties {
+        Properties {
+            message_id: message_id.map(str::to_owned),
+            user_id: user_id.map(str::to_owned),
+            ..Properties::default()
+        }
+    }
+
+    #[test]
+    fn a_request_without_an_id_of_its_own_is_never_remembered() {
+        let answered = Answered::new(Duration::from_secs(600), 1 << 20);
+        let on = br#"{"body":{"documents":[{"_id":"a","body":{"status":"on"}}]}}"#;
+        assert!(!answered.insert(false, on, &props(None, None)));
+        assert!(
+            !answered.contains(on, &props(None, None)),
+            "byte-identical, no id: applied"
+        );
+    }
+
+    #[test]
+    fn the_same_id_from_another_user_or_with_other_bytes_is_another_request() {
+        let answered = Answered::new(Duration::from_secs(600), 1 << 20);
+        let body = br#"{"requestId":"r1","body":{}}"#;
+        assert!(answered.insert(true, body, &props(None, Some("alice"))));
+        assert!(answered.contains(body, &props(None, Some("alice"))));
+        assert!(!answered.contains(body, &props(None, Some("bob"))));
+        assert!(!answered.contains(body, &props(None, None)));
+        assert!(!answered.contains(
+            br#"{"requestId":"r1","body":{"x":1}}"#,
+            &props(None, Some("alice"))
+        ));
+        let with_message_id = props(Some("m1"), None);
+        assert!(answered.insert(false, b"anything", &with_message_id));
+        assert!(answered.contains(b"anything", &with_message_id));
+        assert!(!answered.contains(b"anything", &props(Some("m2"), None)));
+    }
+
+    #[test]
+    fn past_its_bytes_the_oldest_go_one_by_one_never_all_at_once() {
+        let most = 1000;
+        let answered = Answered::new(Duration::from_secs(600), most * ANSWERED_ENTRY_BYTES);
+        let p = props(Some("m"), None);
+        for i in 0..5 * most {
+            answered.insert(true, format!("{i}").as_bytes(), &p);
+        }
+        // The latest `most` are all there; the one before them is gone.
+        assert!((4 * most..5 * most).all(|i| answered.contains(format!("{i}").as_bytes(), &p)));
+        assert!(!answered.contains(format!("{}", 4 * most - 1).as_bytes(), &p));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_window_is_a_duration() {
+        let answered = Answered::new(Duration::from_secs(600), 1 << 20);
+        let p = props(Some("m"), None);
+        answered.insert(true, b"x", &p);
+        tokio::time::advance(Duration::from_secs(599)).await;
+        assert!(answered.contains(b"x", &p));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!answered.contains(b"x", &p));
+    }
 
     #[test]
     fn the_default_reply_attempts_outlast_a_leader_election() {
