@@ -17,6 +17,7 @@ pub mod envelope;
 pub mod error;
 pub mod loader;
 pub mod metrics;
+pub mod order;
 pub mod prefetch;
 pub mod reply;
 pub mod response;

@@ -376,11 +376,14 @@ impl Session<'_> {
     ) {
         broker.acks().taken(delivery.delivery_tag);
         let hold = self.held.hold(delivery.data.len());
+        // Its place among the requests touching its documents: taken here, in the order
+        // deliveries arrive (module `order`).
+        let turn = self.handler.sequencer().turn(&delivery.data);
         let (handler, broker) = (self.handler.clone(), broker.clone());
         let (cancel, broken) = (period.child_token(), broken.clone());
         tracker.spawn(async move {
             let _hold = hold;
-            if let Err(err) = handler.handle(delivery, &broker, cancel).await {
+            if let Err(err) = handler.handle(delivery, &broker, cancel, turn).await {
                 warn!(error = %err, "broker channel failed; the request will be redelivered");
                 broken.cancel();
             }

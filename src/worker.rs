@@ -264,6 +264,8 @@ pub struct Handler {
     settings: Arc<Settings>,
     metrics: Arc<Metrics>,
     answered: Answered,
+    /// Per-document order of the requests received (module `order`).
+    sequencer: Arc<crate::order::Sequencer>,
     /// Room for request bytes in process, in KiB (`worker.max_processing_bytes`).
     room: Arc<tokio::sync::Semaphore>,
     room_kib: u32,
@@ -284,6 +286,7 @@ impl Handler {
             metrics: processor.metrics.clone(),
             processor,
             answered,
+            sequencer: Arc::default(),
             room: Arc::new(tokio::sync::Semaphore::new(room_kib as usize)),
             room_kib,
         }
@@ -309,6 +312,11 @@ impl Handler {
         &self.metrics
     }
 
+    /// Where deliveries take their turn, as they are received.
+    pub fn sequencer(&self) -> &Arc<crate::order::Sequencer> {
+        &self.sequencer
+    }
+
     /// Processes one delivery, replies, and settles it: acked once the reply is
     /// confirmed, dead-lettered when it can't be answered, requeued when its work is
     /// handed back (`cancel`, or held longer than `worker.max_hold_ms`).
@@ -317,6 +325,7 @@ impl Handler {
         delivery: Delivery,
         broker: &Broker,
         cancel: CancellationToken,
+        mut turn: crate::order::Turn,
     ) -> Result<(), HandleError> {
         let Delivery {
             delivery_tag,
@@ -331,11 +340,20 @@ impl Handler {
         let _in_flight = InFlight::new(&self.metrics);
         let props = broker::properties(&properties);
         let work = ticket.cancel().clone();
+        // Earlier requests of the same documents first; then room (waiting for a turn
+        // while holding room could starve the earlier request of it).
+        if !turn.wait(&work).await {
+            self.metrics.requeued.inc();
+            return Ok(ticket.settle(Settlement::Requeue).await?);
+        }
         let Some(_room) = self.room_for(data.len(), &work).await else {
             self.metrics.requeued.inc();
             return Ok(ticket.settle(Settlement::Requeue).await?);
         };
-        let (answer, destination) = match self.plan(&data, &props, redelivered, &work).await {
+        let planned = self.plan(&data, &props, redelivered, &work).await;
+        // Its engine work is over: later requests of its documents may go.
+        drop(turn);
+        let (answer, destination) = match planned {
             Plan::Settle(settlement) => return Ok(ticket.settle(settlement).await?),
             Plan::Reply {
                 answer,

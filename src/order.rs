@@ -1,0 +1,288 @@
+//! Per-document order within one worker: updates of the same document reach the engine
+//! in the order the worker received them, retries and index checks included.
+//!
+//! Requests are given a turn as they are received, in the consuming channel's order
+//! (`Sequencer::turn`, called by the consume loop before the request's task starts). A
+//! turn names the documents the request touches (its target's Kuzzle index and collection
+//! and each `_id`, read with a parse that skips everything else) and the turns of the
+//! latest earlier requests that touch any of them. Before its first engine call the
+//! request waits for those to be over: an earlier request's turn ends when it is dropped,
+//! whatever became of it (answered, refused, handed back, panicked), so no wait outlives
+//! the earlier request's own bounds. Requests are only ever made to wait for earlier ones,
+//! so waits can't form a cycle.
+//!
+//! What it costs: updates of one document no longer share a bulk call; each waits for the
+//! one before it (a hot document's updates go one call at a time). Requests touching
+//! different documents are not affected.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// The turns of the latest request touching each document (by a keyed hash of its
+/// index, collection and id: a collision only makes a request wait needlessly).
+#[derive(Default)]
+pub struct Sequencer {
+    latest: Mutex<HashMap<u64, (u64, CancellationToken)>>,
+    hasher: std::hash::RandomState,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// One request's place in the order of the documents it touches.
+pub struct Turn {
+    /// Over when cancelled: the turns this one waits for.
+    after: Vec<CancellationToken>,
+    /// Ends this turn when dropped (later requests of the same documents may go).
+    _over: DropGuard,
+    keys: Vec<u64>,
+    seq: u64,
+    sequencer: Arc<Sequencer>,
+}
+
+impl Sequencer {
+    /// The turn of a request just received, from its bytes. A request whose documents
+    /// can't be read this way waits for nothing (it is refused before any engine call).
+    pub fn turn(self: &Arc<Self>, body: &[u8]) -> Turn {
+        let keys = self.keys(body);
+        let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let over = CancellationToken::new();
+        let mut after: Vec<CancellationToken> = Vec::new();
+        {
+            let mut latest = self.latest.lock().expect("poisoned");
+            for key in &keys {
+                if let Some((_, before)) = latest.insert(*key, (seq, over.clone()))
+                    && !before.is_cancelled()
+                {
+                    after.push(before);
+                }
+            }
+        }
+        Turn {
+            after,
+            _over: over.drop_guard(),
+            keys,
+            seq,
+            sequencer: self.clone(),
+        }
+    }
+
+    fn keys(&self, body: &[u8]) -> Vec<u64> {
+        let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(body) else {
+            return Vec::new();
+        };
+        let (Some(index), Some(collection)) = (envelope.index, envelope.collection) else {
+            return Vec::new();
+        };
+        let Some(body) = envelope.body else {
+            return Vec::new();
+        };
+        let mut keys: Vec<u64> = body
+            .documents
+            .into_iter()
+            .flatten()
+            .filter_map(|doc| doc.id)
+            .map(|id| self.hasher.hash_one((&*index, &*collection, &*id)))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Documents with a turn not yet over (for tests and the map's bound).
+    pub fn tracked(&self) -> usize {
+        self.latest.lock().expect("poisoned").len()
+    }
+}
+
+impl Turn {
+    /// Waits until every earlier request touching these documents is over; false when
+    /// `cancel` (this request handed back) comes first.
+    pub async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+        while let Some(before) = self.after.last() {
+            tokio::select! {
+                _ = before.cancelled() => { self.after.pop(); }
+                _ = cancel.cancelled() => return false,
+            }
+        }
+        true
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        // The map keeps only turns not over: a document's entry goes with its last turn.
+        let mut latest = self.sequencer.latest.lock().expect("poisoned");
+        for key in &self.keys {
+            if latest.get(key).is_some_and(|(seq, _)| *seq == self.seq) {
+                latest.remove(key);
+            }
+        }
+    }
+}
+
+/// What a turn reads of a request: borrowed where the JSON allows, the rest skipped.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    index: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    collection: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    body: Option<Body<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Body<'a> {
+    #[serde(borrow, default)]
+    documents: Option<Vec<Document<'a>>>,
+}
+
+/// One entry of `documents`: its `_id` when it is an object with a string `_id`; any other
+/// value is read past (it is refused per document later, and touches nothing).
+struct Document<'a> {
+    id: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Document<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(DocumentVisitor(std::marker::PhantomData))
+    }
+}
+
+struct DocumentVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> serde::de::Visitor<'de> for DocumentVisitor<'a> {
+    type Value = Document<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let mut id = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "_id" {
+                id = map.next_value::<Text<'de>>()?.0;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(Document { id })
+    }
+
+    fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Document { id: None })
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Document { id: None })
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Document { id: None })
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Document { id: None })
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Document { id: None })
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Document { id: None })
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Document { id: None })
+    }
+}
+
+/// A string, or `None` for any other value.
+struct Text<'a>(Option<std::borrow::Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match serde_json::Value::deserialize(deserializer)? {
+            serde_json::Value::String(s) => Ok(Text(Some(s.into()))),
+            _ => Ok(Text(None)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn request(ids: &[&str]) -> Vec<u8> {
+        let documents: Vec<_> = ids
+            .iter()
+            .map(|id| serde_json::json!({"_id": id, "body": {"n": 1}}))
+            .collect();
+        serde_json::to_vec(&serde_json::json!({
+            "index": "i", "collection": "c", "action": "mUpdate",
+            "body": {"documents": documents}}))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_later_update_of_a_document_waits_for_the_earlier_one() {
+        let sequencer = Arc::new(Sequencer::default());
+        let first = sequencer.turn(&request(&["a", "b"]));
+        let mut second = sequencer.turn(&request(&["b"]));
+        let mut other = sequencer.turn(&request(&["c"]));
+        let never = CancellationToken::new();
+        assert!(other.wait(&never).await, "another document: no wait");
+        let waited = tokio::time::timeout(Duration::from_millis(100), second.wait(&never)).await;
+        assert!(waited.is_err(), "b is still being updated by the first");
+        drop(first);
+        assert!(second.wait(&never).await);
+        drop((second, other));
+        assert_eq!(
+            sequencer.tracked(),
+            0,
+            "nothing kept once every turn is over"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_when_the_request_is_handed_back() {
+        let sequencer = Arc::new(Sequencer::default());
+        let _first = sequencer.turn(&request(&["a"]));
+        let mut second = sequencer.turn(&request(&["a"]));
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        assert!(!second.wait(&cancel).await);
+    }
+
+    #[tokio::test]
+    async fn requests_that_cant_be_read_wait_for_nothing() {
+        let sequencer = Arc::new(Sequencer::default());
+        let _first = sequencer.turn(&request(&["a"]));
+        for body in [
+            &b"not json"[..],
+            br#"{"index":"i"}"#,
+            br#"{"index":"i","collection":"c","body":{"documents":3}}"#,
+        ] {
+            let mut turn = sequencer.turn(body);
+            assert!(turn.wait(&CancellationToken::new()).await);
+        }
+    }
+
+    #[test]
+    fn the_same_id_in_another_collection_is_another_document() {
+        let sequencer = Sequencer::default();
+        let a = sequencer.keys(&request(&["x"]));
+        let other = br#"{"index":"i","collection":"d","body":{"documents":[{"_id":"x"}]}}"#;
+        assert_ne!(a, sequencer.keys(other));
+        let escaped =
+            br#"{"index":"i","collection":"c","body":{"documents":[{"_id":"\u0078","body":{}}]}}"#;
+        assert_eq!(
+            a,
+            sequencer.keys(escaped),
+            "escapes are read as the engine reads them"
+        );
+    }
+}
