@@ -45,6 +45,15 @@ impl Answer {
         }
     }
 
+    /// Whether some of its documents were updated.
+    fn applied(&self) -> bool {
+        self.documents.as_ref().is_some_and(|(_, _, outcomes, _)| {
+            outcomes
+                .iter()
+                .any(|o| matches!(o, Outcome::Updated { .. }))
+        })
+    }
+
     /// The same statuses and counts without `_source` or document bodies, when there is
     /// anything to leave out.
     fn lean(&self) -> Option<Response> {
@@ -246,6 +255,22 @@ pub enum Plan {
     },
     /// Settle without a reply.
     Settle(Settlement),
+    /// Answered, but no reply destination is possible: dead-lettered.
+    DeadLetter {
+        answer: Box<Answer>,
+        reason: &'static str,
+    },
+}
+
+/// What became of a delivery's reply, and so of the delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// The reply is confirmed: ack.
+    Answered,
+    /// Back to the queue.
+    HandBack,
+    /// To the dead-letter exchange, for this reason.
+    DeadLetter(&'static str),
 }
 
 /// How a delivery's handling failed the session: its channel or connection is gone,
@@ -353,25 +378,45 @@ impl Handler {
         let planned = self.plan(&data, &props, redelivered, &work).await;
         // Its engine work is over: later requests of its documents may go.
         drop(turn);
-        let (answer, destination) = match planned {
+        let (answer, fate) = match planned {
             Plan::Settle(settlement) => return Ok(ticket.settle(settlement).await?),
+            Plan::DeadLetter { answer, reason } => (answer, Fate::DeadLetter(reason)),
             Plan::Reply {
                 answer,
                 destination,
-            } => (answer, destination),
-        };
-        let settlement = self
-            .reply(&answer, &props, &destination, broker, &ticket)
-            .await?;
-        if settlement == Settlement::Ack {
-            // Remembered before the ack goes: if the ack is lost, the redelivery is known.
-            if self.answered.insert(answer.identified, &data, &props) {
-                let window = self.answered.held_for().as_secs();
-                self.metrics.answered_window.set(window as i64);
+            } => {
+                let fate = self
+                    .reply(&answer, &props, &destination, broker, &ticket)
+                    .await?;
+                (answer, fate)
             }
-        }
+        };
+        let settlement = match fate {
+            Fate::Answered => {
+                // Remembered before the ack goes: if the ack is lost, the redelivery is
+                // known.
+                if self.answered.insert(answer.identified, &data, &props) {
+                    let window = self.answered.held_for().as_secs();
+                    self.metrics.answered_window.set(window as i64);
+                }
+                Settlement::Ack
+            }
+            Fate::HandBack => Settlement::Requeue,
+            Fate::DeadLetter(reason) => {
+                let request_id = &answer.response.request_id;
+                self.dead_letter(
+                    broker,
+                    &data,
+                    &properties,
+                    reason,
+                    answer.applied(),
+                    request_id,
+                )
+                .await?
+            }
+        };
         ticket.settle(settlement).await?;
-        if settlement == Settlement::Ack {
+        if fate == Fate::Answered {
             self.metrics.reply(answer.response.status);
             debug!(parent: &answer.span, status = answer.response.status, "replied");
         }
@@ -417,7 +462,10 @@ impl Handler {
                 answer: Box::new(answer),
                 destination,
             },
-            None => Plan::Settle(self.dead_letter("unroutable", &answer.response.request_id)),
+            None => Plan::DeadLetter {
+                answer: Box::new(answer),
+                reason: "unroutable",
+            },
         }
     }
 
@@ -430,7 +478,7 @@ impl Handler {
         destination: &Destination,
         broker: &Broker,
         ticket: &Ticket,
-    ) -> Result<Settlement, crate::broker::BrokerError> {
+    ) -> Result<Fate, crate::broker::BrokerError> {
         let request_id = answer.response.request_id.as_str();
         let key = reply::reply_key(request_id, props.correlation_id.as_deref());
         let mut response = std::borrow::Cow::Borrowed(&answer.response);
@@ -462,23 +510,23 @@ impl Handler {
                 _ = ticket.cancel().cancelled() => {
                     match tokio::time::timeout(CONFIRM_GRACE, &mut publish).await {
                         Ok(published) => published?,
-                        Err(_) => return Ok(Settlement::Requeue),
+                        Err(_) => return Ok(Fate::HandBack),
                     }
                 }
                 }
             };
             match published {
-                Published::Confirmed => return Ok(Settlement::Ack),
+                Published::Confirmed => return Ok(Fate::Answered),
                 // Back to the queue rather than wait on a blocked connection: the
                 // session pauses while the broker blocks replies.
                 Published::Unconfirmed => {
                     self.metrics.requeued.inc();
-                    return Ok(Settlement::Requeue);
+                    return Ok(Fate::HandBack);
                 }
                 Published::Unroutable => {
                     self.metrics.unroutable_replies.inc();
                     warn!(?destination, "reply could not be routed");
-                    return Ok(self.dead_letter("unroutable", request_id));
+                    return Ok(Fate::DeadLetter("unroutable"));
                 }
                 Published::Refused => {
                     refusals += 1;
@@ -487,12 +535,12 @@ impl Handler {
                             ?destination,
                             refusals, "the broker keeps refusing the reply"
                         );
-                        return Ok(self.dead_letter("refused", request_id));
+                        return Ok(Fate::DeadLetter("refused"));
                     }
                     let pause = reply_pause(refusals);
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
-                        _ = ticket.cancel().cancelled() => return Ok(Settlement::Requeue),
+                        _ = ticket.cancel().cancelled() => return Ok(Fate::HandBack),
                     }
                 }
                 Published::TooLarge { limit } => {
@@ -508,20 +556,53 @@ impl Handler {
                         (1 | 2, _) => {
                             std::borrow::Cow::Owned(response::too_large_response(key, size, limit))
                         }
-                        _ => return Ok(self.dead_letter("too_large", request_id)),
+                        _ => return Ok(Fate::DeadLetter("too_large")),
                     };
                 }
             }
         }
     }
 
-    fn dead_letter(&self, reason: &'static str, request_id: &str) -> Settlement {
+    /// Dead-letters a request: published by the worker to `amqp.dead_letter_exchange`
+    /// with headers saying why and whether its update was applied, then acked; rejected
+    /// to the queue's own dead-letter exchange (without them) when there is none
+    /// configured or that publish is not confirmed.
+    async fn dead_letter(
+        &self,
+        broker: &Broker,
+        data: &[u8],
+        properties: &lapin::BasicProperties,
+        reason: &'static str,
+        applied: bool,
+        request_id: &str,
+    ) -> Result<Settlement, crate::broker::BrokerError> {
         self.metrics.dead_lettered(reason);
-        warn!(
-            request_id,
-            reason, "rejecting the request to the dead-letter exchange"
-        );
-        Settlement::DeadLetter
+        warn!(request_id, reason, applied, "dead-lettering the request");
+        let a = &self.settings.amqp;
+        if a.dead_letter_exchange.is_empty() {
+            return Ok(Settlement::DeadLetter);
+        }
+        let published = broker
+            .dead_letter(
+                &a.dead_letter_exchange,
+                &a.request_queue,
+                data,
+                properties,
+                reason,
+                applied,
+            )
+            .await?;
+        Ok(match published {
+            Published::Confirmed => Settlement::Ack,
+            other => {
+                warn!(
+                    request_id,
+                    ?other,
+                    "the dead letter was not confirmed; rejecting the request instead"
+                );
+                Settlement::DeadLetter
+            }
+        })
     }
 }
 
@@ -811,7 +892,7 @@ mod tests {
                 let handed_back = CancellationToken::new();
                 handed_back.cancel();
                 match handler.plan(&data, &props, redelivered, &handed_back).await {
-                    Plan::Settle(_) => {}
+                    Plan::Settle(_) | Plan::DeadLetter { .. } => {}
                     Plan::Reply { answer, destination } => {
                         let response = &answer.response;
                         let key = reply::reply_key(&response.request_id, props.correlation_id.as_deref());

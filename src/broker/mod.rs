@@ -174,6 +174,43 @@ impl Broker {
         self.replies.publish_alone(reply).await
     }
 
+    /// Dead-letters a request by publishing it to `exchange` (with `routing_key`, the
+    /// request queue's name, as the broker's own dead-lettering does) with headers saying
+    /// why (`x-mupdate-reason`) and whether its update was applied (`x-mupdate-applied`),
+    /// confirmed: then the caller acks it. Its properties are kept, but for `user_id`,
+    /// which RabbitMQ lets a connection publish only as its own user: it travels in
+    /// `x-mupdate-user-id`.
+    pub async fn dead_letter(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: &BasicProperties,
+        reason: &str,
+        applied: bool,
+    ) -> Result<Published, BrokerError> {
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+        headers.insert(APPLIED_HEADER.into(), AMQPValue::Boolean(applied));
+        if let Some(user) = properties.user_id() {
+            headers.insert(
+                "x-mupdate-user-id".into(),
+                AMQPValue::LongString(user.as_str().into()),
+            );
+        }
+        let properties = without_user_id(properties)
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        let message = replies::Message {
+            exchange,
+            routing_key,
+            mandatory: true,
+            body,
+            properties,
+        };
+        self.replies.publish_pooled(message).await
+    }
+
     /// Closes both connections, each call bounded.
     pub async fn close(&self) {
         let _ = self
@@ -185,6 +222,13 @@ impl Broker {
             .await;
     }
 }
+
+/// Why the worker dead-lettered a request: `unroutable`, `refused`, `too_large`,
+/// `unconfirmed`.
+pub const REASON_HEADER: &str = "x-mupdate-reason";
+/// Whether the dead-lettered request's updates were applied (some of its documents
+/// updated) before it was dead-lettered: such a request must not be sent again blindly.
+pub const APPLIED_HEADER: &str = "x-mupdate-applied";
 
 /// The longest requestId also carried in a reply's `requestId` header.
 pub const REQUEST_ID_HEADER_MAX: usize = 4096;
@@ -229,6 +273,42 @@ pub fn reply_properties(reply: &Outgoing<'_>) -> BasicProperties {
     } else {
         properties
     }
+}
+
+/// `p` less its `user_id`.
+fn without_user_id(p: &BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default();
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.expiration() {
+        out = out.with_expiration(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    out
 }
 
 /// `host:port` of an AMQP URL, without credentials: how logs and metrics name a node.

@@ -25,6 +25,16 @@ use super::{BrokerError, CALL, Outgoing, reply_properties};
 use crate::bounded::{Interrupted, bounded};
 use crate::config::AmqpSettings;
 
+/// A message to publish, confirmed.
+pub(super) struct Message<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    /// Returned when it reaches no queue.
+    pub mandatory: bool,
+    pub body: &'a [u8],
+    pub properties: BasicProperties,
+}
+
 /// The header naming a reply's publish (a number of this connection's own).
 pub const PUBLISH_HEADER: &str = "x-mupdate-publish";
 
@@ -84,34 +94,12 @@ impl Replies {
         self.connection.status().blocked()
     }
 
-    /// Publishes on a pooled channel, alone on it, and waits for its confirm.
+    /// Publishes a reply on a pooled channel, alone on it, and waits for its confirm.
     pub(super) async fn publish(&self, reply: &Outgoing<'_>) -> Result<Published, BrokerError> {
         if let Some(too_large) = self.too_large(reply) {
             return Ok(too_large);
         }
-        let slot = bounded(
-            "a reply channel",
-            self.confirm_timeout,
-            &self.stop,
-            self.slots.acquire(),
-        )
-        .await?;
-        let Ok(_slot) = slot else {
-            return Ok(Published::Refused);
-        };
-        let pooled = self.idle.lock().expect("poisoned").pop();
-        let channel = match pooled {
-            Some(channel) if channel.status().connected() => channel,
-            _ => self.open_channel().await?,
-        };
-        let published = self.publish_on(&channel, reply).await;
-        if let Ok(Published::Confirmed | Published::Unroutable) = published {
-            self.idle.lock().expect("poisoned").push(channel);
-        } else {
-            // Refused, or its confirm still due: the channel is not used again.
-            self.discard(channel);
-        }
-        published
+        self.publish_pooled(reply_message(reply)).await
     }
 
     /// Publishes on a channel opened for it, then closed.
@@ -123,7 +111,7 @@ impl Replies {
             return Ok(too_large);
         }
         let channel = self.open_channel().await?;
-        let published = self.publish_on(&channel, reply).await;
+        let published = self.publish_message(&channel, reply_message(reply)).await;
         self.discard(channel);
         published
     }
@@ -153,35 +141,60 @@ impl Replies {
         });
     }
 
-    /// One publish and its confirm, bounded by `amqp.confirm_timeout_ms` and the session.
-    async fn publish_on(
+    /// Publishes a message on a pooled channel, alone on it, and waits for its confirm.
+    pub(super) async fn publish_pooled(
+        &self,
+        message: Message<'_>,
+    ) -> Result<Published, BrokerError> {
+        let slot = bounded(
+            "a reply channel",
+            self.confirm_timeout,
+            &self.stop,
+            self.slots.acquire(),
+        )
+        .await?;
+        let Ok(_slot) = slot else {
+            return Ok(Published::Refused);
+        };
+        let pooled = self.idle.lock().expect("poisoned").pop();
+        let channel = match pooled {
+            Some(channel) if channel.status().connected() => channel,
+            _ => self.open_channel().await?,
+        };
+        let published = self.publish_message(&channel, message).await;
+        if let Ok(Published::Confirmed | Published::Unroutable) = published {
+            self.idle.lock().expect("poisoned").push(channel);
+        } else {
+            self.discard(channel);
+        }
+        published
+    }
+
+    async fn publish_message(
         &self,
         channel: &Channel,
-        reply: &Outgoing<'_>,
+        message: Message<'_>,
     ) -> Result<Published, BrokerError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let properties = with_publish_id(reply_properties(reply), id);
-        let destination = reply.destination;
-        let (exchange, routing_key) = destination.route();
+        let size = message.body.len();
+        let properties = with_publish_id(message.properties, id);
         let publish = async {
             channel
                 .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
+                    message.exchange.into(),
+                    message.routing_key.into(),
                     BasicPublishOptions {
-                        // RabbitMQ counts direct reply-to as unroutable for mandatory
-                        // publishes, though it delivers them.
-                        mandatory: !destination.is_direct(),
+                        mandatory: message.mandatory,
                         ..BasicPublishOptions::default()
                     },
-                    reply.body,
+                    message.body,
                     properties,
                 )
                 .await?
                 .await
         };
         let confirmed = match bounded(
-            "a reply's confirm",
+            "a publish's confirm",
             self.confirm_timeout,
             &self.stop,
             publish,
@@ -193,7 +206,7 @@ impl Replies {
                 tracing::warn!(
                     timeout = ?self.confirm_timeout,
                     blocked = self.blocked(),
-                    "a reply's confirm did not come in time"
+                    "a publish's confirm did not come in time"
                 );
                 return Ok(Published::Unconfirmed);
             }
@@ -208,14 +221,14 @@ impl Replies {
                         tracing::error!(
                             publish = id,
                             returned = ?other,
-                            "a returned reply names another publish; publishing this one again"
+                            "a returned message names another publish; publishing this one again"
                         );
                         Published::Refused
                     }
                 }
             }
             Ok(Confirmation::Nack(_)) => Published::Refused,
-            Err(err) if self.connected() => self.refusal(&err, reply.body.len()),
+            Err(err) if self.connected() => self.refusal(&err, size),
             Err(err) => return Err(err.into()),
         })
     }
@@ -240,6 +253,21 @@ impl Replies {
     pub(super) async fn close(&self) {
         let close = self.connection.close(200, "shutdown".into());
         let _ = bounded("close", CALL, &self.stop, close).await;
+    }
+}
+
+/// A reply as a message: to its destination, returned when it reaches no queue (except
+/// direct reply-to, which RabbitMQ counts as unroutable for mandatory publishes though
+/// it delivers them).
+fn reply_message<'a>(reply: &'a Outgoing<'a>) -> Message<'a> {
+    let destination = reply.destination;
+    let (exchange, routing_key) = destination.route();
+    Message {
+        exchange,
+        routing_key,
+        mandatory: !destination.is_direct(),
+        body: reply.body,
+        properties: reply_properties(reply),
     }
 }
 
