@@ -26,6 +26,15 @@ use crate::security::tls::StorageTls;
 
 mod nodes;
 
+use crate::bounded::bounded;
+
+/// Engine calls are bounded by their own timeouts (a write already sent is not given up
+/// at shutdown: the grace bounds the wait for it, see `session`), not by a stop token.
+static NEVER: std::sync::LazyLock<CancellationToken> =
+    std::sync::LazyLock::new(CancellationToken::new);
+/// How far past the HTTP client's timeout the backstop bound lies.
+const BOUND_MARGIN: Duration = Duration::from_secs(1);
+
 use nodes::{Node, Nodes};
 
 #[derive(Debug, thiserror::Error)]
@@ -140,17 +149,23 @@ impl Storage {
         let mut tried = 0;
         let response = loop {
             let node = self.nodes.pick();
-            let sent = node
-                .client
-                .send(
-                    method,
-                    path,
-                    headers.clone(),
-                    Some(query),
-                    body,
-                    Some(timeout),
-                )
-                .await;
+            let send = node.client.send(
+                method,
+                path,
+                headers.clone(),
+                Some(query),
+                body,
+                Some(timeout),
+            );
+            // The HTTP client's own timeout covers connecting, sending and the body; the
+            // bound is the module-wide rule (`bounded`), a little past it.
+            let sent = match bounded("an engine call", timeout + BOUND_MARGIN, &NEVER, send).await {
+                Ok(sent) => sent,
+                Err(interrupted) => {
+                    self.answered(false);
+                    return Err(StorageError::Unavailable(interrupted.to_string()));
+                }
+            };
             match sent {
                 Ok(response) => {
                     node.answered(&self.metrics);
@@ -174,10 +189,23 @@ impl Storage {
             }
         };
         let status = response.status_code().as_u16();
-        let bytes = response.bytes().await.map_err(|e| {
-            self.answered(false);
-            StorageError::Unavailable(e.to_string())
-        })?;
+        let read = bounded(
+            "an engine answer",
+            timeout + BOUND_MARGIN,
+            &NEVER,
+            response.bytes(),
+        );
+        let bytes = match read.await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => {
+                self.answered(false);
+                return Err(StorageError::Unavailable(e.to_string()));
+            }
+            Err(interrupted) => {
+                self.answered(false);
+                return Err(StorageError::Unavailable(interrupted.to_string()));
+            }
+        };
         // A 429 is an engine too busy to take the call, a 5xx one that can't serve: both
         // an outage (SPEC section 6: the broker is the buffer). A 401 is one that refuses
         // the worker's credentials (wrong, or changed on the engine), which no request
