@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod order;
 pub mod prefetch;
 pub mod reply;
+pub mod requeue;
 pub mod response;
 pub mod security;
 pub mod session;

@@ -34,6 +34,14 @@ enum Command {
     Config,
     /// Exit 0 when a running worker's /readyz answers 200 (for container health checks).
     Ready,
+    /// Move the dead-lettered requests whose updates were never applied
+    /// (`x-mupdate-applied: false`) back to the request queue; the others stay.
+    RequeueDead {
+        /// Also move those the broker dead-lettered (no `x-mupdate-applied`: a delivery
+        /// limit, a panic), whose updates may have been applied.
+        #[arg(long)]
+        unknown: bool,
+    },
 }
 
 #[derive(Args)]
@@ -294,6 +302,17 @@ async fn execute(command: Command, settings: Settings, rules: Option<Vec<Rule>>)
         }
         Command::Send(args) => send(&settings, *args).await,
         Command::Ready => ready(&settings.metrics.listen).await,
+        Command::RequeueDead { unknown } => {
+            mupdate_worker::requeue::run(&settings.amqp, unknown)
+                .await
+                .map(|done| {
+                    println!(
+                        "moved back {}; left: {} applied, {} of unknown fate, {} whose user_id could not be restored",
+                        done.moved, done.applied, done.unknown, done.refused
+                    );
+                    ExitCode::SUCCESS
+                })
+        }
         Command::Config => {
             let mut shown = settings.redacted();
             if let Some(rules) = rules {
