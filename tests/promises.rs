@@ -16,10 +16,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Consumer};
-use lapin::message::Delivery;
 use mupdate_worker::config::{QueueType, Settings};
 use serde_json::{Value, json};
 use support::binary::BinaryWorker;
@@ -94,6 +96,7 @@ async fn redelivered_third_is_applied(
     second: (Vec<u8>, Option<&str>),
     third: (Vec<u8>, Option<&str>),
 ) {
+    let _servers = exclusive().await;
     let col = Collection::create(&[("a", json!({"status": "none"}))]).await;
     let engine = HttpFault::start(&ES_URL).await;
     let broker = Proxy::start("127.0.0.1:5672").await;
@@ -127,7 +130,11 @@ async fn redelivered_third_is_applied(
         publish(&amqp.channel, &queue, &bytes, props).await;
         let reply = body(&next_within(&mut answers, TIMEOUT, &format!("reply {step}")).await);
         assert_eq!(reply["status"], 200, "reply {step}: {reply}");
-        assert_eq!(col.get("a").await.0["status"], status, "after request {step}");
+        assert_eq!(
+            col.get("a").await.0["status"],
+            status,
+            "after request {step}"
+        );
     }
 
     engine.down(true);
@@ -147,15 +154,17 @@ async fn redelivered_third_is_applied(
     tokio::time::sleep(Duration::from_secs(1)).await;
     engine.down(false);
 
-    let reply = next_within(&mut answers, TIMEOUT, "reply to the redelivered third request")
-        .await;
+    let reply = tokio::time::timeout(TIMEOUT, answers.next()).await;
+    let status = col.get("a").await.0["status"].clone();
+    let Ok(Some(Ok(reply))) = reply else {
+        panic!(
+            "no reply to the redelivered third request within {TIMEOUT:?} \
+             (document a: status {status})"
+        );
+    };
     let reply = body(&reply);
     assert_eq!(reply["status"], 200, "reply 3: {reply}");
-    assert_eq!(
-        col.get("a").await.0["status"],
-        "on",
-        "the redelivered third request was applied"
-    );
+    assert_eq!(status, "on", "the redelivered third request was applied");
     halt_settled(worker).await;
     amqp.close().await;
 }
@@ -169,6 +178,7 @@ async fn redelivered_third_is_applied(
 #[tokio::test]
 async fn unroutable_replies_are_dead_lettered_exactly_once_routed_ones_never() {
     const N: usize = 400;
+    let _servers = exclusive().await;
     let docs: Vec<(String, Value)> = (0..20).map(|d| (format!("d{d}"), json!({}))).collect();
     let refs: Vec<(&str, Value)> = docs.iter().map(|(i, v)| (i.as_str(), v.clone())).collect();
     let col = Collection::create(&refs).await;
@@ -228,7 +238,11 @@ async fn unroutable_replies_are_dead_lettered_exactly_once_routed_ones_never() {
             .as_str()
             .unwrap_or("?")
             .to_owned();
-        let counts = if is_reply { &mut replied } else { &mut dead_ids };
+        let counts = if is_reply {
+            &mut replied
+        } else {
+            &mut dead_ids
+        };
         *counts.entry(id).or_default() += 1;
         let total_r: usize = replied.values().sum();
         let total_d: usize = dead_ids.values().sum();
@@ -243,8 +257,14 @@ async fn unroutable_replies_are_dead_lettered_exactly_once_routed_ones_never() {
     let dup_dead: Vec<_> = dead_ids.iter().filter(|(_, n)| **n > 1).collect();
     let routed_dead: Vec<_> = dead_ids.keys().filter(|id| evens.contains(*id)).collect();
     let unroutable_replied: Vec<_> = replied.keys().filter(|id| odds.contains(*id)).collect();
-    let missing_replies: Vec<_> = evens.iter().filter(|id| !replied.contains_key(*id)).collect();
-    let missing_dead: Vec<_> = odds.iter().filter(|id| !dead_ids.contains_key(*id)).collect();
+    let missing_replies: Vec<_> = evens
+        .iter()
+        .filter(|id| !replied.contains_key(*id))
+        .collect();
+    let missing_dead: Vec<_> = odds
+        .iter()
+        .filter(|id| !dead_ids.contains_key(*id))
+        .collect();
     println!(
         "400 requests: {} replies ({} distinct), {} dead letters ({} distinct)",
         replied.values().sum::<usize>(),
@@ -294,7 +314,31 @@ async fn unroutable_replies_are_dead_lettered_exactly_once_routed_ones_never() {
 /// answered or back in the queue: none lost.
 #[tokio::test]
 async fn sigterm_with_the_engine_frozen_exits_0_in_time_and_loses_nothing() {
+    sigterm_with_the_engine_frozen("held", &[], Duration::from_secs(1)).await;
+}
+
+/// Behaviour 4, while pausing: the engine frozen long enough (reads time out after 1 s,
+/// `worker.pause_after_ms` 2 s) for the worker to pause consumption and hand its held
+/// requests back, whose `_bulk` calls hang: SIGTERM then still exits 0 within the grace
+/// + 2 s, and none is lost.
+#[tokio::test]
+async fn sigterm_while_pausing_for_a_frozen_engine_exits_0_in_time_and_loses_nothing() {
+    sigterm_with_the_engine_frozen(
+        "pausing",
+        &[
+            ("MUPDATE__WORKER__PAUSE_AFTER_MS", "2000"),
+            ("MUPDATE__STORAGE__TIMEOUT_MS", "1000"),
+        ],
+        Duration::from_secs(5),
+    )
+    .await;
+}
+
+/// 20 requests held by the binary (`held_binary`, then `env`) with the engine frozen;
+/// `before` later, SIGTERM: exit 0 in time, and none lost.
+async fn sigterm_with_the_engine_frozen(what: &str, env: &[(&str, &str)], before: Duration) {
     const N: usize = 20;
+    let _servers = exclusive().await;
     let load = Load::new(N, false).await;
     let engine = Proxy::start(&ES_URL).await;
     let mut settings = settings();
@@ -302,15 +346,19 @@ async fn sigterm_with_the_engine_frozen_exits_0_in_time_and_loses_nothing() {
     let mut cleanup = Cleanup::of(&settings);
     cleanup.queue(load.reply_queue.clone());
     let queue = settings.amqp.request_queue.clone();
-    let mut binary = BinaryWorker::spawn(&mut held_binary(&settings));
+    let mut command = held_binary(&settings);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut binary = BinaryWorker::spawn(&mut command);
     wait_consumers(&queue, 1).await;
     engine.freeze();
     load.publish(&queue).await;
     wait_ready(&queue, 0).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(before).await;
 
     let took = sigterm_exits_0(&mut binary).await;
-    println!("SIGTERM with the engine frozen: exit 0 after {took:?}");
+    println!("SIGTERM with the engine frozen ({what}): exit 0 after {took:?}");
     assert_none_lost(&load, &queue).await;
     drop(engine);
 }
@@ -319,6 +367,7 @@ async fn sigterm_with_the_engine_frozen_exits_0_in_time_and_loses_nothing() {
 /// of AMQP: the binary exits 0 within the grace + 2 s.
 #[tokio::test]
 async fn sigterm_with_a_silent_broker_exits_0_in_time() {
+    let _servers = exclusive().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -334,7 +383,10 @@ async fn sigterm_with_a_silent_broker_exits_0_in_time() {
     let _cleanup = Cleanup::of(&settings);
     let mut binary = BinaryWorker::spawn(
         worker_command(&settings)
-            .env("MUPDATE__AMQP__URL", format!("amqp://guest:guest@{addr}/%2f"))
+            .env(
+                "MUPDATE__AMQP__URL",
+                format!("amqp://guest:guest@{addr}/%2f"),
+            )
             .env("MUPDATE__WORKER__SHUTDOWN_TIMEOUT_MS", GRACE_MS.to_string())
             .stderr(Stdio::piped()),
     );
@@ -355,6 +407,7 @@ async fn sigterm_with_a_silent_broker_exits_0_in_time() {
 #[tokio::test]
 async fn sigterm_with_the_broker_frozen_mid_session_exits_0_in_time_and_loses_nothing() {
     const N: usize = 10;
+    let _servers = exclusive().await;
     let load = Load::new(N, false).await;
     let engine = Proxy::start(&ES_URL).await;
     let broker = Proxy::start("127.0.0.1:5672").await;
@@ -363,12 +416,10 @@ async fn sigterm_with_the_broker_frozen_mid_session_exits_0_in_time_and_loses_no
     let mut cleanup = Cleanup::of(&settings);
     cleanup.queue(load.reply_queue.clone());
     let queue = settings.amqp.request_queue.clone();
-    let mut binary = BinaryWorker::spawn(
-        held_binary(&settings).env(
-            "MUPDATE__AMQP__URL",
-            format!("amqp://guest:guest@{}/%2f", broker.addr()),
-        ),
-    );
+    let mut binary = BinaryWorker::spawn(held_binary(&settings).env(
+        "MUPDATE__AMQP__URL",
+        format!("amqp://guest:guest@{}/%2f", broker.addr()),
+    ));
     wait_consumers(&queue, 1).await;
     engine.freeze();
     load.publish(&queue).await;
@@ -391,7 +442,7 @@ async fn sigterm_with_the_broker_frozen_mid_session_exits_0_in_time_and_loses_no
 #[tokio::test]
 async fn sigterm_during_a_broker_memory_alarm_exits_0_in_time_and_loses_nothing() {
     const N: usize = 20;
-    let _servers = servers_lock().await;
+    let _servers = exclusive().await;
     let load = Load::new(N, false).await;
     let engine = Proxy::start(&ES_URL).await;
     let mut settings = settings();
@@ -422,7 +473,7 @@ async fn sigterm_during_a_broker_memory_alarm_exits_0_in_time_and_loses_nothing(
 #[tokio::test]
 async fn replies_blocked_by_a_memory_alarm_are_all_sent_once_it_clears() {
     const N: usize = 10;
-    let _servers = servers_lock().await;
+    let _servers = exclusive().await;
     let load = Load::new(N, false).await;
     let engine = Proxy::start(&ES_URL).await;
     let mut settings = settings();
@@ -447,11 +498,19 @@ async fn replies_blocked_by_a_memory_alarm_are_all_sent_once_it_clears() {
         "memory alarm: {} of {N} answered, {total} replies",
         replies.len()
     );
-    assert_eq!(replies.len(), N, "every request answered once the alarm cleared");
+    assert_eq!(
+        replies.len(),
+        N,
+        "every request answered once the alarm cleared"
+    );
     load.check_replies(&replies);
     assert_still_answers(&queue).await;
     let settings = halt_settled(worker).await;
-    assert_eq!(ready(&settings.amqp.dead_letter_queue).await, 0, "nothing dead-lettered");
+    assert_eq!(
+        ready(&settings.amqp.dead_letter_queue).await,
+        0,
+        "nothing dead-lettered"
+    );
     drop(engine);
 }
 
@@ -461,6 +520,7 @@ async fn replies_blocked_by_a_memory_alarm_are_all_sent_once_it_clears() {
 /// worker: it still runs 2 s later and still answers.
 #[tokio::test]
 async fn sighup_never_kills_the_worker() {
+    let _servers = exclusive().await;
     let settings = settings();
     let _cleanup = Cleanup::of(&settings);
     let queue = settings.amqp.request_queue.clone();
@@ -519,7 +579,12 @@ async fn an_existing_classic_queue_with_quorum_settings_is_used_with_a_warning()
 /// Declares the request queue (durable, `args`) before the binary starts with `env`;
 /// checks the binary consumes it, answers a request and logs no reconnection; returns
 /// its logs (stdout and stderr, `RUST_LOG=info`).
-async fn existing_queue_is_used(settings: &Settings, args: FieldTable, env: &[(&str, &str)]) -> String {
+async fn existing_queue_is_used(
+    settings: &Settings,
+    args: FieldTable,
+    env: &[(&str, &str)],
+) -> String {
+    let _servers = exclusive().await;
     let _cleanup = Cleanup::of(settings);
     let queue = settings.amqp.request_queue.clone();
     let amqp = Amqp::open().await;
@@ -570,6 +635,7 @@ async fn existing_queue_is_used(settings: &Settings, args: FieldTable, env: &[(&
 #[tokio::test]
 async fn a_whole_request_429_from_the_engine_is_an_outage() {
     const N: usize = 20;
+    let _servers = exclusive().await;
     let load = Load::new(N, false).await;
     let engine = HttpFault::start(&ES_URL).await;
     let mut settings = settings();
@@ -596,9 +662,14 @@ async fn a_whole_request_429_from_the_engine_is_an_outage() {
     let rejected = engine.rejected();
     engine.reject_bulk(false);
     let early = load.replies_waiting().await;
-    println!("whole-request 429s for 25 s: {rejected} _bulk calls rejected, {early} replies meanwhile, paused: {paused}");
+    println!(
+        "whole-request 429s for 25 s: {rejected} _bulk calls rejected, {early} replies meanwhile, paused: {paused}"
+    );
     assert!(rejected > 0, "the worker called _bulk during the outage");
-    assert!(paused, "mupdate_consumption_paused never 1 during 25 s of 429s");
+    assert!(
+        paused,
+        "mupdate_consumption_paused never 1 during 25 s of 429s"
+    );
 
     let replies = load.collect(SETTLE).await;
     let total: usize = replies.values().map(Vec::len).sum();
@@ -608,7 +679,11 @@ async fn a_whole_request_429_from_the_engine_is_an_outage() {
     load.refresh().await;
     load.check_engine(load.requests.keys()).await;
     let settings = halt_settled(worker).await;
-    assert_eq!(ready(&settings.amqp.dead_letter_queue).await, 0, "nothing dead-lettered");
+    assert_eq!(
+        ready(&settings.amqp.dead_letter_queue).await,
+        0,
+        "nothing dead-lettered"
+    );
 }
 
 /// Behaviour 11: whole-request 429s for 20 s, on a quorum request queue with a delivery
@@ -617,6 +692,7 @@ async fn a_whole_request_429_from_the_engine_is_an_outage() {
 #[tokio::test]
 async fn a_long_overload_on_a_quorum_queue_with_a_delivery_limit_dead_letters_nothing() {
     const N: usize = 20;
+    let _servers = exclusive().await;
     let load = Load::new(N, false).await;
     let engine = HttpFault::start(&ES_URL).await;
     let mut settings = settings();
@@ -636,11 +712,13 @@ async fn a_long_overload_on_a_quorum_queue_with_a_delivery_limit_dead_letters_no
     tokio::time::sleep(Duration::from_secs(20)).await;
     engine.reject_bulk(false);
     let dead_during = ready(&dead).await;
+    println!("20 s of 429s on a quorum queue: {dead_during} requests dead-lettered");
+    assert_eq!(dead_during, 0, "nothing dead-lettered during the overload");
 
     let replies = load.collect(SETTLE).await;
     let total: usize = replies.values().map(Vec::len).sum();
     println!(
-        "20 s of 429s on a quorum queue: {} answered, {total} replies, {dead_during} dead-lettered during",
+        "after the overload: {} answered, {total} replies",
         replies.len()
     );
     assert_eq!(ready(&dead).await, 0, "nothing dead-lettered");
@@ -659,6 +737,7 @@ async fn a_long_overload_on_a_quorum_queue_with_a_delivery_limit_dead_letters_no
 /// both, as their updates reached the engine before the reply failed (and did).
 #[tokio::test]
 async fn dead_letters_say_why_and_whether_the_update_was_applied() {
+    let _servers = exclusive().await;
     let col = Collection::create(&[("a", json!({"n": 0})), ("b", json!({"n": 0}))]).await;
     let mut settings = settings();
     settings.amqp.reply_attempts = 2;
@@ -681,7 +760,13 @@ async fn dead_letters_say_why_and_whether_the_update_was_applied() {
         let mut envelope = col.envelope(json!([{"_id": doc, "body": {"n": 1}}]));
         envelope["requestId"] = json!(id);
         let props = BasicProperties::default().with_reply_to(to.as_str().into());
-        publish(&amqp.channel, &queue, &serde_json::to_vec(&envelope).unwrap(), props).await;
+        publish(
+            &amqp.channel,
+            &queue,
+            &serde_json::to_vec(&envelope).unwrap(),
+            props,
+        )
+        .await;
     }
     wait_ready(&dead, 2).await;
     let mut got = HashMap::new();
@@ -692,10 +777,16 @@ async fn dead_letters_say_why_and_whether_the_update_was_applied() {
             .await
             .unwrap()
             .expect("a dead letter");
-        let id = body(&message.delivery)["requestId"].as_str().unwrap().to_owned();
+        let id = body(&message.delivery)["requestId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         got.insert(id, message.delivery);
     }
-    for (id, reason, doc) in [("unroutable-1", "unroutable", "a"), ("refused-1", "refused", "b")] {
+    for (id, reason, doc) in [
+        ("unroutable-1", "unroutable", "a"),
+        ("refused-1", "refused", "b"),
+    ] {
         let letter = got
             .get(id)
             .unwrap_or_else(|| panic!("{id} dead-lettered, got {:?}", got.keys()));
@@ -708,12 +799,14 @@ async fn dead_letters_say_why_and_whether_the_update_was_applied() {
         assert_eq!(
             headers.get("x-mupdate-reason"),
             Some(&AMQPValue::LongString(reason.into())),
-            "{id}: x-mupdate-reason; headers {headers:?}"
+            "{id}: x-mupdate-reason; headers present: {:?}",
+            headers.keys().map(|k| k.as_str()).collect::<Vec<_>>()
         );
         assert_eq!(
             headers.get("x-mupdate-applied"),
             Some(&AMQPValue::Boolean(true)),
-            "{id}: x-mupdate-applied; headers {headers:?}"
+            "{id}: x-mupdate-applied; headers present: {:?}",
+            headers.keys().map(|k| k.as_str()).collect::<Vec<_>>()
         );
         assert_eq!(col.get(doc).await.0["n"], 1, "{id}: its update was applied");
     }
@@ -727,6 +820,7 @@ async fn dead_letters_say_why_and_whether_the_update_was_applied() {
 /// start: the binary exits with code 2 and a message naming both keys.
 #[tokio::test]
 async fn a_write_timeout_below_the_read_timeout_is_refused_at_start() {
+    let _servers = exclusive().await;
     let settings = settings();
     let _cleanup = Cleanup::of(&settings);
     let mut binary = BinaryWorker::spawn(
@@ -737,7 +831,9 @@ async fn a_write_timeout_below_the_read_timeout_is_refused_at_start() {
             .stderr(Stdio::piped()),
     );
     let Some(status) = binary.exit_within(Duration::from_secs(10)).await else {
-        panic!("write_timeout_ms 1000 < timeout_ms 5000 accepted: the worker still runs after 10 s");
+        panic!(
+            "write_timeout_ms 1000 < timeout_ms 5000 accepted: the worker still runs after 10 s"
+        );
     };
     let out = binary.stdout() + &binary.stderr();
     assert_eq!(status.code(), Some(2), "exit: {status}\n{out}");
@@ -748,6 +844,14 @@ async fn a_write_timeout_below_the_read_timeout_is_refused_at_start() {
 }
 
 // ---------------------------------------------------------------- helpers
+
+/// Every test here holds the servers: some raise a memory alarm on the shared broker,
+/// and the tests of other files stop and restart it, which would fail these midway.
+async fn exclusive() -> ServersLock {
+    let lock = servers_lock().await;
+    wait_servers().await;
+    lock
+}
 
 /// The binary on `settings`, with the SIGTERM grace of these tests, never pausing on
 /// its own, holding every request it is given (no prefetch chosen by size).
@@ -766,12 +870,14 @@ async fn sigterm_exits_0(binary: &mut BinaryWorker) -> Duration {
     binary.signal("-TERM");
     let started = Instant::now();
     let Some(status) = binary.exit_within(EXIT_BOUND).await else {
-        panic!(
-            "still running {EXIT_BOUND:?} after SIGTERM (grace {GRACE_MS} ms + 2 s)"
-        );
+        panic!("still running {EXIT_BOUND:?} after SIGTERM (grace {GRACE_MS} ms + 2 s)");
     };
     let took = started.elapsed();
-    assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status}"
+    );
     took
 }
 
@@ -854,7 +960,12 @@ impl MemoryAlarm {
 impl Drop for MemoryAlarm {
     fn drop(&mut self) {
         let restored = std::process::Command::new(SERVICES)
-            .args(["rabbitmqctl", "-q", "set_vm_memory_high_watermark", &self.restore])
+            .args([
+                "rabbitmqctl",
+                "-q",
+                "set_vm_memory_high_watermark",
+                &self.restore,
+            ])
             .stdout(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());

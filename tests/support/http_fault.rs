@@ -199,10 +199,12 @@ async fn read_message<R: tokio::io::AsyncRead + Unpin>(
         }
     }
     let head = String::from_utf8_lossy(&raw).into_owned();
-    let mut close =
-        header(&head, "connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
+    let mut close = header(&head, "connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
     let status: u16 = if response {
-        head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+        head.split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
     } else {
         0
     };
