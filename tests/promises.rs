@@ -106,6 +106,7 @@ async fn redelivered_third_is_applied(
     settings.amqp.url = format!("amqp://guest:guest@{}/%2f", broker.addr());
     // Held, not handed back, while the engine is down.
     settings.worker.pause_after_ms = 600_000;
+    let listen = with_metrics(&mut settings);
     let mut cleanup = Cleanup::of(&settings);
     let replies = cleanup.queue(fresh("promises.replies"));
     let amqp = Amqp::open().await;
@@ -157,9 +158,10 @@ async fn redelivered_third_is_applied(
     let reply = tokio::time::timeout(TIMEOUT, answers.next()).await;
     let status = col.get("a").await.0["status"].clone();
     let Ok(Some(Ok(reply))) = reply else {
+        let skipped = metric(&listen, "mupdate_duplicates_skipped_total").await;
         panic!(
             "no reply to the redelivered third request within {TIMEOUT:?} \
-             (document a: status {status})"
+             (document a: status {status}; mupdate_duplicates_skipped_total {skipped})"
         );
     };
     let reply = body(&reply);
@@ -557,17 +559,19 @@ async fn an_existing_queue_without_a_dead_letter_exchange_is_used_with_one_warni
     assert!(policy[0].contains("WARN"), "a warning: {}", policy[0]);
 }
 
-/// Behaviour 8: a classic request queue declared by someone else, while the worker is
-/// set to quorum queues: used as it is, with a warning naming it, never a reconnect loop.
+/// Behaviour 8: a classic request queue declared by someone else (with the worker's
+/// dead-letter exchange: only its type differs), while the worker is set to quorum
+/// queues: used as it is, with a warning naming it, never a reconnect loop.
 #[tokio::test]
 async fn an_existing_classic_queue_with_quorum_settings_is_used_with_a_warning() {
     let settings = settings();
-    let logs = existing_queue_is_used(
-        &settings,
-        FieldTable::default(),
-        &[("MUPDATE__AMQP__QUEUE_TYPE", "quorum")],
-    )
-    .await;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(settings.amqp.dead_letter_exchange.as_str().into()),
+    );
+    let logs =
+        existing_queue_is_used(&settings, args, &[("MUPDATE__AMQP__QUEUE_TYPE", "quorum")]).await;
     let queue = &settings.amqp.request_queue;
     let warnings: Vec<&str> = logs
         .lines()
