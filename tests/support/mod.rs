@@ -4,6 +4,7 @@
 
 pub mod binary;
 pub mod history;
+pub mod http_fault;
 pub mod load;
 pub mod proxy;
 
