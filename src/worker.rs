@@ -442,12 +442,23 @@ impl Handler {
         let hold = Duration::from_millis(self.settings.worker.max_hold_ms);
         let processing = self.processor.process(data, props, cancel);
         tokio::pin!(processing);
-        let processed = tokio::select! {
-            processed = &mut processing => processed,
-            _ = tokio::time::sleep(hold) => {
-                warn!(?hold, "request held too long; handing it back to the queue");
-                cancel.cancel();
-                processing.await
+        let mut deadline = tokio::time::Instant::now() + hold;
+        let processed = loop {
+            tokio::select! {
+                processed = &mut processing => break processed,
+                _ = tokio::time::sleep_until(deadline) => {
+                    // During an engine outage the pause hands every held request back,
+                    // once per outage: handing it back here as well would cost it a
+                    // delivery attempt per max_hold_ms (a quorum queue's delivery limit
+                    // would dead-letter it).
+                    if self.processor.engine_unavailable_for(Duration::ZERO) {
+                        deadline += hold;
+                        continue;
+                    }
+                    warn!(?hold, "request held too long; handing it back to the queue");
+                    cancel.cancel();
+                    break processing.await;
+                }
             }
         };
         let Ok(answer) = processed else {
