@@ -95,11 +95,7 @@ async fn seeded_faults() {
     let started = Instant::now();
     let seconds = env_u64("CHAOS_SECONDS").unwrap_or(DEFAULT_SECONDS).max(5);
     let seeds = seeds_to_run();
-    println!(
-        "chaos: {} seed(s) of {seconds} s: {:?}",
-        seeds.len(),
-        seeds
-    );
+    println!("chaos: {} seed(s) of {seconds} s: {:?}", seeds.len(), seeds);
     let mut summaries = Vec::new();
     let mut failed = Vec::new();
     for seed in seeds {
@@ -163,10 +159,10 @@ fn env_u64(name: &str) -> Option<u64> {
 /// asks.
 fn seeds_to_run() -> Vec<u64> {
     let given = env_u64("CHAOS_SEED");
-    let count = env_u64("CHAOS_SEEDS").map_or(
-        if given.is_some() { 1 } else { DEFAULT_SEEDS },
-        |n| n.max(1) as usize,
-    );
+    let count = env_u64("CHAOS_SEEDS")
+        .map_or(if given.is_some() { 1 } else { DEFAULT_SEEDS }, |n| {
+            n.max(1) as usize
+        });
     let first = given.unwrap_or_else(|| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -244,10 +240,9 @@ impl Fault {
             // stop_app and start_app take seconds each; the alarm must not meet a
             // stopped app (which forgets it).
             Fault::BrokerRestart | Fault::MemoryAlarm => Some(("broker".into(), 10_000)),
-            Fault::WorkerKill(i) | Fault::WorkerTerm(i) => Some((
-                format!("worker {i}"),
-                SHUTDOWN_TIMEOUT_MS + 2000 + 1000,
-            )),
+            Fault::WorkerKill(i) | Fault::WorkerTerm(i) => {
+                Some((format!("worker {i}"), SHUTDOWN_TIMEOUT_MS + 2000 + 1000))
+            }
         }
     }
 }
@@ -399,7 +394,13 @@ impl Tracer {
             .append(true)
             .open(&self.log)
         {
-            let _ = writeln!(log, "---- chaos +{at:.2}s: {line}");
+            // UTC time of day, as the workers' own lines have it.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let (s, ms) = (now.as_secs() % 86400, now.subsec_millis());
+            let time = format!("{:02}:{:02}:{:02}.{ms:03}", s / 3600, s / 60 % 60, s % 60);
+            let _ = writeln!(log, "---- {time} chaos +{at:.2}s: {line}");
         }
     }
 
@@ -566,7 +567,9 @@ async fn run_seed(schedule: Schedule) -> Outcome {
         .collect();
     tasks.0.extend(own_tasks.iter().map(|t| t.abort_handle()));
     tasks.0.extend(ring_tasks.iter().map(|t| t.abort_handle()));
-    tasks.0.extend(producer_tasks.iter().map(|t| t.abort_handle()));
+    tasks
+        .0
+        .extend(producer_tasks.iter().map(|t| t.abort_handle()));
     tasks.0.extend(fault_tasks.iter().map(|t| t.abort_handle()));
 
     tokio::time::sleep_until(t0 + Duration::from_secs(schedule.seconds)).await;
@@ -580,7 +583,9 @@ async fn run_seed(schedule: Schedule) -> Outcome {
     for task in fault_tasks {
         // Each fault's own steps are bounded.
         if let Err(e) = task.await {
-            outcome.problems.push(format!("a fault task failed: {}", panic_text(e)));
+            outcome
+                .problems
+                .push(format!("a fault task failed: {}", panic_text(e)));
         }
     }
     ctx.tracer.trace("every fault healed");
@@ -589,10 +594,16 @@ async fn run_seed(schedule: Schedule) -> Outcome {
     let clients_by = Instant::now() + CLIENTS_WITHIN;
     let mut reports = Vec::new();
     for (client, task) in own.iter().zip(own_tasks) {
-        reports.push((client.clone(), bounded_client(&client.name, clients_by, task).await));
+        reports.push((
+            client.clone(),
+            bounded_client(&client.name, clients_by, task).await,
+        ));
     }
     for ((ring, _), task) in rings.iter().zip(ring_tasks) {
-        reports.push((ring.clone(), bounded_client(&ring.name, clients_by, task).await));
+        reports.push((
+            ring.clone(),
+            bounded_client(&ring.name, clients_by, task).await,
+        ));
     }
     let mut published = Published::default();
     for task in producer_tasks {
@@ -664,7 +675,9 @@ async fn run_seed(schedule: Schedule) -> Outcome {
         match slot.take() {
             Some(mut worker) => {
                 if worker.running() {
-                    ctx.pool.terminate(&ctx.tracer, i, &mut worker, "final").await;
+                    ctx.pool
+                        .terminate(&ctx.tracer, i, &mut worker, "final")
+                        .await;
                 } else {
                     let status = worker.exit_within(Duration::ZERO).await;
                     outcome
@@ -727,13 +740,7 @@ async fn take_all(queue: &str) -> Vec<lapin::message::Delivery> {
     while Instant::now() < deadline {
         let got = amqp
             .channel
-            .basic_get(
-                queue.into(),
-                BasicGetOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-            )
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
             .await;
         match got {
             Ok(Some(message)) => all.push(message.delivery),
@@ -975,7 +982,10 @@ impl Pool {
         BinaryWorker::spawn(
             worker_command(&self.settings)
                 .env("MUPDATE__AMQP__URL", &self.amqp_urls[i])
-                .env("MUPDATE__STORAGE__TIMEOUT_MS", ENGINE_TIMEOUT_MS.to_string())
+                .env(
+                    "MUPDATE__STORAGE__TIMEOUT_MS",
+                    ENGINE_TIMEOUT_MS.to_string(),
+                )
                 .env("MUPDATE__STORAGE__RETRY_MAX_DELAY_MS", "1000")
                 .env("MUPDATE__WORKER__PAUSE_AFTER_MS", "3000")
                 .env(
@@ -1046,12 +1056,14 @@ impl Drop for Cleanup {
                     return;
                 };
                 for q in &queues {
-                    let delete = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default());
+                    let delete =
+                        channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default());
                     let _ = tokio::time::timeout(BROKER_CALL, delete).await;
                 }
                 let delete = channel.exchange_delete(exchange.as_str().into(), Default::default());
                 let _ = tokio::time::timeout(BROKER_CALL, delete).await;
-                let _ = tokio::time::timeout(BROKER_CALL, connection.close(200, "bye".into())).await;
+                let _ =
+                    tokio::time::timeout(BROKER_CALL, connection.close(200, "bye".into())).await;
             });
         })
         .join();
@@ -1064,7 +1076,9 @@ impl Drop for Cleanup {
 /// as one client (`Checks::add`): its name is the writer its documents must hold.
 fn ring(r: usize) -> (ClientSpec, Vec<ClientSpec>) {
     let name = format!("r{r}");
-    let documents: Vec<String> = (0..RING_DOCUMENTS).map(|d| format!("{name}-d{d}")).collect();
+    let documents: Vec<String> = (0..RING_DOCUMENTS)
+        .map(|d| format!("{name}-d{d}"))
+        .collect();
     let members: Vec<ClientSpec> = (0..RING_MEMBERS)
         .map(|m| ClientSpec {
             name: format!("{name}m{m}"),
@@ -1309,8 +1323,7 @@ async fn run_producer(
     let mut published = Published::default();
     // Concurrent updates of one document: retried on a version conflict.
     let noid_body = {
-        let mut envelope =
-            collection.envelope(json!([{"_id": "noid", "body": {"same": "bytes"}}]));
+        let mut envelope = collection.envelope(json!([{"_id": "noid", "body": {"same": "bytes"}}]));
         envelope["retryOnConflict"] = json!(10);
         serde_json::to_vec(&envelope).unwrap()
     };
@@ -1350,8 +1363,7 @@ async fn run_producer(
                         _ => &queues.nowhere,
                     };
                     let doc = format!("p{p}-d{}", k % PRODUCER_DOCUMENTS as u64);
-                    let mut envelope =
-                        collection.envelope(json!([{"_id": doc, "body": {"n": k}}]));
+                    let mut envelope = collection.envelope(json!([{"_id": doc, "body": {"n": k}}]));
                     envelope["requestId"] = json!(id);
                     envelope["retryOnConflict"] = json!(10);
                     let props = persistent
@@ -1458,9 +1470,15 @@ impl Outcome {
         let mut answers: BTreeMap<String, usize> = BTreeMap::new();
         for m in routed_replies {
             let id = reply_id(m).unwrap_or_default();
-            let correlation = m.properties.correlation_id().as_ref().map(|c| c.to_string());
+            let correlation = m
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string());
             if correlation.as_deref() != Some(id.as_str()) {
-                problems.push(format!("reply to {id:?} with correlation_id {correlation:?}"));
+                problems.push(format!(
+                    "reply to {id:?} with correlation_id {correlation:?}"
+                ));
             }
             if reply_status(m) != 200 {
                 let body = String::from_utf8_lossy(&m.data);
@@ -1529,13 +1547,20 @@ impl Outcome {
             ));
         }
         if dead_noid > 0 {
-            problems.push(format!("{dead_noid} no-id (routed) request(s) dead-lettered"));
+            problems.push(format!(
+                "{dead_noid} no-id (routed) request(s) dead-lettered"
+            ));
         }
         // The unroutable ones are never answered (anywhere a reply could be seen).
-        let all_replies = routed_replies.iter().chain(noid_replies).chain(default_replies);
+        let all_replies = routed_replies
+            .iter()
+            .chain(noid_replies)
+            .chain(default_replies);
         let answered_unroutable: Vec<String> = all_replies
             .filter_map(reply_id)
-            .filter(|id| published.unroutable.contains(id) || published.unroutable_maybe.contains(id))
+            .filter(|id| {
+                published.unroutable.contains(id) || published.unroutable_maybe.contains(id)
+            })
             .collect();
         if !answered_unroutable.is_empty() {
             problems.push(format!(
@@ -1550,7 +1575,11 @@ impl Outcome {
         self.noid_default = (published.noid_default, default_replies.len());
         for (what, sent, replies) in [
             ("to a reply queue", published.noid_queue, noid_replies),
-            ("to the default reply queue", published.noid_default, default_replies),
+            (
+                "to the default reply queue",
+                published.noid_default,
+                default_replies,
+            ),
         ] {
             if (replies.len() as u64) < sent {
                 problems.push(format!(

@@ -160,7 +160,13 @@ impl Session {
     }
 
     /// Publishes persistently; true once the broker confirmed it.
-    pub async fn publish(&self, queue: &str, request_id: &str, body: &[u8], reply_to: &str) -> bool {
+    pub async fn publish(
+        &self,
+        queue: &str,
+        request_id: &str,
+        body: &[u8],
+        reply_to: &str,
+    ) -> bool {
         let props = BasicProperties::default()
             .with_reply_to(reply_to.into())
             .with_correlation_id(request_id.into())
