@@ -310,11 +310,11 @@ impl Schedule {
             let proxies = [None, Some(0), Some(1)][rng.range(0, 2) as usize];
             let (fault, hold_ms) = match rng.range(0, 7) {
                 0 => (Fault::EngineDown, rng.range(1000, 8000)),
-                1 => (Fault::EngineFrozen, rng.range(1000, 6000)),
+                1 => (Fault::EngineFrozen, rng.range(1000, 10_000)),
                 2 => (Fault::BrokerCut(proxies), 0),
-                3 => (Fault::BrokerFrozen(proxies), rng.range(1000, 6000)),
+                3 => (Fault::BrokerFrozen(proxies), rng.range(1000, 12_000)),
                 4 => (Fault::BrokerRestart, rng.range(1000, 4000)),
-                5 => (Fault::MemoryAlarm, rng.range(2000, 6000)),
+                5 => (Fault::MemoryAlarm, rng.range(2000, 12_000)),
                 6 => (Fault::WorkerKill(worker), rng.range(0, 3000)),
                 _ => (Fault::WorkerTerm(worker), rng.range(0, 2000)),
             };
