@@ -1653,7 +1653,7 @@ impl Outcome {
         let stale = self.checks.stale.len() - self.checks.stale_after_republish;
         format!(
             "faults={} acknowledged={} stale={}/{} duplicate-replies={} dead-lettered={} \
-             (unroutable {}), routed answered={}/{}, no-id replies={}/{} and {}/{} \
+             (unroutable, confirmed: {}), routed answered={}/{}, no-id replies={}/{} and {}/{} \
              (default queue), sigterm exits=[{}], left={}, failed checks={}",
             self.faults,
             self.checks.acknowledged,
