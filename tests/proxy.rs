@@ -86,3 +86,39 @@ async fn a_frozen_proxy_forwards_nothing_until_thawed() {
     let status = tokio::time::timeout(Duration::from_secs(10), call).await;
     assert_eq!(status.unwrap().unwrap().unwrap(), 200);
 }
+
+#[tokio::test]
+async fn a_proxy_that_is_down_refuses_and_cuts_until_up() {
+    let proxy = Proxy::start("127.0.0.1:9200").await;
+    let client = http();
+    assert_eq!(health(&client, &proxy).await.unwrap(), 200);
+    proxy.set_latency(Duration::ZERO, Duration::from_secs(5));
+    let in_flight = tokio::spawn({
+        let (client, url) = (client.clone(), proxy.url());
+        async move { client.get(format!("{url}/_cluster/health")).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.down();
+    let cut = tokio::time::timeout(Duration::from_secs(3), in_flight).await;
+    assert!(cut.expect("cut at once").unwrap().is_err());
+    proxy.set_latency(Duration::ZERO, Duration::ZERO);
+    // The port refuses (within a bounded wait: the listener closes as it notices).
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let connected = tokio::net::TcpStream::connect(proxy.addr()).await;
+        match connected {
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+                break;
+            }
+            Ok(_) => assert!(Instant::now() < deadline, "the proxy still listens"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.up();
+    let deadline = Instant::now() + TIMEOUT;
+    while health(&http(), &proxy).await.is_err() {
+        assert!(Instant::now() < deadline, "the proxy listens again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -82,7 +82,7 @@ impl ClientReport {
     }
 
     /// Records a reply: its requestId and body.
-    fn record(&mut self, body: Vec<u8>) -> (String, Value) {
+    pub fn record(&mut self, body: Vec<u8>) -> (String, Value) {
         let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let id = parsed["requestId"].as_str().unwrap_or_default().to_owned();
         if parsed["status"] != 200 {
@@ -108,15 +108,15 @@ impl ClientReport {
 }
 
 /// A client's broker connection: one confirming channel consuming its reply queue.
-struct Session {
-    connection: Connection,
-    channel: lapin::Channel,
-    replies: Consumer,
+pub struct Session {
+    pub connection: Connection,
+    pub channel: lapin::Channel,
+    pub replies: Consumer,
 }
 
 impl Session {
     /// Connects to the first of the client's broker nodes that answers.
-    async fn open(me: &ClientSpec) -> Option<Self> {
+    pub async fn open(me: &ClientSpec) -> Option<Self> {
         for url in &me.brokers {
             if let Ok(Ok(s)) = tokio::time::timeout(TIMEOUT, Self::open_at(url, me)).await {
                 return Some(s);
@@ -154,13 +154,19 @@ impl Session {
         })
     }
 
-    async fn close(self) {
+    pub async fn close(self) {
         let close = self.connection.close(200, "bye".into());
         let _ = tokio::time::timeout(TIMEOUT, close).await;
     }
 
     /// Publishes persistently; true once the broker confirmed it.
-    async fn publish(&self, queue: &str, request_id: &str, body: &[u8], reply_to: &str) -> bool {
+    pub async fn publish(
+        &self,
+        queue: &str,
+        request_id: &str,
+        body: &[u8],
+        reply_to: &str,
+    ) -> bool {
         let props = BasicProperties::default()
             .with_reply_to(reply_to.into())
             .with_correlation_id(request_id.into())

@@ -1,7 +1,8 @@
 //! A fault-injecting TCP proxy for tests: forwards every connection to a target, can
 //! delay each direction (like netem: data read at t is written at t + latency, in order),
 //! freeze every connection (nothing forwarded, nothing closed: a hung process or a long GC
-//! pause as seen from outside) and cut every open connection.
+//! pause as seen from outside), cut every open connection, and go down (its port refuses
+//! connections, as a stopped target's would) and up again.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,9 @@ struct Shared {
     /// While true, nothing is forwarded either way and new connections are held
     /// unanswered (accepted, never connected through): the target looks frozen.
     frozen: tokio::sync::watch::Sender<bool>,
+    /// While true, the port is closed (connections are refused) and every connection
+    /// open when it went down was cut: the target looks stopped.
+    down: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -45,6 +49,7 @@ impl Proxy {
             cut: Mutex::new(stop.child_token()),
             stop,
             frozen: tokio::sync::watch::Sender::new(false),
+            down: tokio::sync::watch::Sender::new(false),
         });
         tokio::spawn(accept(listener, target.to_owned(), shared.clone()));
         Proxy { addr, shared }
@@ -84,6 +89,19 @@ impl Proxy {
         let fresh = self.shared.stop.child_token();
         std::mem::replace(&mut *self.shared.cut.lock().unwrap(), fresh).cancel();
     }
+
+    /// From now on the proxy's port refuses connections, and every open one is cut: like
+    /// a stopped target, without stopping it (other tests share it). Its address stays
+    /// the same.
+    pub fn down(&self) {
+        self.shared.down.send_replace(true);
+        self.cut();
+    }
+
+    /// Listens again on the same port after `down`.
+    pub fn up(&self) {
+        self.shared.down.send_replace(false);
+    }
 }
 
 impl Drop for Proxy {
@@ -94,10 +112,27 @@ impl Drop for Proxy {
 }
 
 async fn accept(listener: TcpListener, target: String, shared: Arc<Shared>) {
+    let addr = listener.local_addr().unwrap();
+    let mut listener = Some(listener);
+    let mut down = shared.down.subscribe();
     loop {
+        if *down.borrow_and_update() {
+            // Closed: connections to the port are refused until `up`.
+            listener = None;
+            tokio::select! {
+                _ = shared.stop.cancelled() => return,
+                _ = down.wait_for(|down| !*down) => {}
+            }
+            continue;
+        }
+        let Some(open) = listener.as_ref() else {
+            listener = Some(rebind(addr).await);
+            continue;
+        };
         let client = tokio::select! {
             _ = shared.stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
+            _ = down.changed() => continue,
+            accepted = open.accept() => match accepted {
                 Ok((client, _)) => client,
                 Err(_) => continue,
             },
@@ -114,9 +149,25 @@ async fn accept(listener: TcpListener, target: String, shared: Arc<Shared>) {
     }
 }
 
+/// Listens on `addr` again (its port was ours a moment ago), within a bounded wait.
+async fn rebind(addr: SocketAddr) -> TcpListener {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return listener,
+            Err(e) if Instant::now() > deadline => panic!("the proxy's port {addr}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Both directions of one connection, until both have closed.
 async fn forward(client: TcpStream, target: &str, shared: &Shared) {
     thawed(&shared.frozen).await;
+    // Accepted just as the proxy went down: closed, as if refused.
+    if *shared.down.borrow() {
+        return;
+    }
     // A target that refuses (it is down) closes the client's connection at once.
     let Ok(server) = TcpStream::connect(target).await else {
         return;
