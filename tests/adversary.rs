@@ -1,8 +1,7 @@
 //! The adversary's findings: each test breaks a promise of SPEC sections 4 to 6 that the
 //! "every promise on every path" change meant to keep, on the real servers. Each fails
 //! against the code it was written for; its name says the promise, its doc comment the
-//! attack. Tests that change the shared servers (a memory alarm) hold `servers_lock()`
-//! and restore them, also when they fail.
+//! attack. None changes the shared servers' state.
 
 mod support;
 
@@ -10,15 +9,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
 use support::binary::BinaryWorker;
-use support::proxy::Proxy;
 use support::*;
-use tokio::time::Instant;
-
-const SERVICES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
 
 // ------------------------------------------------------------ signals at start-up
 
@@ -273,9 +268,4 @@ async fn requests_with_a_duplicated_key_keep_the_order_of_their_documents() {
 /// Ready messages of a queue (0 when it doesn't exist).
 async fn ready(queue: &str) -> u32 {
     queue_counts(queue).await.map_or(0, |(ready, _)| ready)
-}
-
-#[allow(dead_code)]
-fn unused() -> (Instant, BasicPublishOptions, Option<Proxy>, &'static str) {
-    (Instant::now(), BasicPublishOptions::default(), None, SERVICES)
 }
