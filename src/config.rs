@@ -165,7 +165,9 @@ impl Settings {
             .add_source(
                 config::Environment::with_prefix("MUPDATE")
                     .separator("__")
-                    .try_parsing(true),
+                    // Verbatim: a string key keeps "0123" or "TRUE" as written; a
+                    // numeric or boolean key still reads its string as a number.
+                    .try_parsing(false),
             )
             .build()?
             .try_deserialize()?;

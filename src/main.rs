@@ -165,12 +165,11 @@ async fn ready(listen: &str) -> anyhow::Result<ExitCode> {
 /// (what is unsettled goes back to the queue when the broker sees the connection end).
 /// Whatever the graceful path meets (a frozen engine or broker, a blocked connection), the
 /// process ends with 0 within the grace and `EXIT_MARGIN`: see `exit_at_the_latest`.
-async fn shutdown_signal(token: CancellationToken, grace: Duration) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+async fn shutdown_signal(signals: Option<Signals>, token: CancellationToken, grace: Duration) {
+    let Some(Signals {
+        mut term, mut int, ..
+    }) = signals
+    else {
         return;
     };
     tokio::select! {
@@ -185,6 +184,24 @@ async fn shutdown_signal(token: CancellationToken, grace: Duration) {
     };
     eprintln!("mupdate-worker: second signal; exiting now");
     std::process::exit(code);
+}
+
+/// The worker's signal handlers, installed before the held signals are let in.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    /// Kept so that SIGHUP is handled (reloaded by `session`, never the default action)
+    /// from the start.
+    _hangup: tokio::signal::unix::Signal,
+}
+
+fn install_signals() -> Option<Signals> {
+    use tokio::signal::unix::{SignalKind, signal};
+    Some(Signals {
+        term: signal(SignalKind::terminate()).ok()?,
+        int: signal(SignalKind::interrupt()).ok()?,
+        _hangup: signal(SignalKind::hangup()).ok()?,
+    })
 }
 
 /// After the grace: time for what is handed back to reach the broker, and to exit.
@@ -235,7 +252,34 @@ fn init_logs(settings: &Settings) {
         .init();
 }
 
+/// Holds SIGTERM, SIGINT and SIGHUP back from the start, in the main thread (and so in
+/// every thread started after it), until their handlers are installed
+/// (`install_signals`): one sent while the worker starts is handled once it can be,
+/// never met by the default action that ends the process.
+fn hold_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset write into a sigset_t we own; pthread_sigmask only
+    // changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Lets the held signals in again (those sent meanwhile are delivered now).
+fn release_signals(set: &libc::sigset_t) {
+    // SAFETY: as in `hold_signals`.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, set, std::ptr::null_mut());
+    }
+}
+
 fn main() -> ExitCode {
+    let held = hold_signals();
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
@@ -283,19 +327,30 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(execute(command, settings, rules));
+    let code = runtime.block_on(execute(command, settings, rules, held));
     // Blocking tasks still running (a name lookup of a silent DNS server) don't hold the
     // exit up.
     runtime.shutdown_timeout(Duration::from_millis(200));
     code
 }
 
-async fn execute(command: Command, settings: Settings, rules: Option<Vec<Rule>>) -> ExitCode {
+async fn execute(
+    command: Command,
+    settings: Settings,
+    rules: Option<Vec<Rule>>,
+    held: libc::sigset_t,
+) -> ExitCode {
+    if !matches!(command, Command::Run) {
+        release_signals(&held);
+    }
     let result = match command {
         Command::Run => {
             let token = CancellationToken::new();
             let grace = Duration::from_millis(settings.worker.shutdown_timeout_ms);
-            tokio::spawn(shutdown_signal(token.clone(), grace));
+            // Every handler in place before the held signals come in.
+            let signals = install_signals();
+            release_signals(&held);
+            tokio::spawn(shutdown_signal(signals, token.clone(), grace));
             mupdate_worker::session::run(settings, token)
                 .await
                 .map(|()| ExitCode::SUCCESS)

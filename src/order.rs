@@ -71,7 +71,8 @@ impl Sequencer {
     }
 
     fn keys(&self, body: &[u8]) -> Vec<u64> {
-        let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(body) else {
+        let Ok(Lenient(Some(envelope))) = serde_json::from_slice::<Lenient<Envelope<'_>>>(body)
+        else {
             return Vec::new();
         };
         let (Some(index), Some(collection)) = (envelope.index, envelope.collection) else {
@@ -124,21 +125,125 @@ impl Drop for Turn {
     }
 }
 
-/// What a turn reads of a request: borrowed where the JSON allows, the rest skipped.
-#[derive(Deserialize)]
+/// What a turn reads of a request: borrowed where the JSON allows, the rest skipped. Read
+/// as `envelope::parse` reads it: a key given twice counts for its last value, and a value
+/// of another type is no value (that request is refused later, before any engine call).
+#[derive(Default)]
 struct Envelope<'a> {
-    #[serde(borrow, default)]
     index: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
     collection: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
     body: Option<Body<'a>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default)]
 struct Body<'a> {
-    #[serde(borrow, default)]
     documents: Option<Vec<Document<'a>>>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Envelope<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Envelope<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an envelope")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut envelope = Envelope::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match &*key {
+                        "index" => envelope.index = map.next_value::<Text<'de>>()?.0,
+                        "collection" => envelope.collection = map.next_value::<Text<'de>>()?.0,
+                        "body" => envelope.body = map.next_value::<Lenient<Body<'de>>>()?.0,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(envelope)
+            }
+        }
+        deserializer.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Body<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Body<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a body")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut body = Body::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "documents" {
+                        body.documents = map.next_value::<Lenient<Vec<Document<'de>>>>()?.0;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(body)
+            }
+        }
+        deserializer.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// `T` when the value is of `T`'s shape (a map for a map, a sequence for a sequence),
+/// `None` for any other value, read past.
+struct Lenient<T>(Option<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = Lenient<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let value = T::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Lenient(Some(value)))
+            }
+            fn visit_seq<S: serde::de::SeqAccess<'de>>(
+                self,
+                seq: S,
+            ) -> Result<Self::Value, S::Error> {
+                let value = T::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+                Ok(Lenient(Some(value)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+        }
+        deserializer.deserialize_any(Visit(std::marker::PhantomData))
+    }
 }
 
 /// One entry of `documents`: its `_id` when it is an object with a string `_id`; any other
@@ -204,10 +309,49 @@ struct Text<'a>(Option<std::borrow::Cow<'a, str>>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        match serde_json::Value::deserialize(deserializer)? {
-            serde_json::Value::String(s) => Ok(Text(Some(s.into()))),
-            _ => Ok(Text(None)),
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Some(v.into())))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Some(v.to_owned().into())))
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+            fn visit_seq<S: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: S,
+            ) -> Result<Self::Value, S::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Text(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Text(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Text(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Text(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Text(None))
+            }
         }
+        deserializer.deserialize_any(Visit(std::marker::PhantomData))
     }
 }
 
@@ -269,6 +413,22 @@ mod tests {
             let mut turn = sequencer.turn(body);
             assert!(turn.wait(&CancellationToken::new()).await);
         }
+    }
+
+    #[test]
+    fn a_key_given_twice_counts_for_its_last_value_as_the_envelope_reads_it() {
+        let sequencer = Sequencer::default();
+        let twice = br#"{"index":"i","collection":"x","collection":"c","body":{"documents":[{"_id":"a","body":{}}],"documents":[{"_id":"x"},{"_id":"a"}]}}"#;
+        let once =
+            br#"{"index":"i","collection":"c","body":{"documents":[{"_id":"x"},{"_id":"a"}]}}"#;
+        assert_eq!(sequencer.keys(twice), sequencer.keys(once));
+        assert_eq!(sequencer.keys(once).len(), 2);
+        let odd = br#"{"index":"i","collection":"c","body":{"documents":[3,"s",null,[1],{"_id":7},{"_id":"a"}]}}"#;
+        assert_eq!(
+            sequencer.keys(odd).len(),
+            1,
+            "only the readable document counts"
+        );
     }
 
     #[test]

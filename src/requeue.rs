@@ -7,18 +7,18 @@
 //! broker (a quorum queue's delivery limit, a handler that panicked): whether it was
 //! applied is unknown, so it stays too unless `--unknown` says to move those as well.
 //!
-//! The messages present when it starts are read once each (manual acks): a moved one is
-//! published to the request queue, confirmed, then acked; a kept one is handed back to the
-//! dead-letter queue at the end, in its order. `user_id` is restored from
+//! The messages present when it starts are read once each (`basic.get`, manual acks): a
+//! moved one is published to the request queue, confirmed, then acked; a kept one stays
+//! unacked until the end, then goes back to the dead-letter queue, in its order (a crash
+//! meanwhile hands them back too: nothing is lost, a moved one at worst is there twice). `user_id` is restored from
 //! `x-mupdate-user-id` (RabbitMQ accepts it only from that user, or from one with the
 //! `impersonator` tag); a message whose `user_id` the broker refuses is kept.
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -63,22 +63,17 @@ pub async fn run(settings: &AmqpSettings, unknown_too: bool) -> anyhow::Result<M
         .queue_declare(dlq.into(), passive, FieldTable::default())
         .await?
         .message_count();
-    read.basic_qos(100, BasicQosOptions::default()).await?;
-    let mut consumer = read
-        .basic_consume(
-            dlq.into(),
-            "mupdate-requeue-dead".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
     let mut publish = confirming(&connection).await?;
     let mut done = Moved::default();
     let mut last_kept = None;
+    // One message at a time (basic.get): what is kept stays unacked with us, so the
+    // next get skips it, whatever the count kept (no prefetch to fill).
     for _ in 0..present {
-        let Ok(Some(Ok(delivery))) = tokio::time::timeout(CALL, consumer.next()).await else {
+        let get = read.basic_get(dlq.into(), BasicGetOptions::default());
+        let Some(message) = tokio::time::timeout(CALL, get).await?? else {
             break;
         };
+        let delivery = message.delivery;
         let headers = delivery.properties.headers().clone().unwrap_or_default();
         let applied = match headers.inner().get(APPLIED_HEADER) {
             Some(AMQPValue::Boolean(applied)) => Some(*applied),

@@ -119,6 +119,32 @@ fn config_prints_the_effective_settings_without_secrets() {
     assert_eq!(settings["storage"]["password"], "<redacted>");
 }
 
+/// SPEC section 7: environment values are taken verbatim where the key is a string; a
+/// number or a boolean is read as one where the key is.
+#[test]
+fn environment_values_are_strings_where_the_key_is_a_string() {
+    let out = binary()
+        .arg("config")
+        .env("MUPDATE__AMQP__REQUEST_QUEUE", "0123")
+        .env("MUPDATE__AMQP__REPLY_QUEUE", "1e5")
+        .env("MUPDATE__AMQP__DEAD_LETTER_QUEUE", "TRUE")
+        .env("MUPDATE__AMQP__PREFETCH", "64")
+        .env("MUPDATE__STORAGE__COMPRESSION", "true")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let settings: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(settings["amqp"]["request_queue"], "0123");
+    assert_eq!(settings["amqp"]["reply_queue"], "1e5");
+    assert_eq!(settings["amqp"]["dead_letter_queue"], "TRUE");
+    assert_eq!(settings["amqp"]["prefetch"], 64);
+    assert_eq!(settings["storage"]["compression"], true);
+}
+
 #[test]
 fn an_invalid_setting_stops_the_worker_with_exit_code_2() {
     let out = binary()

@@ -178,8 +178,8 @@ impl Broker {
     /// request queue's name, as the broker's own dead-lettering does) with headers saying
     /// why (`x-mupdate-reason`) and whether its update was applied (`x-mupdate-applied`),
     /// confirmed: then the caller acks it. Its properties are kept, but for `user_id`,
-    /// which RabbitMQ lets a connection publish only as its own user: it travels in
-    /// `x-mupdate-user-id`.
+    /// which RabbitMQ lets a connection publish only as its own user (it travels in
+    /// `x-mupdate-user-id`), and `expiration`, which would let it expire there.
     pub async fn dead_letter(
         &self,
         exchange: &str,
@@ -275,7 +275,9 @@ pub fn reply_properties(reply: &Outgoing<'_>) -> BasicProperties {
     }
 }
 
-/// `p` less its `user_id`.
+/// `p` less its `user_id` (RabbitMQ takes it only from that user) and its `expiration` (a
+/// dead letter must not expire out of the dead-letter queue: RabbitMQ's own
+/// dead-lettering drops it too).
 fn without_user_id(p: &BasicProperties) -> BasicProperties {
     let mut out = BasicProperties::default();
     if let Some(v) = p.content_type() {
@@ -292,9 +294,6 @@ fn without_user_id(p: &BasicProperties) -> BasicProperties {
     }
     if let Some(v) = p.reply_to() {
         out = out.with_reply_to(v.clone());
-    }
-    if let Some(v) = p.expiration() {
-        out = out.with_expiration(v.clone());
     }
     if let Some(v) = p.message_id() {
         out = out.with_message_id(v.clone());
