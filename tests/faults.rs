@@ -88,9 +88,11 @@ async fn an_engine_outage_mid_stream_loses_nothing() {
     let _servers = servers_lock().await;
     let mut settings = settings();
     settings.storage.retry_max_delay_ms = 1000;
-    // Held requests go back to the queue after 3 s (RabbitMQ's consumer timeout stands
-    // behind this in production): the outage outlasts that.
-    settings.worker.max_hold_ms = 3000;
+    // The pause hands held requests back to the queue once the engine has been
+    // unavailable 2 s: the outage outlasts that, however fast the engine starts again.
+    // (`max_hold_ms` no longer does during an outage: each hold would cost a delivery
+    // attempt.)
+    settings.worker.pause_after_ms = 2000;
     // Fewer held than the load (200), so that requests reach the worker during the
     // outage: with all of them held at once (prefetch 256), every call was already at
     // the engine, which answered them while stopping, and none had to be handed back.
