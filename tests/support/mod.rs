@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod cleanup;
 pub mod history;
 pub mod http_fault;
 pub mod load;
