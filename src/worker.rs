@@ -404,15 +404,16 @@ impl Handler {
             Fate::HandBack => Settlement::Requeue,
             Fate::DeadLetter(reason) => {
                 let request_id = &answer.response.request_id;
-                self.dead_letter(
-                    broker,
-                    &data,
-                    &properties,
-                    reason,
-                    answer.applied(),
-                    request_id,
-                )
-                .await?
+                let applied = answer.applied();
+                let settled = self
+                    .dead_letter(broker, &data, &properties, reason, applied, request_id)
+                    .await?;
+                // Its dead letter is confirmed: a redelivery after a lost ack is acked
+                // without a second dead letter (it is in the dead-letter queue already).
+                if settled == Settlement::Ack {
+                    self.answered.insert(answer.identified, &data, &props);
+                }
+                settled
             }
         };
         ticket.settle(settlement).await?;

@@ -21,8 +21,9 @@
 //!   end, or to the default reply queue), and requests whose `reply_to` names no queue.
 //!
 //! Once every fault is healed and the workers had time to finish: no stale document,
-//! every request with an id answered (the unroutable ones dead-lettered exactly once and
-//! never answered, the others never dead-lettered), every no-id request answered, the
+//! every request with an id answered (the unroutable ones dead-lettered, never answered:
+//! once, or once more when a fault came between a dead letter's confirm and its ack; the
+//! others never dead-lettered), every no-id request answered, the
 //! request queue empty, each worker consuming again, and every SIGTERM exit was 0 within
 //! `shutdown_timeout_ms` + 2 s. One summary line per seed; a failing seed's panic names
 //! the seed, its replay command and its schedule.
@@ -1421,6 +1422,8 @@ struct Outcome {
     routed_answered: usize,
     unroutable: usize,
     dead_lettered: usize,
+    /// Dead letters beyond the first of an unroutable request (a lost ack's copy).
+    dead_letter_copies: usize,
     noid: (u64, usize),
     noid_default: (u64, usize),
     producer_duplicates: usize,
@@ -1513,10 +1516,16 @@ impl Outcome {
         self.dead_lettered = dead.len();
         self.unroutable = published.unroutable.len();
         let mut unroutable_wrong = Vec::new();
+        // At least once, never lost. A copy more is the documented cost of a lost ack:
+        // the worker publishes the dead letter, confirmed, then acks, and a worker killed
+        // (or a connection lost) between the two leaves the request to be dead-lettered
+        // again by whoever gets it next. Counted in the summary, not a failure.
         for id in &published.unroutable {
             let n = dead_ids.get(id).copied().unwrap_or(0);
-            if n != 1 {
-                unroutable_wrong.push(format!("{id}: dead-lettered {n} times"));
+            if n == 0 {
+                unroutable_wrong.push(format!("{id}: never dead-lettered"));
+            } else if n > 1 {
+                self.dead_letter_copies += n - 1;
             }
         }
         for id in &published.unroutable_maybe {
@@ -1527,7 +1536,7 @@ impl Outcome {
         }
         if !unroutable_wrong.is_empty() {
             problems.push(format!(
-                "{} unroutable request(s) not dead-lettered exactly once: {}",
+                "{} unroutable request(s) not dead-lettered: {}",
                 unroutable_wrong.len(),
                 few(&unroutable_wrong)
             ));
@@ -1653,7 +1662,7 @@ impl Outcome {
         let stale = self.checks.stale.len() - self.checks.stale_after_republish;
         format!(
             "faults={} acknowledged={} stale={}/{} duplicate-replies={} dead-lettered={} \
-             (unroutable, confirmed: {}), routed answered={}/{}, no-id replies={}/{} and {}/{} \
+             (unroutable, confirmed: {}; copies after a lost ack: {}), routed answered={}/{}, no-id replies={}/{} and {}/{} \
              (default queue), sigterm exits=[{}], left={}, failed checks={}",
             self.faults,
             self.checks.acknowledged,
@@ -1662,6 +1671,7 @@ impl Outcome {
             self.checks.duplicates + self.producer_duplicates,
             self.dead_lettered,
             self.unroutable,
+            self.dead_letter_copies,
             self.routed_answered,
             self.routed,
             self.noid.1,
