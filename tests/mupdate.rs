@@ -737,3 +737,77 @@ async fn the_kuzzle2_layout_writes_through_the_alias_and_leaves_other_indexes_al
     assert_eq!(reply["error"]["id"], "services.storage.unknown_collection");
     worker.stop().await;
 }
+
+/// Numbers in a document body reach the engine as the producer wrote them: what the
+/// worker stores is what the same partial update sent straight to the engine stores
+/// (Kuzzle's default mapping, `dynamic: false`, keeps `_source` as written), and the
+/// reply's `_source` says the same. Without exact numbers the big integer became
+/// `1.2345678901234568E22`.
+#[tokio::test]
+async fn numbers_reach_the_engine_exactly_as_written() {
+    let col = Collection::create_on(
+        &ES_URL,
+        &[("via-worker", json!({"k": 0})), ("direct", json!({"k": 0}))],
+        json!({"mappings": {"dynamic": false, "properties": {}}}),
+    )
+    .await;
+    let worker = Worker::start().await;
+    let numbers = r#"{"big": 12345678901234567890123, "negative": -98765432109876543210987,
+        "decimal": 3.14159265358979323846264338327950288, "exponent": 6.02214076e23,
+        "small": 1E-7, "whole": 10.0, "nested": {"list": [18446744073709551616, 0.30000000000000004441]}}"#;
+    let envelope = format!(
+        r#"{{"index": "{}", "collection": "{}", "controller": "document", "action": "mUpdate",
+            "body": {{"documents": [{{"_id": "via-worker", "body": {numbers}}}]}}}}"#,
+        col.index, col.collection
+    );
+    let reply = call_bytes(&worker, envelope.as_bytes()).await;
+    assert_eq!(reply["status"], 200, "{reply}");
+    let direct = http()
+        .post(format!(
+            "{}/{}/_update/direct?refresh=true",
+            col.es,
+            path(&col.physical)
+        ))
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"doc": {numbers}}}"#))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        direct.status().is_success(),
+        "{}",
+        direct.text().await.unwrap()
+    );
+
+    // The stored `_source` as the engine returns it, text for text.
+    let stored = |id: &'static str| {
+        let url = format!("{}/{}/_source/{id}", col.es, path(&col.physical));
+        async move { http().get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let (via_worker, direct) = (stored("via-worker").await, stored("direct").await);
+    let fields = [
+        "12345678901234567890123",
+        "-98765432109876543210987",
+        "3.14159265358979323846264338327950288",
+        "6.02214076e23",
+        "1E-7",
+        "10.0",
+        "18446744073709551616",
+        "0.30000000000000004441",
+    ];
+    for field in fields {
+        assert_eq!(
+            via_worker.contains(field),
+            direct.contains(field),
+            "{field}: worker stored {via_worker}, direct stored {direct}"
+        );
+    }
+    assert!(
+        via_worker.contains("12345678901234567890123"),
+        "the big integer as written: {via_worker}"
+    );
+    // The reply's `_source` is the engine's, as written too.
+    let echoed = reply["result"]["hits"][0]["_source"]["big"].to_string();
+    assert_eq!(echoed, "12345678901234567890123", "{reply}");
+    worker.stop().await;
+}
