@@ -1,0 +1,381 @@
+//! What the real servers do, in the cases the worker's guarantees rest on: redelivery
+//! flags, publisher confirms and returns as lapin reports them, refusals, the delivery
+//! limit of a quorum queue, and the engine's versions, no-ops and conflicts. Each test
+//! states one behaviour a model of these servers (the deterministic simulation of the
+//! delivery lifecycle) must copy, and shows it on the servers of `scripts/services.sh`.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation};
+use serde_json::{Value, json};
+use support::*;
+
+/// The header numbering the test's publishes.
+const NUMBER: &str = "x-test-number";
+
+fn numbered(n: u64) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(NUMBER.into(), AMQPValue::LongLongInt(n as i64));
+    BasicProperties::default().with_headers(headers)
+}
+
+fn number_of(properties: &BasicProperties) -> Option<u64> {
+    match properties.headers().as_ref()?.inner().get(NUMBER)? {
+        AMQPValue::LongLongInt(n) => Some(*n as u64),
+        _ => None,
+    }
+}
+
+async fn declare(channel: &Channel, queue: &str, arguments: FieldTable) {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .unwrap();
+}
+
+async fn consumer(channel: &Channel, queue: &str) -> lapin::Consumer {
+    channel
+        .basic_consume(
+            queue.into(),
+            fresh("model").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+}
+
+async fn next(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    tokio::time::timeout(TIMEOUT, consumer.next())
+        .await
+        .expect("a delivery in time")
+        .expect("the consumer is open")
+        .expect("a delivery")
+}
+
+/// A first delivery has `redelivered` false; once handed back (nacked with requeue, or
+/// left unacked by a channel that closes) it comes again with `redelivered` true, and
+/// its bytes and properties unchanged.
+#[tokio::test]
+async fn a_delivery_handed_back_comes_again_flagged_redelivered() {
+    let queue = fresh("model-redelivered");
+    let amqp = Amqp::open().await;
+    declare(&amqp.channel, &queue, FieldTable::default()).await;
+    publish(&amqp.channel, &queue, b"one", numbered(1)).await;
+
+    let first = amqp.connection.create_channel().await.unwrap();
+    let mut consuming = consumer(&first, &queue).await;
+    let delivery = next(&mut consuming).await;
+    assert!(!delivery.redelivered, "a first delivery");
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    delivery.acker.nack(requeue).await.unwrap();
+    let again = next(&mut consuming).await;
+    assert!(again.redelivered, "after a nack with requeue");
+    assert_eq!(
+        (&*again.data, number_of(&again.properties)),
+        (&b"one"[..], Some(1))
+    );
+
+    // Left unacked by a channel that closes.
+    first.close(200, "bye".into()).await.unwrap();
+    let second = amqp.connection.create_channel().await.unwrap();
+    let mut consuming = consumer(&second, &queue).await;
+    let again = next(&mut consuming).await;
+    assert!(again.redelivered, "after its channel closed");
+    again.acker.ack(Default::default()).await.unwrap();
+    delete_queues(&[&queue]).await;
+    amqp.close().await;
+}
+
+/// A mandatory publish that reaches no queue is returned (`basic.return`, the message
+/// with its properties) and then confirmed with an ack, never a nack: the confirm alone
+/// does not say it was routed. lapin hands the returned message over with a confirm.
+#[tokio::test]
+async fn an_unroutable_mandatory_publish_is_returned_then_acked() {
+    let amqp = Amqp::open().await;
+    let nowhere = fresh("model-no-such-queue");
+    let confirm = amqp
+        .channel
+        .basic_publish(
+            "".into(),
+            nowhere.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"lost",
+            numbered(7),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let Confirmation::Ack(Some(returned)) = confirm else {
+        panic!("expected an ack carrying the returned message, got {confirm:?}");
+    };
+    assert_eq!(returned.reply_code, 312, "NO_ROUTE");
+    assert_eq!(number_of(&returned.properties), Some(7));
+    assert_eq!(&*returned.data, b"lost");
+    amqp.close().await;
+}
+
+/// Many publishes outstanding on one channel, every other one unroutable: every returned
+/// message comes back (on some confirm of that channel), every confirm is an ack; but
+/// which confirm a return is reported on is not always its own publish's. The model
+/// reports returns the same way, so only what a returned message carries (the worker's
+/// header) may say which publish it was.
+#[tokio::test]
+async fn returns_come_back_on_some_confirm_of_their_channel() {
+    let queue = fresh("model-returns");
+    let amqp = Amqp::open().await;
+    declare(&amqp.channel, &queue, FieldTable::default()).await;
+    let nowhere = fresh("model-no-such-queue");
+    const N: u64 = 400;
+    let mut confirms = Vec::new();
+    for n in 0..N {
+        let key = if n % 2 == 0 { &queue } else { &nowhere };
+        let confirm = amqp
+            .channel
+            .basic_publish(
+                "".into(),
+                key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b"x",
+                numbered(n),
+            )
+            .await
+            .unwrap();
+        confirms.push((n, confirm));
+    }
+    let (mut returned, mut elsewhere) = (BTreeSet::new(), 0);
+    for (n, confirm) in confirms {
+        let confirmation = tokio::time::timeout(TIMEOUT, confirm)
+            .await
+            .expect("a confirm in time")
+            .unwrap();
+        match confirmation {
+            Confirmation::Ack(Some(message)) => {
+                let number = number_of(&message.properties).expect("our header");
+                elsewhere += u32::from(number != n);
+                returned.insert(number);
+            }
+            Confirmation::Ack(None) => {}
+            other => panic!("publish {n}: {other:?}"),
+        }
+    }
+    let unroutable: BTreeSet<u64> = (0..N).filter(|n| n % 2 == 1).collect();
+    assert_eq!(
+        returned, unroutable,
+        "every unroutable publish returned once"
+    );
+    println!(
+        "returns reported on another publish's confirm: {elsewhere} of {}",
+        N / 2
+    );
+    delete_queues(&[&queue]).await;
+    amqp.close().await;
+}
+
+/// A queue that refuses publishes (`x-max-length` 0 with `x-overflow` `reject-publish`)
+/// nacks them: the confirm is a nack, nothing is returned, and it keeps refusing.
+#[tokio::test]
+async fn a_queue_that_rejects_publishes_nacks_them() {
+    let queue = fresh("model-full");
+    let amqp = Amqp::open().await;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    declare(&amqp.channel, &queue, arguments).await;
+    for n in 0..3 {
+        let confirm = amqp
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b"x",
+                numbered(n),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            matches!(confirm, Confirmation::Nack(None)),
+            "publish {n}: {confirm:?}"
+        );
+    }
+    delete_queues(&[&queue]).await;
+    amqp.close().await;
+}
+
+/// A quorum queue counts deliveries handed back: with `x-delivery-limit` L, the message
+/// is redelivered carrying its count (`x-delivery-count`) and, handed back once more
+/// than L times, goes to the dead-letter exchange instead of coming again.
+#[tokio::test]
+async fn a_quorum_queue_dead_letters_past_its_delivery_limit() {
+    let (queue, dead) = (fresh("model-limited"), fresh("model-limited-dlq"));
+    let amqp = Amqp::open().await;
+    declare(&amqp.channel, &dead, FieldTable::default()).await;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    arguments.insert("x-delivery-limit".into(), AMQPValue::LongInt(2));
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(dead.as_str().into()),
+    );
+    declare(&amqp.channel, &queue, arguments).await;
+    publish(&amqp.channel, &queue, b"poison", numbered(1)).await;
+
+    let channel = amqp.connection.create_channel().await.unwrap();
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consuming = consumer(&channel, &queue).await;
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    let mut counts = Vec::new();
+    for _ in 0..3 {
+        let delivery = next(&mut consuming).await;
+        let count = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count").cloned());
+        counts.push((delivery.redelivered, count));
+        delivery.acker.nack(requeue).await.unwrap();
+    }
+    let count = |n: i64| Some(AMQPValue::LongLongInt(n));
+    assert_eq!(
+        counts,
+        [(false, None), (true, count(1)), (true, count(2))],
+        "redelivered, x-delivery-count"
+    );
+    // Handed back a third time with a limit of 2: dead-lettered, not delivered again.
+    let dead_letter = next_message(&amqp.channel, &dead).await;
+    assert_eq!(&*dead_letter.data, b"poison");
+    assert_eq!(number_of(&dead_letter.properties), Some(1));
+    let again = tokio::time::timeout(std::time::Duration::from_millis(500), consuming.next()).await;
+    assert!(again.is_err(), "not delivered again: {again:?}");
+    delete_queues(&[&queue, &dead]).await;
+    amqp.close().await;
+}
+
+/// The engine's answers a model copies: each applied partial update raises `_version`
+/// by one; an update that changes nothing is a `noop` at the same version unless
+/// `detect_noop` is off; a write guarded by a stale `if_seq_no` is a 409
+/// `version_conflict_engine_exception`; an update of a missing document is a 404
+/// `document_missing_exception`; each item of a `_bulk` answers alone, in order.
+#[tokio::test]
+async fn the_engine_versions_noops_and_conflicts() {
+    let col = Collection::create(&[("a", json!({"n": 0}))]).await;
+    let bulk = |lines: Vec<Value>| {
+        let mut body = String::new();
+        for line in lines {
+            body.push_str(&line.to_string());
+            body.push('\n');
+        }
+        let url = format!("{}/{}/_bulk", col.es, path(&col.physical));
+        async move {
+            let answer: Value = http()
+                .post(url)
+                .header("content-type", "application/x-ndjson")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            answer["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|item| item["update"].clone())
+                .collect::<Vec<Value>>()
+        }
+    };
+    let update = |id: &str, doc: Value, noop: bool| {
+        vec![
+            json!({"update": {"_id": id, "retry_on_conflict": 1}}),
+            json!({"doc": doc, "detect_noop": noop}),
+        ]
+    };
+    let mut lines = update("a", json!({"n": 1}), true);
+    lines.extend(update("a", json!({"n": 1}), true));
+    lines.extend(update("a", json!({"n": 1}), false));
+    lines.extend(update("missing", json!({"n": 1}), true));
+    let items = bulk(lines).await;
+    let seen: Vec<(Value, Value, Value)> = items
+        .iter()
+        .map(|i| {
+            (
+                i["status"].clone(),
+                i["result"].clone(),
+                i["_version"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen[..3],
+        [
+            (json!(200), json!("updated"), json!(2)),
+            (json!(200), json!("noop"), json!(2)),
+            (json!(200), json!("updated"), json!(3)),
+        ],
+        "{items:?}"
+    );
+    assert_eq!(items[3]["status"], 404);
+    assert_eq!(items[3]["error"]["type"], "document_missing_exception");
+
+    let seq_no = items[2]["_seq_no"].as_u64().unwrap();
+    let stale = vec![
+        json!({"update": {"_id": "a", "if_seq_no": seq_no - 1, "if_primary_term": items[2]["_primary_term"]}}),
+        json!({"doc": {"n": 2}}),
+    ];
+    let items = bulk(stale).await;
+    assert_eq!(items[0]["status"], 409, "{items:?}");
+    assert_eq!(
+        items[0]["error"]["type"],
+        "version_conflict_engine_exception"
+    );
+    let (source, version) = col.get("a").await;
+    assert_eq!((source["n"].clone(), version), (json!(1), 3));
+}
