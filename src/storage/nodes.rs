@@ -8,15 +8,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use elasticsearch::Elasticsearch;
-
+use super::port::EngineNode;
 use crate::metrics::Metrics;
 
 const FIRST_TIME_OUT: Duration = Duration::from_secs(1);
 const LONGEST_TIME_OUT: Duration = Duration::from_secs(10);
 
 pub struct Node {
-    pub client: Elasticsearch,
+    pub engine: Box<dyn EngineNode>,
     /// `host:port`, for logs and metrics (no credentials).
     pub name: String,
     health: Mutex<Health>,
@@ -37,9 +36,9 @@ impl Health {
 }
 
 impl Node {
-    pub fn new(name: String, client: Elasticsearch) -> Self {
+    pub fn new(name: String, engine: Box<dyn EngineNode>) -> Self {
         Node {
-            client,
+            engine,
             name,
             health: Mutex::new(Health::default()),
         }
@@ -127,7 +126,9 @@ mod tests {
             .iter()
             .map(|name| {
                 let transport = Transport::single_node(&format!("http://{name}")).unwrap();
-                Node::new((*name).to_owned(), Elasticsearch::new(transport))
+                let engine =
+                    crate::storage::port::Http(elasticsearch::Elasticsearch::new(transport));
+                Node::new((*name).to_owned(), Box::new(engine))
             })
             .collect();
         Nodes::new(nodes, metrics)
