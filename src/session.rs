@@ -8,7 +8,9 @@
 //! abandoned copy in this worker.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use backon::BackoffBuilder;
 use futures_util::StreamExt;

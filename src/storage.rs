@@ -4,15 +4,15 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use elasticsearch::Elasticsearch;
 use elasticsearch::auth::{ClientCertificate, Credentials};
 use elasticsearch::cert::CertificateValidation;
-use elasticsearch::http::headers::{
-    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue,
-};
+use elasticsearch::http::headers::{ACCEPT_ENCODING, AUTHORIZATION, HeaderValue};
 use elasticsearch::http::transport::{SingleNodeConnectionPool, Transport, TransportBuilder};
 use elasticsearch::http::{Method, Url};
 
@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::security::tls::StorageTls;
 
 mod nodes;
+pub mod port;
 
 use crate::bounded::bounded;
 
@@ -35,7 +36,9 @@ static NEVER: std::sync::LazyLock<CancellationToken> =
 /// How far past the HTTP client's timeout the backstop bound lies.
 const BOUND_MARGIN: Duration = Duration::from_secs(1);
 
-use nodes::{Node, Nodes};
+pub use nodes::Node;
+use nodes::Nodes;
+use port::FailureKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -102,12 +105,20 @@ impl Storage {
                     (Some(host), Some(port)) => format!("{host}:{port}"),
                     _ => return Err(StorageError::Config(format!("storage.url: no host in {u}"))),
                 };
-                Ok(Node::new(
-                    name,
-                    Elasticsearch::new(transport(settings, url)?),
-                ))
+                let engine = port::Http(Elasticsearch::new(transport(settings, url)?));
+                Ok(Node::new(name, Box::new(engine)))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        Self::with_nodes(settings, nodes, metrics)
+    }
+
+    /// On the nodes given (each behind the engine port) rather than those of
+    /// `settings.url`.
+    pub fn with_nodes(
+        settings: &StorageSettings,
+        nodes: Vec<Node>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StorageError> {
         if nodes.is_empty() {
             return Err(StorageError::Config("storage.url lists no node".into()));
         }
@@ -139,71 +150,46 @@ impl Storage {
         timeout: Duration,
         judged_by_items: bool,
     ) -> Result<(u16, Vec<u8>), StorageError> {
-        let mut headers = HeaderMap::new();
-        if body.is_some() {
-            headers.insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("application/x-ndjson"),
-            );
-        }
         let mut tried = 0;
-        let response = loop {
+        let call = port::Call {
+            method,
+            path,
+            query,
+            body,
+            timeout,
+        };
+        let (status, bytes) = loop {
             let node = self.nodes.pick();
-            let send = node.client.send(
-                method,
-                path,
-                headers.clone(),
-                Some(query),
-                body,
-                Some(timeout),
-            );
             // The HTTP client's own timeout covers connecting, sending and the body; the
             // bound is the module-wide rule (`bounded`), a little past it.
-            let sent = match bounded("an engine call", timeout + BOUND_MARGIN, &NEVER, send).await {
-                Ok(sent) => sent,
-                Err(interrupted) => {
-                    self.answered(false);
-                    return Err(StorageError::Unavailable(interrupted.to_string()));
-                }
-            };
-            match sent {
-                Ok(response) => {
+            let exchange = node.engine.exchange(call);
+            let exchanged =
+                match bounded("an engine call", timeout + BOUND_MARGIN, &NEVER, exchange).await {
+                    Ok(exchanged) => exchanged,
+                    Err(interrupted) => {
+                        self.answered(false);
+                        return Err(StorageError::Unavailable(interrupted.to_string()));
+                    }
+                };
+            match exchanged {
+                Ok(answer) => {
                     node.answered(&self.metrics);
-                    break response;
+                    break (answer.status, answer.body);
                 }
-                Err(e) => {
+                Err(failure) => {
                     // A node too slow to answer is still a node; one that refused or
                     // broke the connection is left out for a while.
-                    if !e.is_timeout() {
+                    if failure.kind != FailureKind::TimedOut {
                         node.failed(&self.metrics);
                     }
                     tried += 1;
                     // Nothing reached that node: the next one is asked at once.
-                    if never_sent(&e) && tried < self.nodes.len() {
+                    if failure.kind == FailureKind::NeverSent && tried < self.nodes.len() {
                         continue;
                     }
                     self.answered(false);
-                    // With its causes: a TLS failure's reason is in them.
-                    return Err(StorageError::Unavailable(crate::security::tls::chain(&e)));
+                    return Err(StorageError::Unavailable(failure.message));
                 }
-            }
-        };
-        let status = response.status_code().as_u16();
-        let read = bounded(
-            "an engine answer",
-            timeout + BOUND_MARGIN,
-            &NEVER,
-            response.bytes(),
-        );
-        let bytes = match read.await {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(e)) => {
-                self.answered(false);
-                return Err(StorageError::Unavailable(e.to_string()));
-            }
-            Err(interrupted) => {
-                self.answered(false);
-                return Err(StorageError::Unavailable(interrupted.to_string()));
             }
         };
         // A 429 is an engine too busy to take the call, a 5xx one that can't serve: both
@@ -238,7 +224,7 @@ impl Storage {
                 "HTTP {status}: {reason}"
             )));
         }
-        Ok((status, bytes.to_vec()))
+        Ok((status, bytes))
     }
 
     /// Records whether the engine answered, for `engine_up` and `unavailable_for`.
@@ -447,19 +433,6 @@ impl Storage {
 const PROBE_BULK: &str =
     "{\"update\":{\"_index\":\".mupdate-probe-alias\",\"_id\":\"probe\"}}\n{\"doc\":{}}\n";
 
-/// Whether a call failed before anything was sent: its connection was refused (or could
-/// not be made), so another node may be asked at once, without risk of a double write.
-fn never_sent(err: &elasticsearch::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = source {
-        if let Some(e) = e.downcast_ref::<reqwest::Error>() {
-            return e.is_connect();
-        }
-        source = e.source();
-    }
-    false
-}
-
 /// One node's transport, with the TLS files and credentials of `settings`.
 fn transport(settings: &StorageSettings, url: Url) -> Result<Transport, StorageError> {
     let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(url));
@@ -581,5 +554,88 @@ mod tests {
             "bad"
         );
         assert_eq!(error_reason(b"plain"), "plain");
+    }
+}
+
+/// `Storage` over nodes that are models of the engine port (no server): how it moves
+/// between nodes by the kind of failure. The real servers' side of this is
+/// tests/cluster.rs.
+#[cfg(test)]
+mod port_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::port::{Answer, Call, EngineNode, Exchange, Failure, FailureKind};
+    use super::*;
+
+    /// A node that always answers the same way, counting its calls.
+    struct Scripted {
+        answer: Result<Answer, Failure>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl EngineNode for Scripted {
+        fn exchange<'a>(&'a self, _call: Call<'a>) -> Exchange<'a> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            let answer = self.answer.clone();
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn failing(kind: FailureKind) -> Result<Answer, Failure> {
+        Err(Failure {
+            kind,
+            message: format!("{kind:?}"),
+        })
+    }
+
+    fn storage(answers: Vec<Result<Answer, Failure>>) -> (Storage, Vec<Arc<AtomicUsize>>) {
+        let settings = crate::config::Settings::defaults().storage;
+        let mut counts = Vec::new();
+        let nodes = answers
+            .into_iter()
+            .enumerate()
+            .map(|(i, answer)| {
+                let calls = Arc::new(AtomicUsize::new(0));
+                counts.push(calls.clone());
+                Node::new(format!("node-{i}"), Box::new(Scripted { answer, calls }))
+            })
+            .collect();
+        let storage = Storage::with_nodes(&settings, nodes, Arc::new(Metrics::new())).unwrap();
+        (storage, counts)
+    }
+
+    fn calls(counts: &[Arc<AtomicUsize>]) -> Vec<usize> {
+        counts.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_call_that_never_left_goes_to_the_next_node_at_once() {
+        let ok = Ok(Answer {
+            status: 200,
+            body: b"{}".to_vec(),
+        });
+        let (storage, counts) = storage(vec![failing(FailureKind::NeverSent), ok]);
+        let answer = storage.bulk_once(b"{}\n", false).await.unwrap();
+        assert_eq!(answer, b"{}");
+        assert_eq!(calls(&counts), [1, 1]);
+        assert!(storage.unavailable_for().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_call_that_may_have_landed_is_not_sent_elsewhere() {
+        for kind in [FailureKind::TimedOut, FailureKind::Broken] {
+            let ok = Ok(Answer {
+                status: 200,
+                body: b"{}".to_vec(),
+            });
+            let (storage, counts) = storage(vec![failing(kind), ok]);
+            let err = storage.bulk_once(b"{}\n", false).await.unwrap_err();
+            assert!(
+                matches!(err, StorageError::Unavailable(_)),
+                "{kind:?}: {err}"
+            );
+            assert_eq!(calls(&counts), [1, 0], "{kind:?}");
+            assert!(storage.unavailable_for().is_some(), "{kind:?}");
+        }
     }
 }
