@@ -65,7 +65,7 @@ where
             Ok(items) => items,
             Err(BulkError::Abandoned) => return Err(Abandoned),
             Err(BulkError::Refused(status, reason)) => {
-                warn!(status, %reason, "bulk call refused");
+                warn!(status, reason = %crate::logs::Untrusted(&reason), "bulk call refused");
                 for slot in pending.drain(..) {
                     outcomes[slot] = Some(failed(&documents[slot], status, reason.clone()));
                 }
