@@ -181,6 +181,9 @@ pub fn correlation_id(body: &[u8]) -> String {
     serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| v.get("requestId")?.as_str().map(str::to_owned))
+        // A correlation_id is an AMQP short string: a longer requestId gets a UUID (the
+        // worker answers it by the request's own correlation_id, `reply::reply_key`).
+        .filter(|id| id.len() <= crate::reply::SHORT_STRING_MAX)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 

@@ -223,8 +223,13 @@ impl Settings {
                 return invalid("storage.url", "must be http:// or https:// URLs");
             }
         }
-        if !self.storage.index_template.contains("{index}") {
-            return invalid("storage.index_template", "must contain {index}");
+        if self.storage.layout == Layout::Template
+            && let Err(reason) = check_index_template(&self.storage.index_template)
+        {
+            return Err(ConfigError::Invalid {
+                key: "storage.index_template",
+                reason,
+            });
         }
         if !self.metrics.listen.is_empty()
             && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
@@ -405,14 +410,117 @@ impl StorageSettings {
     }
 }
 
-/// Removes the password of `scheme://user:password@host…`, for logs and `config`.
+/// A part of `storage.index_template`: literal text or a placeholder.
+#[derive(Debug, PartialEq)]
+enum Part<'a> {
+    Text(&'a str),
+    Index,
+    Collection,
+}
+
+/// The template's parts, read as `envelope::target_index` reads it: `{index}` and
+/// `{collection}` are placeholders, any other brace is text.
+fn template_parts(template: &str) -> Vec<Part<'_>> {
+    let mut parts = Vec::new();
+    let (mut rest, mut text_start) = (template, 0);
+    let mut at = 0;
+    while at < rest.len() {
+        let placeholder = if rest[at..].starts_with("{index}") {
+            Some((Part::Index, "{index}".len()))
+        } else if rest[at..].starts_with("{collection}") {
+            Some((Part::Collection, "{collection}".len()))
+        } else {
+            None
+        };
+        match placeholder {
+            Some((part, len)) => {
+                if text_start < at {
+                    parts.push(Part::Text(&rest[text_start..at]));
+                }
+                parts.push(part);
+                rest = &rest[at + len..];
+                (at, text_start) = (0, 0);
+            }
+            None => at += rest[at..].chars().next().map_or(1, char::len_utf8),
+        }
+    }
+    if text_start < rest.len() {
+        parts.push(Part::Text(&rest[text_start..]));
+    }
+    parts
+}
+
+/// Characters Elasticsearch refuses in an index name (upper case letters too).
+const ENGINE_FORBIDDEN: &[char] = &['\\', '/', '*', '?', '"', '<', '>', '|', ' ', ',', '#', ':'];
+
+/// Whether `storage.index_template` gives every Kuzzle index and collection a physical
+/// index of its own: `{index}` and `{collection}` once each, the text between them holding
+/// a `.` (which no Kuzzle index name holds: the `.` found first after `{index}`, or last
+/// before it, is the separator's, so the names are read back unambiguously), and text the
+/// engine takes in an index name.
+pub fn check_index_template(template: &str) -> Result<(), String> {
+    let parts = template_parts(template);
+    let count = |wanted: &Part| parts.iter().filter(|p| *p == wanted).count();
+    if count(&Part::Index) != 1 {
+        return Err("must contain {index} exactly once".into());
+    }
+    if count(&Part::Collection) != 1 {
+        return Err(
+            "must contain {collection} exactly once: without it every collection of \
+                    an index shares one physical index, and rules per collection protect \
+                    nothing"
+                .into(),
+        );
+    }
+    let placeholders: Vec<usize> = parts
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| matches!(p, Part::Index | Part::Collection))
+        .map(|(i, _)| i)
+        .collect();
+    let between: String = parts[placeholders[0] + 1..placeholders[1]]
+        .iter()
+        .map(|p| match p {
+            Part::Text(text) => *text,
+            _ => "",
+        })
+        .collect();
+    if !between.contains('.') {
+        return Err(format!(
+            "must separate {{index}} and {{collection}} by text holding a \".\" (now {between:?}): \
+             index names can't hold one, collection names and the other characters can, so \
+             (a, b-c) and (a-b, c) would share \"{{index}}-{{collection}}\""
+        ));
+    }
+    for part in &parts {
+        if let Part::Text(text) = part
+            && let Some(c) = text
+                .chars()
+                .find(|c| c.is_uppercase() || c.is_control() || ENGINE_FORBIDDEN.contains(c))
+        {
+            return Err(format!(
+                "holds {c:?}, which the engine refuses in an index name"
+            ));
+        }
+    }
+    if let Some(Part::Text(prefix)) = parts.first()
+        && prefix.starts_with(['_', '-', '+'])
+    {
+        return Err("must not start with '_', '-' or '+': the engine refuses such names".into());
+    }
+    Ok(())
+}
+
+/// Removes the password of `scheme://user:password@host…`, for logs and `config`,
+/// whatever it holds: the user information ends at the URL's last `@` (a password may
+/// hold `/`, `#`, `?`, `:` or `@` unencoded; an `@` further on, in a path, makes more
+/// than the password hidden, never less).
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    match rest.rfind('@') {
         Some(at) => {
             let user = rest[..at].split(':').next().unwrap_or("");
             format!("{}{user}:<redacted>{}", &url[..scheme_end + 3], &rest[at..])
@@ -455,6 +563,95 @@ mod tests {
             "amqp://guest:<redacted>@127.0.0.1:5672/%2f"
         );
         assert_eq!(redact_url("http://127.0.0.1:9200"), "http://127.0.0.1:9200");
+    }
+
+    #[test]
+    fn url_passwords_are_redacted_whatever_they_hold() {
+        for password in [
+            "a/b", "a@b", "a:b", "a#b", "a?b", "/@:#?", "p%2Fq", "@", "/",
+        ] {
+            for (scheme, host) in [
+                ("amqp://", "@127.0.0.1:5672/%2f"),
+                ("https://", "@es.example:9200"),
+                ("amqps://", "@node/vhost?heartbeat=10#x"),
+            ] {
+                let url = format!("{scheme}bob:{password}{host}");
+                assert_eq!(
+                    redact_url(&url),
+                    format!("{scheme}bob:<redacted>{host}"),
+                    "{url}"
+                );
+            }
+        }
+        assert_eq!(
+            redact_url("amqp://bob@host/%2f"),
+            "amqp://bob:<redacted>@host/%2f"
+        );
+        assert_eq!(redact_url("no url at all"), "no url at all");
+    }
+
+    #[test]
+    fn index_templates_must_separate_index_and_collection() {
+        for good in [
+            "&{index}.{collection}",
+            "{index}.{collection}",
+            "kuzzle-{index}.{collection}-v1",
+            "{collection}.{index}",
+            "x{index}--.--{collection}",
+        ] {
+            assert_eq!(check_index_template(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("{index}", "{collection} exactly once"),
+            ("{collection}", "{index} exactly once"),
+            ("{index}-{collection}", "separate"),
+            ("{index}{collection}", "separate"),
+            ("{collection}_{index}", "separate"),
+            ("{index}.{collection}.{index}", "{index} exactly once"),
+            (
+                "{index}.{collection}{collection}",
+                "{collection} exactly once",
+            ),
+            ("&{index}.{ collection}", "{collection} exactly once"),
+            ("Shop-{index}.{collection}", "refuses"),
+            ("{index}.{collection}/x", "refuses"),
+            ("_{index}.{collection}", "must not start"),
+        ] {
+            let err = check_index_template(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let mut s = Settings::defaults();
+        s.storage.index_template = "{index}-{collection}".into();
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("storage.index_template"), "{err}");
+        s.storage.layout = Layout::Kuzzle2;
+        s.validate().expect("unused with the kuzzle2 layout");
+    }
+
+    proptest::proptest! {
+        /// An accepted template never gives two (index, collection) pairs one index.
+        #[test]
+        fn accepted_templates_name_one_index_per_collection(
+            (collection_first, prefix, between, suffix) in
+                (proptest::bool::ANY, "[a&.-]{0,2}", "[a.-]{0,3}", "[a.-]{0,2}"),
+            pairs in proptest::collection::vec(("[ab][ab-]{0,2}", "[ab][ab.-]{0,2}"), 2..12),
+        ) {
+            let (first, second) = if collection_first {
+                ("{collection}", "{index}")
+            } else {
+                ("{index}", "{collection}")
+            };
+            let template = format!("{prefix}{first}{between}{second}{suffix}");
+            proptest::prop_assume!(check_index_template(&template).is_ok());
+            let mut seen = std::collections::HashMap::new();
+            for (index, collection) in pairs {
+                let target = crate::envelope::target_index(&template, &index, &collection);
+                let before = seen.insert(target.clone(), (index.clone(), collection.clone()));
+                if let Some(before) = before {
+                    proptest::prop_assert_eq!(before, (index, collection), "{}", target);
+                }
+            }
+        }
     }
 
     #[test]

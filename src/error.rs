@@ -153,6 +153,26 @@ impl RequestError {
     }
 }
 
+/// What a caller is told when the engine refused the worker itself rather than the
+/// request: its own engine account (401, 403, 407, a `security_exception`, which name the
+/// worker's engine user and roles), or something in front of the engine (a proxy's error
+/// page, its version). The details go to the worker's log only.
+pub const ENGINE_REFUSED_WORKER: &str =
+    "the storage engine refused the worker's call; the worker's log says why";
+
+/// The status a caller is given with `ENGINE_REFUSED_WORKER`: the service can't do this
+/// now, through no fault of the request.
+pub const ENGINE_REFUSED_WORKER_STATUS: u16 = 503;
+
+/// What a caller is told when the engine (or a proxy) refused a call as too large.
+pub const ENGINE_TOO_LARGE: &str = "the request is larger than the storage engine accepts";
+
+/// Whether an engine error, by its status and its `type`, is about the worker's own
+/// engine account rather than the request: never shown to callers.
+pub fn engine_refused_worker(status: u16, kind: &str) -> bool {
+    matches!(status, 401 | 403 | 407) || kind == "security_exception"
+}
+
 /// Quotes at most this much of a client-supplied value in a message.
 const QUOTE_MAX: usize = 64;
 

@@ -16,6 +16,7 @@ pub mod delivery;
 pub mod envelope;
 pub mod error;
 pub mod loader;
+pub mod logs;
 pub mod metrics;
 pub mod order;
 pub mod prefetch;

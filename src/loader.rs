@@ -1,14 +1,18 @@
 //! The batch loader behind `mupdate-worker send --file`: reads one document per line
 //! (`{"_id", "body"}` for mUpdate, `{"_id", "changes", "default"}` for mUpsert), sends
-//! requests of at most `batch` documents with a bounded number in flight,
-//! records every failed document, and tallies a summary. Memory stays bounded whatever
-//! the file's size: lines are read as they are sent.
+//! requests of at most `batch` documents and `max_bytes` bytes with a bounded number in
+//! flight, records every failed document, and tallies a summary. Memory stays bounded
+//! whatever the file holds: lines are read as they are sent, each with a bounded reader
+//! (a line longer than a request may be, a line without an end included, is skipped as
+//! it is read, and reported alone with its line number). Documents are passed on as
+//! their line wrote them (`RawValue`): numbers of any size or precision stay exact.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -22,24 +26,137 @@ pub struct Job {
     pub queue: String,
     pub index: String,
     pub collection: String,
+    /// Documents a request holds at most (`limits.documents_write_count`).
     pub batch: usize,
+    /// Bytes a request's envelope holds at most (`limits.max_message_bytes`).
+    pub max_bytes: usize,
     pub in_flight: usize,
     pub refresh: Option<String>,
     pub retry_on_conflict: Option<u32>,
     pub timeout: Duration,
 }
 
-impl Job {
-    fn envelope(&self, documents: Vec<Value>) -> Value {
-        client::envelope(
-            &self.action,
-            &self.index,
-            &self.collection,
-            documents,
-            self.refresh.as_deref(),
-            self.retry_on_conflict,
-        )
+/// A request's envelope around its documents: `head`, the documents joined by commas,
+/// `tail`.
+struct Frame {
+    head: String,
+    tail: String,
+}
+
+impl Frame {
+    fn of(job: &Job) -> Frame {
+        let envelope = client::envelope(
+            &job.action,
+            &job.index,
+            &job.collection,
+            Vec::new(),
+            job.refresh.as_deref(),
+            job.retry_on_conflict,
+        );
+        let text = envelope.to_string();
+        // Structural: inside a JSON string a quote is escaped, so this can't be in a name.
+        const EMPTY: &str = "\"documents\":[]";
+        let at = text
+            .rfind(EMPTY)
+            .map_or(text.len(), |at| at + EMPTY.len() - 1);
+        Frame {
+            head: text[..at].to_owned(),
+            tail: text[at..].to_owned(),
+        }
     }
+
+    /// The bytes of an envelope holding documents of `documents` bytes, `count` of them.
+    fn size(&self, documents: usize, count: usize) -> usize {
+        self.head.len() + self.tail.len() + documents + count.saturating_sub(1)
+    }
+
+    fn envelope(&self, documents: &[Document]) -> Vec<u8> {
+        let bytes: usize = documents.iter().map(|d| d.raw.get().len()).sum();
+        let mut body = Vec::with_capacity(self.size(bytes, documents.len()));
+        body.extend_from_slice(self.head.as_bytes());
+        for (i, document) in documents.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(document.raw.get().as_bytes());
+        }
+        body.extend_from_slice(self.tail.as_bytes());
+        body
+    }
+}
+
+/// A document read from the file, as its line wrote it.
+struct Document {
+    line: u64,
+    raw: Box<RawValue>,
+}
+
+/// One line of the input, read with at most `limit` bytes held.
+#[derive(Debug, PartialEq)]
+enum Line {
+    Text(String),
+    /// Longer than the limit: skipped as it was read; `bytes` long (its end excluded).
+    TooLong {
+        bytes: u64,
+    },
+    NotUtf8,
+}
+
+/// The next line of `input` (without its `\n`), holding at most `limit` bytes of it in
+/// `held` whatever its length: past that, the rest is read and dropped up to its end.
+/// `None` at the end of the input.
+fn next_line(
+    input: &mut impl BufRead,
+    limit: usize,
+    held: &mut Vec<u8>,
+) -> std::io::Result<Option<Line>> {
+    held.clear();
+    let (mut bytes, mut read_any, mut too_long) = (0u64, false, false);
+    loop {
+        let available = match input.fill_buf() {
+            Ok(available) => available,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        };
+        if available.is_empty() {
+            if !read_any {
+                return Ok(None);
+            }
+            break;
+        }
+        read_any = true;
+        let (chunk, ended) = match available.iter().position(|&b| b == b'\n') {
+            Some(end) => (&available[..end], true),
+            None => (available, false),
+        };
+        bytes += chunk.len() as u64;
+        if !too_long && held.len() + chunk.len() > limit {
+            too_long = true;
+            held.clear();
+            held.shrink_to(limit.min(1 << 20));
+        }
+        if !too_long {
+            // Grown by doubling, but never past the limit.
+            let needed = held.len() + chunk.len();
+            if needed > held.capacity() {
+                let grown = (held.capacity() * 2).max(needed).min(limit);
+                held.reserve_exact(grown - held.len());
+            }
+            held.extend_from_slice(chunk);
+        }
+        let used = chunk.len() + usize::from(ended);
+        input.consume(used);
+        if ended {
+            break;
+        }
+    }
+    if too_long {
+        return Ok(Some(Line::TooLong { bytes }));
+    }
+    Ok(Some(match std::str::from_utf8(held) {
+        Ok(text) => Line::Text(text.to_owned()),
+        Err(_) => Line::NotUtf8,
+    }))
 }
 
 /// Counts so far, and at the end.
@@ -100,22 +217,25 @@ struct Shared<W> {
 }
 
 impl<W: Write> Shared<W> {
-    fn failure(&mut self, line: Option<u64>, document: &Value, status: u16, reason: &str) {
+    /// Records a failed document: `document` is its JSON text, written as it is.
+    fn failure(&mut self, line: Option<u64>, document: &str, status: u16, reason: &str) {
         self.summary.fail(status, reason);
-        let mut record = json!({"document": document, "status": status, "reason": reason});
-        if let Some(line) = line {
-            record["line"] = line.into();
-        }
-        let _ = writeln!(self.failures, "{record}");
+        let reason = Value::from(reason);
+        let line = line.map(|n| format!(",\"line\":{n}")).unwrap_or_default();
+        let _ = writeln!(
+            self.failures,
+            "{{\"document\":{document},\"status\":{status},\"reason\":{reason}{line}}}"
+        );
     }
 }
 
 /// Runs the load from `input`, writing failed documents to `failures` as NDJSON
-/// (`{"document", "status", "reason"}`, plus `line` for unreadable lines).
+/// (`{"document", "status", "reason"}`, plus `line` where the loader knows it: unreadable
+/// and oversized lines, and the documents of a request refused as a whole).
 pub async fn run<R, W>(
     client: Arc<Client>,
     job: &Job,
-    input: R,
+    mut input: R,
     failures: W,
     report: &dyn Report,
     stop: CancellationToken,
@@ -129,61 +249,103 @@ where
         summary: Summary::default(),
         failures,
     }));
+    let frame = Arc::new(Frame::of(job));
+    // The largest document a request can carry alone.
+    let max_document = job.max_bytes.saturating_sub(frame.size(0, 1));
     let permits = Arc::new(Semaphore::new(job.in_flight.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    let mut batch: Vec<Value> = Vec::with_capacity(job.batch);
-    let mut lines = input.lines();
+    let mut batch: Vec<Document> = Vec::with_capacity(job.batch.min(1024));
+    let mut batch_bytes = 0;
+    let mut held = Vec::new();
     let mut number = 0u64;
     loop {
         if stop.is_cancelled() {
             shared.lock().await.summary.interrupted = true;
             break;
         }
-        let line = match lines.next() {
-            Some(Ok(line)) => line,
-            Some(Err(err)) => {
+        // Room for the blanks around a document that fits.
+        let line = match next_line(&mut input, max_document.saturating_add(1024), &mut held) {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(err) => {
                 number += 1;
                 let reason = format!("unreadable line: {err}");
                 shared
                     .lock()
                     .await
-                    .failure(Some(number), &Value::Null, 400, &reason);
-                continue;
+                    .failure(Some(number), "null", 400, &reason);
+                break;
             }
-            None => break,
         };
         number += 1;
-        if line.trim().is_empty() {
+        let text = match line {
+            Line::Text(text) => text,
+            Line::NotUtf8 => {
+                let mut shared = shared.lock().await;
+                shared.summary.lines += 1;
+                shared.failure(Some(number), "null", 400, "unreadable line: not UTF-8");
+                continue;
+            }
+            Line::TooLong { bytes } => {
+                let mut shared = shared.lock().await;
+                shared.summary.lines += 1;
+                shared.failure(Some(number), "null", 413, &too_large(bytes, job.max_bytes));
+                continue;
+            }
+        };
+        let text = text.trim();
+        if text.is_empty() {
             continue;
         }
         shared.lock().await.summary.lines += 1;
-        match serde_json::from_str::<Value>(&line) {
-            Ok(document) => batch.push(document),
+        let raw = match serde_json::from_str::<Box<RawValue>>(text) {
+            Ok(raw) => raw,
             Err(err) => {
                 let reason = format!("invalid JSON: {err}");
+                let document = Value::from(text).to_string();
                 shared
                     .lock()
                     .await
-                    .failure(Some(number), &Value::String(line), 400, &reason);
+                    .failure(Some(number), &document, 400, &reason);
+                continue;
+            }
+        };
+        let size = raw.get().len();
+        if size > max_document {
+            shared.lock().await.failure(
+                Some(number),
+                "null",
+                413,
+                &too_large(size as u64, job.max_bytes),
+            );
+            continue;
+        }
+        // The request would grow past its bytes with this one: the batch goes first.
+        let full = |batch: &Vec<Document>, extra: usize, count: usize| {
+            frame.size(batch_bytes + extra, batch.len() + count) > job.max_bytes
+        };
+        if !batch.is_empty() && full(&batch, size, 1) {
+            let documents = std::mem::take(&mut batch);
+            batch_bytes = 0;
+            let sent = send(job, &client, &frame, &permits, &shared, &stop, documents).await;
+            match sent {
+                Some(task) => {
+                    tasks.spawn(task);
+                }
+                None => break,
             }
         }
+        batch_bytes += size;
+        batch.push(Document { line: number, raw });
         if batch.len() >= job.batch {
-            let documents = std::mem::replace(&mut batch, Vec::with_capacity(job.batch));
-            let permit = tokio::select! {
-                permit = permits.clone().acquire_owned() => permit.expect("never closed"),
-                _ = stop.cancelled() => {
-                    shared.lock().await.summary.interrupted = true;
-                    break;
+            let documents = std::mem::take(&mut batch);
+            batch_bytes = 0;
+            match send(job, &client, &frame, &permits, &shared, &stop, documents).await {
+                Some(task) => {
+                    tasks.spawn(task);
                 }
-            };
-            shared.lock().await.summary.sent += documents.len() as u64;
-            let (client, shared) = (client.clone(), shared.clone());
-            let envelope = job.envelope(documents);
-            let (queue, timeout) = (job.queue.clone(), job.timeout);
-            tasks.spawn(async move {
-                send_batch(&client, &queue, envelope, timeout, &shared).await;
-                drop(permit);
-            });
+                None => break,
+            }
         }
         while let Some(done) = tasks.try_join_next() {
             let _ = done;
@@ -192,14 +354,15 @@ where
     }
     if !batch.is_empty() && !shared.lock().await.summary.interrupted {
         shared.lock().await.summary.sent += batch.len() as u64;
-        let envelope = job.envelope(batch);
+        let body = frame.envelope(&batch);
         let (client, shared, queue, timeout) = (
             client.clone(),
             shared.clone(),
             job.queue.clone(),
             job.timeout,
         );
-        tasks.spawn(async move { send_batch(&client, &queue, envelope, timeout, &shared).await });
+        tasks
+            .spawn(async move { send_batch(&client, &queue, body, batch, timeout, &shared).await });
     }
     while tasks.join_next().await.is_some() {
         report.progress(&shared.lock().await.summary);
@@ -210,30 +373,58 @@ where
     shared.summary.clone()
 }
 
+fn too_large(bytes: u64, max: usize) -> String {
+    format!("the line ({bytes} bytes) is larger than a request may be ({max} bytes)")
+}
+
+/// Waits for a slot, then returns the task that sends `documents` (`None`: interrupted).
+async fn send<W: Write + Send + 'static>(
+    job: &Job,
+    client: &Arc<Client>,
+    frame: &Frame,
+    permits: &Arc<Semaphore>,
+    shared: &Arc<Mutex<Shared<W>>>,
+    stop: &CancellationToken,
+    documents: Vec<Document>,
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    let permit = tokio::select! {
+        permit = permits.clone().acquire_owned() => permit.expect("never closed"),
+        _ = stop.cancelled() => {
+            shared.lock().await.summary.interrupted = true;
+            return None;
+        }
+    };
+    shared.lock().await.summary.sent += documents.len() as u64;
+    let body = frame.envelope(&documents);
+    let (client, shared) = (client.clone(), shared.clone());
+    let (queue, timeout) = (job.queue.clone(), job.timeout);
+    Some(async move {
+        send_batch(&client, &queue, body, documents, timeout, &shared).await;
+        drop(permit);
+    })
+}
+
 async fn send_batch<W: Write>(
     client: &Client,
     queue: &str,
-    envelope: Value,
+    body: Vec<u8>,
+    documents: Vec<Document>,
     timeout: Duration,
     shared: &Mutex<Shared<W>>,
 ) {
     let id = uuid::Uuid::new_v4().to_string();
-    let body = serde_json::to_vec(&envelope).unwrap_or_default();
-    let documents = envelope["body"]["documents"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
     let reply = client
         .request(queue, &body, &id, timeout)
         .await
         .map_err(|e| e.to_string())
         .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).map_err(|e| e.to_string()));
+    drop(body);
     let mut shared = shared.lock().await;
     let reply = match reply {
         Ok(reply) => reply,
         Err(reason) => {
             for document in &documents {
-                shared.failure(None, document, 504, &reason);
+                shared.failure(Some(document.line), document.raw.get(), 504, &reason);
             }
             return;
         }
@@ -249,12 +440,12 @@ async fn send_batch<W: Write>(
         let errors = reply["error"]["errors"]
             .as_array()
             .or_else(|| result["errors"].as_array())
-            .cloned()
+            .map(Vec::as_slice)
             .unwrap_or_default();
-        for error in &errors {
+        for error in errors {
             let status = error["status"].as_u64().unwrap_or(0) as u16;
             let reason = error["reason"].as_str().unwrap_or_default();
-            shared.failure(None, &error["document"], status, reason);
+            shared.failure(None, &error["document"].to_string(), status, reason);
         }
     } else {
         let reason = reply["error"]["message"]
@@ -262,7 +453,7 @@ async fn send_batch<W: Write>(
             .unwrap_or("request failed")
             .to_owned();
         for document in &documents {
-            shared.failure(None, document, status, &reason);
+            shared.failure(Some(document.line), document.raw.get(), status, &reason);
         }
     }
 }
@@ -270,6 +461,80 @@ async fn send_batch<W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_are_read_with_at_most_the_limit_held() {
+        let mut long_without_end = b"{\"_id\":\"a\"}\r\n\n".to_vec();
+        long_without_end.extend(std::iter::repeat_n(b'x', 100_000));
+        let text = [
+            &b"ok\n"[..],
+            &[b'y'; 50],
+            b"\n\xff\xfe\n",
+            &long_without_end,
+        ]
+        .concat();
+        let mut input = std::io::BufReader::with_capacity(16, &text[..]);
+        let mut held = Vec::new();
+        let mut lines = Vec::new();
+        while let Some(line) = next_line(&mut input, 20, &mut held).unwrap() {
+            assert!(held.capacity() <= 64, "{}", held.capacity());
+            lines.push(line);
+        }
+        assert_eq!(
+            lines,
+            [
+                Line::Text("ok".into()),
+                Line::TooLong { bytes: 50 },
+                Line::NotUtf8,
+                Line::Text("{\"_id\":\"a\"}\r".into()),
+                Line::Text(String::new()),
+                Line::TooLong { bytes: 100_000 },
+            ]
+        );
+    }
+
+    #[test]
+    fn requests_are_framed_exactly_around_their_documents() {
+        let job = Job {
+            action: "mUpdate".into(),
+            queue: "q".into(),
+            index: "i\"documents\":[]".into(),
+            collection: "c".into(),
+            batch: 10,
+            max_bytes: 1000,
+            in_flight: 1,
+            refresh: Some("wait_for".into()),
+            retry_on_conflict: None,
+            timeout: Duration::from_secs(1),
+        };
+        let frame = Frame::of(&job);
+        let documents: Vec<Document> = [
+            r#"{"_id":"a","body":{"n":12345678901234567890123}}"#,
+            "[1, 2]",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, text)| Document {
+            line: i as u64,
+            raw: serde_json::from_str(text).unwrap(),
+        })
+        .collect();
+        let body = frame.envelope(&documents);
+        let bytes: usize = documents.iter().map(|d| d.raw.get().len()).sum();
+        assert_eq!(body.len(), frame.size(bytes, 2));
+        let text = String::from_utf8(body).unwrap();
+        assert!(
+            text.contains(
+                r#""documents":[{"_id":"a","body":{"n":12345678901234567890123}},[1, 2]]"#
+            ),
+            "{text}"
+        );
+        let envelope: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(envelope["index"], "i\"documents\":[]");
+        assert_eq!(envelope["refresh"], "wait_for");
+        assert_eq!(envelope["body"]["documents"].as_array().unwrap().len(), 2);
+        assert_eq!(frame.envelope(&[]).len(), frame.size(0, 0));
+    }
 
     #[test]
     fn the_summary_groups_failures_by_status() {

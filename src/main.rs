@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use mupdate_worker::client::{self, Client};
 use mupdate_worker::config::{LogFormat, Settings};
+use mupdate_worker::logs::OneLine;
 use mupdate_worker::security::rights::{Rights, Rule};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -226,7 +227,8 @@ fn exit_at_the_latest(after: Duration) {
     }
 }
 
-/// Logs to stderr, text or JSON, filtered by `RUST_LOG` or `log.level`. Whatever the
+/// Logs to stderr, text or JSON, filtered by `RUST_LOG` or `log.level`, one event a line
+/// (client strings are logged through `logs::Untrusted`). Whatever the
 /// filter says, no message body is logged: lapin's returned-message log stays off (it
 /// prints whole replies, `_source` included; the worker reports those itself), and so
 /// does its trace level (every frame, bodies included).
@@ -242,7 +244,13 @@ fn init_logs(settings: &Settings) {
         let frames = target.starts_with("lapin") && *meta.level() == tracing::Level::TRACE;
         !(frames || target.starts_with("lapin::returned_messages"))
     });
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: a file or journald gets no escape codes. Each event is
+    // written on one line whatever a field holds (`logs::OneLine`).
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let json = settings.log.format == LogFormat::Json;
+    let layer = tracing_subscriber::fmt::layer()
+        .with_ansi(terminal)
+        .with_writer(move || OneLine::new(std::io::stderr(), !terminal, json));
     let layer = match settings.log.format {
         LogFormat::Text => layer.boxed(),
         LogFormat::Json => layer.json().with_current_span(true).boxed(),

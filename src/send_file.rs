@@ -39,10 +39,22 @@ impl Report for Progress {
     }
 }
 
+/// The file's line ends, counted a buffer at a time (a line without an end costs no
+/// more memory than any other): the progress bar's length.
 fn count_lines(path: &std::path::Path) -> Option<u64> {
-    let file = File::open(path).ok()?;
-    let lines = BufReader::new(file).lines().map_while(Result::ok);
-    Some(lines.filter(|l| !l.trim().is_empty()).count() as u64)
+    let mut file = BufReader::new(File::open(path).ok()?);
+    let (mut count, mut last) = (0, b'\n');
+    loop {
+        let buffer = file.fill_buf().ok()?;
+        let Some(&end) = buffer.last() else {
+            // A last line without an end is a line too.
+            return Some(count + u64::from(last != b'\n'));
+        };
+        last = end;
+        count += buffer.iter().filter(|&&b| b == b'\n').count() as u64;
+        let read = buffer.len();
+        file.consume(read);
+    }
 }
 
 pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
@@ -82,6 +94,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode
         index: index.clone(),
         collection: collection.clone(),
         batch: settings.limits.documents_write_count,
+        max_bytes: settings.limits.max_message_bytes,
         in_flight: args.in_flight,
         refresh: args.refresh.clone(),
         retry_on_conflict: args.retry_on_conflict,

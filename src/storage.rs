@@ -45,8 +45,9 @@ pub enum StorageError {
     /// Worth retrying: the engine is down, slow or overloaded.
     #[error("storage engine unavailable: {0}")]
     Unavailable(String),
-    /// The engine refused the call itself; retrying would not help.
-    #[error("storage engine answered {status}: {reason}")]
+    /// The engine refused the call itself; retrying would not help. `status` and
+    /// `reason` are what a caller may be told (`refusal`).
+    #[error("{reason}")]
     Refused { status: u16, reason: String },
     #[error("storage configuration: {0}")]
     Config(String),
@@ -284,10 +285,7 @@ impl Storage {
         match self.call(Method::Head, &path, &query, None, cancel).await? {
             (200, _) => Ok(true),
             (404, _) => Ok(false),
-            (status, body) => Err(StorageError::Refused {
-                status,
-                reason: String::from_utf8_lossy(&body).into_owned(),
-            }),
+            (status, body) => Err(refusal(status, &body)),
         }
     }
 
@@ -419,10 +417,7 @@ impl Storage {
             (200, bytes) => Ok(bytes),
             (status, bytes) => {
                 self.answered(true);
-                Err(StorageError::Refused {
-                    status,
-                    reason: error_reason(&bytes),
-                })
+                Err(refusal(status, &bytes))
             }
         }
     }
@@ -515,12 +510,48 @@ fn authorization(credentials: &Credentials) -> Option<HeaderValue> {
     Some(value)
 }
 
-/// The `error.reason` of an engine error body, or its first bytes.
-fn error_reason(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
+/// A call the engine refused (a 4xx other than 401 and 429), as its callers may be told
+/// it: the engine's own `error.reason` when the request caused it (a body it can't
+/// parse); a generic reason when the refusal concerns the worker's own engine account
+/// (`error::engine_refused_worker`) or the answer is not the engine's (a proxy's page):
+/// its details are logged here, never echoed.
+fn refusal(status: u16, body: &[u8]) -> StorageError {
+    use crate::error::{ENGINE_REFUSED_WORKER, ENGINE_REFUSED_WORKER_STATUS, ENGINE_TOO_LARGE};
+    let error = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v["error"]["reason"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned())
+        .map(|mut v| v["error"].take());
+    let kind = error
+        .as_ref()
+        .and_then(|e| e["type"].as_str())
+        .unwrap_or("");
+    let reason = error.as_ref().and_then(|e| e["reason"].as_str());
+    match reason {
+        Some(reason) if !crate::error::engine_refused_worker(status, kind) => {
+            StorageError::Refused {
+                status,
+                reason: reason.to_owned(),
+            }
+        }
+        _ => {
+            let shown = String::from_utf8_lossy(&body[..body.len().min(1024)]);
+            tracing::warn!(
+                status,
+                body = %crate::logs::Untrusted(&shown),
+                "the storage engine refused the worker's call; callers are told it without these details"
+            );
+            if status == 413 {
+                StorageError::Refused {
+                    status,
+                    reason: ENGINE_TOO_LARGE.into(),
+                }
+            } else {
+                StorageError::Refused {
+                    status: ENGINE_REFUSED_WORKER_STATUS,
+                    reason: ENGINE_REFUSED_WORKER.into(),
+                }
+            }
+        }
+    }
 }
 
 /// Percent-encodes an index name for a URL path, keeping `*` for patterns.
@@ -548,12 +579,35 @@ mod tests {
     }
 
     #[test]
-    fn error_reasons_come_from_the_body() {
+    fn only_the_engines_reasons_about_the_request_reach_callers() {
+        use crate::error::{ENGINE_REFUSED_WORKER, ENGINE_TOO_LARGE};
+        let said = |status, body: &str| match refusal(status, body.as_bytes()) {
+            StorageError::Refused { status, reason } => (status, reason),
+            other => panic!("{other}"),
+        };
         assert_eq!(
-            error_reason(br#"{"error":{"reason":"bad"},"status":400}"#),
-            "bad"
+            said(
+                400,
+                r#"{"error":{"type":"x_content_parse_exception","reason":"bad"},"status":400}"#
+            ),
+            (400, "bad".to_owned())
         );
-        assert_eq!(error_reason(b"plain"), "plain");
+        let named = r#"{"error":{"type":"security_exception","reason":"action [indices:data/write/bulk] is unauthorized for user [mupdate] with effective roles [writer]"},"status":403}"#;
+        assert_eq!(said(403, named), (503, ENGINE_REFUSED_WORKER.to_owned()));
+        assert_eq!(
+            said(400, &named.replace("403", "400")),
+            (503, ENGINE_REFUSED_WORKER.to_owned())
+        );
+        let page =
+            "<html><body><h1>403 Forbidden</h1><hr><center>nginx/1.25.3</center></body></html>";
+        assert_eq!(said(403, page), (503, ENGINE_REFUSED_WORKER.to_owned()));
+        assert_eq!(said(404, page), (503, ENGINE_REFUSED_WORKER.to_owned()));
+        assert_eq!(said(404, ""), (503, ENGINE_REFUSED_WORKER.to_owned()));
+        assert_eq!(said(413, page), (413, ENGINE_TOO_LARGE.to_owned()));
+        assert_eq!(
+            said(400, r#"{"error":"an old engine's string","status":400}"#),
+            (503, ENGINE_REFUSED_WORKER.to_owned())
+        );
     }
 }
 

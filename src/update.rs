@@ -65,7 +65,7 @@ where
             Ok(items) => items,
             Err(BulkError::Abandoned) => return Err(Abandoned),
             Err(BulkError::Refused(status, reason)) => {
-                warn!(status, %reason, "bulk call refused");
+                warn!(status, reason = %crate::logs::Untrusted(&reason), "bulk call refused");
                 for slot in pending.drain(..) {
                     outcomes[slot] = Some(failed(&documents[slot], status, reason.clone()));
                 }
@@ -81,6 +81,12 @@ where
                 outcomes[slot] = Some(Outcome::Updated { id, item, slot });
             } else if item.is_rejected() && may_retry {
                 rejected.push(slot);
+            } else if refused_worker(&item) {
+                outcomes[slot] = Some(failed(
+                    entry,
+                    crate::error::ENGINE_REFUSED_WORKER_STATUS,
+                    crate::error::ENGINE_REFUSED_WORKER.into(),
+                ));
             } else {
                 outcomes[slot] = Some(failed(entry, item.status, item.reason()));
             }
@@ -105,6 +111,21 @@ where
         .zip(documents)
         .map(|(outcome, entry)| outcome.unwrap_or_else(|| failed(entry, 500, "not sent".into())))
         .collect())
+}
+
+/// Whether an item failed on the worker's own engine account (its rights on that index):
+/// logged here with the engine's words, which name that account; never told to callers.
+fn refused_worker(item: &Item) -> bool {
+    let kind = item.error.as_ref().map_or("", |e| e.kind.as_str());
+    if !crate::error::engine_refused_worker(item.status, kind) {
+        return false;
+    }
+    warn!(
+        status = item.status,
+        reason = %crate::logs::Untrusted(&item.reason()),
+        "the storage engine refused the worker an item; its caller is told it without these details"
+    );
+    true
 }
 
 fn failed(document: &Value, status: u16, reason: String) -> Outcome {
@@ -250,6 +271,33 @@ mod tests {
         assert!(matches!(&outcomes[0], Outcome::Failed { status: 400, .. }));
         assert!(matches!(&outcomes[1], Outcome::Updated { .. }));
         assert!(matches!(&outcomes[2], Outcome::Failed { status: 400, .. }));
+    }
+
+    #[tokio::test]
+    async fn an_item_refused_to_the_workers_engine_account_is_told_without_its_words() {
+        let docs = json!([{"_id": "a", "body": {}}, {"_id": "b", "body": {}}]);
+        let denied = json!({"update": {"_id": "a", "status": 403, "error": {
+            "type": "security_exception",
+            "reason": "action [indices:data/write/update] is unauthorized for user [mupdate] with effective roles [writer]"}}});
+        let mapping = json!({"update": {"_id": "b", "status": 400, "error": {
+            "type": "document_parsing_exception", "reason": "failed to parse field [n]"}}});
+        let (outcomes, _) = run(&docs, 0, vec![vec![denied, mapping]]).await;
+        match &outcomes[0] {
+            Outcome::Failed { status, reason, .. } => {
+                assert_eq!(*status, crate::error::ENGINE_REFUSED_WORKER_STATUS);
+                assert_eq!(reason, crate::error::ENGINE_REFUSED_WORKER);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &outcomes[1] {
+            Outcome::Failed { status, reason, .. } => {
+                assert_eq!(
+                    (*status, reason.as_str()),
+                    (400, "failed to parse field [n]")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

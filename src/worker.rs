@@ -10,6 +10,8 @@ use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::logs::Untrusted;
+
 use crate::broker::{self, Broker, Outgoing, Published};
 use crate::bulk::{ItemOptions, Metadata};
 use crate::coalesce::{BatchLimits, Coalescer};
@@ -115,7 +117,7 @@ impl Processor {
         let request = match parsed.request {
             Ok(request) => request,
             Err(err) => {
-                info!(request_id = %echo.request_id, status = err.status(), error = %err, "request refused");
+                info!(request_id = %Untrusted(&echo.request_id), status = err.status(), error = %Untrusted(&err.to_string()), "request refused");
                 return Ok(Answer::plain(response::error_response(&echo, &err)));
             }
         };
@@ -129,26 +131,26 @@ impl Processor {
             let verdict = rights.check(user, action, &request.index, &request.collection);
             if let Err((verdict, err)) = verdict {
                 self.metrics.rights(verdict.label());
-                info!(request_id = %echo.request_id, status = err.status(), error = %err, "request refused");
+                info!(request_id = %Untrusted(&echo.request_id), status = err.status(), error = %Untrusted(&err.to_string()), "request refused");
                 return Ok(Answer::plain(response::error_response(&echo, &err)));
             }
             self.metrics.rights("allowed");
         }
-        let span = info_span!("request", request_id = %echo.request_id, index = %request.index,
-            collection = %request.collection, documents = request.documents.len(),
+        let span = info_span!("request", request_id = %Untrusted(&echo.request_id),
+            index = %Untrusted(&request.index), collection = %Untrusted(&request.collection), documents = request.documents.len(),
             traceparent = props.traceparent.as_deref());
         async {
             let outcomes = match self.update(&request, props, cancel).await? {
                 Ok(outcomes) => outcomes,
                 Err(err) => {
-                    info!(status = err.status(), error = %err, "request refused");
+                    info!(status = err.status(), error = %Untrusted(&err.to_string()), "request refused");
                     return Ok(Answer::plain(response::error_response(&echo, &err)));
                 }
             };
             self.metrics.outcomes(&outcomes);
             for outcome in &outcomes {
                 if let Outcome::Failed { status, reason, .. } = outcome {
-                    debug!(status, %reason, "document not updated");
+                    debug!(status, reason = %Untrusted(reason), "document not updated");
                 }
             }
             let format = s.response.format;
@@ -589,7 +591,7 @@ impl Handler {
         request_id: &str,
     ) -> Result<Settlement, crate::broker::BrokerError> {
         self.metrics.dead_lettered(reason);
-        warn!(request_id, reason, applied, "dead-lettering the request");
+        warn!(request_id = %Untrusted(request_id), reason, applied, "dead-lettering the request");
         let a = &self.settings.amqp;
         if a.dead_letter_exchange.is_empty() {
             return Ok(Settlement::DeadLetter);
@@ -608,7 +610,7 @@ impl Handler {
             Published::Confirmed => Settlement::Ack,
             other => {
                 warn!(
-                    request_id,
+                    request_id = %Untrusted(request_id),
                     ?other,
                     "the dead letter was not confirmed; rejecting the request instead"
                 );

@@ -145,6 +145,62 @@ fn environment_values_are_strings_where_the_key_is_a_string() {
     assert_eq!(settings["storage"]["compression"], true);
 }
 
+/// SPEC section 7: a password or a user name that looks like a number stays as written.
+#[test]
+fn credentials_that_look_like_numbers_stay_as_written() {
+    let out = binary()
+        .arg("config")
+        .env("MUPDATE__STORAGE__USERNAME", "0123")
+        .env("MUPDATE__STORAGE__PASSWORD", "0123")
+        .env("MUPDATE__AMQP__REPLY_EXCHANGE", "007")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let settings: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(settings["storage"]["username"], "0123");
+    assert_eq!(settings["storage"]["password"], "<redacted>");
+    assert_eq!(settings["amqp"]["reply_exchange"], "007");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("\"123\""), "{text}");
+}
+
+/// Issue 19: a template under which two (index, collection) pairs share one physical index
+/// (or every collection of an index shares one) stops the worker at start, with the reason.
+#[test]
+fn an_ambiguous_index_template_stops_the_worker_with_exit_code_2() {
+    for (template, why) in [
+        ("{index}", "{collection} exactly once"),
+        ("{index}-{collection}", "(a, b-c) and (a-b, c)"),
+        ("{index}{collection}", "separate {index} and {collection}"),
+    ] {
+        // `config` loads and checks the settings as `run` does, and ends.
+        let out = binary()
+            .arg("config")
+            .env("MUPDATE__STORAGE__INDEX_TEMPLATE", template)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{template}: {stderr}");
+        assert!(
+            stderr.contains("storage.index_template") && stderr.contains(why),
+            "{template}: {stderr}"
+        );
+    }
+    let out = binary()
+        .arg("config")
+        .env(
+            "MUPDATE__STORAGE__INDEX_TEMPLATE",
+            "kuzzle-{index}.{collection}",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn an_invalid_setting_stops_the_worker_with_exit_code_2() {
     let out = binary()

@@ -20,8 +20,14 @@ pub struct HttpFault {
     shared: Arc<Shared>,
 }
 
+/// Answers a request itself (`status`, `content-type`, body) instead of forwarding it:
+/// called with the request's method, path and body.
+pub type Responder = dyn Fn(&str, &str, &[u8]) -> Option<(u16, String, String)> + Send + Sync;
+
 #[derive(Default)]
 struct Shared {
+    /// While set, asked first for every request.
+    responder: std::sync::Mutex<Option<Arc<Responder>>>,
     reject_bulk: AtomicBool,
     down: AtomicBool,
     /// `_bulk` calls answered 429, and requests answered 503.
@@ -72,6 +78,12 @@ impl HttpFault {
         self.shared.reject_bulk.store(on, Ordering::SeqCst);
     }
 
+    /// While set, `responder` may answer any request itself (an engine's 403 naming a
+    /// user, a proxy's HTML page); what it leaves (`None`) goes on as before.
+    pub fn answer_with(&self, responder: Option<Arc<Responder>>) {
+        *self.shared.responder.lock().unwrap() = responder;
+    }
+
     /// While on, every request is answered 503, not forwarded.
     pub fn down(&self, on: bool) {
         self.shared.down.store(on, Ordering::SeqCst);
@@ -105,6 +117,30 @@ async fn serve(client: TcpStream, target: &str, shared: &Shared) {
             return;
         };
         let (method, path) = request_line(&request.head);
+        let responder = shared.responder.lock().unwrap().clone();
+        let body_start = request
+            .raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(request.raw.len(), |at| at + 4);
+        let custom =
+            responder.and_then(|answer| answer(&method, &path, &request.raw[body_start..]));
+        if let Some((status, content_type, body)) = custom {
+            let response = format!(
+                "HTTP/1.1 {status} Test\r\ncontent-type: {content_type}\r\n\
+                 x-elastic-product: Elasticsearch\r\ncontent-length: {}\r\n\r\n{body}",
+                if method == "HEAD" { 0 } else { body.len() }
+            );
+            let response = if method == "HEAD" {
+                response[..response.len() - body.len()].to_owned()
+            } else {
+                response
+            };
+            if write.write_all(response.as_bytes()).await.is_err() {
+                return;
+            }
+            continue;
+        }
         let answer = if shared.down.load(Ordering::SeqCst) {
             shared.unavailable.fetch_add(1, Ordering::SeqCst);
             Some((503, "Service Unavailable", UNAVAILABLE))

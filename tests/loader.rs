@@ -1,0 +1,205 @@
+//! Issue 19, item 8: the loader (`send --file`) sizes its requests by bytes as well as by
+//! count; a line too large for any request is reported alone, with its line number, and
+//! its neighbours are sent; its memory stays bounded whatever the file holds, a line
+//! without an end included. The real binary against the real broker and engine.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+
+fn loader(
+    queue: &str,
+    col: &Collection,
+    input: &std::path::Path,
+    failures: &std::path::Path,
+) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mupdate-worker"));
+    command
+        .args([
+            "send",
+            "--index",
+            &col.index,
+            "--collection",
+            &col.collection,
+        ])
+        .arg("--file")
+        .arg(input)
+        .arg("--failures")
+        .arg(failures)
+        .env("MUPDATE__AMQP__REQUEST_QUEUE", queue)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+async fn output(mut command: Command) -> Output {
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn records(failures: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(failures)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_line_too_large_for_any_request_is_reported_alone_and_its_neighbours_are_sent() {
+    let col = Collection::create(&[("a", json!({"n": 1})), ("c", json!({"n": 1}))]).await;
+    let worker = Worker::start().await;
+    let dir = tempdir();
+    let (input, failures) = (dir.join("in.ndjson"), dir.join("failures.ndjson"));
+    let huge = "x".repeat(20 << 20);
+    let lines = [
+        json!({"_id": "a", "body": {"n": 2}}).to_string(),
+        json!({"_id": "b", "body": {"s": huge}}).to_string(),
+        json!({"_id": "c", "body": {"n": 2}}).to_string(),
+    ];
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let out = output(loader(worker.request_queue(), &col, &input, &failures)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&summary["lines"], &summary["updated"], &summary["failed"]),
+        (&json!(3), &json!(2), &json!(1)),
+        "{summary}"
+    );
+    let listed = records(&failures);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["line"], 2);
+    assert_eq!(listed[0]["status"], 413);
+    assert_eq!(col.get("a").await.0["n"], 2);
+    assert_eq!(col.get("c").await.0["n"], 2);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn requests_are_sized_by_bytes_as_well_as_by_count() {
+    let col = Collection::create(&[]).await;
+    let mut settings = settings();
+    settings.limits.max_message_bytes = 8192;
+    let worker = Worker::start_with(settings).await;
+    let dir = tempdir();
+    let (input, failures) = (dir.join("in.ndjson"), dir.join("failures.ndjson"));
+    let mut command = loader(worker.request_queue(), &col, &input, &failures);
+    command
+        .env("MUPDATE__LIMITS__MAX_MESSAGE_BYTES", "8192")
+        .args(["--action", "mUpsert"]);
+    // 40 upserts of about 1 KiB: 40 KiB in all, under the count limit (200).
+    let upserts: String = (0..40)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"_id": format!("d{i}"), "changes": {"s": "y".repeat(1000)}, "default": {}})
+            )
+        })
+        .collect();
+    std::fs::write(&input, upserts).unwrap();
+    let out = output(command).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{summary} {stderr}");
+    assert_eq!(
+        (&summary["updated"], &summary["failed"]),
+        (&json!(40), &json!(0)),
+        "{summary}"
+    );
+    assert!(records(&failures).is_empty());
+    assert_eq!(
+        col.get("d39").await.0["s"].as_str().map(str::len),
+        Some(1000)
+    );
+    worker.stop().await;
+}
+
+/// Peak resident memory (VmHWM) of a process, in bytes, while it runs.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Runs the loader on `input` and returns its exit code, stdout and peak RSS (polled).
+async fn run_measured(mut command: Command) -> (Option<i32>, String, u64) {
+    let mut child = command.spawn().unwrap();
+    let pid = child.id();
+    let mut peak = 0;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(rss) = peak_rss(pid) {
+            peak = peak.max(rss);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the loader still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    (status.code(), stdout, peak)
+}
+
+#[tokio::test]
+async fn a_200_mib_line_without_an_end_costs_bounded_memory() {
+    let col = Collection::create(&[]).await;
+    let queue = fresh("mupdate.requests");
+    let dir = tempdir();
+    let (empty, input, failures) = (
+        dir.join("empty.ndjson"),
+        dir.join("in.ndjson"),
+        dir.join("failures.ndjson"),
+    );
+    std::fs::write(&empty, b"").unwrap();
+    {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
+        file.write_all(br#"{"_id":"a","body":{"s":""#).unwrap();
+        let chunk = vec![b'z'; 1 << 20];
+        for _ in 0..200 {
+            file.write_all(&chunk).unwrap();
+        }
+    }
+    // The loader's own footprint (its libraries, its runtime, the broker connection).
+    let (code, _, baseline) = run_measured(loader(&queue, &col, &empty, &failures)).await;
+    assert_eq!(code, Some(0));
+    let (code, stdout, peak) = run_measured(loader(&queue, &col, &input, &failures)).await;
+    assert_eq!(code, Some(1));
+    let extra = peak.saturating_sub(baseline);
+    eprintln!(
+        "loader peak RSS: {} MiB on an empty file, {} MiB on a 200 MiB line without an end",
+        baseline >> 20,
+        peak >> 20
+    );
+    assert!(baseline > 0, "measured");
+    // At most the line limit (limits.max_message_bytes, 16 MiB) and a margin.
+    assert!(
+        extra < 24 << 20,
+        "{} MiB more than on an empty file",
+        extra >> 20
+    );
+    let summary: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (&summary["lines"], &summary["failed"]),
+        (&json!(1), &json!(1))
+    );
+    let listed = records(&failures);
+    assert_eq!(
+        (&listed[0]["line"], &listed[0]["status"]),
+        (&json!(1), &json!(413))
+    );
+    delete_queues(&[&queue]).await;
+}
