@@ -614,7 +614,9 @@ impl Handler {
             };
             match published {
                 Published::Confirmed => {
-                    self.refusing.confirmed(&refusing);
+                    if let Some(refusing) = &refusing {
+                        self.refusing.confirmed(refusing);
+                    }
                     return Ok(Fate::Answered);
                 }
                 // Back to the queue rather than wait on a blocked connection: the
@@ -632,9 +634,11 @@ impl Handler {
                     refusals += 1;
                     // Known to refuse, or refused through all its attempts: final, and
                     // known for a while longer.
-                    let known = self.refusing.known(&refusing);
+                    let known = refusing.as_ref().is_some_and(|r| self.refusing.known(r));
                     if known || refusals >= self.settings.amqp.reply_attempts {
-                        self.refusing.refused_for_good(&refusing);
+                        if let Some(refusing) = &refusing {
+                            self.refusing.refused_for_good(refusing);
+                        }
                         warn!(
                             ?destination,
                             refusals, known, "the broker keeps refusing the reply"
@@ -642,8 +646,8 @@ impl Handler {
                         return Ok(Fate::DeadLetter("refused"));
                     }
                     // A turn to wait and publish again, within the budget, or give up.
-                    if retrying.is_none() {
-                        retrying = self.refusing.retry(&refusing);
+                    if let (None, Some(refusing)) = (&retrying, &refusing) {
+                        retrying = self.refusing.retry(refusing);
                         if retrying.is_none() {
                             warn!(
                                 ?destination,

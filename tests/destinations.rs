@@ -133,3 +133,88 @@ async fn a_reply_queue_that_refuses_everything_does_not_slow_other_producers() {
     worker.stop().await;
     amqp.close().await;
 }
+
+/// A reply queue that took replies and then refuses for a while (a quorum queue electing
+/// its leader; here a full queue, drained after 2 s) has every refused reply published
+/// again, beyond the budget that bounds destinations never seen to take a reply: all are
+/// answered, none dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_queue_that_took_replies_has_every_refused_reply_retried() {
+    let col = Collection::create(&[("d", json!({"n": 0}))]).await;
+    let mut settings = settings();
+    settings.amqp.prefetch = 32; // a budget of 2 refused replies per untrusted destination
+    let mut cleanup = Cleanup::of(&settings);
+    let replies = cleanup.queue(fresh("destinations.busy"));
+    let amqp = Amqp::open().await;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    amqp.channel
+        .queue_declare(
+            replies.as_str().into(),
+            QueueDeclareOptions::default(),
+            args,
+        )
+        .await
+        .unwrap();
+    let worker = Worker::start_with(settings).await;
+    let queue = worker.request_queue().to_owned();
+    let send = |n: u64| {
+        let mut envelope = col.envelope(json!([{"_id": "d", "body": {"n": n}}]));
+        envelope["requestId"] = json!(format!("busy-{n}"));
+        let props = BasicProperties::default().with_reply_to(replies.as_str().into());
+        let (channel, queue) = (amqp.channel.clone(), queue.clone());
+        async move {
+            publish(
+                &channel,
+                &queue,
+                &serde_json::to_vec(&envelope).unwrap(),
+                props,
+            )
+            .await
+        }
+    };
+    // The first reply is taken (and fills the queue): the queue is trusted.
+    send(0).await;
+    wait_equal("the first reply", 1, || async {
+        queue_counts(&replies).await.map_or(0, |c| c.0)
+    })
+    .await;
+    // Ten more, refused while the queue is full.
+    for n in 1..=10 {
+        send(n).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut got = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < 11 {
+        assert!(Instant::now() < deadline, "answered: {got:?}");
+        let message = amqp
+            .channel
+            .basic_get(
+                replies.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap();
+        match message {
+            Some(m) => {
+                let body: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+                assert_eq!(body["status"], 200, "{body}");
+                got.insert(body["requestId"].as_str().unwrap().to_owned());
+            }
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let dead = worker.settings.amqp.dead_letter_queue.clone();
+    assert_eq!(
+        queue_counts(&dead).await.map_or(0, |c| c.0),
+        0,
+        "none dead-lettered"
+    );
+    worker.stop().await;
+    amqp.close().await;
+}

@@ -7,16 +7,22 @@
 //! `reject-publish`, a full queue): 13 such requests a second would hold every slot of a
 //! prefetch of 256, and starve every other producer. So:
 //!
-//! - **a budget**: at most `per_destination` replies to one destination, and `total` in
-//!   all, wait to be published again at once; a refused reply beyond it is dead-lettered
-//!   (`refused`) after its one attempt;
+//! - **trust earned**: a destination that confirmed a reply within `TRUST` (a reply queue
+//!   in use, whose quorum leader is being elected) has every refused reply published again,
+//!   as before;
+//! - **a budget otherwise**: of the replies to a destination not trusted (one that never
+//!   took a reply, such as a queue of `x-max-length: 0`), at most `per_destination`, and
+//!   `total` in all, wait to be published again at once; a refused reply beyond it is
+//!   dead-lettered (`refused`) after its one attempt;
 //! - **a memory**: a destination that refused a reply through all its attempts is known to
-//!   refuse for `WINDOW` after its latest refusal: a reply to it is tried once and, refused,
-//!   dead-lettered at once; a reply to it confirmed forgets it.
+//!   refuse until `WINDOW` after its latest refusal (confirms in between don't clear it: a
+//!   queue drained now and then is not trusted again by that): a reply to it is tried once
+//!   and, refused, dead-lettered at once.
 //!
 //! A destination is a queue name, or the reply exchange and the user (whose routing keys
-//! are the user's own under the rights); at most `MOST` are remembered at once, and past
-//! that a refused reply is not retried.
+//! are the user's own under the rights); direct reply-to is not remembered (it is never
+//! refused for want of room). At most `MOST` are remembered at once: past that, a
+//! destination is not trusted and a refused reply is not retried.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -29,6 +35,9 @@ use crate::reply::Destination;
 /// How long a destination that refused a reply through all its attempts is known to
 /// refuse, after its latest refusal.
 pub const WINDOW: Duration = Duration::from_secs(30);
+
+/// How long a confirmed reply makes its destination trusted.
+pub const TRUST: Duration = Duration::from_secs(60);
 
 /// The most destinations remembered at once (each under 600 bytes).
 const MOST: usize = 4096;
@@ -51,6 +60,8 @@ struct Entry {
     retrying: usize,
     /// Known to refuse until then.
     refusing_until: Option<Instant>,
+    /// Its latest confirmed reply.
+    confirmed_at: Option<Instant>,
 }
 
 impl Entry {
@@ -58,8 +69,13 @@ impl Entry {
         self.refusing_until.is_some_and(|until| now < until)
     }
 
+    fn trusted(&self, now: Instant) -> bool {
+        self.confirmed_at
+            .is_some_and(|at| now.duration_since(at) < TRUST)
+    }
+
     fn idle(&self, now: Instant) -> bool {
-        self.retrying == 0 && !self.refusing(now)
+        self.retrying == 0 && !self.refusing(now) && !self.trusted(now)
     }
 }
 
@@ -95,14 +111,17 @@ impl Refusing {
         }
     }
 
-    /// What a reply's destination is remembered by.
-    pub fn key(destination: &Destination, user: Option<&str>) -> String {
-        match destination {
+    /// What a reply's destination is remembered by; `None` for direct reply-to.
+    pub fn key(destination: &Destination, user: Option<&str>) -> Option<String> {
+        if destination.is_direct() {
+            return None;
+        }
+        Some(match destination {
             Destination::ReplyTo(queue) | Destination::Queue(queue) => format!("q:{queue}"),
             Destination::Exchange { exchange, .. } => {
                 format!("x:{}:{exchange}:{}", exchange.len(), user.unwrap_or(""))
             }
-        }
+        })
     }
 
     /// Whether `key` is known to refuse: a refusal of a reply to it is final.
@@ -122,29 +141,29 @@ impl Refusing {
         }
     }
 
-    /// A reply to `key` was confirmed: it no longer refuses.
+    /// A reply to `key` was confirmed: it is trusted for `TRUST`.
     pub fn confirmed(&self, key: &str) {
         let mut state = self.state.lock().expect("poisoned");
         let now = Instant::now();
-        if let Some(entry) = state.destinations.get_mut(key) {
-            entry.refusing_until = None;
-            if entry.idle(now) {
-                state.destinations.remove(key);
-            }
+        if let Some(entry) = state.entry(key, now) {
+            entry.confirmed_at = Some(now);
         }
     }
 
-    /// A turn to publish a refused reply to `key` again, within the budget; `None` when
-    /// the budget is spent or `key` is known to refuse.
+    /// A turn to publish a refused reply to `key` again: always when `key` is trusted,
+    /// else within the budget; `None` when `key` is known to refuse or the budget is
+    /// spent.
     pub fn retry(&self, key: &str) -> Option<Retrying<'_>> {
         let mut state = self.state.lock().expect("poisoned");
-        if state.retrying >= self.total {
-            return None;
-        }
         let now = Instant::now();
-        let per_destination = self.per_destination;
+        let (per_destination, total) = (self.per_destination, self.total);
+        let spent = state.retrying >= total;
         let entry = state.entry(key, now)?;
-        if entry.refusing(now) || entry.retrying >= per_destination {
+        let within = !spent && entry.retrying < per_destination;
+        if entry.refusing(now) || !(entry.trusted(now) || within) {
+            if entry.idle(now) {
+                state.destinations.remove(key);
+            }
             return None;
         }
         entry.retrying += 1;
@@ -182,6 +201,15 @@ mod tests {
         let refusing = Refusing::new(64); // 4 per destination, 16 in all
         let a: Vec<_> = (0..4).map(|_| refusing.retry("a").unwrap()).collect();
         assert!(refusing.retry("a").is_none(), "a's budget spent");
+        refusing.confirmed("trusted");
+        let trusted: Vec<_> = (0..100)
+            .map(|_| refusing.retry("trusted").unwrap())
+            .collect();
+        assert!(
+            refusing.retry("b").is_none(),
+            "trusted retries count in the total"
+        );
+        drop(trusted);
         let others: Vec<_> = (0..12)
             .map(|i| refusing.retry(&format!("d{}", i % 3)).unwrap())
             .collect();
@@ -189,12 +217,16 @@ mod tests {
         drop(a);
         assert!(refusing.retry("a").is_some(), "given back when dropped");
         drop(others);
-        assert!(refusing.state.lock().unwrap().destinations.is_empty());
+        assert_eq!(
+            refusing.state.lock().unwrap().destinations.len(),
+            1,
+            "the trusted one"
+        );
         assert_eq!(refusing.state.lock().unwrap().retrying, 0);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_destination_refusing_for_good_is_known_until_confirmed_or_quiet() {
+    async fn a_destination_refusing_for_good_is_known_until_quiet() {
         let refusing = Refusing::new(256);
         refusing.refused_for_good("full");
         assert!(refusing.known("full"));
@@ -205,11 +237,28 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(refusing.known("full"), "each refusal extends it");
         refusing.confirmed("full");
-        assert!(!refusing.known("full"), "a confirm forgets it");
-        refusing.refused_for_good("full");
+        assert!(
+            refusing.known("full"),
+            "a confirm now and then doesn't clear it"
+        );
+        assert!(refusing.retry("full").is_none(), "nor make it trusted");
         tokio::time::advance(WINDOW).await;
         assert!(!refusing.known("full"), "forgotten once quiet");
         assert!(refusing.retry("full").is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trust_lasts_a_while_after_a_confirm() {
+        let refusing = Refusing::new(16); // 1 per destination
+        refusing.confirmed("q");
+        let held: Vec<_> = (0..10).map(|_| refusing.retry("q").unwrap()).collect();
+        drop(held);
+        tokio::time::advance(TRUST).await;
+        let one = refusing.retry("q");
+        assert!(
+            one.is_some() && refusing.retry("q").is_none(),
+            "budgeted again"
+        );
     }
 
     #[test]
@@ -229,6 +278,8 @@ mod tests {
             routing_key: key.into(),
         };
         let alice = Refusing::key(&exchange("alice.r1"), Some("alice"));
+        let direct = Destination::ReplyTo("amq.rabbitmq.reply-to.g1h2".into());
+        assert_eq!(Refusing::key(&direct, Some("alice")), None);
         assert_eq!(alice, Refusing::key(&exchange("alice.r2"), Some("alice")));
         assert_ne!(alice, Refusing::key(&exchange("bob.r1"), Some("bob")));
         let queue = Refusing::key(&Destination::ReplyTo("replies".into()), Some("alice"));
