@@ -955,6 +955,53 @@ mod tests {
         assert_eq!(reply_pause(1), Duration::from_millis(500));
     }
 
+    /// Item 9 of issue 19: a forbidden user's copy of another user's bytes, answered (a
+    /// 403), is remembered as that user's: the allowed user's copy, redelivered, is
+    /// processed, not skipped as answered.
+    #[tokio::test]
+    async fn a_forbidden_users_copy_of_another_users_bytes_is_not_remembered_as_theirs() {
+        let rules = std::env::temp_dir().join(format!("rules-{}.toml", uuid::Uuid::new_v4()));
+        let text = "[[allow]]\nusers = [\"alice\"]\nindexes = [\"shop\"]\ncollections = [\"*\"]\n";
+        std::fs::write(&rules, text).unwrap();
+        let mut settings = Settings::defaults();
+        settings.storage.url = "http://127.0.0.1:9".into();
+        settings.security.enabled = true;
+        settings.security.rules_file = rules.display().to_string();
+        let processor = Processor::new(Arc::new(settings), Arc::new(Metrics::new())).unwrap();
+        std::fs::remove_file(&rules).unwrap();
+        let handler = Handler::new(Arc::new(processor));
+        let bytes = br#"{"index":"shop","collection":"c","controller":"document","action":"mUpdate","requestId":"r-1","body":{"documents":[{"_id":"a","body":{"n":1}}]}}"#;
+        // The same message_id too: a refusal is remembered (its redelivery acked) only
+        // when the request carries one.
+        let (bob, alice) = (
+            props(Some("m-1"), Some("bob")),
+            props(Some("m-1"), Some("alice")),
+        );
+
+        // Bob's copy: a 403, answered and remembered as handle() does.
+        let live = CancellationToken::new();
+        let Plan::Reply { answer, .. } = handler.plan(bytes, &bob, false, &live).await else {
+            panic!("bob's copy is answered");
+        };
+        assert_eq!(answer.response.status, 403);
+        assert!(handler.answered.insert(answer.identified, bytes, &bob));
+
+        // Alice's copy, redelivered: processed (here handed back, its engine call given
+        // up), never acked as answered; bob's own redelivery is.
+        let handed_back = CancellationToken::new();
+        handed_back.cancel();
+        let plan = handler.plan(bytes, &alice, true, &handed_back).await;
+        assert!(
+            matches!(plan, Plan::Settle(Settlement::Requeue)),
+            "alice's copy processed"
+        );
+        let plan = handler.plan(bytes, &bob, true, &handed_back).await;
+        assert!(
+            matches!(plan, Plan::Settle(Settlement::Ack)),
+            "bob's skipped"
+        );
+    }
+
     fn text(max: usize) -> impl Strategy<Value = Option<String>> {
         prop::option::of(prop_oneof![
             ".{0,300}",
