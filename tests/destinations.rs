@@ -17,6 +17,9 @@ use serde_json::json;
 use support::cleanup::Cleanup;
 use support::*;
 
+/// The two tests measure latencies and load the same servers: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The p99 of `latencies` (the largest but one in a hundred).
 fn p99(latencies: &mut [Duration]) -> Duration {
     latencies.sort();
@@ -57,6 +60,7 @@ async fn latencies(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_queue_that_refuses_everything_does_not_slow_other_producers() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let col = Collection::create(&[("d", json!({"n": 0}))]).await;
     let mut settings = settings();
     // A small prefetch: without a budget, the refused replies would hold every slot
@@ -140,6 +144,7 @@ async fn a_reply_queue_that_refuses_everything_does_not_slow_other_producers() {
 /// answered, none dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_queue_that_took_replies_has_every_refused_reply_retried() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let col = Collection::create(&[("d", json!({"n": 0}))]).await;
     let mut settings = settings();
     settings.amqp.prefetch = 32; // a budget of 2 refused replies per untrusted destination

@@ -53,6 +53,8 @@ struct State {
     destinations: HashMap<String, Entry>,
     /// Replies waiting to be published again, all destinations together.
     retrying: usize,
+    /// When idle entries were last swept out (at most once a second: a sweep reads all).
+    swept: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -180,8 +182,12 @@ impl State {
     /// can be forgotten.
     fn entry(&mut self, key: &str, now: Instant) -> Option<&mut Entry> {
         if !self.destinations.contains_key(key) {
-            if self.destinations.len() >= MOST {
+            let due = self
+                .swept
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1));
+            if self.destinations.len() >= MOST && due {
                 self.destinations.retain(|_, entry| !entry.idle(now));
+                self.swept = Some(now);
             }
             if self.destinations.len() >= MOST {
                 return None;
@@ -261,14 +267,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn memory_is_bounded() {
+    #[tokio::test(start_paused = true)]
+    async fn memory_is_bounded() {
         let refusing = Refusing::new(256);
         for i in 0..2 * MOST {
-            refusing.refused_for_good(&format!("q{i}"));
+            refusing.confirmed(&format!("q{i}"));
         }
-        let state = refusing.state.lock().unwrap();
-        assert_eq!(state.destinations.len(), MOST);
+        assert_eq!(refusing.state.lock().unwrap().destinations.len(), MOST);
+        assert!(
+            refusing.retry("new").is_none(),
+            "full: not trusted, not retried"
+        );
+        // Once the trust of the first ones is over, newcomers take their place.
+        tokio::time::advance(TRUST).await;
+        refusing.confirmed("new");
+        assert!(refusing.retry("new").is_some());
+        assert_eq!(refusing.state.lock().unwrap().destinations.len(), 1);
     }
 
     #[test]
