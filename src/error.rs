@@ -56,6 +56,14 @@ pub enum RequestError {
     Unauthorized(String),
     #[error("Insufficient permissions to execute the action \"{action}\" (User \"{user}\").")]
     Forbidden { action: String, user: String },
+    /// A reply destination (`reply_to`, or the reply exchange) asked without a user.
+    #[error("Unauthorized: authentication required to have a reply sent to the {0}.")]
+    ReplyUnauthorized(String),
+    /// A reply destination the user's rules don't allow.
+    #[error(
+        "Insufficient permissions to have a reply sent to the {destination} (User \"{user}\")."
+    )]
+    ReplyForbidden { destination: String, user: String },
 }
 
 /// Kuzzle's numeric code of an error id: domain, subdomain and error, a byte each
@@ -107,6 +115,8 @@ impl RequestError {
             ReplyTooLarge { .. } => (500, "api.process.reply_too_large"),
             Unauthorized(_) => (401, "security.rights.unauthorized"),
             Forbidden { .. } => (403, "security.rights.forbidden"),
+            ReplyUnauthorized(_) => (401, "security.rights.unauthorized"),
+            ReplyForbidden { .. } => (403, "security.rights.forbidden"),
         }
     }
 
@@ -130,6 +140,8 @@ impl RequestError {
             StorageRejected(reason) => vec![reason.clone()],
             Unauthorized(action) => vec![action.clone()],
             Forbidden { action, user } => vec![action.clone(), user.clone()],
+            ReplyUnauthorized(destination) => vec![destination.clone()],
+            ReplyForbidden { destination, user } => vec![destination.clone(), user.clone()],
             BodyRequired
             | WriteLimitExceeded { .. }
             | BodyTooLarge { .. }

@@ -23,7 +23,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-use crate::broker::{APPLIED_HEADER, REASON_HEADER};
+use crate::broker::{APPLIED_HEADER, ERROR_HEADER, REASON_HEADER};
 use crate::config::AmqpSettings;
 use crate::security::tls::AmqpTls;
 
@@ -153,6 +153,7 @@ async fn send_back(
             ![
                 REASON_HEADER,
                 APPLIED_HEADER,
+                ERROR_HEADER,
                 "x-mupdate-user-id",
                 "x-mupdate-publish",
             ]

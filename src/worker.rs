@@ -10,19 +10,18 @@ use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::logs::Untrusted;
-
-use crate::broker::{self, Broker, Outgoing, Published};
+use crate::broker::{self, Broker, Letter, Outgoing, Published, Refusing};
 use crate::bulk::{ItemOptions, Metadata};
 use crate::coalesce::{BatchLimits, Coalescer};
 use crate::config::{Format, Settings};
 use crate::delivery::{ChannelGone, Settlement, Ticket};
 use crate::envelope::{self, Echo, Properties, Refresh, Request};
 use crate::error::RequestError;
+use crate::logs::Untrusted;
 use crate::metrics::Metrics;
 use crate::reply::{self, Destination};
 use crate::response::{self, Outcome, Response, Shape};
-use crate::security::rights::Rights;
+use crate::security::rights::{Rights, Verdict};
 use crate::storage::{self, Abandoned, IndexState, Storage, StorageError};
 use crate::update;
 
@@ -35,6 +34,9 @@ pub struct Answer {
     documents: Option<(Echo, Request, Vec<Outcome>, Format)>,
     /// The request's span, for what is logged of it after processing.
     span: tracing::Span,
+    /// Its reply destination is refused by the rights: the reason it is dead-lettered
+    /// for, and the error (JSON) its dead letter carries. Nothing was applied.
+    refused: Option<(&'static str, String)>,
 }
 
 impl Answer {
@@ -44,6 +46,20 @@ impl Answer {
             identified: false,
             documents: None,
             span: tracing::Span::none(),
+            refused: None,
+        }
+    }
+
+    /// A request whose reply may not go where it asks: dead-lettered, never applied.
+    fn refused(echo: &Echo, verdict: Verdict, err: &RequestError) -> Self {
+        let reason = match verdict {
+            Verdict::Unauthorized => "reply_unauthorized",
+            _ => "reply_forbidden",
+        };
+        Answer {
+            identified: echo.own_id,
+            refused: Some((reason, err.to_json().to_string())),
+            ..Answer::plain(response::error_response(echo, err))
         }
     }
 
@@ -114,6 +130,13 @@ impl Processor {
         let s = &self.settings;
         let parsed = envelope::parse(body, props, &s.limits, &s.storage);
         let echo = parsed.echo;
+        // Before anything is applied: a reply that may not go where it asks is never
+        // published, and its request is dead-lettered unapplied.
+        if let Err((verdict, err)) = self.destination(&echo.request_id, props) {
+            self.metrics.rights(reply_outcome(verdict));
+            info!(request_id = %Untrusted(&echo.request_id), status = err.status(), error = %Untrusted(&err.to_string()), "reply destination refused");
+            return Ok(Answer::refused(&echo, verdict, &err));
+        }
         let request = match parsed.request {
             Ok(request) => request,
             Err(err) => {
@@ -161,10 +184,34 @@ impl Processor {
                 identified: echo.own_id,
                 documents: Some((echo, request, outcomes, format)),
                 span: tracing::Span::current(),
+                refused: None,
             })
         }
         .instrument(span)
         .await
+    }
+
+    /// Where the reply to request `request_id` goes (SPEC section 5), under the rights
+    /// when they are on; `Ok(None)` when no destination is possible.
+    pub fn destination(
+        &self,
+        request_id: &str,
+        props: &Properties,
+    ) -> Result<Option<Destination>, (Verdict, RequestError)> {
+        let a = &self.settings.amqp;
+        let key = reply::reply_key(request_id, props.correlation_id.as_deref());
+        let reply_to = props.reply_to.as_deref();
+        let Some(destination) =
+            Destination::choose(reply_to, &a.reply_exchange, &a.reply_queue, key)
+        else {
+            return Ok(None);
+        };
+        match &self.rights {
+            Some(rights) => rights
+                .reply_destination(props.user_id.as_deref(), destination)
+                .map(Some),
+            None => Ok(Some(destination)),
+        }
     }
 
     /// Applies the request's documents; per-document outcomes in the request's order.
@@ -242,6 +289,14 @@ impl Processor {
     }
 }
 
+/// The rights metric's outcome for a refused reply destination.
+fn reply_outcome(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Unauthorized => "reply_unauthorized",
+        _ => "reply_forbidden",
+    }
+}
+
 fn now_millis() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -291,6 +346,9 @@ pub struct Handler {
     settings: Arc<Settings>,
     metrics: Arc<Metrics>,
     answered: Answered,
+    /// Reply destinations that keep refusing, and the budget of refused replies waiting
+    /// to be published again.
+    refusing: Refusing,
     /// Per-document order of the requests received (module `order`).
     sequencer: Arc<crate::order::Sequencer>,
     /// Room for request bytes in process, in KiB (`worker.max_processing_bytes`).
@@ -309,6 +367,7 @@ impl Handler {
             worker.answered_max_bytes,
         );
         Handler {
+            refusing: Refusing::new(processor.settings.amqp.prefetch),
             settings: processor.settings.clone(),
             metrics: processor.metrics.clone(),
             processor,
@@ -407,8 +466,14 @@ impl Handler {
             Fate::DeadLetter(reason) => {
                 let request_id = &answer.response.request_id;
                 let applied = answer.applied();
+                let error = answer.refused.as_ref().map(|(_, error)| error.as_str());
+                let letter = Letter {
+                    reason,
+                    applied,
+                    error,
+                };
                 let settled = self
-                    .dead_letter(broker, &data, &properties, reason, applied, request_id)
+                    .dead_letter(broker, &data, &properties, letter, request_id)
                     .await?;
                 // Its dead letter is confirmed: a redelivery after a lost ack is acked
                 // without a second dead letter (it is in the dead-letter queue already).
@@ -468,18 +533,34 @@ impl Handler {
             self.metrics.requeued.inc();
             return Plan::Settle(Settlement::Requeue);
         };
-        let a = &self.settings.amqp;
-        let key = reply::reply_key(&answer.response.request_id, props.correlation_id.as_deref());
-        let reply_to = props.reply_to.as_deref();
-        match Destination::choose(reply_to, &a.reply_exchange, &a.reply_queue, key) {
-            Some(destination) => Plan::Reply {
+        if let Some((reason, _)) = answer.refused {
+            return Plan::DeadLetter {
+                answer: Box::new(answer),
+                reason,
+            };
+        }
+        match self
+            .processor
+            .destination(&answer.response.request_id, props)
+        {
+            Ok(Some(destination)) => Plan::Reply {
                 answer: Box::new(answer),
                 destination,
             },
-            None => Plan::DeadLetter {
+            Ok(None) => Plan::DeadLetter {
                 answer: Box::new(answer),
                 reason: "unroutable",
             },
+            // The rules were reloaded meanwhile, and now refuse it.
+            Err((verdict, err)) => {
+                self.metrics.rights(reply_outcome(verdict));
+                let mut answer = answer;
+                answer.refused = Some((reply_outcome(verdict), err.to_json().to_string()));
+                Plan::DeadLetter {
+                    answer: Box::new(answer),
+                    reason: reply_outcome(verdict),
+                }
+            }
         }
     }
 
@@ -498,6 +579,8 @@ impl Handler {
         let mut response = std::borrow::Cow::Borrowed(&answer.response);
         let mut shrunk = 0;
         let mut refusals = 0;
+        let refusing = Refusing::key(destination, props.user_id.as_deref());
+        let mut retrying = None;
         loop {
             let reply = Outgoing {
                 destination,
@@ -506,6 +589,7 @@ impl Handler {
                 status: response.status,
                 body: &response.body,
                 traceparent: props.traceparent.as_deref(),
+                user_id: props.user_id.as_deref(),
             };
             let published = {
                 let publish = async {
@@ -530,7 +614,12 @@ impl Handler {
                 }
             };
             match published {
-                Published::Confirmed => return Ok(Fate::Answered),
+                Published::Confirmed => {
+                    if let Some(refusing) = &refusing {
+                        self.refusing.confirmed(refusing);
+                    }
+                    return Ok(Fate::Answered);
+                }
                 // Back to the queue rather than wait on a blocked connection: the
                 // session pauses while the broker blocks replies.
                 Published::Unconfirmed => {
@@ -544,12 +633,29 @@ impl Handler {
                 }
                 Published::Refused => {
                     refusals += 1;
-                    if refusals >= self.settings.amqp.reply_attempts {
+                    // Known to refuse, or refused through all its attempts: final, and
+                    // known for a while longer.
+                    let known = refusing.as_ref().is_some_and(|r| self.refusing.known(r));
+                    if known || refusals >= self.settings.amqp.reply_attempts {
+                        if let Some(refusing) = &refusing {
+                            self.refusing.refused_for_good(refusing);
+                        }
                         warn!(
                             ?destination,
-                            refusals, "the broker keeps refusing the reply"
+                            refusals, known, "the broker keeps refusing the reply"
                         );
                         return Ok(Fate::DeadLetter("refused"));
+                    }
+                    // A turn to wait and publish again, within the budget, or give up.
+                    if let (None, Some(refusing)) = (&retrying, &refusing) {
+                        retrying = self.refusing.retry(refusing);
+                        if retrying.is_none() {
+                            warn!(
+                                ?destination,
+                                "reply refused, and the budget of refused replies is spent"
+                            );
+                            return Ok(Fate::DeadLetter("refused"));
+                        }
                     }
                     let pause = reply_pause(refusals);
                     tokio::select! {
@@ -586,10 +692,10 @@ impl Handler {
         broker: &Broker,
         data: &[u8],
         properties: &lapin::BasicProperties,
-        reason: &'static str,
-        applied: bool,
+        letter: Letter<'_>,
         request_id: &str,
     ) -> Result<Settlement, crate::broker::BrokerError> {
+        let (reason, applied) = (letter.reason, letter.applied);
         self.metrics.dead_lettered(reason);
         warn!(request_id = %Untrusted(request_id), reason, applied, "dead-lettering the request");
         let a = &self.settings.amqp;
@@ -602,8 +708,7 @@ impl Handler {
                 &a.request_queue,
                 data,
                 properties,
-                reason,
-                applied,
+                letter,
             )
             .await?;
         Ok(match published {
@@ -851,6 +956,53 @@ mod tests {
         assert_eq!(reply_pause(1), Duration::from_millis(500));
     }
 
+    /// Item 9 of issue 19: a forbidden user's copy of another user's bytes, answered (a
+    /// 403), is remembered as that user's: the allowed user's copy, redelivered, is
+    /// processed, not skipped as answered.
+    #[tokio::test]
+    async fn a_forbidden_users_copy_of_another_users_bytes_is_not_remembered_as_theirs() {
+        let rules = std::env::temp_dir().join(format!("rules-{}.toml", uuid::Uuid::new_v4()));
+        let text = "[[allow]]\nusers = [\"alice\"]\nindexes = [\"shop\"]\ncollections = [\"*\"]\n";
+        std::fs::write(&rules, text).unwrap();
+        let mut settings = Settings::defaults();
+        settings.storage.url = "http://127.0.0.1:9".into();
+        settings.security.enabled = true;
+        settings.security.rules_file = rules.display().to_string();
+        let processor = Processor::new(Arc::new(settings), Arc::new(Metrics::new())).unwrap();
+        std::fs::remove_file(&rules).unwrap();
+        let handler = Handler::new(Arc::new(processor));
+        let bytes = br#"{"index":"shop","collection":"c","controller":"document","action":"mUpdate","requestId":"r-1","body":{"documents":[{"_id":"a","body":{"n":1}}]}}"#;
+        // The same message_id too: a refusal is remembered (its redelivery acked) only
+        // when the request carries one.
+        let (bob, alice) = (
+            props(Some("m-1"), Some("bob")),
+            props(Some("m-1"), Some("alice")),
+        );
+
+        // Bob's copy: a 403, answered and remembered as handle() does.
+        let live = CancellationToken::new();
+        let Plan::Reply { answer, .. } = handler.plan(bytes, &bob, false, &live).await else {
+            panic!("bob's copy is answered");
+        };
+        assert_eq!(answer.response.status, 403);
+        assert!(handler.answered.insert(answer.identified, bytes, &bob));
+
+        // Alice's copy, redelivered: processed (here handed back, its engine call given
+        // up), never acked as answered; bob's own redelivery is.
+        let handed_back = CancellationToken::new();
+        handed_back.cancel();
+        let plan = handler.plan(bytes, &alice, true, &handed_back).await;
+        assert!(
+            matches!(plan, Plan::Settle(Settlement::Requeue)),
+            "alice's copy processed"
+        );
+        let plan = handler.plan(bytes, &bob, true, &handed_back).await;
+        assert!(
+            matches!(plan, Plan::Settle(Settlement::Ack)),
+            "bob's skipped"
+        );
+    }
+
     fn text(max: usize) -> impl Strategy<Value = Option<String>> {
         prop::option::of(prop_oneof![
             ".{0,300}",
@@ -911,7 +1063,8 @@ mod tests {
                         let response = &answer.response;
                         let key = reply::reply_key(&response.request_id, props.correlation_id.as_deref());
                         let reply = Outgoing { destination: &destination, key, request_id: &response.request_id,
-                            status: response.status, body: &response.body, traceparent: props.traceparent.as_deref() };
+                            status: response.status, body: &response.body, traceparent: props.traceparent.as_deref(),
+                            user_id: props.user_id.as_deref() };
                         let amqp = broker::reply_properties(&reply);
                         let correlation = amqp.correlation_id().as_ref().map_or(0, |c| c.as_str().len());
                         prop_assert!(correlation <= SHORT_STRING_MAX);

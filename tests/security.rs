@@ -7,6 +7,8 @@ mod support;
 
 use std::process::{Command, Stdio};
 
+use lapin::BasicProperties;
+use lapin::types::AMQPValue;
 use mupdate_worker::client::Client;
 use serde_json::{Value, json};
 use support::binary::BinaryWorker;
@@ -239,4 +241,203 @@ async fn config_shows_the_effective_rules_and_a_broken_file_stops_the_worker() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("security.rules_file"));
+}
+
+/// Where a reply may go is part of the rules (SPEC section 5): a producer allowed its
+/// index but naming another application's queue in `reply_to` gets no reply there; its
+/// request is dead-lettered unapplied with a 403 saying why (401 without a user). Its own
+/// queue (named after it, by default) and direct reply-to get the reply, with the
+/// verified user in `x-mupdate-user-id`; on the reply exchange its routing key is
+/// prefixed with its name, so a forged requestId reaches only its own bindings.
+#[tokio::test]
+async fn replies_go_only_where_the_callers_rules_allow() {
+    let target = Collection::create(&[("d", json!({"n": 0}))]).await;
+    let alice = BrokerUser::create("alice");
+    let dir = tempdir();
+    let rules = dir.join("rules.toml");
+    write_rules(
+        &rules,
+        &format!(
+            "[[allow]]\nusers = [\"{}\", \"guest\"]\nindexes = [\"{}\"]\ncollections = [\"*\"]\n",
+            alice.name, target.index
+        ),
+    );
+    let mut settings = settings();
+    settings.security.enabled = true;
+    settings.security.rules_file = rules.display().to_string();
+    settings.amqp.reply_exchange = fresh("mupdate.reply-exchange");
+    let mut cleanup = support::cleanup::Cleanup::of(&settings);
+    let other_app = cleanup.queue(fresh("billing.commands"));
+    let own = cleanup.queue(format!("{}.replies", alice.name));
+    let victim_binding = cleanup.queue(fresh("victim"));
+    let own_binding = cleanup.queue(fresh("alice-bound"));
+    let amqp = Amqp::open().await;
+    let exchange = settings.amqp.reply_exchange.clone();
+    amqp.channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    for (queue, key) in [
+        (&other_app, None),
+        (&own, None),
+        (&victim_binding, Some("victim.#".to_owned())),
+        (&own_binding, Some(format!("{}.#", alice.name))),
+    ] {
+        amqp.channel
+            .queue_declare(
+                queue.as_str().into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        if let Some(key) = key {
+            amqp.channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    key.as_str().into(),
+                    Default::default(),
+                    Default::default(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let worker = Worker::start_with(settings).await;
+    let queue = worker.request_queue().to_owned();
+    let dead = worker.settings.amqp.dead_letter_queue.clone();
+    let as_alice = Amqp::open_at(&alice.url()).await;
+    let send = |amqp: &Amqp, user: Option<&str>, reply_to: Option<&str>, id: &str, n: u64| {
+        let mut envelope = update(&target, n);
+        envelope["requestId"] = json!(id);
+        let mut props = BasicProperties::default();
+        if let Some(user) = user {
+            props = props.with_user_id(user.into());
+        }
+        if let Some(to) = reply_to {
+            props = props.with_reply_to(to.into());
+        }
+        let channel = amqp.channel.clone();
+        let queue = queue.clone();
+        async move {
+            publish(
+                &channel,
+                &queue,
+                &serde_json::to_vec(&envelope).unwrap(),
+                props,
+            )
+            .await
+        }
+    };
+
+    // Another application's queue: dead-lettered unapplied with a 403, nothing published.
+    send(
+        &as_alice,
+        Some(&alice.name),
+        Some(&other_app),
+        "to-billing",
+        1,
+    )
+    .await;
+    let letter = get(&amqp, &dead).await;
+    assert_eq!(header(&letter, "x-mupdate-reason"), "reply_forbidden");
+    assert_eq!(
+        letter.properties.headers().as_ref().unwrap().inner()["x-mupdate-applied"],
+        AMQPValue::Boolean(false)
+    );
+    assert_eq!(header(&letter, "x-mupdate-user-id"), alice.name);
+    let error: Value = serde_json::from_str(&header(&letter, "x-mupdate-error")).unwrap();
+    assert_eq!(error["status"], 403, "{error}");
+    assert_eq!(error["id"], "security.rights.forbidden");
+    let message = format!(
+        "Insufficient permissions to have a reply sent to the queue \"{other_app}\" (User \"{}\").",
+        alice.name
+    );
+    assert_eq!(error["message"], message);
+    assert_eq!(target.get("d").await.0["n"], 0, "not applied");
+
+    // Its own queue: the reply, with the verified user.
+    send(&as_alice, Some(&alice.name), Some(&own), "to-own", 2).await;
+    let reply = get(&amqp, &own).await;
+    let body: Value = serde_json::from_slice(&reply.data).unwrap();
+    assert_eq!(
+        (body["status"].clone(), body["requestId"].clone()),
+        (json!(200), json!("to-own"))
+    );
+    assert_eq!(header(&reply, "x-mupdate-user-id"), alice.name);
+    assert_eq!(target.get("d").await.0["n"], 2);
+
+    // The reply exchange, with a requestId naming another application's binding: routed
+    // under alice's name.
+    send(&as_alice, Some(&alice.name), None, "victim.r1", 3).await;
+    let reply = get(&amqp, &own_binding).await;
+    assert_eq!(
+        reply.routing_key.as_str(),
+        format!("{}.victim.r1", alice.name)
+    );
+    let body: Value = serde_json::from_slice(&reply.data).unwrap();
+    assert_eq!(body["requestId"], "victim.r1");
+
+    // Without a user: a queue or the exchange is a 401, dead-lettered.
+    send(&amqp, None, Some(&other_app), "anonymous-1", 4).await;
+    send(&amqp, None, None, "victim.anonymous-2", 5).await;
+    for _ in 0..2 {
+        let letter = get(&amqp, &dead).await;
+        assert_eq!(header(&letter, "x-mupdate-reason"), "reply_unauthorized");
+        let error: Value = serde_json::from_str(&header(&letter, "x-mupdate-error")).unwrap();
+        assert_eq!(error["id"], "security.rights.unauthorized", "{error}");
+    }
+    // Direct reply-to: always.
+    let reply = alice.call(&queue, &update(&target, 6)).await;
+    assert_eq!(reply["status"], 200, "{reply}");
+
+    // Nothing ever reached the other application or its binding.
+    for queue in [&other_app, &victim_binding] {
+        assert_eq!(queue_counts(queue).await.unwrap().0, 0, "{queue}");
+    }
+    assert_eq!(target.get("d").await.0["n"], 6);
+    worker.stop().await;
+    as_alice.close().await;
+    let _ = amqp
+        .channel
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+    amqp.close().await;
+}
+
+/// The next message of `queue`, within the test timeout (basic.get: no consumer left
+/// behind).
+async fn get(amqp: &Amqp, queue: &str) -> lapin::message::Delivery {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let got = amqp
+            .channel
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap();
+        if let Some(message) = got {
+            return message.delivery;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing in {queue}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A string header of a message.
+fn header(message: &lapin::message::Delivery, name: &str) -> String {
+    let headers = message.properties.headers().as_ref().expect("headers");
+    match headers.inner().get(name) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        Some(AMQPValue::ShortString(s)) => s.as_str().to_owned(),
+        other => panic!("header {name}: {other:?}"),
+    }
 }

@@ -26,9 +26,11 @@ use crate::envelope::Properties;
 use crate::reply::Destination;
 use crate::security::tls::AmqpTls;
 
+mod refusing;
 mod replies;
 mod topology;
 
+pub use refusing::Refusing;
 pub use replies::Published;
 
 /// The most a broker call (connect, open a channel, declare, consume, cancel, close) may
@@ -186,15 +188,18 @@ impl Broker {
         routing_key: &str,
         body: &[u8],
         properties: &BasicProperties,
-        reason: &str,
-        applied: bool,
+        letter: Letter<'_>,
     ) -> Result<Published, BrokerError> {
         let mut headers = properties.headers().clone().unwrap_or_default();
+        let reason = letter.reason;
         headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
-        headers.insert(APPLIED_HEADER.into(), AMQPValue::Boolean(applied));
+        headers.insert(APPLIED_HEADER.into(), AMQPValue::Boolean(letter.applied));
+        if let Some(error) = letter.error {
+            headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(error.into()));
+        }
         if let Some(user) = properties.user_id() {
             headers.insert(
-                "x-mupdate-user-id".into(),
+                USER_ID_HEADER.into(),
                 AMQPValue::LongString(user.as_str().into()),
             );
         }
@@ -224,8 +229,23 @@ impl Broker {
 }
 
 /// Why the worker dead-lettered a request: `unroutable`, `refused`, `too_large`,
-/// `unconfirmed`.
+/// `unconfirmed`, `reply_unauthorized`, `reply_forbidden`.
 pub const REASON_HEADER: &str = "x-mupdate-reason";
+/// The error that refused the request, as its reply would have carried it (JSON), on a
+/// dead letter whose reply was not sent (a reply destination the rights refuse).
+pub const ERROR_HEADER: &str = "x-mupdate-error";
+/// The request's verified `user_id`, on its reply and on its dead letter.
+pub const USER_ID_HEADER: &str = "x-mupdate-user-id";
+
+/// Why a request is dead-lettered, as its dead letter says it.
+pub struct Letter<'a> {
+    /// `REASON_HEADER`.
+    pub reason: &'static str,
+    /// `APPLIED_HEADER`.
+    pub applied: bool,
+    /// `ERROR_HEADER`, when there is one.
+    pub error: Option<&'a str>,
+}
 /// Whether the dead-lettered request's updates were applied (some of its documents
 /// updated) before it was dead-lettered: such a request must not be sent again blindly.
 pub const APPLIED_HEADER: &str = "x-mupdate-applied";
@@ -244,6 +264,8 @@ pub struct Outgoing<'a> {
     pub body: &'a [u8],
     /// The request's W3C `traceparent`, carried on so the producer's trace continues.
     pub traceparent: Option<&'a str>,
+    /// The request's `user_id` (verified by RabbitMQ), in `USER_ID_HEADER`.
+    pub user_id: Option<&'a str>,
 }
 
 /// The AMQP properties of a reply (SPEC section 5).
@@ -262,6 +284,12 @@ pub fn reply_properties(reply: &Outgoing<'_>) -> BasicProperties {
         headers.insert(
             "traceparent".into(),
             AMQPValue::LongString(traceparent.as_bytes().into()),
+        );
+    }
+    if let Some(user) = reply.user_id {
+        headers.insert(
+            USER_ID_HEADER.into(),
+            AMQPValue::LongString(user.as_bytes().into()),
         );
     }
     let properties = BasicProperties::default()

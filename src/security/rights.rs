@@ -9,7 +9,18 @@
 //! users = ["etl-*"]          # broker user names
 //! indexes = ["shop"]          # Kuzzle indexes
 //! collections = ["*"]         # Kuzzle collections
+//!
+//! [[reply]]
+//! users = ["etl-*"]
+//! queues = ["{user}.*", "shared-replies"]   # where their replies may go
 //! ```
+//!
+//! Where a reply may go is part of the rules too: the worker publishes with its own
+//! broker rights, so a `reply_to` is checked against the queues the user's `[[reply]]`
+//! rules allow (`{user}` stands for the user's name), by default a queue named after the
+//! user (`{user}` or `{user}.*`); direct reply-to is always allowed. On
+//! `amqp.reply_exchange`, the routing key is prefixed with the user (`{user}.{key}`), so
+//! a caller reaches only the bindings of its own name.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -19,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::SecuritySettings;
 use crate::error::RequestError;
+use crate::reply::{Destination, SHORT_STRING_MAX};
 
 /// One allow rule, as written in the rules file.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -29,12 +41,26 @@ pub struct Rule {
     pub collections: Vec<String>,
 }
 
+/// Where the replies of some users may go, as written in the rules file: glob patterns
+/// on `reply_to` queue names, `{user}` standing for the user's name.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplyRule {
+    pub users: Vec<String>,
+    pub queues: Vec<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RulesFile {
     #[serde(default)]
     allow: Vec<Rule>,
+    #[serde(default)]
+    reply: Vec<ReplyRule>,
 }
+
+/// The reply queues of a user no `[[reply]]` rule names: those named after it.
+pub const DEFAULT_REPLY_QUEUES: [&str; 2] = ["{user}", "{user}.*"];
 
 /// A rule ready to match.
 struct Compiled {
@@ -43,10 +69,18 @@ struct Compiled {
     collections: GlobSet,
 }
 
+/// A reply rule ready to match its users; its queue patterns are compiled per user
+/// (`{user}` is the user's name, escaped).
+struct CompiledReply {
+    users: GlobSet,
+    queues: Vec<String>,
+}
+
 /// A set of allow rules, as written and compiled.
 pub struct Rules {
     written: Vec<Rule>,
     compiled: Vec<Compiled>,
+    replies: Vec<CompiledReply>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,9 +114,25 @@ impl Rules {
                 })
             })
             .collect::<Result<_, String>>()?;
+        let replies = file
+            .reply
+            .iter()
+            .map(|rule| {
+                // A pattern must compile for any user: checked here with a plain name.
+                for queue in &rule.queues {
+                    Glob::new(&queue.replace("{user}", "u"))
+                        .map_err(|e| format!("queue pattern \"{queue}\": {e}"))?;
+                }
+                Ok(CompiledReply {
+                    users: globs(&rule.users, "user")?,
+                    queues: rule.queues.clone(),
+                })
+            })
+            .collect::<Result<_, String>>()?;
         Ok(Rules {
             written: file.allow,
             compiled,
+            replies,
         })
     }
 
@@ -99,6 +149,25 @@ impl Rules {
     /// The rules as written, for `mupdate-worker config`.
     pub fn written(&self) -> &[Rule] {
         &self.written
+    }
+
+    /// Whether `user`'s replies may go to the queue `queue`: a pattern of the `[[reply]]`
+    /// rules naming the user matches it, or, when none names the user, a default one.
+    fn allows_reply_queue(&self, user: &str, queue: &str) -> bool {
+        let mut named = false;
+        let mut patterns = Vec::new();
+        for rule in self.replies.iter().filter(|r| r.users.is_match(user)) {
+            named = true;
+            patterns.extend(rule.queues.iter().map(String::as_str));
+        }
+        if !named {
+            patterns.extend(DEFAULT_REPLY_QUEUES);
+        }
+        let user = globset::escape(user);
+        patterns.into_iter().any(|pattern| {
+            Glob::new(&pattern.replace("{user}", &user))
+                .is_ok_and(|glob| glob.compile_matcher().is_match(queue))
+        })
     }
 
     fn allows(&self, user: &str, index: &str, collection: &str) -> bool {
@@ -189,6 +258,61 @@ impl Rights {
             Err((Verdict::Forbidden, RequestError::Forbidden { action, user }))
         }
     }
+
+    /// Where `user`'s reply may go, from the destination the request asked for: direct
+    /// reply-to and the configured reply queue as they are; a `reply_to` queue only where
+    /// the user's rules allow it; on the reply exchange, the routing key prefixed with the
+    /// user (`{user}.{key}`, cut to a short string), so that only the bindings of its own
+    /// name are reached. Without a user, only direct reply-to and the reply queue.
+    pub fn reply_destination(
+        &self,
+        user: Option<&str>,
+        destination: Destination,
+    ) -> Result<Destination, (Verdict, RequestError)> {
+        if destination.is_direct() {
+            return Ok(destination);
+        }
+        let asked = match &destination {
+            Destination::Queue(_) => return Ok(destination),
+            Destination::ReplyTo(queue) => format!("queue \"{queue}\""),
+            Destination::Exchange { exchange, .. } => format!("exchange \"{exchange}\""),
+        };
+        let Some(user) = user.filter(|u| !u.is_empty()) else {
+            return Err((
+                Verdict::Unauthorized,
+                RequestError::ReplyUnauthorized(asked),
+            ));
+        };
+        let forbidden = || {
+            let user = user.to_owned();
+            let error = RequestError::ReplyForbidden {
+                destination: asked.clone(),
+                user,
+            };
+            (Verdict::Forbidden, error)
+        };
+        match destination {
+            Destination::ReplyTo(queue) if self.current().allows_reply_queue(user, &queue) => {
+                Ok(Destination::ReplyTo(queue))
+            }
+            Destination::Exchange {
+                exchange,
+                routing_key,
+            } if user.len() < SHORT_STRING_MAX => {
+                let mut key = format!("{user}.{routing_key}");
+                let mut end = SHORT_STRING_MAX.min(key.len());
+                while !key.is_char_boundary(end) {
+                    end -= 1;
+                }
+                key.truncate(end);
+                Ok(Destination::Exchange {
+                    exchange,
+                    routing_key: key,
+                })
+            }
+            _ => Err(forbidden()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -252,6 +376,110 @@ mod tests {
             err.to_string(),
             "Unauthorized: authentication required to execute the action \"document:mUpdate\"."
         );
+    }
+
+    fn to(
+        rights: &Rights,
+        user: Option<&str>,
+        destination: Destination,
+    ) -> Result<Destination, Verdict> {
+        rights
+            .reply_destination(user, destination)
+            .map_err(|(verdict, _)| verdict)
+    }
+
+    fn queue(name: &str) -> Destination {
+        Destination::ReplyTo(name.to_owned())
+    }
+
+    #[test]
+    fn replies_go_to_queues_named_after_the_user_unless_rules_say_otherwise() {
+        let text = format!(
+            "{RULES}\n[[reply]]\nusers = [\"admin\"]\nqueues = [\"shared.*\", \"{{user}}-inbox\"]\n\n\
+             [[reply]]\nusers = [\"direct-only\"]\nqueues = []\n"
+        );
+        let r = rights(&text);
+        use Verdict::*;
+        // By default: the user's own name, and below it.
+        assert!(to(&r, Some("etl-1"), queue("etl-1")).is_ok());
+        assert!(to(&r, Some("etl-1"), queue("etl-1.replies")).is_ok());
+        assert_eq!(
+            to(&r, Some("etl-1"), queue("etl-2.replies")),
+            Err(Forbidden)
+        );
+        assert_eq!(
+            to(&r, Some("etl-1"), queue("billing.commands")),
+            Err(Forbidden)
+        );
+        assert_eq!(to(&r, Some("etl-1"), queue("etl-1x")), Err(Forbidden));
+        // A name's glob characters are its own, not patterns.
+        assert_eq!(
+            to(&r, Some("etl-*"), queue("etl-1.replies")),
+            Err(Forbidden)
+        );
+        assert!(to(&r, Some("etl-*"), queue("etl-*.replies")).is_ok());
+        // Rules naming a user replace the default.
+        assert!(to(&r, Some("admin"), queue("shared.x")).is_ok());
+        assert!(to(&r, Some("admin"), queue("admin-inbox")).is_ok());
+        assert_eq!(
+            to(&r, Some("admin"), queue("admin.replies")),
+            Err(Forbidden)
+        );
+        assert_eq!(
+            to(&r, Some("direct-only"), queue("direct-only")),
+            Err(Forbidden)
+        );
+        // Direct reply-to and the configured reply queue: anyone, even anonymous.
+        let direct = queue("amq.rabbitmq.reply-to.g1h2AA");
+        assert!(to(&r, Some("direct-only"), direct.clone()).is_ok());
+        assert!(to(&r, None, direct).is_ok());
+        assert!(to(&r, None, Destination::Queue("mupdate.replies".into())).is_ok());
+        assert_eq!(to(&r, None, queue("etl-1")), Err(Unauthorized));
+        assert_eq!(to(&r, Some(""), queue("etl-1")), Err(Unauthorized));
+    }
+
+    #[test]
+    fn on_the_reply_exchange_a_routing_key_is_the_users_own() {
+        let r = rights(RULES);
+        let exchange = |key: &str| Destination::Exchange {
+            exchange: "replies".into(),
+            routing_key: key.into(),
+        };
+        assert_eq!(
+            to(&r, Some("etl-1"), exchange("victim.r1")),
+            Ok(exchange("etl-1.victim.r1"))
+        );
+        assert_eq!(to(&r, None, exchange("r1")), Err(Verdict::Unauthorized));
+        // Cut to a short string, on a character boundary.
+        let routed = to(&r, Some("etl-1"), exchange(&"é".repeat(127))).unwrap();
+        let (_, key) = routed.route();
+        assert!(
+            key.len() <= SHORT_STRING_MAX && key.starts_with("etl-1."),
+            "{key}"
+        );
+        let long_user = "u".repeat(SHORT_STRING_MAX);
+        assert_eq!(
+            to(&r, Some(&long_user), exchange("r1")),
+            Err(Verdict::Forbidden)
+        );
+    }
+
+    #[test]
+    fn a_refused_destination_says_so_in_kuzzles_terms() {
+        let r = rights(RULES);
+        let (_, err) = r
+            .reply_destination(Some("bob"), queue("billing.commands"))
+            .unwrap_err();
+        assert_eq!(err.status_and_id(), (403, "security.rights.forbidden"));
+        assert_eq!(
+            err.to_string(),
+            "Insufficient permissions to have a reply sent to the queue \"billing.commands\" (User \"bob\")."
+        );
+        let (_, err) = r
+            .reply_destination(None, queue("billing.commands"))
+            .unwrap_err();
+        assert_eq!(err.status_and_id(), (401, "security.rights.unauthorized"));
+        assert!(Rules::parse("[[reply]]\nusers = [\"a\"]\nqueues = [\"[\"]").is_err());
     }
 
     #[test]
