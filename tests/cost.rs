@@ -243,7 +243,7 @@ async fn a_deep_wide_v2_request_costs_the_worker_its_size() {
     assert!(body.len() > 550 * 1024, "{}", body.len());
     let replies = send_all(
         &settings.amqp.request_queue,
-        &[body.clone()],
+        std::slice::from_ref(&body),
         &mut cleanup,
         Duration::from_secs(60),
     )
