@@ -13,10 +13,11 @@
 //! engine builds every asked `_source` into its answer at once (a 1 GiB engine died of
 //! 32 such requests in one call). So both lanes share a `SourceGate`: a budget of
 //! `_source` bytes asked of the engine at once, each counted as the largest `_source`
-//! seen (and at least 1/1024 of the budget); a batch stops taking requests at its share,
-//! and a call waits for the budget before it goes. The sizes are learned because they
-//! can't be known before the engine answers; the floor makes a bound hold from the
-//! first call (at most 1,024 `_source`s at once, times the largest document).
+//! seen (and at least `SOURCE_FLOOR`, 128 KiB); a batch stops taking requests at its
+//! share, and a call waits for the budget before it goes. The sizes are learned because
+//! they can't be known before the engine answers; the floor makes a bound hold from the
+//! first call (budget / 128 KiB `_source`s at once, 1,024 by default, times the largest
+//! document).
 //!
 //! A call the engine can't serve is retried here, and before every attempt the requests
 //! whose work was handed back (their cancellation token cancelled) leave the batch and
@@ -70,8 +71,8 @@ pub struct BatchLimits {
 
 /// The `_source` bytes the engine is asked for at once, over every call of both lanes.
 /// An asked `_source` weighs the largest one seen so far, and never less than
-/// 1/`MIN_SHARE` of the budget: at most `MIN_SHARE` are asked at once, and fewer as
-/// soon as a large one has been seen. A call asking more than the whole budget (one
+/// `SOURCE_FLOOR`: at most budget / `SOURCE_FLOOR` are asked at once, and fewer as soon
+/// as a large one has been seen. A call asking more than the whole budget (one
 /// request's own, never split) takes all of it, so it goes alone.
 pub struct SourceGate {
     /// Units of `UNIT` bytes.
@@ -79,28 +80,26 @@ pub struct SourceGate {
     units: u32,
     /// The largest `_source` seen in an answer, in bytes.
     largest: AtomicUsize,
-    floor: usize,
 }
 
 const UNIT: usize = 1024;
-/// `_source`s asked at once at most, whatever their size.
-pub const MIN_SHARE: usize = 1024;
+/// What an asked `_source` weighs at least, whatever its size.
+pub const SOURCE_FLOOR: usize = 128 * 1024;
 
 impl SourceGate {
     pub fn new(budget: usize) -> Self {
-        // At least 1 MiB: one unit per share.
-        let budget = budget.max(UNIT * MIN_SHARE);
+        // At least one `_source` at a time.
+        let budget = budget.max(SOURCE_FLOOR);
         let units = u32::try_from(budget / UNIT).unwrap_or(u32::MAX >> 4);
         SourceGate {
             permits: Semaphore::new(units as usize),
             units,
             largest: AtomicUsize::new(0),
-            floor: budget / MIN_SHARE,
         }
     }
 
     fn each(&self) -> usize {
-        self.largest.load(Ordering::Relaxed).max(self.floor)
+        self.largest.load(Ordering::Relaxed).max(SOURCE_FLOOR)
     }
 
     /// The `_source`s one batch may ask for (a first request's own may be more).
@@ -619,8 +618,9 @@ mod tests {
     #[tokio::test]
     async fn the_source_gate_counts_each_source_as_the_largest_seen() {
         let gate = SourceGate::new(128 << 20);
-        // Before any answer: each weighs 1/1024 of the budget.
-        assert_eq!(gate.per_call(), MIN_SHARE);
+        // Before any answer: each weighs 128 KiB.
+        assert_eq!(gate.per_call(), 1024);
+        assert_eq!(SourceGate::new(0).per_call(), 1, "one at a time at least");
         gate.observe(&[sourced(100), sourced(1 << 20)]);
         assert_eq!(gate.per_call(), 128, "1 MiB each: 128 in 128 MiB");
         gate.observe(&[sourced(10)]);
