@@ -21,7 +21,11 @@ pub struct Metadata<'a> {
 pub struct ItemOptions<'a> {
     pub target: &'a str,
     pub retry_on_conflict: u32,
+    /// Whether the request wants `_source`s (`response.include_source`, or its `source`
+    /// argument); update.rs asks them of the engine only where they are needed.
     pub include_source: bool,
+    /// The `_source` bytes the request's reply may carry (`response.max_source_bytes`).
+    pub reply_source_bytes: usize,
     pub metadata: Option<Metadata<'a>>,
 }
 
@@ -125,6 +129,16 @@ pub fn for_resend(body: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// How many update items of a body `append_update` wrote ask the engine for `_source`:
+/// what a call may make the engine hold and send back (coalesce.rs). Each doc line ends
+/// as `append_update` (and `for_resend`) wrote it, and a body's values can't hold a raw
+/// newline, so the lines are exactly the items' lines.
+pub fn sources_asked(body: &[u8]) -> usize {
+    body.split_inclusive(|b| *b == b'\n')
+        .filter(|line| line.ends_with(b",\"_source\":true}\n"))
+        .count()
 }
 
 /// Serializing into a Vec can't fail.
@@ -233,6 +247,7 @@ mod tests {
             target: "&shop.products",
             retry_on_conflict: 3,
             include_source: true,
+            reply_source_bytes: usize::MAX,
             metadata,
         }
     }
@@ -354,6 +369,8 @@ mod tests {
         };
         append_update(&mut buf, &zero, "a", doc.as_object().unwrap(), None);
         append_update(&mut buf, &opts(None), "b", doc.as_object().unwrap(), None);
+        assert_eq!(sources_asked(&buf), 2);
+        assert_eq!(sources_asked(&for_resend(&buf)), 2);
         let l = lines(&for_resend(&buf));
         assert_eq!(l.len(), 4);
         assert_eq!(l[0]["update"]["retry_on_conflict"], 1);

@@ -8,6 +8,17 @@
 //! waiting for the engine's refresh, not working, so they don't take the other lane's
 //! slots, and the others are never made to wait for a refresh.
 //!
+//! The `_source`s update items ask for are the one part of a call whose cost is not the
+//! requests' own bytes: a 5 KiB request can name a 1 MiB document 200 times, and the
+//! engine builds every asked `_source` into its answer at once (a 1 GiB engine died of
+//! 32 such requests in one call). So both lanes share a `SourceGate`: a budget of
+//! `_source` bytes asked of the engine at once, each counted as the largest `_source`
+//! seen (and at least `SOURCE_FLOOR`, 128 KiB); a batch stops taking requests at its
+//! share, and a call waits for the budget before it goes. The sizes are learned because
+//! they can't be known before the engine answers; the floor makes a bound hold from the
+//! first call (budget / 128 KiB `_source`s at once, 1,024 by default, times the largest
+//! document).
+//!
 //! A call the engine can't serve is retried here, and before every attempt the requests
 //! whose work was handed back (their cancellation token cancelled) leave the batch and
 //! are answered `Abandoned`: abandoned work never starts a new engine call. A request
@@ -17,7 +28,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -52,11 +65,82 @@ pub struct BatchLimits {
     pub linger: Duration,
     /// Requests that may wait for a slot (bounds memory).
     pub queue: usize,
+    /// `_source` bytes asked of the engine at once, both lanes together (`SourceGate`).
+    pub max_source_bytes: usize,
+}
+
+/// The `_source` bytes the engine is asked for at once, over every call of both lanes.
+/// An asked `_source` weighs the largest one seen so far, and never less than
+/// `SOURCE_FLOOR`: at most budget / `SOURCE_FLOOR` are asked at once, and fewer as soon
+/// as a large one has been seen. A call asking more than the whole budget (one
+/// request's own, never split) takes all of it, so it goes alone.
+pub struct SourceGate {
+    /// Units of `UNIT` bytes.
+    permits: Semaphore,
+    units: u32,
+    /// The largest `_source` seen in an answer, in bytes.
+    largest: AtomicUsize,
+}
+
+const UNIT: usize = 1024;
+/// What an asked `_source` weighs at least, whatever its size.
+pub const SOURCE_FLOOR: usize = 128 * 1024;
+
+impl SourceGate {
+    pub fn new(budget: usize) -> Self {
+        // At least one `_source` at a time.
+        let budget = budget.max(SOURCE_FLOOR);
+        let units = u32::try_from(budget / UNIT).unwrap_or(u32::MAX >> 4);
+        SourceGate {
+            permits: Semaphore::new(units as usize),
+            units,
+            largest: AtomicUsize::new(0),
+        }
+    }
+
+    fn each(&self) -> usize {
+        self.largest.load(Ordering::Relaxed).max(SOURCE_FLOOR)
+    }
+
+    /// The `_source`s one batch may ask for (a first request's own may be more).
+    pub fn per_call(&self) -> usize {
+        (self.units as usize * UNIT / self.each()).max(1)
+    }
+
+    /// The units a call asking `sources` holds while the engine answers.
+    fn weight(&self, sources: usize) -> u32 {
+        let bytes = sources.saturating_mul(self.each());
+        u32::try_from(bytes.div_ceil(UNIT))
+            .unwrap_or(u32::MAX)
+            .min(self.units)
+    }
+
+    /// Waits until a call asking `sources` may go; held until the permit is dropped.
+    pub async fn enter(&self, sources: usize) -> Option<SemaphorePermit<'_>> {
+        if sources == 0 {
+            return None;
+        }
+        // The semaphore is never closed.
+        self.permits.acquire_many(self.weight(sources)).await.ok()
+    }
+
+    /// Learns from an answer's `_source`s.
+    pub fn observe(&self, items: &[Item]) {
+        let largest = items
+            .iter()
+            .filter_map(|i| i.get.as_ref()?.source.as_ref())
+            .map(|s| s.get().len())
+            .max()
+            .unwrap_or(0);
+        self.largest.fetch_max(largest, Ordering::Relaxed);
+    }
 }
 
 struct Job {
     body: Vec<u8>,
     items: usize,
+    /// Of them, those asking for `_source`.
+    sources: usize,
     cancel: CancellationToken,
     done: oneshot::Sender<Result<Vec<Item>, BulkError>>,
 }
@@ -78,15 +162,25 @@ impl Coalescer {
     /// Starts the two lanes' batching tasks; they end when every handle is dropped.
     pub fn start(storage: Arc<Storage>, limits: BatchLimits) -> Self {
         let queue = limits.queue.max(1);
+        let gate = Arc::new(SourceGate::new(limits.max_source_bytes));
         let (plain, plain_jobs) = mpsc::channel(queue);
         let (wait_for, wait_for_jobs) = mpsc::channel(queue);
-        tokio::spawn(batch_loop(storage.clone(), limits, false, plain_jobs));
+        let lane = Lane {
+            storage,
+            gate,
+            wait_for: false,
+        };
+        tokio::spawn(batch_loop(lane.clone(), limits, plain_jobs));
         let wait_limits = BatchLimits {
             concurrent_bulks: queue,
             spread_documents: 0,
             ..limits
         };
-        tokio::spawn(batch_loop(storage, wait_limits, true, wait_for_jobs));
+        let lane = Lane {
+            wait_for: true,
+            ..lane
+        };
+        tokio::spawn(batch_loop(lane, wait_limits, wait_for_jobs));
         Coalescer { plain, wait_for }
     }
 
@@ -102,6 +196,7 @@ impl Coalescer {
     ) -> Result<Vec<Item>, BulkError> {
         let (done, result) = oneshot::channel();
         let job = Job {
+            sources: bulk::sources_asked(&body),
             body,
             items,
             cancel: cancel.clone(),
@@ -136,12 +231,15 @@ async fn next_live(queue: &mut mpsc::Receiver<Job>) -> Option<Job> {
     }
 }
 
-async fn batch_loop(
+/// What a lane's calls go through.
+#[derive(Clone)]
+struct Lane {
     storage: Arc<Storage>,
-    limits: BatchLimits,
+    gate: Arc<SourceGate>,
     wait_for: bool,
-    mut queue: mpsc::Receiver<Job>,
-) {
+}
+
+async fn batch_loop(lane: Lane, limits: BatchLimits, mut queue: mpsc::Receiver<Job>) {
     let calls = Arc::new(Calls::default());
     let most = limits.concurrent_bulks.max(1);
     let mut carried: Option<Job> = None;
@@ -168,7 +266,7 @@ async fn batch_loop(
                 },
             };
             if let Some(job) = next {
-                match batch.add(job, &limits) {
+                match batch.add(job, &limits, lane.gate.per_call()) {
                     Added::Taken => continue,
                     Added::Full => break,
                     Added::DoesNotFit(job) => {
@@ -188,7 +286,7 @@ async fn batch_loop(
             tokio::select! {
                 _ = calls.ended.notified() => {}
                 job = queue.recv() => match job {
-                    Some(job) => match batch.add(job, &limits) {
+                    Some(job) => match batch.add(job, &limits, lane.gate.per_call()) {
                         Added::Taken => {}
                         Added::Full => break,
                         Added::DoesNotFit(job) => {
@@ -202,10 +300,10 @@ async fn batch_loop(
         }
         // A full batch (or the lane's end) goes as soon as a call may start.
         calls.wait_below(most).await;
-        let storage = storage.clone();
+        let lane = lane.clone();
         let call = calls.start();
         tokio::spawn(async move {
-            send(&storage, batch.jobs, wait_for, false).await;
+            send(&lane, batch.jobs, false).await;
             drop(call);
         });
     }
@@ -259,6 +357,7 @@ struct Batch {
     jobs: Vec<Job>,
     documents: usize,
     bytes: usize,
+    sources: usize,
 }
 
 enum Added {
@@ -274,22 +373,27 @@ impl Batch {
         Batch {
             documents: first.items,
             bytes: first.body.len(),
+            sources: first.sources,
             jobs: vec![first],
         }
     }
 
-    fn add(&mut self, job: Job, limits: &BatchLimits) -> Added {
+    /// Takes `job` unless the call would pass a limit: its documents, its bytes, or
+    /// `sources` `_source`s asked (`SourceGate::per_call`).
+    fn add(&mut self, job: Job, limits: &BatchLimits, sources: usize) -> Added {
         if job.cancel.is_cancelled() {
             job.answer(Err(BulkError::Abandoned));
             return Added::Taken;
         }
         if self.documents + job.items > limits.max_documents
             || self.bytes + job.body.len() > limits.max_bytes
+            || (job.sources > 0 && self.sources + job.sources > sources)
         {
             return Added::DoesNotFit(job);
         }
         self.documents += job.items;
         self.bytes += job.body.len();
+        self.sources += job.sources;
         self.jobs.push(job);
         if self.documents >= limits.max_documents {
             Added::Full
@@ -329,17 +433,42 @@ async fn back_off(jobs: &mut Vec<Job>, wait: Duration) {
     }
 }
 
+/// Waits for the engine's `_source` budget for `jobs`, answering jobs handed back
+/// meanwhile; `None` once none is left.
+async fn enter<'g>(
+    gate: &'g SourceGate,
+    jobs: &mut Vec<Job>,
+) -> Option<Option<SemaphorePermit<'g>>> {
+    loop {
+        prune(jobs);
+        if jobs.is_empty() {
+            return None;
+        }
+        let sources: usize = jobs.iter().map(|j| j.sources).sum();
+        let cancelled = jobs.iter().map(|j| Box::pin(j.cancel.cancelled()));
+        let any = futures_util::future::select_all(cancelled);
+        tokio::select! {
+            permit = gate.enter(sources) => return Some(permit),
+            _ = any => {}
+        }
+    }
+}
+
 /// Sends one coalesced call, retrying while the engine is unavailable, and answers each
 /// job. `resent`: an earlier call with these items may have been applied. A call the
 /// engine refuses is tried again job by job, so that one request's refusal isn't every
 /// request's.
-async fn send(storage: &Storage, mut jobs: Vec<Job>, wait_for: bool, mut resent: bool) {
+async fn send(lane: &Lane, mut jobs: Vec<Job>, mut resent: bool) {
+    let storage = &*lane.storage;
     let mut backoff = storage.call_backoff();
     loop {
         prune(&mut jobs);
         if jobs.is_empty() {
             return;
         }
+        let Some(permit) = enter(&lane.gate, &mut jobs).await else {
+            return;
+        };
         let counts: Vec<usize> = jobs.iter().map(|j| j.items).collect();
         let total: usize = counts.iter().sum();
         let mut body = Vec::with_capacity(jobs.iter().map(|j| j.body.len()).sum());
@@ -350,10 +479,15 @@ async fn send(storage: &Storage, mut jobs: Vec<Job>, wait_for: bool, mut resent:
             body = bulk::for_resend(&body);
         }
         storage.metrics().bulk_documents.observe(total as f64);
-        match storage.bulk_once(&body, wait_for).await {
+        // The engine holds the asked `_source`s until its answer is in.
+        let answer = storage.bulk_once(&body, lane.wait_for).await;
+        drop(permit);
+        drop(body);
+        match answer {
             Ok(bytes) => {
                 match bulk::parse_response(&bytes, total) {
                     Ok(items) => {
+                        lane.gate.observe(&items);
                         let all_rejected = items.iter().all(Item::is_rejected);
                         storage.bulk_items_answered(all_rejected);
                         for (job, items) in jobs.into_iter().zip(split(items, &counts)) {
@@ -385,7 +519,7 @@ async fn send(storage: &Storage, mut jobs: Vec<Job>, wait_for: bool, mut resent:
             }
             Err(StorageError::Refused { .. }) => {
                 for job in jobs {
-                    Box::pin(send(storage, vec![job], wait_for, resent)).await;
+                    Box::pin(send(lane, vec![job], resent)).await;
                 }
                 return;
             }
@@ -466,10 +600,81 @@ mod tests {
         let job = Job {
             body: Vec::new(),
             items: 1,
+            sources: 0,
             cancel: cancel.clone(),
             done,
         };
         (job, answer)
+    }
+
+    fn sourced(size: usize) -> Item {
+        let source = "x".repeat(size.saturating_sub(8));
+        serde_json::from_value(
+            serde_json::json!({"status": 200, "get": {"_source": {"s": source}}}),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_source_gate_counts_each_source_as_the_largest_seen() {
+        let gate = SourceGate::new(128 << 20);
+        // Before any answer: each weighs 128 KiB.
+        assert_eq!(gate.per_call(), 1024);
+        assert_eq!(SourceGate::new(0).per_call(), 1, "one at a time at least");
+        gate.observe(&[sourced(100), sourced(1 << 20)]);
+        assert_eq!(gate.per_call(), 128, "1 MiB each: 128 in 128 MiB");
+        gate.observe(&[sourced(10)]);
+        assert_eq!(gate.per_call(), 128, "the largest seen is kept");
+        // Calls hold their share while the engine answers; a call over the whole budget
+        // (one request's own) takes all of it and goes alone.
+        let first = gate.enter(100).await.unwrap();
+        let all = tokio::time::timeout(Duration::from_millis(50), gate.enter(200)).await;
+        assert!(all.is_err(), "waits for the first call's share");
+        drop(first);
+        let all = gate.enter(200).await.unwrap();
+        let more = tokio::time::timeout(Duration::from_millis(50), gate.enter(1)).await;
+        assert!(more.is_err());
+        drop(all);
+        assert!(gate.enter(0).await.is_none(), "no source, no wait");
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_share_of_sources() {
+        let limits = BatchLimits {
+            max_documents: 500,
+            max_bytes: 1 << 20,
+            concurrent_bulks: 4,
+            spread_documents: 0,
+            linger: Duration::ZERO,
+            queue: 8,
+            max_source_bytes: 0,
+        };
+        let cancel = CancellationToken::new();
+        let with_sources = |n: usize| {
+            let (mut j, answer) = job(&cancel);
+            j.sources = n;
+            std::mem::forget(answer);
+            j
+        };
+        // A first job may ask more than the share: a request's own is never split.
+        let mut batch = Batch::new(with_sources(150));
+        assert!(matches!(
+            batch.add(with_sources(1), &limits, 100),
+            Added::DoesNotFit(_)
+        ));
+        assert!(matches!(
+            batch.add(with_sources(0), &limits, 100),
+            Added::Taken
+        ));
+        let mut batch = Batch::new(with_sources(60));
+        assert!(matches!(
+            batch.add(with_sources(40), &limits, 100),
+            Added::Taken
+        ));
+        assert!(matches!(
+            batch.add(with_sources(1), &limits, 100),
+            Added::DoesNotFit(_)
+        ));
     }
 
     #[tokio::test]

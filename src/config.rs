@@ -76,6 +76,8 @@ pub struct StorageSettings {
     pub concurrent_bulks: usize,
     pub bulk_spread_documents: usize,
     pub bulk_linger_ms: u64,
+    /// `_source` bytes the engine may be asked for at once (coalesce.rs, `SourceGate`).
+    pub max_source_bytes: usize,
     pub compression: bool,
     /// PEM CA bundle trusted for `https://` nodes ("" = the system's).
     pub tls_ca_file: String,
@@ -106,6 +108,8 @@ pub enum Format {
 pub struct ResponseSettings {
     pub format: Format,
     pub include_source: bool,
+    /// `_source` bytes one reply may carry; past it, none (update.rs).
+    pub max_source_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -90,6 +90,12 @@ pub struct Request {
     pub strict: bool,
     /// Kuzzle's `silent`: no realtime notification, so no `_updatedFields` (format v2).
     pub silent: bool,
+    /// Kuzzle 2's `source`: `Some(false)` asks no `_source` of the engine and puts none in
+    /// the reply; `None` leaves it to `response.include_source`.
+    pub source: Option<bool>,
+    /// The request's size in bytes: what its reply's extras (`_updatedFields`) are
+    /// budgeted from.
+    pub bytes: usize,
     /// The entries of `body.documents`, as the client sent them.
     pub documents: Vec<Value>,
 }
@@ -175,7 +181,10 @@ pub fn parse(
         refresh: object.get("refresh").cloned(),
         retry_on_conflict: object.get("retryOnConflict").cloned(),
     };
-    let request = validate(object, request_id.as_ref(), limits, defaults);
+    let request = validate(object, request_id.as_ref(), limits, defaults).map(|request| Request {
+        bytes: body.len(),
+        ..request
+    });
     Parsed { echo, request }
 }
 
@@ -289,6 +298,18 @@ fn validate(
     };
     let strict = matches!(object.get("strict"), Some(Value::Bool(true)));
     let silent = matches!(object.get("silent"), Some(Value::Bool(true)));
+    // As Kuzzle's boolean arguments: a boolean, or (HTTP-style) its string.
+    let source = match object.get("source") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(Value::String(s)) if s == "true" || s == "false" => Some(s == "true"),
+        Some(_) => {
+            return Err(RequestError::InvalidType {
+                name: "source",
+                expected: "boolean",
+            });
+        }
+    };
 
     if documents.len() > limits.documents_write_count {
         return Err(RequestError::WriteLimitExceeded {
@@ -304,6 +325,8 @@ fn validate(
         retry_on_conflict,
         strict,
         silent,
+        source,
+        bytes: 0,
         documents,
     })
 }
@@ -498,6 +521,31 @@ mod tests {
         assert_eq!(r.refresh, Refresh::WaitFor);
         assert_eq!(r.retry_on_conflict, 0);
         assert_eq!(r.documents.len(), 1);
+    }
+
+    #[test]
+    fn the_source_argument_is_a_boolean_or_its_string() {
+        assert_eq!(run(valid()).request.unwrap().source, None);
+        for (value, expected) in [
+            (json!(false), Some(false)),
+            (json!("false"), Some(false)),
+            (json!(true), Some(true)),
+            (json!("true"), Some(true)),
+            (Value::Null, None),
+        ] {
+            let r = run(with("source", value.clone())).request.unwrap();
+            assert_eq!(r.source, expected, "{value}");
+        }
+        assert_eq!(
+            error_id(with("source", json!(0))),
+            "api.assert.invalid_type"
+        );
+        assert_eq!(
+            error_id(with("source", json!("no"))),
+            "api.assert.invalid_type"
+        );
+        let bytes = serde_json::to_vec(&valid()).unwrap();
+        assert_eq!(run_bytes(&bytes).request.unwrap().bytes, bytes.len());
     }
 
     #[test]

@@ -160,34 +160,100 @@ struct V2Result<'a> {
     errors: Vec<Value>,
 }
 
-/// The paths an entry sets (`{"obj": {"z": 1}, "arr": []}` → `obj.z`, `arr`), from its
-/// own changes: each entry's, even when a request updates one `_id` twice.
-fn updated_fields(request: &Request, slot: usize) -> Vec<String> {
-    fn walk(prefix: &str, object: &serde_json::Map<String, Value>, out: &mut Vec<String>) {
-        for (key, value) in object {
-            if prefix.is_empty() && (key == "_kuzzle_info" || key.starts_with("_kuzzle_info.")) {
-                continue;
+/// Bytes of `_updatedFields` paths a reply may list beyond twice its request's size: the
+/// paths repeat their parents' keys (a leaf 18 objects deep under 1 KiB keys has an
+/// 18 KiB path), so a full listing can be quadratic in the request.
+pub const UPDATED_FIELDS_SLACK: usize = 64 * 1024;
+
+/// What a reply's `_updatedFields` may hold, in bytes of JSON (each path counted with its
+/// quotes and comma): `2 × request + 64 KiB`. An entry whose full listing would go past
+/// what is left lists its top-level keys instead (each is a prefix of its paths, so the
+/// list stays true, only coarser): those are the request's own bytes, so every reply's
+/// `_updatedFields` stay under `3 × request + 64 KiB`.
+pub fn updated_fields_budget(request_bytes: usize) -> usize {
+    request_bytes
+        .saturating_mul(2)
+        .saturating_add(UPDATED_FIELDS_SLACK)
+}
+
+/// The client's metadata, never listed (it is dropped before the engine).
+fn forged(key: &str) -> bool {
+    key == "_kuzzle_info" || key.starts_with("_kuzzle_info.")
+}
+
+/// The JSON bytes of the leaf paths under `object` (its paths starting `prefix_len` bytes
+/// in), or `None` as soon as they pass `limit`: nothing is built, and the walk stops
+/// there, so it costs at most the entry's own size.
+fn listing_cost(
+    object: &serde_json::Map<String, Value>,
+    prefix_len: usize,
+    limit: usize,
+    total: &mut usize,
+) -> Option<()> {
+    for (key, value) in object {
+        if prefix_len == 0 && forged(key) {
+            continue;
+        }
+        let len = if prefix_len == 0 {
+            key.len()
+        } else {
+            prefix_len + 1 + key.len()
+        };
+        match value {
+            Value::Object(inner) if !inner.is_empty() => {
+                listing_cost(inner, len, limit, total)?;
             }
-            let path = if prefix.is_empty() {
-                key.clone()
-            } else {
-                format!("{prefix}.{key}")
-            };
-            match value {
-                Value::Object(inner) if !inner.is_empty() => walk(&path, inner, out),
-                _ => out.push(path),
+            _ => {
+                *total += len + 3;
+                if *total > limit {
+                    return None;
+                }
             }
         }
     }
-    let mut fields = Vec::new();
+    Some(())
+}
+
+/// Appends the leaf paths under `object` to `out`, `path` holding their prefix: one
+/// allocation per path, of its own size.
+fn list_paths(object: &serde_json::Map<String, Value>, path: &mut String, out: &mut Vec<String>) {
+    for (key, value) in object {
+        if path.is_empty() && forged(key) {
+            continue;
+        }
+        let before = path.len();
+        if before > 0 {
+            path.push('.');
+        }
+        path.push_str(key);
+        match value {
+            Value::Object(inner) if !inner.is_empty() => list_paths(inner, path, out),
+            _ => out.push(path.clone()),
+        }
+        path.truncate(before);
+    }
+}
+
+/// The paths an entry sets (`{"obj": {"z": 1}, "arr": []}` → `obj.z`, `arr`), from its
+/// own changes: each entry's, even when a request updates one `_id` twice. `budget`: the
+/// bytes the reply may still spend on them, lowered by what this listing spends; past
+/// it, the entry's top-level keys (`updated_fields_budget`).
+fn updated_fields(request: &Request, slot: usize, budget: &mut usize) -> Vec<String> {
     let entry = request.documents.get(slot);
     let changes = match request.action {
         Action::Update => entry.and_then(|e| e.get("body")),
         Action::Upsert => entry.and_then(|e| e.get("changes")),
     };
-    if let Some(Value::Object(changes)) = changes {
-        walk("", changes, &mut fields);
+    let Some(Value::Object(changes)) = changes else {
+        return Vec::new();
+    };
+    let mut cost = 0;
+    if listing_cost(changes, 0, *budget, &mut cost).is_none() {
+        return changes.keys().filter(|k| !forged(k)).cloned().collect();
     }
+    *budget -= cost;
+    let mut fields = Vec::new();
+    list_paths(changes, &mut String::new(), &mut fields);
     fields
 }
 
@@ -257,11 +323,12 @@ pub fn documents_response(
             envelope(echo, 206, &error, result)
         }
         Format::V2 => {
+            let mut budget = updated_fields_budget(request.bytes);
             let successes: Vec<HitV2> = updated
                 .map(|(id, item, slot)| HitV2 {
                     _id: id,
                     updated_fields: (!request.silent && created(request, item) != Some(true))
-                        .then(|| updated_fields(request, slot)),
+                        .then(|| updated_fields(request, slot, &mut budget)),
                     _version: item.version,
                     status: item.status,
                     created: created(request, item),
@@ -313,6 +380,8 @@ mod tests {
             retry_on_conflict: 3,
             strict,
             silent: false,
+            source: None,
+            bytes: 0,
             documents: vec![],
         }
     }
@@ -432,9 +501,13 @@ mod tests {
             json!({"_id": "p1", "body": {"obj": {"inner": {"z": 1}, "e": {}}, "arr": [1], "_kuzzle_info": {}}}),
             json!({"_id": "p1", "body": {"other": 2}}),
         ];
-        assert_eq!(updated_fields(&req, 0), ["obj.inner.z", "obj.e", "arr"]);
+        let mut budget = usize::MAX;
         assert_eq!(
-            updated_fields(&req, 1),
+            updated_fields(&req, 0, &mut budget),
+            ["obj.inner.z", "obj.e", "arr"]
+        );
+        assert_eq!(
+            updated_fields(&req, 1, &mut budget),
             ["other"],
             "per entry, even for one _id twice"
         );
@@ -443,6 +516,83 @@ mod tests {
             body(&r)["result"]["successes"][0]["_updatedFields"],
             json!(["obj.inner.z", "obj.e", "arr"])
         );
+    }
+
+    /// `depth` objects nested under keys of `key_len` bytes, `leaves` leaves at the bottom.
+    fn deep(depth: usize, key_len: usize, leaves: usize) -> Value {
+        let mut value = Value::Object((0..leaves).map(|i| (format!("l{i}"), json!(1))).collect());
+        for level in 0..depth {
+            let key = format!("{level:0>key_len$}");
+            value = json!({ key: value });
+        }
+        value
+    }
+
+    #[test]
+    fn updated_fields_past_the_budget_are_the_top_level_keys() {
+        let mut req = request(false);
+        req.documents = vec![
+            json!({"_id": "a", "body": {"small": {"x": 1}}}),
+            json!({"_id": "b", "body": {"top": deep(18, 1024, 900), "also": 1, "_kuzzle_info": 1}}),
+            json!({"_id": "c", "body": {"small": {"y": 1}}}),
+        ];
+        req.bytes = serde_json::to_vec(&req.documents).unwrap().len();
+        let outcomes: Vec<Outcome> = (0..3)
+            .map(|slot| match updated("x") {
+                Outcome::Updated { id, item, .. } => Outcome::Updated { id, item, slot },
+                other => other,
+            })
+            .collect();
+        let r = documents_response(&echo(), &req, &outcomes, Format::V2, Shape::Full);
+        let b = body(&r);
+        let fields = |i: usize| b["result"]["successes"][i]["_updatedFields"].clone();
+        assert_eq!(fields(0), json!(["small.x"]));
+        assert_eq!(
+            fields(1),
+            json!(["top", "also"]),
+            "18 KiB × 900 paths don't fit"
+        );
+        assert_eq!(fields(2), json!(["small.y"]), "the next entry still fits");
+        assert!(
+            r.body.len() < 2 * req.bytes,
+            "{} for {}",
+            r.body.len(),
+            req.bytes
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Over generated bodies (depth, key length, fan-out, an entry repeated), a v2
+        /// reply stays under `4 × request + 128 bytes a document + 64 KiB`: its echo and
+        /// failures are the request's own bytes, its `_updatedFields` within
+        /// `updated_fields_budget` plus the top-level keys (its `_source`s are budgeted
+        /// apart: update.rs).
+        #[test]
+        fn a_v2_reply_stays_within_its_bound(
+            depth in 0usize..24,
+            key_len in 1usize..2048,
+            fan_out in 1usize..64,
+            entries in 1usize..20,
+            repeats in 1usize..10,
+        ) {
+            let mut req = request(false);
+            req.documents = (0..entries)
+                .map(|e| json!({"_id": format!("d{e}"), "body": {"k": deep(depth, key_len, fan_out), "e": e}}))
+                .flat_map(|entry| std::iter::repeat_n(entry, repeats))
+                .collect();
+            req.bytes = serde_json::to_vec(&req.documents).unwrap().len();
+            let outcomes: Vec<Outcome> = (0..req.documents.len())
+                .map(|slot| match updated("d") {
+                    Outcome::Updated { id, item, .. } => Outcome::Updated { id, item, slot },
+                    other => other,
+                })
+                .collect();
+            let r = documents_response(&echo(), &req, &outcomes, Format::V2, Shape::Full);
+            let bound = 4 * req.bytes + 128 * outcomes.len() + UPDATED_FIELDS_SLACK;
+            proptest::prop_assert!(r.body.len() <= bound, "{} > {bound}", r.body.len());
+        }
     }
 
     #[test]

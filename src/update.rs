@@ -37,20 +37,30 @@ where
 {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; documents.len()];
     let mut pending = Vec::new();
+    // The last entry of each `_id`: the only one whose `_source` is asked of the engine.
+    let mut last = std::collections::HashMap::new();
     for (slot, entry) in documents.iter().enumerate() {
         match envelope::check_document(entry, action) {
-            Ok(_) => pending.push(slot),
+            Ok(doc) => {
+                pending.push(slot);
+                last.insert(doc.id, slot);
+            }
             Err(err) => {
                 outcomes[slot] = Some(failed(entry, 400, err.reason().into()));
             }
         }
     }
+    let asks_source = |slot: usize, id: &str| options.include_source && last.get(id) == Some(&slot);
     let mut attempt = 0;
     while !pending.is_empty() {
         let mut body = Vec::new();
         for &slot in &pending {
             if let Ok(doc) = envelope::check_document(&documents[slot], action) {
-                bulk::append_update(&mut body, options, doc.id, doc.changes, doc.default);
+                let item = ItemOptions {
+                    include_source: asks_source(slot, doc.id),
+                    ..*options
+                };
+                bulk::append_update(&mut body, &item, doc.id, doc.changes, doc.default);
             }
         }
         // A later round is a resend: its items were rejected by the call that answered,
@@ -106,11 +116,44 @@ where
             }
         }
     }
-    Ok(outcomes
+    let mut outcomes: Vec<Outcome> = outcomes
         .into_iter()
         .zip(documents)
         .map(|(outcome, entry)| outcome.unwrap_or_else(|| failed(entry, 500, "not sent".into())))
-        .collect())
+        .collect();
+    within_source_budget(&mut outcomes, options.reply_source_bytes);
+    Ok(outcomes)
+}
+
+/// A reply carries `_source`s only up to `budget` bytes in all: past it, none at all
+/// (each hit keeps its status, version and result; a client sees either every asked
+/// `_source` or none, never a silently shortened list). They are dropped here, as soon
+/// as the request's items are in, not when the reply is written.
+fn within_source_budget(outcomes: &mut [Outcome], budget: usize) {
+    let source_len = |o: &Outcome| match o {
+        Outcome::Updated { item, .. } => item
+            .get
+            .as_ref()
+            .and_then(|g| g.source.as_ref())
+            .map_or(0, |s| s.get().len()),
+        Outcome::Failed { .. } => 0,
+    };
+    let total = outcomes
+        .iter()
+        .map(source_len)
+        .fold(0usize, usize::saturating_add);
+    if total <= budget {
+        return;
+    }
+    debug!(
+        bytes = total,
+        budget, "reply over its _source budget: sent without _source"
+    );
+    for outcome in outcomes {
+        if let Outcome::Updated { item, .. } = outcome {
+            item.get = None;
+        }
+    }
 }
 
 /// Whether an item failed on the worker's own engine account (its rights on that index):
@@ -146,6 +189,7 @@ mod tests {
         target: "&i.c",
         retry_on_conflict: 0,
         include_source: false,
+        reply_source_bytes: usize::MAX,
         metadata: None,
     };
 
@@ -246,6 +290,106 @@ mod tests {
             "{}",
             bodies[1]
         );
+    }
+
+    /// The `_source` flag of each item of a body, with its `_id`.
+    fn source_flags(body: &[u8]) -> Vec<(String, bool)> {
+        let lines: Vec<Value> = body
+            .split(|b| *b == b'\n')
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect();
+        lines
+            .chunks(2)
+            .map(|p| {
+                let id = p[0]["update"]["_id"].as_str().unwrap().to_owned();
+                (id, p[1]["_source"].as_bool().unwrap())
+            })
+            .collect()
+    }
+
+    async fn flags_sent(docs: &Value, options: &ItemOptions<'_>) -> Vec<(String, bool)> {
+        let bodies: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+        let send = |body: Vec<u8>, count: usize| {
+            bodies.lock().unwrap().push(body);
+            let items: Vec<Value> = (0..count).map(|_| ok("x")).collect();
+            let bytes = serde_json::to_vec(&json!({"items": items})).unwrap();
+            async move { Ok(bulk::parse_response(&bytes, count).unwrap()) }
+        };
+        let cancel = CancellationToken::new();
+        let docs = docs.as_array().unwrap();
+        let backoff = std::iter::empty();
+        apply(docs, Action::Update, options, 0, backoff, &cancel, send)
+            .await
+            .unwrap();
+        source_flags(&bodies.into_inner().unwrap()[0])
+    }
+
+    #[tokio::test]
+    async fn a_repeated_id_asks_its_source_once_from_its_last_entry() {
+        let docs = json!([{"_id": "a", "body": {"n": 1}}, {"_id": "b", "body": {}},
+                          {"_id": "a", "body": {"n": 2}}, {"_id": "a", "body": 3},
+                          {"_id": "c", "body": {}}]);
+        let with_sources = ItemOptions {
+            include_source: true,
+            ..OPTIONS
+        };
+        let flags = flags_sent(&docs, &with_sources).await;
+        let expected = [("a", false), ("b", true), ("a", true), ("c", true)];
+        let expected: Vec<(String, bool)> =
+            expected.iter().map(|(i, f)| (i.to_string(), *f)).collect();
+        assert_eq!(
+            flags, expected,
+            "the invalid 4th entry is not the last of a"
+        );
+        // `source: false` (or include_source off): none asked at all.
+        let flags = flags_sent(&docs, &OPTIONS).await;
+        assert!(flags.iter().all(|(_, f)| !f), "{flags:?}");
+    }
+
+    fn with_source(id: &str, bytes: usize) -> Value {
+        let mut item = ok(id);
+        item["update"]["get"] = json!({"_source": {"s": "x".repeat(bytes)}});
+        item
+    }
+
+    async fn sources_kept(budget: usize) -> Vec<bool> {
+        let docs = json!([{"_id": "a", "body": {}}, {"_id": "b", "body": {}}]);
+        let send = |_body: Vec<u8>, count: usize| {
+            let items = json!({"items": [with_source("a", 600), with_source("b", 600)]});
+            let bytes = serde_json::to_vec(&items).unwrap();
+            async move { Ok(bulk::parse_response(&bytes, count).unwrap()) }
+        };
+        let options = ItemOptions {
+            include_source: true,
+            reply_source_bytes: budget,
+            ..OPTIONS
+        };
+        let cancel = CancellationToken::new();
+        let docs = docs.as_array().unwrap();
+        let outcomes = apply(
+            docs,
+            Action::Update,
+            &options,
+            0,
+            std::iter::empty(),
+            &cancel,
+            send,
+        )
+        .await
+        .unwrap();
+        outcomes
+            .iter()
+            .map(|o| match o {
+                Outcome::Updated { item, .. } => item.get.is_some(),
+                Outcome::Failed { .. } => panic!("{o:?}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_reply_over_its_source_budget_carries_no_source_at_all() {
+        assert_eq!(sources_kept(1300).await, [true, true]);
+        assert_eq!(sources_kept(1000).await, [false, false]);
     }
 
     #[tokio::test]

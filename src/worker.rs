@@ -108,6 +108,7 @@ impl Processor {
             spread_documents: s.bulk_spread_documents,
             linger: Duration::from_millis(s.bulk_linger_ms),
             queue: usize::from(settings.amqp.prefetch),
+            max_source_bytes: s.max_source_bytes,
         };
         let coalescer = Coalescer::start(storage.clone(), limits);
         Ok(Processor {
@@ -250,7 +251,10 @@ impl Processor {
         let options = ItemOptions {
             target: &target,
             retry_on_conflict: request.retry_on_conflict,
-            include_source: self.settings.response.include_source,
+            include_source: request
+                .source
+                .unwrap_or(self.settings.response.include_source),
+            reply_source_bytes: self.settings.response.max_source_bytes,
             metadata: s.kuzzle_metadata.then(|| Metadata {
                 updated_at: now_millis(),
                 updater: props.user_id.as_deref(),

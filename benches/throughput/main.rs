@@ -551,6 +551,7 @@ fn bulk_body(target: &str, docs: &[Value]) -> Vec<u8> {
         target,
         retry_on_conflict: 5,
         include_source: true,
+        reply_source_bytes: usize::MAX,
         metadata: Some(Metadata {
             updated_at: 0,
             updater: None,

@@ -1,0 +1,398 @@
+//! Cost bounds (README "Cost bounds"): no request costs the worker, its reply or the
+//! engine more than a small constant times its own bytes plus a constant. The hostile
+//! shapes of issue 19 go to the worker binary, whose peak RSS (`VmHWM`) is read after:
+//! a v2 request of deep objects under long keys (`_updatedFields` was quadratic), and 32
+//! small requests naming one 1 MiB document 200 times each (every item asked for the
+//! whole `_source`, and one call asked the engine for all of them), also with
+//! `refresh: wait_for`. Every request is answered and the engine is still up after.
+//!
+//! The allocation of a reply is measured in-process by a counting allocator, per thread.
+
+mod support;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use mupdate_worker::bulk::Item;
+use mupdate_worker::config::Format;
+use mupdate_worker::envelope::{Action, Echo, Refresh, Request};
+use mupdate_worker::response::{self, Outcome, Shape};
+use serde_json::{Value, json};
+use support::binary::BinaryWorker;
+use support::cleanup::Cleanup;
+use support::*;
+
+/// Counts the bytes each thread holds, and their peak since `reset_peak`.
+struct Counting;
+
+thread_local! {
+    static HELD: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
+}
+
+fn count(delta: isize) {
+    // `try_with`: a thread being torn down has no counters left; nothing to measure.
+    let _ = HELD.try_with(|held| {
+        let now = held.get() + delta;
+        held.set(now);
+        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
+    });
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count(layout.size() as isize);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        count(-(layout.size() as isize));
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count(new_size as isize - layout.size() as isize);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// The bytes this thread allocated at most, above what it held before, while `f` ran.
+fn peak_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let base = HELD.with(Cell::get);
+    PEAK.with(|p| p.set(base));
+    let out = f();
+    let peak = PEAK.with(Cell::get);
+    (out, (peak - base).max(0) as usize)
+}
+
+/// `depth` objects nested under keys of `key_len` bytes, `leaves` leaves at the bottom.
+fn deep(depth: usize, key_len: usize, leaves: usize) -> Value {
+    let mut value = Value::Object((0..leaves).map(|i| (format!("l{i}"), json!(i))).collect());
+    for level in 0..depth {
+        let key = format!("{level:0>key_len$}");
+        value = json!({ key: value });
+    }
+    value
+}
+
+fn echo() -> Echo {
+    Echo {
+        request_id: "r".into(),
+        ..Echo::default()
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// Building a v2 reply for generated bodies (depth, key length, fan-out, an entry
+    /// repeated) allocates at most `8 × request + 256 bytes a document + 256 KiB`, and
+    /// the reply stays under `4 × request + 128 bytes a document + 64 KiB`.
+    #[test]
+    fn building_a_reply_allocates_in_proportion_to_its_request(
+        depth in 0usize..24,
+        key_len in 1usize..2048,
+        fan_out in 1usize..64,
+        entries in 1usize..20,
+        repeats in 1usize..10,
+    ) {
+        let documents: Vec<Value> = (0..entries)
+            .map(|e| json!({"_id": format!("d{e}"), "body": {"k": deep(depth, key_len, fan_out), "e": e}}))
+            .flat_map(|entry| std::iter::repeat_n(entry, repeats))
+            .collect();
+        let bytes = serde_json::to_vec(&documents).unwrap().len();
+        let request = Request {
+            action: Action::Update,
+            index: "i".into(),
+            collection: "c".into(),
+            refresh: Refresh::No,
+            retry_on_conflict: 0,
+            strict: false,
+            silent: false,
+            source: None,
+            bytes,
+            documents,
+        };
+        let item: Item = serde_json::from_value(json!({"status": 200, "_version": 2})).unwrap();
+        let outcomes: Vec<Outcome> = (0..request.documents.len())
+            .map(|slot| Outcome::Updated { id: format!("d{slot}"), item: item.clone(), slot })
+            .collect();
+        let (reply, allocated) = peak_allocation(|| {
+            response::documents_response(&echo(), &request, &outcomes, Format::V2, Shape::Full)
+        });
+        let n = outcomes.len();
+        let reply_bound = 4 * bytes + 128 * n + response::UPDATED_FIELDS_SLACK;
+        proptest::prop_assert!(reply.body.len() <= reply_bound, "reply {} > {reply_bound}", reply.body.len());
+        let allocation_bound = 8 * bytes + 256 * n + 256 * 1024;
+        proptest::prop_assert!(allocated <= allocation_bound, "allocated {allocated} > {allocation_bound}");
+    }
+}
+
+/// The worker's peak resident memory so far, in MiB (`VmHWM`).
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc/PID/status");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kib / 1024
+}
+
+async fn engine_up(es: &str) -> bool {
+    match http().get(format!("{es}/_cluster/health")).send().await {
+        Ok(r) => r.status().is_success(),
+        Err(_) => false,
+    }
+}
+
+/// A worker binary on fresh queues, with `env` added; waits until it consumes.
+async fn start_binary(env: &[(&str, &str)]) -> (BinaryWorker, mupdate_worker::config::Settings) {
+    let settings = settings();
+    let mut command = worker_command(&settings);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let worker = BinaryWorker::spawn(command.stderr(std::process::Stdio::piped()));
+    wait_consumers(&settings.amqp.request_queue, 1).await;
+    (worker, settings)
+}
+
+/// Publishes every body at once, each with its own correlation id and `reply_to` a
+/// fresh queue, and returns the replies in the order they come, within `within`.
+async fn send_all(
+    request_queue: &str,
+    bodies: &[Vec<u8>],
+    cleanup: &mut Cleanup,
+    within: Duration,
+) -> Vec<Value> {
+    let amqp = Amqp::open().await;
+    let replies = cleanup.queue(fresh("cost.replies"));
+    amqp.channel
+        .queue_declare(
+            replies.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for (i, body) in bodies.iter().enumerate() {
+        let props = BasicProperties::default()
+            .with_reply_to(replies.as_str().into())
+            .with_correlation_id(format!("c{i}").into());
+        publish(&amqp.channel, request_queue, body, props).await;
+    }
+    let mut consumer = amqp
+        .channel
+        .basic_consume(
+            replies.as_str().into(),
+            fresh("cost-consumer").as_str().into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut out = Vec::new();
+    while out.len() < bodies.len() {
+        match tokio::time::timeout_at(deadline, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => out.push(serde_json::from_slice(&delivery.data).unwrap()),
+            _ => break,
+        }
+    }
+    amqp.close().await;
+    out
+}
+
+/// An index as Kuzzle makes them (`dynamic: false`): fields aren't mapped, only stored.
+async fn kuzzle_like(docs: &[(&str, Value)]) -> Collection {
+    Collection::create_on(&ES_URL, docs, json!({"mappings": {"dynamic": false}})).await
+}
+
+/// Issue 19: 20 documents nesting 18 objects under 1 KiB keys over 900 leaves (587
+/// KiB), `response.format = "v2"`: the worker went from 22 MiB to 1,373 MiB.
+#[tokio::test]
+async fn a_deep_wide_v2_request_costs_the_worker_its_size() {
+    let ids: Vec<String> = (0..20).map(|i| format!("d{i}")).collect();
+    let docs: Vec<(&str, Value)> = ids
+        .iter()
+        .map(|id| (id.as_str(), json!({"n": 0})))
+        .collect();
+    let col = kuzzle_like(&docs).await;
+    let (worker, settings) = start_binary(&[("MUPDATE__RESPONSE__FORMAT", "v2")]).await;
+    let mut cleanup = Cleanup::of(&settings);
+    let before = peak_rss_mib(worker.pid());
+    let documents: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"_id": id, "body": deep(18, 1024, 900)}))
+        .collect();
+    let body = serde_json::to_vec(&col.envelope(json!(documents))).unwrap();
+    assert!(body.len() > 550 * 1024, "{}", body.len());
+    let replies = send_all(
+        &settings.amqp.request_queue,
+        std::slice::from_ref(&body),
+        &mut cleanup,
+        Duration::from_secs(60),
+    )
+    .await;
+    let peak = peak_rss_mib(worker.pid());
+    let reply_bytes = replies
+        .first()
+        .map_or(0, |r| serde_json::to_vec(r).unwrap().len());
+    eprintln!(
+        "v2 deep/wide: request {} KiB, reply {} KiB, worker peak RSS {before} -> {peak} MiB",
+        body.len() / 1024,
+        reply_bytes / 1024
+    );
+    assert_eq!(replies.len(), 1, "answered");
+    let reply = &replies[0];
+    assert_eq!(reply["status"], 200, "{}", reply["error"]);
+    let successes = reply["result"]["successes"].as_array().unwrap();
+    assert_eq!(successes.len(), 20);
+    // The reply: the request's size about twice (sources of 20 stored documents as big
+    // as their updates, `_updatedFields` within its budget), never its square.
+    assert!(
+        reply_bytes < 4 * body.len() + 64 * 1024,
+        "reply {reply_bytes} for {}",
+        body.len()
+    );
+    assert!(peak < 120, "worker peak RSS {peak} MiB (was 1,373 MiB)");
+    assert!(engine_up(&ES_URL).await);
+    drop(worker);
+}
+
+/// `count` requests each naming the same stored 1 MiB document `times` times.
+async fn one_document_named_again_and_again(refresh: Option<&str>) {
+    let blob = "x".repeat(1 << 20);
+    let col = kuzzle_like(&[("big", json!({"blob": blob}))]).await;
+    let (worker, settings) = start_binary(&[]).await;
+    let mut cleanup = Cleanup::of(&settings);
+    let bodies: Vec<Vec<u8>> = (0..32)
+        .map(|r| {
+            // The same change each time: the engine writes the document once a request
+            // (the others are noops), but would still build each item's `_source`.
+            let documents: Vec<Value> = (0..200)
+                .map(|_| json!({"_id": "big", "body": {"n": r}}))
+                .collect();
+            let mut envelope = col.envelope(json!(documents));
+            if let Some(refresh) = refresh {
+                envelope["refresh"] = json!(refresh);
+            }
+            serde_json::to_vec(&envelope).unwrap()
+        })
+        .collect();
+    assert!(bodies[0].len() < 8 * 1024, "{}", bodies[0].len());
+    let before = peak_rss_mib(worker.pid());
+    let started = std::time::Instant::now();
+    let replies = send_all(
+        &settings.amqp.request_queue,
+        &bodies,
+        &mut cleanup,
+        Duration::from_secs(120),
+    )
+    .await;
+    let peak = peak_rss_mib(worker.pid());
+    let up = engine_up(&ES_URL).await;
+    eprintln!(
+        "32 × 200 × one 1 MiB document (refresh {refresh:?}): {} of 32 answered in {:?}, worker peak RSS {before} -> {peak} MiB, engine up: {up}",
+        replies.len(),
+        started.elapsed()
+    );
+    assert!(up, "the engine is still up");
+    assert_eq!(replies.len(), 32, "every request answered");
+    for reply in &replies {
+        assert_eq!(reply["status"], 200, "{}", reply["error"]);
+        let hits = reply["result"]["hits"].as_array().unwrap();
+        assert_eq!(hits.len(), 200);
+        // One `_source` per document of a request: its last entry's, the final state.
+        let with_source: Vec<usize> = (0..200)
+            .filter(|&i| hits[i].get("_source").is_some())
+            .collect();
+        assert_eq!(
+            with_source,
+            [199],
+            "only the last entry of the _id carries _source"
+        );
+        assert_eq!(
+            hits[199]["_source"]["blob"].as_str().map(str::len),
+            Some(1 << 20)
+        );
+    }
+    assert!(peak < 200, "worker peak RSS {peak} MiB (was 1,293 MiB)");
+    drop(worker);
+}
+
+#[tokio::test]
+async fn one_large_document_named_200_times_by_32_requests_costs_one_source_each() {
+    one_document_named_again_and_again(None).await;
+}
+
+#[tokio::test]
+async fn the_same_through_the_wait_for_lane() {
+    one_document_named_again_and_again(Some("wait_for")).await;
+}
+
+/// Kuzzle 2's `source: false`: no `_source` in the reply (and none asked of the engine:
+/// update.rs's tests read the items sent).
+#[tokio::test]
+async fn source_false_leaves_every_source_out() {
+    let col = kuzzle_like(&[("a", json!({"n": 1})), ("b", json!({"n": 1}))]).await;
+    let worker = Worker::start().await;
+    let mut envelope =
+        col.envelope(json!([{"_id": "a", "body": {"n": 2}}, {"_id": "b", "body": {"n": 2}}]));
+    envelope["source"] = json!(false);
+    let reply = call(&worker, &envelope).await;
+    assert_eq!(reply["status"], 200, "{reply}");
+    for hit in reply["result"]["hits"].as_array().unwrap() {
+        assert!(hit.get("_source").is_none(), "{hit}");
+        assert_eq!(hit["_version"], 2);
+    }
+    envelope["source"] = json!(true);
+    let reply = call(&worker, &envelope).await;
+    assert_eq!(reply["result"]["hits"][0]["_source"]["n"], 2);
+    assert_eq!(col.get("b").await.0["n"], 2);
+    worker.stop().await;
+}
+
+/// A reply whose `_source`s pass `response.max_source_bytes` carries none, and says the
+/// same of every document otherwise.
+#[tokio::test]
+async fn sources_past_the_reply_budget_are_left_out() {
+    let blob = "y".repeat(100 * 1024);
+    let col = kuzzle_like(&[("a", json!({"blob": blob})), ("b", json!({"blob": blob}))]).await;
+    let mut s = settings();
+    s.response.max_source_bytes = 150 * 1024;
+    let worker = Worker::start_with(s).await;
+    let reply = call(
+        &worker,
+        &col.envelope(json!([{"_id": "a", "body": {"n": 1}}])),
+    )
+    .await;
+    assert!(
+        reply["result"]["hits"][0]["_source"]["blob"].is_string(),
+        "one fits"
+    );
+    let both = json!([{"_id": "a", "body": {"n": 2}}, {"_id": "b", "body": {"n": 2}}]);
+    let reply = call(&worker, &col.envelope(both)).await;
+    assert_eq!(reply["status"], 200);
+    let hits = reply["result"]["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 2);
+    for hit in hits {
+        assert!(hit.get("_source").is_none(), "two don't: none");
+        assert_eq!(hit["result"], "updated");
+    }
+    worker.stop().await;
+}
