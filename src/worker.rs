@@ -10,8 +10,6 @@ use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::logs::Untrusted;
-
 use crate::broker::{self, Broker, Outgoing, Published};
 use crate::bulk::{ItemOptions, Metadata};
 use crate::coalesce::{BatchLimits, Coalescer};
@@ -19,6 +17,7 @@ use crate::config::{Format, Settings};
 use crate::delivery::{ChannelGone, Settlement, Ticket};
 use crate::envelope::{self, Echo, Properties, Refresh, Request};
 use crate::error::RequestError;
+use crate::logs::Untrusted;
 use crate::metrics::Metrics;
 use crate::reply::{self, Destination};
 use crate::response::{self, Outcome, Response, Shape};
