@@ -230,8 +230,8 @@ impl<W: Write> Shared<W> {
 }
 
 /// Runs the load from `input`, writing failed documents to `failures` as NDJSON
-/// (`{"document", "status", "reason"}`, plus `line` where the loader knows it: unreadable
-/// and oversized lines, and the documents of a request refused as a whole).
+/// (`{"document", "status", "reason", "line"}`; `line` left out where a reply's error
+/// can't be matched to a document sent).
 pub async fn run<R, W>(
     client: Arc<Client>,
     job: &Job,
@@ -442,10 +442,23 @@ async fn send_batch<W: Write>(
             .or_else(|| result["errors"].as_array())
             .map(Vec::as_slice)
             .unwrap_or_default();
+        // The errors come in the request's order: each is the next document equal to
+        // the one it echoes, whose line is then known.
+        let mut next = 0;
         for error in errors {
             let status = error["status"].as_u64().unwrap_or(0) as u16;
             let reason = error["reason"].as_str().unwrap_or_default();
-            shared.failure(None, &error["document"].to_string(), status, reason);
+            let echoed = &error["document"];
+            let line = documents[next..]
+                .iter()
+                .position(|d| {
+                    serde_json::from_str::<Value>(d.raw.get()).is_ok_and(|v| v == *echoed)
+                })
+                .map(|at| {
+                    next += at + 1;
+                    documents[next - 1].line
+                });
+            shared.failure(line, &echoed.to_string(), status, reason);
         }
     } else {
         let reason = reply["error"]["message"]

@@ -63,6 +63,7 @@ async fn a_line_too_large_for_any_request_is_reported_alone_and_its_neighbours_a
         json!({"_id": "a", "body": {"n": 2}}).to_string(),
         json!({"_id": "b", "body": {"s": huge}}).to_string(),
         json!({"_id": "c", "body": {"n": 2}}).to_string(),
+        json!({"_id": "missing", "body": {"n": 2}}).to_string(),
     ];
     std::fs::write(&input, lines.join("\n")).unwrap();
     let out = output(loader(worker.request_queue(), &col, &input, &failures)).await;
@@ -71,13 +72,20 @@ async fn a_line_too_large_for_any_request_is_reported_alone_and_its_neighbours_a
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         (&summary["lines"], &summary["updated"], &summary["failed"]),
-        (&json!(3), &json!(2), &json!(1)),
+        (&json!(4), &json!(2), &json!(2)),
         "{summary}"
     );
     let listed = records(&failures);
-    assert_eq!(listed.len(), 1, "{listed:?}");
-    assert_eq!(listed[0]["line"], 2);
-    assert_eq!(listed[0]["status"], 413);
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(
+        (&listed[0]["line"], &listed[0]["status"]),
+        (&json!(2), &json!(413))
+    );
+    // A document the worker could not update: its line is known too.
+    assert_eq!(
+        (&listed[1]["line"], &listed[1]["status"]),
+        (&json!(4), &json!(404))
+    );
     assert_eq!(col.get("a").await.0["n"], 2);
     assert_eq!(col.get("c").await.0["n"], 2);
     worker.stop().await;
