@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use mupdate_worker::client::{self, Client};
 use mupdate_worker::config::{LogFormat, Settings};
 use mupdate_worker::logs::OneLine;
-use mupdate_worker::security::rights::{Rights, Rule};
+use mupdate_worker::security::rights::{ReplyRule, Rights, Rule};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -306,7 +306,10 @@ fn main() -> ExitCode {
     }
     // The rights rules must load for the worker to start (and for `config` to show them).
     let rules = match Rights::from_settings(&settings.security) {
-        Ok(rights) => rights.map(|r| r.current().written().to_vec()),
+        Ok(rights) => rights.map(|r| {
+            let rules = r.current();
+            (rules.written().to_vec(), rules.written_replies().to_vec())
+        }),
         Err(err) => {
             eprintln!("mupdate-worker: configuration key security.rules_file: {err}");
             return ExitCode::from(2);
@@ -345,7 +348,7 @@ fn main() -> ExitCode {
 async fn execute(
     command: Command,
     settings: Settings,
-    rules: Option<Vec<Rule>>,
+    rules: Option<(Vec<Rule>, Vec<ReplyRule>)>,
     held: libc::sigset_t,
 ) -> ExitCode {
     if !matches!(command, Command::Run) {
@@ -378,8 +381,9 @@ async fn execute(
         }
         Command::Config => {
             let mut shown = settings.redacted();
-            if let Some(rules) = rules {
+            if let Some((rules, replies)) = rules {
                 shown["security"]["rules"] = serde_json::json!(rules);
+                shown["security"]["reply_rules"] = serde_json::json!(replies);
             }
             let text = serde_json::to_string_pretty(&shown).unwrap_or_default();
             println!("{text}");

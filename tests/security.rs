@@ -218,7 +218,8 @@ async fn config_shows_the_effective_rules_and_a_broken_file_stops_the_worker() {
     let rules = dir.join("rules.toml");
     write_rules(
         &rules,
-        "[[allow]]\nusers = [\"etl-*\"]\nindexes = [\"shop\"]\ncollections = [\"*\"]\n",
+        "[[allow]]\nusers = [\"etl-*\"]\nindexes = [\"shop\"]\ncollections = [\"*\"]\n\
+         [[reply]]\nusers = [\"etl-*\"]\nqueues = [\"{user}.replies\"]\n",
     );
     let binary = env!("CARGO_BIN_EXE_mupdate-worker");
     let out = Command::new(binary)
@@ -232,6 +233,10 @@ async fn config_shows_the_effective_rules_and_a_broken_file_stops_the_worker() {
     assert_eq!(
         shown["security"]["rules"],
         json!([{"users": ["etl-*"], "indexes": ["shop"], "collections": ["*"]}])
+    );
+    assert_eq!(
+        shown["security"]["reply_rules"],
+        json!([{"users": ["etl-*"], "queues": ["{user}.replies"]}])
     );
     write_rules(&rules, "not toml [");
     let out = Command::new(binary)

@@ -80,6 +80,7 @@ struct CompiledReply {
 /// A set of allow rules, as written and compiled.
 pub struct Rules {
     written: Vec<Rule>,
+    written_replies: Vec<ReplyRule>,
     compiled: Vec<Compiled>,
     replies: Vec<CompiledReply>,
     /// Each user's reply queue patterns, compiled on its first request (compiling costs
@@ -139,6 +140,7 @@ impl Rules {
             .collect::<Result<_, String>>()?;
         Ok(Rules {
             written: file.allow,
+            written_replies: file.reply,
             compiled,
             replies,
             reply_sets: Mutex::default(),
@@ -158,6 +160,11 @@ impl Rules {
     /// The rules as written, for `mupdate-worker config`.
     pub fn written(&self) -> &[Rule] {
         &self.written
+    }
+
+    /// The `[[reply]]` rules as written, for `mupdate-worker config`.
+    pub fn written_replies(&self) -> &[ReplyRule] {
+        &self.written_replies
     }
 
     /// Whether `user`'s replies may go to the queue `queue`: a pattern of the `[[reply]]`
