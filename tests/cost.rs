@@ -345,60 +345,6 @@ async fn the_same_through_the_wait_for_lane() {
     one_document_named_again_and_again(Some("wait_for")).await;
 }
 
-/// 16 requests each naming 64 distinct stored 1 MiB documents: one coalesced call
-/// would have asked the engine for 448 of them (448 MiB) and several calls ran at
-/// once. The engine's `_source` budget (128 MiB by default) keeps it to 128 at once once
-/// the first answer showed their size. Every request answered, the engine up; each
-/// reply (64 MiB of `_source`) is over its budget and carries none.
-#[tokio::test]
-async fn many_large_documents_are_asked_of_the_engine_within_its_budget() {
-    let blob = "z".repeat(1 << 20);
-    let ids: Vec<String> = (0..64).map(|i| format!("big{i}")).collect();
-    let docs: Vec<(&str, Value)> = ids
-        .iter()
-        .map(|id| (id.as_str(), json!({"blob": blob})))
-        .collect();
-    let col = kuzzle_like(&docs).await;
-    let (worker, settings) = start_binary(&[]).await;
-    let mut cleanup = Cleanup::of(&settings);
-    let bodies: Vec<Vec<u8>> = (0..16)
-        .map(|r| {
-            let documents: Vec<Value> = ids
-                .iter()
-                .map(|id| json!({"_id": id, "body": {"n": r}}))
-                .collect();
-            serde_json::to_vec(&col.envelope(json!(documents))).unwrap()
-        })
-        .collect();
-    let before = peak_rss_mib(worker.pid());
-    let started = std::time::Instant::now();
-    let replies = send_all(
-        &settings.amqp.request_queue,
-        &bodies,
-        &mut cleanup,
-        Duration::from_secs(120),
-    )
-    .await;
-    let peak = peak_rss_mib(worker.pid());
-    let up = engine_up(&ES_URL).await;
-    eprintln!(
-        "16 × 64 distinct 1 MiB documents: {} of 16 answered in {:?}, worker peak RSS {before} -> {peak} MiB, engine up: {up}",
-        replies.len(),
-        started.elapsed()
-    );
-    assert!(up, "the engine is still up");
-    assert_eq!(replies.len(), 16, "every request answered");
-    for reply in &replies {
-        assert_eq!(reply["status"], 200, "{}", reply["error"]);
-        let hits = reply["result"]["hits"].as_array().unwrap();
-        assert_eq!(hits.len(), 64);
-        assert!(hits.iter().all(|h| h.get("_source").is_none()));
-    }
-    // The engine's budget, its answer read once and parsed once, and the runtime.
-    assert!(peak < 512, "worker peak RSS {peak} MiB");
-    drop(worker);
-}
-
 /// Kuzzle 2's `source: false`: no `_source` in the reply (and none asked of the engine:
 /// update.rs's tests read the items sent).
 #[tokio::test]
