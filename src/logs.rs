@@ -20,13 +20,45 @@ pub const LINE_MAX: usize = 8192;
 pub struct Untrusted<'a>(pub &'a str);
 
 impl fmt::Display for Untrusted<'_> {
+    /// Quoted when it holds a space, a `=` or nothing, or is cut (as logfmt quotes), so
+    /// that a client's `r-1 reason=refused` is one field's value to a log parser, never
+    /// fields of the worker's own.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kept = self.kept();
+        let quoted = kept.is_empty() || kept.contains([' ', '=']) || kept.len() < self.0.len();
+        if quoted {
+            f.write_char('"')?;
+        }
+        self.escaped(f)?;
+        if quoted {
+            f.write_char('"')?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Untrusted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_char('"')?;
+        self.escaped(f)?;
+        f.write_char('"')
+    }
+}
+
+impl Untrusted<'_> {
+    /// The part of the string kept: its first [`FIELD_MAX`] bytes at most.
+    fn kept(&self) -> &str {
         let text = self.0;
         let mut end = text.len().min(FIELD_MAX);
         while !text.is_char_boundary(end) {
             end -= 1;
         }
-        for c in text[..end].chars() {
+        &text[..end]
+    }
+
+    fn escaped(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kept = self.kept();
+        for c in kept.chars() {
             if c.is_control() || c == '"' || c == '\\' || is_invisible(c) {
                 for escaped in c.escape_default() {
                     f.write_char(escaped)?;
@@ -35,16 +67,10 @@ impl fmt::Display for Untrusted<'_> {
                 f.write_char(c)?;
             }
         }
-        if end < text.len() {
-            write!(f, "…(+{} bytes)", text.len() - end)?;
+        if kept.len() < self.0.len() {
+            write!(f, "…(+{} bytes)", self.0.len() - kept.len())?;
         }
         Ok(())
-    }
-}
-
-impl fmt::Debug for Untrusted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "\"{self}\"")
     }
 }
 
@@ -122,13 +148,29 @@ mod tests {
         assert!(!shown.contains('\n') && !shown.contains('\r') && !shown.contains('\u{1b}'));
         assert_eq!(
             shown,
-            "x\\nFORGED INFO replied request_id=victim\\r\\u{1b}[31m\\\"q\\\"\\\\"
+            "\"x\\nFORGED INFO replied request_id=victim\\r\\u{1b}[31m\\\"q\\\"\\\\\""
         );
         let long = "é".repeat(20_000);
         let shown = Untrusted(&long).to_string();
         assert!(shown.len() < FIELD_MAX + 32, "{}", shown.len());
-        assert!(shown.ends_with("…(+39744 bytes)"), "{shown}");
+        assert!(shown.ends_with("…(+39744 bytes)\""), "{shown}");
         assert_eq!(Untrusted("\u{202e}abc").to_string(), "\\u{202e}abc");
+        assert_eq!(Untrusted("r-42").to_string(), "r-42");
+    }
+
+    /// A client string holding `key=value` pairs is one quoted value in a line of the
+    /// text format, never fields of the worker's own (a logfmt parser, Loki's or
+    /// Vector's, would read them as such).
+    #[test]
+    fn a_client_string_forges_no_field() {
+        let forged = "r-1 reason=refused applied=true user_id=admin";
+        assert_eq!(
+            Untrusted(forged).to_string(),
+            "\"r-1 reason=refused applied=true user_id=admin\""
+        );
+        assert_eq!(Untrusted("").to_string(), "\"\"");
+        assert_eq!(Untrusted("a=b").to_string(), "\"a=b\"");
+        assert_eq!(format!("{:?}", Untrusted("r-42")), "\"r-42\"");
     }
 
     #[test]

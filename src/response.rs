@@ -195,9 +195,9 @@ fn listing_cost(
             continue;
         }
         let len = if prefix_len == 0 {
-            key.len()
+            escaped_len(key)
         } else {
-            prefix_len + 1 + key.len()
+            prefix_len + 1 + escaped_len(key)
         };
         match value {
             Value::Object(inner) if !inner.is_empty() => {
@@ -212,6 +212,18 @@ fn listing_cost(
         }
     }
     Some(())
+}
+
+/// The bytes `key` takes written as JSON (without its quotes): a control character as
+/// `\u0001` takes 6, so the budget counts what the reply writes, not the key's bytes.
+fn escaped_len(key: &str) -> usize {
+    key.chars()
+        .map(|c| match c {
+            '"' | '\\' | '\u{8}' | '\u{c}' | '\n' | '\r' | '\t' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        })
+        .sum()
 }
 
 /// Appends the leaf paths under `object` to `out`, `path` holding their prefix: one
@@ -520,12 +532,36 @@ mod tests {
 
     /// `depth` objects nested under keys of `key_len` bytes, `leaves` leaves at the bottom.
     fn deep(depth: usize, key_len: usize, leaves: usize) -> Value {
+        deep_of(depth, key_len, leaves, '0')
+    }
+
+    /// `depth` objects nested under keys of `key_len` characters (`fill`, then the level).
+    fn deep_of(depth: usize, key_len: usize, leaves: usize, fill: char) -> Value {
         let mut value = Value::Object((0..leaves).map(|i| (format!("l{i}"), json!(1))).collect());
         for level in 0..depth {
-            let key = format!("{level:0>key_len$}");
+            let digits = level.to_string();
+            let pad = key_len.saturating_sub(digits.len());
+            let key = format!("{}{digits}", fill.to_string().repeat(pad));
             value = json!({ key: value });
         }
         value
+    }
+
+    #[test]
+    fn keys_are_counted_as_the_reply_writes_them() {
+        for c in (0u8..0x80).map(char::from).chain(['é', '\u{2028}', '😀']) {
+            let key = c.to_string();
+            let written = serde_json::to_string(&key).unwrap().len() - 2;
+            assert_eq!(escaped_len(&key), written, "{c:?}");
+        }
+        // Keys of control characters, 6 bytes each once written: the listing is held to
+        // its budget in written bytes (it was 20 times the request).
+        let mut req = request(false);
+        req.documents = vec![json!({"_id": "a", "body": deep_of(18, 400, 20, '\u{1}')})];
+        req.bytes = serde_json::to_vec(&req.documents).unwrap().len();
+        let r = documents_response(&echo(), &req, &[updated("a")], Format::V2, Shape::Full);
+        let bound = 3 * req.bytes + UPDATED_FIELDS_SLACK;
+        assert!(r.body.len() <= bound, "{} > {bound}", r.body.len());
     }
 
     #[test]
@@ -576,10 +612,13 @@ mod tests {
             fan_out in 1usize..64,
             entries in 1usize..20,
             repeats in 1usize..10,
+            control in proptest::bool::ANY,
         ) {
             let mut req = request(false);
+            // Keys of digits, or of control characters (6 bytes each once written).
+            let fill = if control { '\u{1}' } else { '0' };
             req.documents = (0..entries)
-                .map(|e| json!({"_id": format!("d{e}"), "body": {"k": deep(depth, key_len, fan_out), "e": e}}))
+                .map(|e| json!({"_id": format!("d{e}"), "body": {"k": deep_of(depth, key_len, fan_out, fill), "e": e}}))
                 .flat_map(|entry| std::iter::repeat_n(entry, repeats))
                 .collect();
             req.bytes = serde_json::to_vec(&req.documents).unwrap().len();

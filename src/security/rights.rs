@@ -202,8 +202,12 @@ impl Rules {
         let mut set = GlobSetBuilder::new();
         for pattern in patterns {
             // Each pattern compiled with a plain name when loaded: with a name escaped,
-            // too.
-            if let Ok(glob) = Glob::new(&pattern.replace("{user}", &user)) {
+            // too. Backslashes are plain characters (`escape` quotes with brackets):
+            // a user named `\` must not turn `{user}.*` into `\.*`.
+            let glob = globset::GlobBuilder::new(&pattern.replace("{user}", &user))
+                .backslash_escape(false)
+                .build();
+            if let Ok(glob) = glob {
                 set.add(glob);
             }
         }
@@ -476,6 +480,22 @@ mod tests {
         assert!(to(&r, None, Destination::Queue("mupdate.replies".into())).is_ok());
         assert_eq!(to(&r, None, queue("etl-1")), Err(Unauthorized));
         assert_eq!(to(&r, Some(""), queue("etl-1")), Err(Unauthorized));
+    }
+
+    /// A user's name is taken literally in its patterns, backslashes included (as an
+    /// escape, `\` made `{user}.*` match every queue starting with `.`, and `\*` made
+    /// `{user}` match any bracketed name).
+    #[test]
+    fn a_users_name_is_literal_in_its_reply_patterns() {
+        let rules = Rules::parse("").unwrap();
+        assert!(rules.allows_reply_queue("\\", "\\.replies"));
+        assert!(!rules.allows_reply_queue("\\", ".other-app"));
+        assert!(!rules.allows_reply_queue("\\", "x.other-app"));
+        assert!(rules.allows_reply_queue("\\*", "\\*"));
+        assert!(!rules.allows_reply_queue("\\*", "[anything]"));
+        assert!(!rules.allows_reply_queue("\\*", "*"));
+        assert!(rules.allows_reply_queue("a*", "a*.r"));
+        assert!(!rules.allows_reply_queue("a*", "ab.r"));
     }
 
     #[test]
