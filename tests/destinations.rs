@@ -197,7 +197,8 @@ async fn a_reply_queue_that_took_replies_has_every_refused_reply_retried() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let col = Collection::create(&[("d", json!({"n": 0}))]).await;
     let mut settings = settings();
-    settings.amqp.prefetch = 32; // a budget of 2 refused replies per untrusted destination
+    // A budget of 2 refused replies per untrusted destination, 16 per trusted one.
+    settings.amqp.prefetch = 32;
     let mut cleanup = Cleanup::of(&settings);
     let replies = cleanup.queue(fresh("destinations.busy"));
     let amqp = Amqp::open().await;
