@@ -17,7 +17,7 @@ use serde_json::json;
 use support::cleanup::Cleanup;
 use support::*;
 
-/// The two tests measure latencies and load the same servers: one at a time.
+/// The tests measure latencies and load the same servers: one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The p99 of `latencies` (the largest but one in a hundred).
@@ -58,9 +58,42 @@ async fn latencies(
     seen
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reply_queue_that_refuses_everything_does_not_slow_other_producers() {
-    let _alone = ONE_AT_A_TIME.lock().await;
+/// What a flood of refused replies does to an unrelated producer.
+struct Beside {
+    alone_p99: Duration,
+    beside_p99: Duration,
+    /// The hostile producer's requests, and how many of them were dead-lettered.
+    sent: usize,
+    dead_lettered: usize,
+}
+
+impl Beside {
+    /// The unrelated producer's p99 stays near its p99 alone, and the hostile requests
+    /// went to the dead-letter queue, refused, rather than wait.
+    fn assert_unharmed(&self) {
+        let Beside {
+            alone_p99,
+            beside_p99,
+            sent,
+            dead_lettered,
+        } = *self;
+        assert!(sent >= 250, "the hostile producer sent {sent}");
+        let bound = alone_p99 * 4 + Duration::from_millis(250);
+        assert!(
+            beside_p99 <= bound,
+            "p99 {beside_p99:?} beside the refusing destination, {alone_p99:?} alone (bound {bound:?})"
+        );
+        assert!(
+            dead_lettered >= sent / 2,
+            "{dead_lettered} of {sent} dead-lettered"
+        );
+    }
+}
+
+/// A hostile producer sends 50 requests a second answered to a reply queue of
+/// `x-max-length: max_length` with `reject-publish` (when `max_length` is 1, after one
+/// reply taken, which fills it); an unrelated producer's latencies alone, then beside it.
+async fn beside_a_flood(max_length: i32) -> Beside {
     let col = Collection::create(&[("d", json!({"n": 0}))]).await;
     let mut settings = settings();
     // A small prefetch: without a budget, the refused replies would hold every slot
@@ -70,7 +103,7 @@ async fn a_reply_queue_that_refuses_everything_does_not_slow_other_producers() {
     let full = cleanup.queue(fresh("destinations.full"));
     let amqp = Amqp::open().await;
     let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert("x-max-length".into(), AMQPValue::LongInt(max_length));
     args.insert(
         "x-overflow".into(),
         AMQPValue::LongString("reject-publish".into()),
@@ -87,20 +120,29 @@ async fn a_reply_queue_that_refuses_everything_does_not_slow_other_producers() {
     let mut alone = latencies(&client, &queue, &col, Duration::from_secs(3)).await;
     let alone_p99 = p99(&mut alone);
 
+    let envelope = col.envelope(json!([{"_id": "h", "body": {"n": 1}}]));
+    let body = serde_json::to_vec(&envelope).unwrap();
+    let props = BasicProperties::default().with_reply_to(full.as_str().into());
+    if max_length > 0 {
+        // The first reply is taken (and fills the queue): the queue is trusted.
+        publish(&amqp.channel, &queue, &body, props.clone()).await;
+        wait_equal("the first reply", 1, || async {
+            queue_counts(&full).await.map_or(0, |c| c.0)
+        })
+        .await;
+    }
+
     // The hostile producer: 50 requests a second, each answered to the refusing queue.
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
     let hostile = {
         let (stop, sent, channel) = (stop.clone(), sent.clone(), amqp.channel.clone());
-        let (queue, full) = (queue.clone(), full.clone());
-        let envelope = col.envelope(json!([{"_id": "h", "body": {"n": 1}}]));
+        let queue = queue.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
-                let props = BasicProperties::default().with_reply_to(full.as_str().into());
-                let body = serde_json::to_vec(&envelope).unwrap();
-                publish(&channel, &queue, &body, props).await;
+                publish(&channel, &queue, &body, props.clone()).await;
                 sent.fetch_add(1, Ordering::Relaxed);
             }
         })
@@ -111,31 +153,39 @@ async fn a_reply_queue_that_refuses_everything_does_not_slow_other_producers() {
     stop.store(true, Ordering::Relaxed);
     hostile.await.unwrap();
     let beside_p99 = p99(&mut beside);
-    let hostile_sent = sent.load(Ordering::Relaxed);
+    let sent = sent.load(Ordering::Relaxed);
+    let dead = worker.settings.amqp.dead_letter_queue.clone();
+    let dead_lettered = queue_counts(&dead).await.map_or(0, |c| c.0) as usize;
     println!(
-        "unrelated producer: p99 {alone_p99:?} alone ({} requests), {beside_p99:?} beside \
-         {hostile_sent} refused requests ({} requests)",
+        "unrelated producer (reply queue of x-max-length {max_length}): p99 {alone_p99:?} \
+         alone ({} requests), {beside_p99:?} beside {sent} refused requests ({} requests), \
+         {dead_lettered} dead-lettered",
         alone.len(),
         beside.len()
     );
-    assert!(
-        hostile_sent >= 250,
-        "the hostile producer sent {hostile_sent}"
-    );
-    let bound = alone_p99 * 4 + Duration::from_millis(250);
-    assert!(
-        beside_p99 <= bound,
-        "p99 {beside_p99:?} beside the refusing destination, {alone_p99:?} alone (bound {bound:?})"
-    );
-    // Their requests went to the dead-letter queue, refused, rather than wait.
-    let dead = worker.settings.amqp.dead_letter_queue.clone();
-    let dead_lettered = queue_counts(&dead).await.map_or(0, |c| c.0);
-    assert!(
-        dead_lettered as usize >= hostile_sent / 2,
-        "{dead_lettered} of {hostile_sent} dead-lettered"
-    );
     worker.stop().await;
     amqp.close().await;
+    Beside {
+        alone_p99,
+        beside_p99,
+        sent,
+        dead_lettered,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_queue_that_refuses_everything_does_not_slow_other_producers() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    beside_a_flood(0).await.assert_unharmed();
+}
+
+/// Trust is bounded too: a reply queue that took one reply, then refuses every one (full,
+/// `x-max-length: 1`), is trusted, but its refused replies waiting to be published again
+/// hold at most the trusted budget (half the prefetch), not every slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_queue_that_took_one_reply_then_refuses_everything_does_not_slow_other_producers() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    beside_a_flood(1).await.assert_unharmed();
 }
 
 /// A reply queue that took replies and then refuses for a while (a quorum queue electing
@@ -147,7 +197,8 @@ async fn a_reply_queue_that_took_replies_has_every_refused_reply_retried() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let col = Collection::create(&[("d", json!({"n": 0}))]).await;
     let mut settings = settings();
-    settings.amqp.prefetch = 32; // a budget of 2 refused replies per untrusted destination
+    // A budget of 2 refused replies per untrusted destination, 16 per trusted one.
+    settings.amqp.prefetch = 32;
     let mut cleanup = Cleanup::of(&settings);
     let replies = cleanup.queue(fresh("destinations.busy"));
     let amqp = Amqp::open().await;

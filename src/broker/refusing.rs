@@ -7,13 +7,17 @@
 //! `reject-publish`, a full queue): 13 such requests a second would hold every slot of a
 //! prefetch of 256, and starve every other producer. So:
 //!
-//! - **trust earned**: a destination that confirmed a reply within `TRUST` (a reply queue
-//!   in use, whose quorum leader is being elected) has every refused reply published again,
-//!   as before;
-//! - **a budget otherwise**: of the replies to a destination not trusted (one that never
-//!   took a reply, such as a queue of `x-max-length: 0`), at most `per_destination`, and
-//!   `total` in all, wait to be published again at once; a refused reply beyond it is
-//!   dead-lettered (`refused`) after its one attempt;
+//! - **a budget**: of the replies to a destination not trusted (one that never took a
+//!   reply, such as a queue of `x-max-length: 0`), at most `per_destination` (a sixteenth
+//!   of the prefetch), and `untrusted` (a quarter) in all, wait to be published again at
+//!   once; a refused reply beyond it is dead-lettered (`refused`) after its one attempt;
+//! - **a larger one for trust earned**: a destination that confirmed a reply within `TRUST`
+//!   (a reply queue in use, whose quorum leader is being elected) has up to `per_trusted`
+//!   (`TRUSTED` times `per_destination`, half the prefetch) waiting at once, enough for
+//!   the replies of a short refusal; but trust is cheap to earn (a queue of `x-max-length:
+//!   1` takes one reply, then refuses), so it is finite too: refused replies hold at most
+//!   `total` (half the prefetch) slots in all, trusted or not, and the other half is left
+//!   to everyone else;
 //! - **a memory**: a destination that refused a reply through all its attempts is known to
 //!   refuse until `WINDOW` after its latest refusal (confirms in between don't clear it: a
 //!   queue drained now and then is not trusted again by that): a reply to it is tried once
@@ -42,9 +46,14 @@ pub const TRUST: Duration = Duration::from_secs(60);
 /// The most destinations remembered at once (each under 600 bytes).
 const MOST: usize = 4096;
 
+/// How many times an untrusted destination's budget a trusted one has.
+const TRUSTED: usize = 8;
+
 pub struct Refusing {
     state: Mutex<State>,
     per_destination: usize,
+    per_trusted: usize,
+    untrusted: usize,
     total: usize,
 }
 
@@ -53,6 +62,8 @@ struct State {
     destinations: HashMap<String, Entry>,
     /// Replies waiting to be published again, all destinations together.
     retrying: usize,
+    /// Of them, those given their turn while their destination was not trusted.
+    untrusted: usize,
     /// When idle entries were last swept out (at most once a second: a sweep reads all).
     swept: Option<Instant>,
 }
@@ -85,12 +96,16 @@ impl Entry {
 pub struct Retrying<'a> {
     refusing: &'a Refusing,
     key: String,
+    trusted: bool,
 }
 
 impl Drop for Retrying<'_> {
     fn drop(&mut self) {
         let mut state = self.refusing.state.lock().expect("poisoned");
         state.retrying -= 1;
+        if !self.trusted {
+            state.untrusted -= 1;
+        }
         let now = Instant::now();
         if let Some(entry) = state.destinations.get_mut(&self.key) {
             entry.retrying -= 1;
@@ -102,14 +117,19 @@ impl Drop for Retrying<'_> {
 }
 
 impl Refusing {
-    /// The budget follows the prefetch: a sixteenth of it per destination, a quarter in
-    /// all (at least one each), so that refusing destinations leave most slots to others.
+    /// The budget follows the prefetch: a sixteenth of it per untrusted destination, a
+    /// quarter for them all, eight sixteenths per trusted one, and half in all (at least
+    /// one each), so that refusing destinations leave half the slots or more to others.
     pub fn new(prefetch: u16) -> Self {
         let prefetch = usize::from(prefetch);
+        let per_destination = (prefetch / 16).max(1);
+        let total = (prefetch / 2).max(1);
         Refusing {
             state: Mutex::default(),
-            per_destination: (prefetch / 16).max(1),
-            total: (prefetch / 4).max(1),
+            per_destination,
+            per_trusted: (TRUSTED * per_destination).min(total),
+            untrusted: (prefetch / 4).max(1),
+            total,
         }
     }
 
@@ -152,17 +172,23 @@ impl Refusing {
         }
     }
 
-    /// A turn to publish a refused reply to `key` again: always when `key` is trusted,
-    /// else within the budget; `None` when `key` is known to refuse or the budget is
-    /// spent.
+    /// A turn to publish a refused reply to `key` again, within its budget (the larger
+    /// one when `key` is trusted) and the total; `None` when `key` is known to refuse or
+    /// a budget is spent.
     pub fn retry(&self, key: &str) -> Option<Retrying<'_>> {
         let mut state = self.state.lock().expect("poisoned");
         let now = Instant::now();
-        let (per_destination, total) = (self.per_destination, self.total);
-        let spent = state.retrying >= total;
+        let spent = state.retrying >= self.total;
+        let untrusted_spent = state.untrusted >= self.untrusted;
         let entry = state.entry(key, now)?;
-        let within = !spent && entry.retrying < per_destination;
-        if entry.refusing(now) || !(entry.trusted(now) || within) {
+        let trusted = entry.trusted(now);
+        let within = !spent
+            && if trusted {
+                entry.retrying < self.per_trusted
+            } else {
+                !untrusted_spent && entry.retrying < self.per_destination
+            };
+        if entry.refusing(now) || !within {
             if entry.idle(now) {
                 state.destinations.remove(key);
             }
@@ -170,9 +196,13 @@ impl Refusing {
         }
         entry.retrying += 1;
         state.retrying += 1;
+        if !trusted {
+            state.untrusted += 1;
+        }
         Some(Retrying {
             refusing: self,
             key: key.to_owned(),
+            trusted,
         })
     }
 }
@@ -204,22 +234,23 @@ mod tests {
 
     #[test]
     fn retries_stay_within_the_budget_per_destination_and_in_all() {
-        let refusing = Refusing::new(64); // 4 per destination, 16 in all
+        // 4 per untrusted destination, 16 for them all, 32 per trusted one, 32 in all.
+        let refusing = Refusing::new(64);
         let a: Vec<_> = (0..4).map(|_| refusing.retry("a").unwrap()).collect();
         assert!(refusing.retry("a").is_none(), "a's budget spent");
-        refusing.confirmed("trusted");
-        let trusted: Vec<_> = (0..100)
-            .map(|_| refusing.retry("trusted").unwrap())
-            .collect();
-        assert!(
-            refusing.retry("b").is_none(),
-            "trusted retries count in the total"
-        );
-        drop(trusted);
         let others: Vec<_> = (0..12)
             .map(|i| refusing.retry(&format!("d{}", i % 3)).unwrap())
             .collect();
-        assert!(refusing.retry("e").is_none(), "the total spent");
+        assert!(
+            refusing.retry("e").is_none(),
+            "the untrusted ones' budget spent"
+        );
+        refusing.confirmed("trusted");
+        let trusted: Vec<_> = (0..16)
+            .map(|_| refusing.retry("trusted").unwrap())
+            .collect();
+        assert!(refusing.retry("trusted").is_none(), "the total spent");
+        drop(trusted);
         drop(a);
         assert!(refusing.retry("a").is_some(), "given back when dropped");
         drop(others);
@@ -228,7 +259,37 @@ mod tests {
             1,
             "the trusted one"
         );
-        assert_eq!(refusing.state.lock().unwrap().retrying, 0);
+        let state = refusing.state.lock().unwrap();
+        assert_eq!((state.retrying, state.untrusted), (0, 0));
+    }
+
+    #[test]
+    fn a_trusted_destination_has_a_larger_but_finite_budget() {
+        let refusing = Refusing::new(64); // 4 per untrusted destination, 32 per trusted
+        refusing.confirmed("t");
+        refusing.confirmed("u");
+        let t: Vec<_> = (0..32).map(|_| refusing.retry("t").unwrap()).collect();
+        assert!(refusing.retry("t").is_none(), "t's budget spent");
+        assert!(
+            refusing.retry("u").is_none(),
+            "trusted retries count in the total"
+        );
+        assert!(
+            refusing.retry("v").is_none(),
+            "and leave nothing to untrusted ones"
+        );
+        drop(t);
+        let u: Vec<_> = (0..32).map(|_| refusing.retry("u").unwrap()).collect();
+        drop(u);
+        // A small prefetch: still more than an untrusted destination's, within the total.
+        let small = Refusing::new(20); // 1 per untrusted destination, 8 per trusted, 10 in all
+        small.confirmed("t");
+        let t: Vec<_> = (0..8).map(|_| small.retry("t").unwrap()).collect();
+        assert!(small.retry("t").is_none(), "t's budget spent");
+        let u = small.retry("u");
+        assert!(u.is_some() && small.retry("u").is_none(), "u's one turn");
+        drop((t, u));
+        assert_eq!(small.state.lock().unwrap().retrying, 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -255,9 +316,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn trust_lasts_a_while_after_a_confirm() {
-        let refusing = Refusing::new(16); // 1 per destination
+        let refusing = Refusing::new(16); // 1 per destination, 8 per trusted one
         refusing.confirmed("q");
-        let held: Vec<_> = (0..10).map(|_| refusing.retry("q").unwrap()).collect();
+        let held: Vec<_> = (0..8).map(|_| refusing.retry("q").unwrap()).collect();
         drop(held);
         tokio::time::advance(TRUST).await;
         let one = refusing.retry("q");
