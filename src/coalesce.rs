@@ -11,13 +11,15 @@
 //! The `_source`s update items ask for are the one part of a call whose cost is not the
 //! requests' own bytes: a 5 KiB request can name a 1 MiB document 200 times, and the
 //! engine builds every asked `_source` into its answer at once (a 1 GiB engine died of
-//! 32 such requests in one call). So both lanes share a `SourceGate`: a budget of
-//! `_source` bytes asked of the engine at once, each counted as the largest `_source`
-//! seen (and at least `SOURCE_FLOOR`, 128 KiB); a batch stops taking requests at its
-//! share, and a call waits for the budget before it goes. The sizes are learned because
-//! they can't be known before the engine answers; the floor makes a bound hold from the
-//! first call (budget / 128 KiB `_source`s at once, 1,024 by default, times the largest
-//! document).
+//! 32 such requests in one call). So each lane has a `SourceGate`, half the budget of
+//! `_source` bytes asked of the engine at once (a `wait_for` call holds its share
+//! through the refresh: the plain lane's calls don't wait for it), each counted as the
+//! largest `_source` seen lately (halving every `HALF_LIFE` once no larger one is seen,
+//! and at least `SOURCE_FLOOR`, 128 KiB); a batch stops taking requests at its share,
+//! and a call waits for the budget before it takes a call slot. The sizes are learned
+//! because they can't be known before the engine answers; the floor makes a bound hold
+//! from the first call (budget / 128 KiB `_source`s at once, 1,024 by default, times
+//! the largest document).
 //!
 //! A call the engine can't serve is retried here, and before every attempt the requests
 //! whose work was handed back (their cancellation token cancelled) leave the batch and
