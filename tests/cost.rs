@@ -521,7 +521,10 @@ async fn wait_for_calls_holding_their_sources_through_a_refresh_dont_make_plain_
 /// the largest ever seen, kept for the worker's life: one 2 MiB `_source` answered once
 /// (under a 4 MiB budget; by default one legal 16 MiB document under 128 MiB) made
 /// every later call weigh the whole budget, and 40 small `wait_for` requests took 16
-/// times as long as before it. It now halves every second once no larger one is seen.
+/// times as long as before it. It now halves every second once no larger one is seen,
+/// and a call is weighed when it enters the gate, before it takes a call slot (calls
+/// formed at once and waiting for the gate in slots each weighed the whole budget:
+/// 40 s with the decay alone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_large_source_answered_once_doesnt_slow_every_later_call() {
     let _alone = ONE_AT_A_TIME.lock().await;
