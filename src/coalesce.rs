@@ -11,13 +11,15 @@
 //! The `_source`s update items ask for are the one part of a call whose cost is not the
 //! requests' own bytes: a 5 KiB request can name a 1 MiB document 200 times, and the
 //! engine builds every asked `_source` into its answer at once (a 1 GiB engine died of
-//! 32 such requests in one call). So both lanes share a `SourceGate`: a budget of
-//! `_source` bytes asked of the engine at once, each counted as the largest `_source`
-//! seen (and at least `SOURCE_FLOOR`, 128 KiB); a batch stops taking requests at its
-//! share, and a call waits for the budget before it goes. The sizes are learned because
-//! they can't be known before the engine answers; the floor makes a bound hold from the
-//! first call (budget / 128 KiB `_source`s at once, 1,024 by default, times the largest
-//! document).
+//! 32 such requests in one call). So each lane has a `SourceGate`, half the budget of
+//! `_source` bytes asked of the engine at once (a `wait_for` call holds its share
+//! through the refresh: the plain lane's calls don't wait for it), each counted as the
+//! largest `_source` seen lately (halving every `HALF_LIFE` once no larger one is seen,
+//! and at least `SOURCE_FLOOR`, 128 KiB); a batch stops taking requests at its share,
+//! and a call waits for the budget before it takes a call slot. The sizes are learned
+//! because they can't be known before the engine answers; the floor makes a bound hold
+//! from the first call (budget / 128 KiB `_source`s at once, 1,024 by default, times
+//! the largest document).
 //!
 //! A call the engine can't serve is retried here, and before every attempt the requests
 //! whose work was handed back (their cancellation token cancelled) leave the batch and
@@ -26,11 +28,9 @@
 //! the engine.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -69,37 +69,85 @@ pub struct BatchLimits {
     pub max_source_bytes: usize,
 }
 
-/// The `_source` bytes the engine is asked for at once, over every call of both lanes.
-/// An asked `_source` weighs the largest one seen so far, and never less than
-/// `SOURCE_FLOOR`: at most budget / `SOURCE_FLOOR` are asked at once, and fewer as soon
-/// as a large one has been seen. A call asking more than the whole budget (one
+/// The `_source` bytes the engine is asked for at once by the calls of one lane. An
+/// asked `_source` weighs the largest one seen lately (`Largest`), and never less than
+/// `SOURCE_FLOOR`: at most budget / `SOURCE_FLOOR` are asked at once, and fewer while
+/// large ones are being answered. A call asking more than the whole budget (one
 /// request's own, never split) takes all of it, so it goes alone.
+///
+/// Each lane has a gate of its own, half the budget each: `wait_for` calls hold theirs
+/// through the engine's refresh, and must not make the other lane's calls wait.
 pub struct SourceGate {
     /// Units of `UNIT` bytes.
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     units: u32,
-    /// The largest `_source` seen in an answer, in bytes.
-    largest: AtomicUsize,
+    largest: Arc<Largest>,
 }
 
 const UNIT: usize = 1024;
 /// What an asked `_source` weighs at least, whatever its size.
 pub const SOURCE_FLOOR: usize = 128 * 1024;
+/// How fast a large `_source` stops weighing on every call once no larger one is seen:
+/// its weight halves every `HALF_LIFE`.
+pub const HALF_LIFE: Duration = Duration::from_secs(1);
+
+/// The largest `_source` seen lately: raised at once by a larger one, halving every
+/// `HALF_LIFE` after (down to `SOURCE_FLOOR`). One large document answered once
+/// doesn't weigh on every later call for the worker's life; large ones asked again
+/// and again keep it up, each answer raising it again.
+pub struct Largest(std::sync::Mutex<(usize, Instant)>);
+
+impl Largest {
+    fn new() -> Self {
+        Largest(std::sync::Mutex::new((0, Instant::now())))
+    }
+
+    /// What an asked `_source` weighs at `now`.
+    pub fn at(&self, now: Instant) -> usize {
+        let (bytes, seen) = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        decayed(bytes, now.saturating_duration_since(seen)).max(SOURCE_FLOOR)
+    }
+
+    /// Learns a `_source` of `bytes` answered at `now`.
+    pub fn seen(&self, bytes: usize, now: Instant) {
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if bytes >= decayed(state.0, now.saturating_duration_since(state.1)) {
+            *state = (bytes, now);
+        }
+    }
+}
+
+/// `bytes` halved once for every `HALF_LIFE` in `since`.
+fn decayed(bytes: usize, since: Duration) -> usize {
+    let halvings = since.as_nanos() / HALF_LIFE.as_nanos();
+    bytes
+        .checked_shr(u32::try_from(halvings).unwrap_or(u32::MAX))
+        .unwrap_or(0)
+}
 
 impl SourceGate {
     pub fn new(budget: usize) -> Self {
+        Self::with(budget, Arc::new(Largest::new()))
+    }
+
+    /// A gate of its own budget that learns sizes with this one.
+    pub fn beside(&self, budget: usize) -> Self {
+        Self::with(budget, self.largest.clone())
+    }
+
+    fn with(budget: usize, largest: Arc<Largest>) -> Self {
         // At least one `_source` at a time.
         let budget = budget.max(SOURCE_FLOOR);
         let units = u32::try_from(budget / UNIT).unwrap_or(u32::MAX >> 4);
         SourceGate {
-            permits: Semaphore::new(units as usize),
+            permits: Arc::new(Semaphore::new(units as usize)),
             units,
-            largest: AtomicUsize::new(0),
+            largest,
         }
     }
 
     fn each(&self) -> usize {
-        self.largest.load(Ordering::Relaxed).max(SOURCE_FLOOR)
+        self.largest.at(Instant::now())
     }
 
     /// The `_source`s one batch may ask for (a first request's own may be more).
@@ -116,12 +164,16 @@ impl SourceGate {
     }
 
     /// Waits until a call asking `sources` may go; held until the permit is dropped.
-    pub async fn enter(&self, sources: usize) -> Option<SemaphorePermit<'_>> {
+    pub async fn enter(&self, sources: usize) -> Option<OwnedSemaphorePermit> {
         if sources == 0 {
             return None;
         }
         // The semaphore is never closed.
-        self.permits.acquire_many(self.weight(sources)).await.ok()
+        self.permits
+            .clone()
+            .acquire_many_owned(self.weight(sources))
+            .await
+            .ok()
     }
 
     /// Learns from an answer's `_source`s.
@@ -132,7 +184,7 @@ impl SourceGate {
             .map(|s| s.get().len())
             .max()
             .unwrap_or(0);
-        self.largest.fetch_max(largest, Ordering::Relaxed);
+        self.largest.seen(largest, Instant::now());
     }
 }
 
@@ -162,12 +214,15 @@ impl Coalescer {
     /// Starts the two lanes' batching tasks; they end when every handle is dropped.
     pub fn start(storage: Arc<Storage>, limits: BatchLimits) -> Self {
         let queue = limits.queue.max(1);
-        let gate = Arc::new(SourceGate::new(limits.max_source_bytes));
+        // Half the budget each: together, never more than it.
+        let half = limits.max_source_bytes / 2;
+        let gate = SourceGate::new(half);
+        let wait_for_gate = Arc::new(gate.beside(half));
         let (plain, plain_jobs) = mpsc::channel(queue);
         let (wait_for, wait_for_jobs) = mpsc::channel(queue);
         let lane = Lane {
             storage,
-            gate,
+            gate: Arc::new(gate),
             wait_for: false,
         };
         tokio::spawn(batch_loop(lane.clone(), limits, plain_jobs));
@@ -178,6 +233,7 @@ impl Coalescer {
         };
         let lane = Lane {
             wait_for: true,
+            gate: wait_for_gate,
             ..lane
         };
         tokio::spawn(batch_loop(lane, wait_limits, wait_for_jobs));
@@ -298,12 +354,17 @@ async fn batch_loop(lane: Lane, limits: BatchLimits, mut queue: mpsc::Receiver<J
                 },
             }
         }
-        // A full batch (or the lane's end) goes as soon as a call may start.
+        // A full batch (or the lane's end) goes as soon as a call may start and the
+        // engine's `_source` budget lets it: a call waiting for the budget holds no slot.
         calls.wait_below(most).await;
+        let mut jobs = batch.jobs;
+        let Some(permit) = enter(&lane.gate, &mut jobs).await else {
+            continue;
+        };
         let lane = lane.clone();
         let call = calls.start();
         tokio::spawn(async move {
-            send(&lane, batch.jobs, false).await;
+            send(&lane, jobs, false, Some(permit)).await;
             drop(call);
         });
     }
@@ -435,10 +496,7 @@ async fn back_off(jobs: &mut Vec<Job>, wait: Duration) {
 
 /// Waits for the engine's `_source` budget for `jobs`, answering jobs handed back
 /// meanwhile; `None` once none is left.
-async fn enter<'g>(
-    gate: &'g SourceGate,
-    jobs: &mut Vec<Job>,
-) -> Option<Option<SemaphorePermit<'g>>> {
+async fn enter(gate: &SourceGate, jobs: &mut Vec<Job>) -> Option<Option<OwnedSemaphorePermit>> {
     loop {
         prune(jobs);
         if jobs.is_empty() {
@@ -457,8 +515,13 @@ async fn enter<'g>(
 /// Sends one coalesced call, retrying while the engine is unavailable, and answers each
 /// job. `resent`: an earlier call with these items may have been applied. A call the
 /// engine refuses is tried again job by job, so that one request's refusal isn't every
-/// request's.
-async fn send(lane: &Lane, mut jobs: Vec<Job>, mut resent: bool) {
+/// request's. `entered`: the budget, when the first attempt has it already.
+async fn send(
+    lane: &Lane,
+    mut jobs: Vec<Job>,
+    mut resent: bool,
+    mut entered: Option<Option<OwnedSemaphorePermit>>,
+) {
     let storage = &*lane.storage;
     let mut backoff = storage.call_backoff();
     loop {
@@ -466,8 +529,12 @@ async fn send(lane: &Lane, mut jobs: Vec<Job>, mut resent: bool) {
         if jobs.is_empty() {
             return;
         }
-        let Some(permit) = enter(&lane.gate, &mut jobs).await else {
-            return;
+        let permit = match entered.take() {
+            Some(permit) => permit,
+            None => match enter(&lane.gate, &mut jobs).await {
+                Some(permit) => permit,
+                None => return,
+            },
         };
         let counts: Vec<usize> = jobs.iter().map(|j| j.items).collect();
         let total: usize = counts.iter().sum();
@@ -519,7 +586,7 @@ async fn send(lane: &Lane, mut jobs: Vec<Job>, mut resent: bool) {
             }
             Err(StorageError::Refused { .. }) => {
                 for job in jobs {
-                    Box::pin(send(lane, vec![job], resent)).await;
+                    Box::pin(send(lane, vec![job], resent, None)).await;
                 }
                 return;
             }
@@ -624,7 +691,7 @@ mod tests {
         gate.observe(&[sourced(100), sourced(1 << 20)]);
         assert_eq!(gate.per_call(), 128, "1 MiB each: 128 in 128 MiB");
         gate.observe(&[sourced(10)]);
-        assert_eq!(gate.per_call(), 128, "the largest seen is kept");
+        assert_eq!(gate.per_call(), 128, "the largest seen lately is kept");
         // Calls hold their share while the engine answers; a call over the whole budget
         // (one request's own) takes all of it and goes alone.
         let first = gate.enter(100).await.unwrap();
@@ -636,6 +703,45 @@ mod tests {
         assert!(more.is_err());
         drop(all);
         assert!(gate.enter(0).await.is_none(), "no source, no wait");
+    }
+
+    #[test]
+    fn a_large_source_weighs_less_and_less_once_no_larger_one_is_seen() {
+        let largest = Largest::new();
+        let t0 = Instant::now();
+        assert_eq!(largest.at(t0), SOURCE_FLOOR, "nothing seen: the floor");
+        largest.seen(16 << 20, t0);
+        assert_eq!(largest.at(t0), 16 << 20);
+        // Smaller ones meanwhile don't hold it up …
+        largest.seen(1 << 20, t0 + HALF_LIFE / 2);
+        assert_eq!(
+            largest.at(t0 + HALF_LIFE),
+            8 << 20,
+            "halved after HALF_LIFE"
+        );
+        assert_eq!(largest.at(t0 + HALF_LIFE * 3), 2 << 20);
+        assert_eq!(
+            largest.at(t0 + HALF_LIFE * 60),
+            SOURCE_FLOOR,
+            "down to the floor"
+        );
+        // … a large one seen again raises it again at once.
+        largest.seen(4 << 20, t0 + HALF_LIFE * 3);
+        assert_eq!(largest.at(t0 + HALF_LIFE * 3), 4 << 20);
+        assert_eq!(largest.at(t0 + HALF_LIFE * 4), 2 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_lane_waiting_for_its_sources_doesnt_make_the_other_wait() {
+        let plain = SourceGate::new(1 << 20);
+        let wait_for = plain.beside(1 << 20);
+        let all = wait_for.enter(100).await.unwrap();
+        let other = tokio::time::timeout(Duration::from_millis(50), plain.enter(8)).await;
+        assert!(other.is_ok(), "the plain lane has its own budget");
+        drop(all);
+        // They learn sizes together.
+        wait_for.observe(&[sourced(512 << 10)]);
+        assert_eq!(plain.per_call(), 2);
     }
 
     #[test]

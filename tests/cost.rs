@@ -12,13 +12,16 @@ mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use mupdate_worker::bulk::Item;
+use mupdate_worker::client::Client;
 use mupdate_worker::config::Format;
 use mupdate_worker::envelope::{Action, Echo, Refresh, Request};
 use mupdate_worker::response::{self, Outcome, Shape};
@@ -395,4 +398,196 @@ async fn sources_past_the_reply_budget_are_left_out() {
         assert_eq!(hit["result"], "updated");
     }
     worker.stop().await;
+}
+
+/// The timing tests below run one at a time (their figures are latencies).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn p99(latencies: &mut [Duration]) -> Duration {
+    latencies.sort();
+    let at = (latencies.len() * 99).div_ceil(100).max(1) - 1;
+    latencies[at]
+}
+
+/// One-document plain requests to `col`, one after the other for `during`: their
+/// latencies (a request unanswered in 10 s counts 10 s).
+async fn one_document_latencies(
+    client: &Client,
+    queue: &str,
+    col: &Collection,
+    during: Duration,
+) -> Vec<Duration> {
+    let patience = Duration::from_secs(10);
+    let end = Instant::now() + during;
+    let mut seen = Vec::new();
+    let mut n = 0;
+    while Instant::now() < end {
+        n += 1;
+        let id = fresh("plain");
+        let mut envelope = col.envelope(json!([{"_id": "d", "body": {"n": n}}]));
+        envelope["requestId"] = json!(id);
+        let body = serde_json::to_vec(&envelope).unwrap();
+        let started = Instant::now();
+        match client.request(queue, &body, &id, patience).await {
+            Ok(_) => seen.push(started.elapsed()),
+            Err(_) => seen.push(patience),
+        }
+    }
+    seen
+}
+
+/// Adversarial review of issue 19 (finding 2): `wait_for` calls hold their `_source`
+/// budget through the engine's refresh, and each asked `_source` weighs 128 KiB even
+/// for a document that doesn't exist. With one budget for both lanes (and tokio's
+/// semaphore first come, first served), 8 requests of 200 mostly missing ids every 2 s
+/// on an index refreshed every 8 s held all of it, and an unrelated producer's plain
+/// one-document requests waited behind them: p99 8 ms alone, 10 s beside. Each lane
+/// now has its own half of the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_calls_holding_their_sources_through_a_refresh_dont_make_plain_calls_wait() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let col = Collection::create(&[("d", json!({"n": 0}))]).await;
+    let xs: Vec<String> = (0..400).map(|k| format!("x{k}")).collect();
+    let xdocs: Vec<(&str, Value)> = xs.iter().map(|x| (x.as_str(), json!({"n": 0}))).collect();
+    let slow = Collection::create_with(&xdocs, json!({"index": {"refresh_interval": "8s"}})).await;
+    let worker = Worker::start_with(settings()).await;
+    let queue = worker.request_queue().to_owned();
+    let client = Client::connect(AMQP_URL).await.unwrap();
+    let amqp = Amqp::open().await;
+
+    let mut alone = one_document_latencies(&client, &queue, &col, Duration::from_secs(3)).await;
+    let alone_p99 = p99(&mut alone);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let waiting = {
+        let (stop, sent, channel) = (stop.clone(), sent.clone(), amqp.channel.clone());
+        let queue = queue.clone();
+        // 6 KiB: one stored document and 199 missing ones, `refresh: wait_for`.
+        let bodies: Vec<Vec<u8>> = (0..400)
+            .map(|k| {
+                let mut docs = vec![json!({"_id": format!("x{k}"), "body": {"n": k}})];
+                docs.extend(
+                    (1..200).map(|i| json!({"_id": format!("m{k}-{i}"), "body": {"n": 1}})),
+                );
+                let mut envelope = slow.envelope(json!(docs));
+                envelope["refresh"] = json!("wait_for");
+                serde_json::to_vec(&envelope).unwrap()
+            })
+            .collect();
+        tokio::spawn(async move {
+            let mut k = 0;
+            while !stop.load(Ordering::Relaxed) && k < bodies.len() {
+                // 8 requests every 2 s: 1,600 asked sources, over the 1,024 of the budget.
+                for _ in 0..8 {
+                    publish(&channel, &queue, &bodies[k], BasicProperties::default()).await;
+                    k += 1;
+                }
+                sent.fetch_add(8, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut beside = one_document_latencies(&client, &queue, &col, Duration::from_secs(10)).await;
+    stop.store(true, Ordering::Relaxed);
+    waiting.await.unwrap();
+    let beside_p99 = p99(&mut beside);
+    eprintln!(
+        "plain requests: p99 {alone_p99:?} alone ({} requests), {beside_p99:?} beside {} wait_for requests ({} requests, slowest {:?})",
+        alone.len(),
+        sent.load(Ordering::Relaxed),
+        beside.len(),
+        beside.iter().max()
+    );
+    let bound = alone_p99 * 4 + Duration::from_millis(250);
+    // The waiting requests end at the next refresh: make it soon, so the worker stops.
+    http()
+        .put(format!("{}/{}/_settings", slow.es, slow.physical))
+        .json(&json!({"index": {"refresh_interval": "100ms"}}))
+        .send()
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(60), worker.stop()).await;
+    amqp.close().await;
+    drop(slow);
+    assert!(
+        beside_p99 <= bound,
+        "p99 {beside_p99:?} of plain requests beside wait_for ones, {alone_p99:?} alone (bound {bound:?})"
+    );
+}
+
+/// Adversarial review of issue 19 (finding 3): the size an asked `_source` weighs was
+/// the largest ever seen, kept for the worker's life: one 2 MiB `_source` answered once
+/// (under a 4 MiB budget; by default one legal 16 MiB document under 128 MiB) made
+/// every later call weigh the whole budget, and 40 small `wait_for` requests took 16
+/// times as long as before it. It now halves every second once no larger one is seen,
+/// and a call is weighed when it enters the gate, before it takes a call slot (calls
+/// formed at once and waiting for the gate in slots each weighed the whole budget:
+/// 40 s with the decay alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_large_source_answered_once_doesnt_slow_every_later_call() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let ids: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+    let mut docs: Vec<(&str, Value)> = ids.iter().map(|i| (i.as_str(), json!({"n": 0}))).collect();
+    docs.push(("big", json!({"blob": "x".repeat(2 << 20)})));
+    let col = Collection::create(&docs).await;
+    let mut settings = settings();
+    settings.storage.max_source_bytes = 4 << 20;
+    let worker = Worker::start_with(settings).await;
+    let queue = worker.request_queue().to_owned();
+    let client = Arc::new(Client::connect(AMQP_URL).await.unwrap());
+
+    // 40 one-document `wait_for` requests at once: how many answered, in how long.
+    let round = |tag: &'static str| {
+        let (client, queue) = (client.clone(), queue.clone());
+        let bodies: Vec<(String, Vec<u8>)> = (0..40)
+            .map(|i| {
+                let mut envelope =
+                    col.envelope(json!([{"_id": format!("s{i}"), "body": {"t": tag}}]));
+                envelope["refresh"] = json!("wait_for");
+                let id = fresh(tag);
+                envelope["requestId"] = json!(id);
+                (id, serde_json::to_vec(&envelope).unwrap())
+            })
+            .collect();
+        async move {
+            let started = Instant::now();
+            let mut set = tokio::task::JoinSet::new();
+            for (id, body) in bodies {
+                let (client, queue) = (client.clone(), queue.clone());
+                set.spawn(async move {
+                    client
+                        .request(&queue, &body, &id, Duration::from_secs(120))
+                        .await
+                        .is_ok()
+                });
+            }
+            let mut ok = 0;
+            while let Some(answered) = set.join_next().await {
+                ok += usize::from(answered.unwrap());
+            }
+            (ok, started.elapsed())
+        }
+    };
+    let before = round("before").await;
+    // One request naming the large document once.
+    let mut envelope = col.envelope(json!([{"_id": "big", "body": {"n": 1}}]));
+    let id = fresh("big");
+    envelope["requestId"] = json!(id);
+    let body = serde_json::to_vec(&envelope).unwrap();
+    client
+        .request(&queue, &body, &id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let after = round("after").await;
+    eprintln!(
+        "40 small wait_for requests: (answered, time) {before:?} before, {after:?} after one 2 MiB _source"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(60), worker.stop()).await;
+    assert_eq!((before.0, after.0), (40, 40), "every request answered");
+    assert!(
+        after.1 < before.1 * 3 + Duration::from_secs(1),
+        "{after:?} after vs {before:?} before"
+    );
 }
