@@ -28,6 +28,7 @@ use mupdate_worker::response::{self, Outcome, Shape};
 use serde_json::{Value, json};
 use support::binary::BinaryWorker;
 use support::cleanup::Cleanup;
+use support::latency::{one_document_latencies, p99};
 use support::*;
 
 /// Counts the bytes each thread holds, and their peak since `reset_peak`.
@@ -403,39 +404,6 @@ async fn sources_past_the_reply_budget_are_left_out() {
 /// The timing tests below run one at a time (their figures are latencies).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn p99(latencies: &mut [Duration]) -> Duration {
-    latencies.sort();
-    let at = (latencies.len() * 99).div_ceil(100).max(1) - 1;
-    latencies[at]
-}
-
-/// One-document plain requests to `col`, one after the other for `during`: their
-/// latencies (a request unanswered in 10 s counts 10 s).
-async fn one_document_latencies(
-    client: &Client,
-    queue: &str,
-    col: &Collection,
-    during: Duration,
-) -> Vec<Duration> {
-    let patience = Duration::from_secs(10);
-    let end = Instant::now() + during;
-    let mut seen = Vec::new();
-    let mut n = 0;
-    while Instant::now() < end {
-        n += 1;
-        let id = fresh("plain");
-        let mut envelope = col.envelope(json!([{"_id": "d", "body": {"n": n}}]));
-        envelope["requestId"] = json!(id);
-        let body = serde_json::to_vec(&envelope).unwrap();
-        let started = Instant::now();
-        match client.request(queue, &body, &id, patience).await {
-            Ok(_) => seen.push(started.elapsed()),
-            Err(_) => seen.push(patience),
-        }
-    }
-    seen
-}
-
 /// Adversarial review of issue 19 (finding 2): `wait_for` calls hold their `_source`
 /// budget through the engine's refresh, and each asked `_source` weighs 128 KiB even
 /// for a document that doesn't exist. With one budget for both lanes (and tokio's
@@ -455,7 +423,8 @@ async fn wait_for_calls_holding_their_sources_through_a_refresh_dont_make_plain_
     let client = Client::connect(AMQP_URL).await.unwrap();
     let amqp = Amqp::open().await;
 
-    let mut alone = one_document_latencies(&client, &queue, &col, Duration::from_secs(3)).await;
+    let mut alone =
+        one_document_latencies(&client, &queue, &col, Duration::from_secs(3), |_| {}).await;
     let alone_p99 = p99(&mut alone);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -489,7 +458,8 @@ async fn wait_for_calls_holding_their_sources_through_a_refresh_dont_make_plain_
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut beside = one_document_latencies(&client, &queue, &col, Duration::from_secs(10)).await;
+    let mut beside =
+        one_document_latencies(&client, &queue, &col, Duration::from_secs(10), |_| {}).await;
     stop.store(true, Ordering::Relaxed);
     waiting.await.unwrap();
     let beside_p99 = p99(&mut beside);

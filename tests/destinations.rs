@@ -15,48 +15,15 @@ use lapin::types::{AMQPValue, FieldTable};
 use mupdate_worker::client::Client;
 use serde_json::json;
 use support::cleanup::Cleanup;
+use support::latency::{one_document_latencies, p99};
 use support::*;
+
+fn status_200(reply: &serde_json::Value) {
+    assert_eq!(reply["status"], 200, "{reply}");
+}
 
 /// The tests measure latencies and load the same servers: one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// The p99 of `latencies` (the largest but one in a hundred).
-fn p99(latencies: &mut [Duration]) -> Duration {
-    latencies.sort();
-    let at = (latencies.len() * 99).div_ceil(100).max(1) - 1;
-    latencies[at]
-}
-
-/// An unrelated producer's requests, one after the other, for `during`: their latencies
-/// (a request unanswered within `patience` counts as `patience`).
-async fn latencies(
-    client: &Client,
-    queue: &str,
-    col: &Collection,
-    during: Duration,
-) -> Vec<Duration> {
-    let patience = Duration::from_secs(10);
-    let end = Instant::now() + during;
-    let mut seen = Vec::new();
-    let mut n = 0;
-    while Instant::now() < end {
-        n += 1;
-        let id = fresh("fair");
-        let mut envelope = col.envelope(json!([{"_id": "d", "body": {"n": n}}]));
-        envelope["requestId"] = json!(id);
-        let body = serde_json::to_vec(&envelope).unwrap();
-        let started = Instant::now();
-        match client.request(queue, &body, &id, patience).await {
-            Ok(reply) => {
-                let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
-                assert_eq!(reply["status"], 200, "{reply}");
-                seen.push(started.elapsed());
-            }
-            Err(_) => seen.push(patience),
-        }
-    }
-    seen
-}
 
 /// What a flood of refused replies does to an unrelated producer.
 struct Beside {
@@ -117,7 +84,8 @@ async fn beside_a_flood(max_length: i32) -> Beside {
     let client = Client::connect(AMQP_URL).await.unwrap();
 
     // Alone: the unrelated producer's normal latency.
-    let mut alone = latencies(&client, &queue, &col, Duration::from_secs(3)).await;
+    let mut alone =
+        one_document_latencies(&client, &queue, &col, Duration::from_secs(3), status_200).await;
     let alone_p99 = p99(&mut alone);
 
     let envelope = col.envelope(json!([{"_id": "h", "body": {"n": 1}}]));
@@ -149,7 +117,8 @@ async fn beside_a_flood(max_length: i32) -> Beside {
     };
     // Long enough for the refused replies to fill every slot, were they all retried.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut beside = latencies(&client, &queue, &col, Duration::from_secs(4)).await;
+    let mut beside =
+        one_document_latencies(&client, &queue, &col, Duration::from_secs(4), status_200).await;
     stop.store(true, Ordering::Relaxed);
     hostile.await.unwrap();
     let beside_p99 = p99(&mut beside);

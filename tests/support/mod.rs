@@ -6,6 +6,7 @@ pub mod binary;
 pub mod cleanup;
 pub mod history;
 pub mod http_fault;
+pub mod latency;
 pub mod load;
 pub mod proxy;
 
