@@ -34,6 +34,24 @@ fn number_of(properties: &BasicProperties) -> Option<u64> {
     }
 }
 
+/// Publishes `body` (numbered `n`) to `routing_key` on the default exchange, mandatory:
+/// its confirm, to await.
+async fn mandatory(
+    channel: &Channel,
+    routing_key: &str,
+    body: &[u8],
+    n: u64,
+) -> lapin::PublisherConfirm {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    channel
+        .basic_publish("".into(), routing_key.into(), options, body, numbered(n))
+        .await
+        .unwrap()
+}
+
 async fn declare(channel: &Channel, queue: &str, arguments: FieldTable) {
     channel
         .queue_declare(
@@ -112,20 +130,8 @@ async fn a_delivery_handed_back_comes_again_flagged_redelivered() {
 async fn an_unroutable_mandatory_publish_is_returned_then_acked() {
     let amqp = Amqp::open().await;
     let nowhere = fresh("model-no-such-queue");
-    let confirm = amqp
-        .channel
-        .basic_publish(
-            "".into(),
-            nowhere.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            b"lost",
-            numbered(7),
-        )
+    let confirm = mandatory(&amqp.channel, &nowhere, b"lost", 7)
         .await
-        .unwrap()
         .await
         .unwrap();
     let Confirmation::Ack(Some(returned)) = confirm else {
@@ -152,20 +158,7 @@ async fn returns_come_back_on_some_confirm_of_their_channel() {
     let mut confirms = Vec::new();
     for n in 0..N {
         let key = if n % 2 == 0 { &queue } else { &nowhere };
-        let confirm = amqp
-            .channel
-            .basic_publish(
-                "".into(),
-                key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                b"x",
-                numbered(n),
-            )
-            .await
-            .unwrap();
+        let confirm = mandatory(&amqp.channel, key, b"x", n).await;
         confirms.push((n, confirm));
     }
     let (mut returned, mut elsewhere) = (BTreeSet::new(), 0);
@@ -211,20 +204,8 @@ async fn a_queue_that_rejects_publishes_nacks_them() {
     );
     declare(&amqp.channel, &queue, arguments).await;
     for n in 0..3 {
-        let confirm = amqp
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                b"x",
-                numbered(n),
-            )
+        let confirm = mandatory(&amqp.channel, &queue, b"x", n)
             .await
-            .unwrap()
             .await
             .unwrap();
         assert!(
