@@ -1,6 +1,7 @@
 //! What the real servers do, in the cases the worker's guarantees rest on: redelivery
-//! flags, publisher confirms and returns as lapin reports them, refusals, the delivery
-//! limit of a quorum queue, and the engine's versions, no-ops and conflicts. Each test
+//! flags, publisher confirms and returns as lapin reports them, refusals, consumers
+//! cancelled by the broker, channels it closes, memory alarms, the delivery limit of a
+//! quorum queue, and the engine's versions, no-ops and conflicts. Each test
 //! states one behaviour a model of these servers (the deterministic simulation of the
 //! delivery lifecycle) must copy, and shows it on the servers of `scripts/services.sh`.
 
@@ -215,6 +216,146 @@ async fn a_queue_that_rejects_publishes_nacks_them() {
     }
     delete_queues(&[&queue]).await;
     amqp.close().await;
+}
+
+/// A queue deleted under its consumer cancels it (`basic.cancel` from the broker): lapin
+/// ends the consumer's stream, and the channel stays open (it can consume elsewhere).
+#[tokio::test]
+async fn a_deleted_queue_ends_its_consumer_and_keeps_the_channel() {
+    let queue = fresh("model-cancelled");
+    let amqp = Amqp::open().await;
+    declare(&amqp.channel, &queue, FieldTable::default()).await;
+    let consuming_channel = amqp.connection.create_channel().await.unwrap();
+    let mut consuming = consumer(&consuming_channel, &queue).await;
+    delete_queues(&[&queue]).await;
+    let ended = tokio::time::timeout(TIMEOUT, consuming.next())
+        .await
+        .expect("the consumer's stream ends in time");
+    assert!(ended.is_none(), "the stream ends: {ended:?}");
+    assert!(
+        consuming_channel.status().connected(),
+        "the channel stays open"
+    );
+    let other = fresh("model-cancelled-other");
+    declare(&consuming_channel, &other, FieldTable::default()).await;
+    delete_queues(&[&other]).await;
+    amqp.close().await;
+}
+
+/// A channel the broker closes (here over a publish to an exchange that does not exist,
+/// `NOT_FOUND`: a reply exchange deleted under the worker) takes its unsettled
+/// deliveries with it: a settlement on it is not sent (lapin answers `Ok(false)`, not an
+/// error), and the delivery comes again, flagged redelivered, on another channel.
+#[tokio::test]
+async fn a_closed_channel_fails_its_settlements_and_hands_its_deliveries_back() {
+    let queue = fresh("model-channel-gone");
+    let amqp = Amqp::open().await;
+    declare(&amqp.channel, &queue, FieldTable::default()).await;
+    publish(&amqp.channel, &queue, b"one", numbered(1)).await;
+    publish(&amqp.channel, &queue, b"two", numbered(2)).await;
+
+    let first = amqp.connection.create_channel().await.unwrap();
+    let mut consuming = consumer(&first, &queue).await;
+    let one = next(&mut consuming).await;
+    let two = next(&mut consuming).await;
+    one.acker.ack(Default::default()).await.unwrap();
+    // A publish to an exchange that does not exist: the broker closes the channel.
+    let missing = fresh("model-no-such-exchange");
+    let _ = first
+        .basic_publish(
+            missing.as_str().into(),
+            "x".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await;
+    let mut closed = false;
+    for _ in 0..100 {
+        if !first.status().connected() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(closed, "the broker closes the channel");
+    let settled = two.acker.ack(Default::default()).await;
+    assert!(
+        matches!(settled, Ok(false)),
+        "lapin does not send a settlement on a closed channel, and says so with false: {settled:?}"
+    );
+
+    let second = amqp.connection.create_channel().await.unwrap();
+    let mut consuming = consumer(&second, &queue).await;
+    let again = next(&mut consuming).await;
+    assert!(again.redelivered, "handed back by the closed channel");
+    assert_eq!(number_of(&again.properties), Some(2));
+    again.acker.ack(Default::default()).await.unwrap();
+    delete_queues(&[&queue]).await;
+    amqp.close().await;
+}
+
+/// Puts the broker's memory watermark back however the test ends.
+struct Watermark;
+
+impl Drop for Watermark {
+    fn drop(&mut self) {
+        let restore = [
+            "eval".to_string(),
+            support::rabbitmqctl::RESTORE_WATERMARK.to_string(),
+        ];
+        if let Err(e) = support::rabbitmqctl::ctl_blocking(&restore) {
+            eprintln!("model: restoring the watermark: {e}");
+        }
+    }
+}
+
+/// A memory alarm blocks publishers (`connection.blocked`): a publish is neither
+/// confirmed nor refused while it lasts, and is confirmed once it clears; a connection
+/// that only consumes goes on receiving and settling. lapin shows the block in the
+/// connection's status.
+#[tokio::test]
+async fn a_memory_alarm_holds_publishes_and_lets_consumers_go_on() {
+    let queue = fresh("model-alarm");
+    let publisher = Amqp::open().await;
+    let consumer_side = Amqp::open().await;
+    declare(&publisher.channel, &queue, FieldTable::default()).await;
+    publish(&publisher.channel, &queue, b"before", numbered(1)).await;
+
+    let watermark = Watermark;
+    support::rabbitmqctl::ctl(&["set_vm_memory_high_watermark", "absolute", "1"])
+        .await
+        .unwrap();
+    let held = mandatory(&publisher.channel, &queue, b"during", 2).await;
+    let mut held = Box::pin(held);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_secs(3), &mut held)
+            .await
+            .is_err(),
+        "no confirm while the alarm lasts"
+    );
+    assert!(
+        publisher.connection.status().blocked(),
+        "lapin reports the publisher blocked"
+    );
+    let mut consuming = consumer(&consumer_side.channel, &queue).await;
+    let before = next(&mut consuming).await;
+    assert_eq!(number_of(&before.properties), Some(1));
+    before.acker.ack(Default::default()).await.unwrap();
+
+    drop(watermark);
+    let confirm = tokio::time::timeout(TIMEOUT, held)
+        .await
+        .expect("confirmed once the alarm clears")
+        .unwrap();
+    assert!(confirm.is_ack(), "{confirm:?}");
+    let during = next(&mut consuming).await;
+    assert_eq!(number_of(&during.properties), Some(2));
+    during.acker.ack(Default::default()).await.unwrap();
+    assert!(!publisher.connection.status().blocked(), "unblocked");
+    delete_queues(&[&queue]).await;
+    publisher.close().await;
+    consumer_side.close().await;
 }
 
 /// A quorum queue counts deliveries handed back: with `x-delivery-limit` L, the message

@@ -9,6 +9,7 @@ pub mod http_fault;
 pub mod latency;
 pub mod load;
 pub mod proxy;
+pub mod rabbitmqctl;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
