@@ -90,29 +90,65 @@ pub const SOURCE_FLOOR: usize = 128 * 1024;
 /// How fast a large `_source` stops weighing on every call once no larger one is seen:
 /// its weight halves every `HALF_LIFE`.
 pub const HALF_LIFE: Duration = Duration::from_secs(1);
+/// With no `_source` answered for this long (and from the start), sizes are unknown:
+/// the gate is cold.
+pub const COLD_AFTER: Duration = Duration::from_secs(10);
+/// The `_source`s a cold lane asks at once before an answer says how large they are
+/// (each weighs its lane's budget / `COLD_SOURCES`): a worker started on a backlog of
+/// requests naming large documents would otherwise ask budget / `SOURCE_FLOOR` of
+/// them (512 a lane) in its first calls, and hold their answers.
+pub const COLD_SOURCES: usize = 32;
 
 /// The largest `_source` seen lately: raised at once by a larger one, halving every
 /// `HALF_LIFE` after (down to `SOURCE_FLOOR`). One large document answered once
 /// doesn't weigh on every later call for the worker's life; large ones asked again
-/// and again keep it up, each answer raising it again.
-pub struct Largest(std::sync::Mutex<(usize, Instant)>);
+/// and again keep it up, each answer raising it again. It also knows when a `_source`
+/// was last answered at all: before the first, and `COLD_AFTER` after the last, nothing
+/// says how large the next ones are (`cold`).
+pub struct Largest(std::sync::Mutex<LargestState>);
+
+struct LargestState {
+    bytes: usize,
+    seen: Instant,
+    answered: Option<Instant>,
+}
 
 impl Largest {
     fn new() -> Self {
-        Largest(std::sync::Mutex::new((0, Instant::now())))
+        Largest(std::sync::Mutex::new(LargestState {
+            bytes: 0,
+            seen: Instant::now(),
+            answered: None,
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LargestState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// What an asked `_source` weighs at `now`.
     pub fn at(&self, now: Instant) -> usize {
-        let (bytes, seen) = *self.0.lock().unwrap_or_else(|e| e.into_inner());
-        decayed(bytes, now.saturating_duration_since(seen)).max(SOURCE_FLOOR)
+        let state = self.state();
+        decayed(state.bytes, now.saturating_duration_since(state.seen)).max(SOURCE_FLOOR)
     }
 
-    /// Learns a `_source` of `bytes` answered at `now`.
+    /// Whether no `_source` was answered within `COLD_AFTER` of `now`.
+    pub fn cold(&self, now: Instant) -> bool {
+        self.state()
+            .answered
+            .is_none_or(|at| now.saturating_duration_since(at) > COLD_AFTER)
+    }
+
+    /// Learns the largest `_source` of an answer at `now`, `bytes` (0: it carried none).
     pub fn seen(&self, bytes: usize, now: Instant) {
-        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if bytes >= decayed(state.0, now.saturating_duration_since(state.1)) {
-            *state = (bytes, now);
+        let mut state = self.state();
+        if bytes == 0 {
+            return;
+        }
+        state.answered = Some(now);
+        if bytes >= decayed(state.bytes, now.saturating_duration_since(state.seen)) {
+            state.bytes = bytes;
+            state.seen = now;
         }
     }
 }
@@ -147,7 +183,13 @@ impl SourceGate {
     }
 
     fn each(&self) -> usize {
-        self.largest.at(Instant::now())
+        let now = Instant::now();
+        let each = self.largest.at(now);
+        if self.largest.cold(now) {
+            each.max(self.units as usize * UNIT / COLD_SOURCES)
+        } else {
+            each
+        }
     }
 
     /// The `_source`s one batch may ask for (a first request's own may be more).
@@ -685,9 +727,12 @@ mod tests {
     #[tokio::test]
     async fn the_source_gate_counts_each_source_as_the_largest_seen() {
         let gate = SourceGate::new(128 << 20);
-        // Before any answer: each weighs 128 KiB.
-        assert_eq!(gate.per_call(), 1024);
+        // Before any answer, sizes are unknown: a few at a time.
+        assert_eq!(gate.per_call(), COLD_SOURCES);
         assert_eq!(SourceGate::new(0).per_call(), 1, "one at a time at least");
+        // An answer of small ones: each weighs 128 KiB.
+        gate.observe(&[sourced(100)]);
+        assert_eq!(gate.per_call(), 1024);
         gate.observe(&[sourced(100), sourced(1 << 20)]);
         assert_eq!(gate.per_call(), 128, "1 MiB each: 128 in 128 MiB");
         gate.observe(&[sourced(10)]);
@@ -729,6 +774,26 @@ mod tests {
         largest.seen(4 << 20, t0 + HALF_LIFE * 3);
         assert_eq!(largest.at(t0 + HALF_LIFE * 3), 4 << 20);
         assert_eq!(largest.at(t0 + HALF_LIFE * 4), 2 << 20);
+    }
+
+    #[test]
+    fn sizes_are_unknown_before_the_first_source_and_after_a_quiet_spell() {
+        let largest = Largest::new();
+        let t0 = Instant::now();
+        assert!(largest.cold(t0), "nothing answered yet");
+        largest.seen(0, t0);
+        assert!(largest.cold(t0), "an answer without a _source says nothing");
+        largest.seen(10, t0);
+        assert!(!largest.cold(t0 + COLD_AFTER));
+        assert!(
+            largest.cold(t0 + COLD_AFTER + HALF_LIFE),
+            "quiet for too long"
+        );
+        // A cold lane asks its budget / COLD_SOURCES at once, whatever the floor says.
+        let gate = SourceGate::new(64 << 20);
+        assert_eq!(gate.per_call(), COLD_SOURCES);
+        gate.observe(&[sourced(10)]);
+        assert_eq!(gate.per_call(), 512);
     }
 
     #[tokio::test]

@@ -105,9 +105,11 @@ impl EngineNode for Http {
                 },
                 message: e.to_string(),
             })?;
+            // Without a copy when the answer came in one piece (a large one: twice its
+            // size held at once otherwise).
             Ok(Answer {
                 status,
-                body: body.to_vec(),
+                body: Vec::from(body),
             })
         })
     }
