@@ -15,7 +15,6 @@ pub mod config;
 pub mod delivery;
 pub mod envelope;
 pub mod error;
-pub mod loader;
 pub mod logs;
 pub mod metrics;
 pub mod order;

@@ -16,6 +16,10 @@ use tokio::sync::oneshot;
 use crate::reply::DIRECT_REPLY_TO;
 use crate::security::tls::AmqpTls;
 
+pub mod loader;
+pub mod send;
+pub mod send_file;
+
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 
 #[derive(Debug, thiserror::Error)]
