@@ -295,7 +295,7 @@ impl Settings {
         let amqp = &self.amqp;
         let amqp_urls: Vec<&str> = amqp.urls().collect();
         for url in &amqp_urls {
-            if let Err(reason) = crate::security::tls::amqp_uri(url) {
+            if let Err(reason) = crate::amqp_url::parse(url) {
                 return invalid("amqp.url", reason);
             }
         }
@@ -313,9 +313,7 @@ impl Settings {
                 );
             }
         }
-        if amqp_urls
-            .iter()
-            .any(|u| crate::security::tls::external_login(u))
+        if amqp_urls.iter().any(|u| crate::amqp_url::external_login(u))
             && amqp.tls_cert_file.is_empty()
         {
             return invalid(

@@ -5,6 +5,7 @@
 //! published by [`broker`] to the [`reply`] destination, then settled ([`worker`],
 //! [`delivery`]); [`session`] keeps the broker connection alive around it.
 
+pub mod amqp_url;
 pub mod backoff;
 pub mod bounded;
 pub mod broker;

@@ -172,13 +172,6 @@ impl Client {
     }
 }
 
-/// The user name of an `amqp://user:password@host/vhost` URL (guest when it has none,
-/// as RabbitMQ's clients default to).
-pub fn url_user(url: &str) -> Option<String> {
-    let uri: lapin::uri::AMQPUri = url.parse().ok()?;
-    Some(uri.authority.userinfo.username)
-}
-
 /// The correlation id to wait on: the reply carries the envelope's `requestId` when it
 /// has one, else the request's own correlation id.
 pub fn correlation_id(body: &[u8]) -> String {
