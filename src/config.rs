@@ -647,7 +647,7 @@ mod tests {
             proptest::prop_assume!(check_index_template(&template).is_ok());
             let mut seen = std::collections::HashMap::new();
             for (index, collection) in pairs {
-                let target = crate::envelope::target_index(&template, &index, &collection);
+                let target = crate::pipeline::envelope::target_index(&template, &index, &collection);
                 let before = seen.insert(target.clone(), (index.clone(), collection.clone()));
                 if let Some(before) = before {
                     proptest::prop_assert_eq!(before, (index, collection), "{}", target);

@@ -23,6 +23,6 @@ pub mod session;
 pub mod storage;
 pub mod worker;
 
-// The pipeline modules at their former paths, for the modules not moved yet to
-// `pipeline::` (worker, session and broker, edited on another branch at the same time).
+// The pipeline modules at their former paths, only for `worker.rs` and `broker/`, whose
+// paths are fixed once the broker port's branch (which rewrites them) is merged.
 pub use pipeline::{bulk, coalesce, envelope, order, reply, response, update};

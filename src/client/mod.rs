@@ -13,7 +13,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use crate::reply::DIRECT_REPLY_TO;
+use crate::pipeline::reply::DIRECT_REPLY_TO;
 use crate::security::tls::AmqpTls;
 
 pub mod loader;
@@ -180,7 +180,7 @@ pub fn correlation_id(body: &[u8]) -> String {
         .and_then(|v| v.get("requestId")?.as_str().map(str::to_owned))
         // A correlation_id is an AMQP short string: a longer requestId gets a UUID (the
         // worker answers it by the request's own correlation_id, `reply::reply_key`).
-        .filter(|id| id.len() <= crate::reply::SHORT_STRING_MAX)
+        .filter(|id| id.len() <= crate::pipeline::reply::SHORT_STRING_MAX)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
