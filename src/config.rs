@@ -295,7 +295,7 @@ impl Settings {
         let amqp = &self.amqp;
         let amqp_urls: Vec<&str> = amqp.urls().collect();
         for url in &amqp_urls {
-            if let Err(reason) = crate::security::tls::amqp_uri(url) {
+            if let Err(reason) = crate::amqp_url::parse(url) {
                 return invalid("amqp.url", reason);
             }
         }
@@ -313,9 +313,7 @@ impl Settings {
                 );
             }
         }
-        if amqp_urls
-            .iter()
-            .any(|u| crate::security::tls::external_login(u))
+        if amqp_urls.iter().any(|u| crate::amqp_url::external_login(u))
             && amqp.tls_cert_file.is_empty()
         {
             return invalid(
@@ -649,7 +647,7 @@ mod tests {
             proptest::prop_assume!(check_index_template(&template).is_ok());
             let mut seen = std::collections::HashMap::new();
             for (index, collection) in pairs {
-                let target = crate::envelope::target_index(&template, &index, &collection);
+                let target = crate::pipeline::envelope::target_index(&template, &index, &collection);
                 let before = seen.insert(target.clone(), (index.clone(), collection.clone()));
                 if let Some(before) = before {
                     proptest::prop_assert_eq!(before, (index, collection), "{}", target);

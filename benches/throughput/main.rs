@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
-use mupdate_worker::bulk::{self, ItemOptions, Metadata};
 use mupdate_worker::client::Client;
+use mupdate_worker::pipeline::bulk::{self, ItemOptions, Metadata};
 use serde_json::{Value, json};
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::SecuritySettings;
 use crate::error::RequestError;
-use crate::reply::{Destination, SHORT_STRING_MAX};
+use crate::pipeline::reply::{Destination, SHORT_STRING_MAX};
 
 /// One allow rule, as written in the rules file.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]

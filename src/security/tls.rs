@@ -12,15 +12,14 @@
 use std::fmt;
 
 use elasticsearch::cert::Certificate;
-use elasticsearch::http::Url;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
-use lapin::uri::{AMQPUri, SASLMechanism};
 use lapin::{Connection, ConnectionProperties};
 use openssl::pkcs12::Pkcs12;
 use openssl::pkey::{PKey, Private};
 use openssl::stack::Stack;
 use openssl::x509::X509;
 
+use crate::amqp_url;
 use crate::config::{AmqpSettings, ConfigError, Settings, StorageSettings};
 
 /// Reads every TLS file the settings name, as the worker will: the first one that can't
@@ -84,7 +83,7 @@ pub async fn connect(
     tls: &AmqpTls,
     properties: ConnectionProperties,
 ) -> Result<Connection, lapin::Error> {
-    let uri = amqp_uri(url).map_err(|e| io_error(format!("amqp.url: {e}")))?;
+    let uri = amqp_url::parse(url).map_err(|e| io_error(format!("amqp.url: {e}")))?;
     let secure = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
     let (host, port) = (uri.authority.host.clone(), uri.authority.port);
     let connected = lapin::DefaultConnectionBuilder::new()?
@@ -104,37 +103,13 @@ pub async fn connect(
     })
 }
 
-/// `url` parsed as lapin does, except that an IP address stays the host: the URL parser
-/// lapin uses keeps only domain names and puts `localhost` in place of an address, which
-/// would connect elsewhere and verify the certificate for another name.
-pub fn amqp_uri(url: &str) -> Result<AMQPUri, String> {
-    if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
-        return Err("must be amqp:// or amqps:// URLs".into());
-    }
-    let mut uri: AMQPUri = url
-        .parse()
-        .map_err(|e| format!("is not a valid AMQP URL: {e}"))?;
-    let parsed = Url::parse(url).map_err(|e| format!("is not a valid AMQP URL: {e}"))?;
-    if parsed.domain().is_none()
-        && let Some(address) = parsed.host_str()
-    {
-        uri.authority.host = address.trim_start_matches('[').trim_end_matches(']').into();
-    }
-    Ok(uri)
-}
-
-/// Whether `url` asks for certificate login (`?auth_mechanism=external`).
-pub fn external_login(url: &str) -> bool {
-    amqp_uri(url).is_ok_and(|uri| uri.query.auth_mechanism == Some(SASLMechanism::External))
-}
-
 /// The broker user a client connected to `url` (one of `settings.urls()`) logs in as,
 /// for the `user_id` it publishes (RabbitMQ refuses any other): the URL's user, or with
 /// certificate login the client certificate's common name, which is the user under
 /// RabbitMQ's `ssl_cert_login_from = common_name`.
 pub fn login_user(settings: &AmqpSettings, url: &str) -> Option<String> {
-    if !external_login(url) {
-        return crate::client::url_user(url);
+    if !amqp_url::external_login(url) {
+        return amqp_url::user(url);
     }
     let pem = std::fs::read(&settings.tls_cert_file).ok()?;
     let leaf = X509::stack_from_pem(&pem).ok()?.into_iter().next()?;
@@ -331,39 +306,6 @@ pub fn chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_ip_address_stays_the_host() {
-        let uri = amqp_uri("amqps://u:p@127.0.0.1:5671/%2f").unwrap();
-        assert_eq!(uri.authority.host, "127.0.0.1");
-        assert_eq!(uri.authority.port, 5671);
-        assert_eq!(uri.vhost, "/");
-        assert_eq!(amqp_uri("amqp://[::1]:5672").unwrap().authority.host, "::1");
-        assert_eq!(
-            amqp_uri("amqps://broker.example:5671")
-                .unwrap()
-                .authority
-                .host,
-            "broker.example"
-        );
-    }
-
-    #[test]
-    fn certificate_login_is_read_from_the_url() {
-        assert!(external_login(
-            "amqps://broker:5671/%2f?auth_mechanism=external"
-        ));
-        assert!(!external_login("amqps://u:p@broker:5671/%2f"));
-        assert!(amqp_uri("amqps://broker?auth_mechanism=nope").is_err());
-    }
-
-    #[test]
-    fn url_errors_never_repeat_the_url() {
-        let err = amqp_uri("amqp://user:secret@host:notaport/").unwrap_err();
-        assert!(!err.contains("secret"), "{err}");
-        let err = amqp_uri("amqp:user:secret@host").unwrap_err();
-        assert!(!err.contains("secret"), "{err}");
-    }
 
     #[test]
     fn missing_and_garbage_files_name_their_key() {

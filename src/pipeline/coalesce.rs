@@ -34,7 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::bulk::{self, Item};
+use crate::pipeline::bulk::{self, Item};
 use crate::storage::{Abandoned, Storage, StorageError};
 
 /// Why a request's items did not come back.

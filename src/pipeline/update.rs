@@ -10,10 +10,10 @@ use tracing::{debug, warn};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bulk::{self, Item, ItemOptions};
-use crate::coalesce::BulkError;
-use crate::envelope::{self, Action};
-use crate::response::Outcome;
+use crate::pipeline::bulk::{self, Item, ItemOptions};
+use crate::pipeline::coalesce::BulkError;
+use crate::pipeline::envelope::{self, Action};
+use crate::pipeline::response::Outcome;
 use crate::storage::Abandoned;
 
 /// Updates `documents`. `send` takes an NDJSON bulk body and its number of items and

@@ -13,8 +13,12 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use crate::reply::DIRECT_REPLY_TO;
+use crate::pipeline::reply::DIRECT_REPLY_TO;
 use crate::security::tls::AmqpTls;
+
+pub mod loader;
+pub mod send;
+pub mod send_file;
 
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 
@@ -168,13 +172,6 @@ impl Client {
     }
 }
 
-/// The user name of an `amqp://user:password@host/vhost` URL (guest when it has none,
-/// as RabbitMQ's clients default to).
-pub fn url_user(url: &str) -> Option<String> {
-    let uri: lapin::uri::AMQPUri = url.parse().ok()?;
-    Some(uri.authority.userinfo.username)
-}
-
 /// The correlation id to wait on: the reply carries the envelope's `requestId` when it
 /// has one, else the request's own correlation id.
 pub fn correlation_id(body: &[u8]) -> String {
@@ -183,7 +180,7 @@ pub fn correlation_id(body: &[u8]) -> String {
         .and_then(|v| v.get("requestId")?.as_str().map(str::to_owned))
         // A correlation_id is an AMQP short string: a longer requestId gets a UUID (the
         // worker answers it by the request's own correlation_id, `reply::reply_key`).
-        .filter(|id| id.len() <= crate::reply::SHORT_STRING_MAX)
+        .filter(|id| id.len() <= crate::pipeline::reply::SHORT_STRING_MAX)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 

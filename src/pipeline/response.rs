@@ -5,10 +5,10 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::bulk::Item;
 use crate::config::Format;
-use crate::envelope::{Action, Echo, Request};
 use crate::error::{RequestError, kuzzle_code};
+use crate::pipeline::bulk::Item;
+use crate::pipeline::envelope::{Action, Echo, Request};
 
 /// What became of one document of a request.
 #[derive(Debug, Clone)]
@@ -366,8 +366,8 @@ pub fn documents_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bulk::Get;
-    use crate::envelope::Refresh;
+    use crate::pipeline::bulk::Get;
+    use crate::pipeline::envelope::Refresh;
 
     fn echo() -> Echo {
         Echo {
@@ -385,7 +385,7 @@ mod tests {
 
     fn request(strict: bool) -> Request {
         Request {
-            action: crate::envelope::Action::Update,
+            action: crate::pipeline::envelope::Action::Update,
             index: "shop".into(),
             collection: "products".into(),
             refresh: Refresh::WaitFor,

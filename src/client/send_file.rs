@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use mupdate_worker::client::Client;
-use mupdate_worker::config::Settings;
-use mupdate_worker::loader::{self, Job, Report, Summary};
 use tokio_util::sync::CancellationToken;
 
-use crate::SendArgs;
+use super::Client;
+use super::loader::{self, Job, Report, Summary};
+use super::send::SendArgs;
+use crate::config::Settings;
 
 /// A bar on a terminal; a plain line every few seconds otherwise.
 enum Progress {

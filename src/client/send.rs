@@ -1,0 +1,108 @@
+//! `mupdate-worker send`: one request built from its arguments (or a whole envelope),
+//! published, its reply awaited and printed; `--file` hands over to `send_file`.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::client::{self, Client};
+use crate::config::Settings;
+
+#[derive(Args)]
+pub struct SendArgs {
+    /// A whole envelope (JSON), or `-` for stdin. Not with --index/--collection.
+    #[arg(conflicts_with_all = ["index", "collection", "documents", "file"])]
+    pub(super) envelope: Option<PathBuf>,
+    /// Build the envelope: Kuzzle index.
+    #[arg(long, requires = "collection")]
+    pub(super) index: Option<String>,
+    /// Build the envelope: Kuzzle collection.
+    #[arg(long)]
+    pub(super) collection: Option<String>,
+    /// One request: its documents as NDJSON or a JSON array, or `-` for stdin.
+    #[arg(long, conflicts_with = "file")]
+    pub(super) documents: Option<PathBuf>,
+    /// Batch load: one `{"_id", "body"}` a line (or `-` for stdin), sent in requests of
+    /// at most `limits.documents_write_count` documents, with progress and a summary.
+    #[arg(long)]
+    pub(super) file: Option<PathBuf>,
+    /// Batch load: write every failed document, with its status and reason, here (NDJSON).
+    #[arg(long, requires = "file")]
+    pub(super) failures: Option<PathBuf>,
+    /// Batch load: requests awaiting their reply at once.
+    #[arg(long, default_value_t = 4)]
+    pub(super) in_flight: usize,
+    /// `mUpdate` (documents `{"_id", "body"}`) or `mUpsert` (`{"_id", "changes", "default"}`).
+    #[arg(long, default_value = "mUpdate", value_parser = ["mUpdate", "mUpsert"])]
+    pub(super) action: String,
+    /// `wait_for` to reply only once the documents are searchable.
+    #[arg(long)]
+    pub(super) refresh: Option<String>,
+    #[arg(long)]
+    pub(super) retry_on_conflict: Option<u32>,
+    /// Seconds to wait for the reply.
+    #[arg(long, default_value_t = 30)]
+    pub(super) timeout: u64,
+}
+
+fn read_input(path: &PathBuf) -> std::io::Result<String> {
+    if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        Ok(text)
+    } else {
+        std::fs::read_to_string(path)
+    }
+}
+
+pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode> {
+    if args.file.is_some() {
+        return super::send_file::run(settings, args).await;
+    }
+    let body = match (
+        &args.envelope,
+        &args.index,
+        &args.collection,
+        &args.documents,
+    ) {
+        (Some(path), ..) => read_input(path)?.into_bytes(),
+        (None, Some(index), Some(collection), Some(docs)) => {
+            let documents = client::read_documents(&read_input(docs)?)?;
+            let envelope = client::envelope(
+                &args.action,
+                index,
+                collection,
+                documents,
+                args.refresh.as_deref(),
+                args.retry_on_conflict,
+            );
+            serde_json::to_vec(&envelope)?
+        }
+        _ => anyhow::bail!(
+            "give an envelope file, or --index, --collection and --documents or --file"
+        ),
+    };
+    let client = Client::connect_any(&settings.amqp).await?;
+    let id = client::correlation_id(&body);
+    let reply = client
+        .request(
+            &settings.amqp.request_queue,
+            &body,
+            &id,
+            Duration::from_secs(args.timeout),
+        )
+        .await?;
+    println!("{}", String::from_utf8_lossy(&reply));
+    let status = serde_json::from_slice::<serde_json::Value>(&reply)
+        .ok()
+        .and_then(|v| v["status"].as_u64())
+        .unwrap_or(0);
+    Ok(if (200..300).contains(&status) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
