@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backon::BackoffBuilder;
-use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::broker::{self, Broker, Letter, Outgoing, Published, Refusing};
+use crate::broker::port::{Delivery, Original};
+use crate::broker::{Broker, Letter, Outgoing, Published, Refusing};
 use crate::bulk::{ItemOptions, Metadata};
 use crate::coalesce::{BatchLimits, Coalescer};
 use crate::config::{Format, Settings};
@@ -98,8 +98,18 @@ pub struct Processor {
 
 impl Processor {
     pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let storage = Storage::new(&settings.storage, metrics.clone())?;
+        Self::with_storage(settings, metrics, storage)
+    }
+
+    /// On `storage` (whose metrics are `metrics`) rather than the nodes of `storage.url`.
+    pub fn with_storage(
+        settings: Arc<Settings>,
+        metrics: Arc<Metrics>,
+        storage: Storage,
+    ) -> anyhow::Result<Self> {
         let rights = Rights::from_settings(&settings.security)?;
-        let storage = Arc::new(Storage::new(&settings.storage, metrics.clone())?);
+        let storage = Arc::new(storage);
         let s = &settings.storage;
         let limits = BatchLimits {
             max_documents: s.bulk_max_documents,
@@ -418,17 +428,16 @@ impl Handler {
         mut turn: crate::order::Turn,
     ) -> Result<(), HandleError> {
         let Delivery {
-            delivery_tag,
-            data,
-            properties,
-            acker,
+            tag,
             redelivered,
-            ..
+            body: data,
+            props,
+            original,
+            acker,
         } = delivery;
         let acks = broker.acks().clone();
-        let ticket = Ticket::new(delivery_tag, acker, acks, cancel, self.metrics.clone());
+        let ticket = Ticket::new(tag, acker, acks, cancel, self.metrics.clone());
         let _in_flight = InFlight::new(&self.metrics);
-        let props = broker::properties(&properties);
         let work = ticket.cancel().clone();
         // Earlier requests of the same documents first; then room (waiting for a turn
         // while holding room could starve the earlier request of it).
@@ -477,7 +486,7 @@ impl Handler {
                     error,
                 };
                 let settled = self
-                    .dead_letter(broker, &data, &properties, letter, request_id)
+                    .dead_letter(broker, &data, &original, &props, letter, request_id)
                     .await?;
                 // Its dead letter is confirmed: a redelivery after a lost ack is acked
                 // without a second dead letter (it is in the dead-letter queue already).
@@ -695,7 +704,8 @@ impl Handler {
         &self,
         broker: &Broker,
         data: &[u8],
-        properties: &lapin::BasicProperties,
+        original: &Original,
+        props: &Properties,
         letter: Letter<'_>,
         request_id: &str,
     ) -> Result<Settlement, crate::broker::BrokerError> {
@@ -711,7 +721,8 @@ impl Handler {
                 &a.dead_letter_exchange,
                 &a.request_queue,
                 data,
-                properties,
+                original,
+                props.user_id.as_deref(),
                 letter,
             )
             .await?;
@@ -1069,8 +1080,8 @@ mod tests {
                         let reply = Outgoing { destination: &destination, key, request_id: &response.request_id,
                             status: response.status, body: &response.body, traceparent: props.traceparent.as_deref(),
                             user_id: props.user_id.as_deref() };
-                        let amqp = broker::reply_properties(&reply);
-                        let correlation = amqp.correlation_id().as_ref().map_or(0, |c| c.as_str().len());
+                        let amqp = crate::broker::reply_properties(&reply);
+                        let correlation = amqp.correlation_id.map_or(0, str::len);
                         prop_assert!(correlation <= SHORT_STRING_MAX);
                         prop_assert!(destination.route().0.len() <= SHORT_STRING_MAX);
                         prop_assert!(destination.route().1.len() <= SHORT_STRING_MAX);
