@@ -22,6 +22,8 @@ use crate::reply::Destination;
 
 pub mod lapin;
 pub mod port;
+#[cfg(test)]
+mod port_tests;
 mod refusing;
 mod replies;
 mod topology;
