@@ -366,6 +366,11 @@ fn basic_properties(props: &port::Props<'_>) -> BasicProperties {
         .carried
         .and_then(|original| original.0.downcast_ref::<Received>())
         .map(|received| &received.properties);
+    built(props, carried)
+}
+
+/// `props` over `carried`'s properties, when there are.
+fn built(props: &port::Props<'_>, carried: Option<&BasicProperties>) -> BasicProperties {
     let mut out = carried.map_or_else(BasicProperties::default, without_user_id);
     let mut headers = carried
         .and_then(|p| p.headers().clone())
@@ -454,22 +459,53 @@ mod tests {
             .with_user_id("alice".into())
             .with_expiration("60000".into())
             .with_message_id("m1".into())
+            .with_reply_to("replies".into())
             .with_headers(headers);
-        // No acker can be made without a channel: the original is the properties alone
-        // here, which `basic_properties` can't read, so it is checked through the
-        // conversion it uses.
-        let kept = without_user_id(&delivered);
-        assert_eq!(kept.user_id(), &None);
-        assert_eq!(kept.expiration(), &None);
-        assert_eq!(kept.message_id().as_ref().map(|m| m.as_str()), Some("m1"));
+        let letter = port::Props {
+            persistent: true,
+            headers: vec![
+                ("x-mupdate-reason", Value::LongString(b"refused".into())),
+                ("x-mupdate-applied", Value::Bool(false)),
+            ],
+            ..port::Props::default()
+        };
+        let published = built(&letter, Some(&delivered));
+        assert_eq!(published.user_id(), &None);
+        assert_eq!(published.expiration(), &None);
+        assert_eq!(
+            published.message_id().as_ref().map(|m| m.as_str()),
+            Some("m1")
+        );
+        assert_eq!(
+            published.reply_to().as_ref().map(|m| m.as_str()),
+            Some("replies")
+        );
+        assert_eq!(published.delivery_mode(), &Some(2));
+        let headers = published.headers().clone().unwrap();
+        let header = |name: &str| headers.inner().get(name).cloned();
+        assert_eq!(header("mine"), Some(AMQPValue::LongString("kept".into())));
+        assert_eq!(
+            header("x-mupdate-reason"),
+            Some(AMQPValue::LongString("refused".into())),
+            "the worker's headers go over the delivery's"
+        );
+        assert_eq!(header("x-mupdate-applied"), Some(AMQPValue::Boolean(false)));
+    }
+
+    #[test]
+    fn a_reply_has_its_own_properties_and_headers_come_back_from_a_return() {
         let published = basic_properties(&port::Props {
             correlation_id: Some("k"),
             content_type: Some("application/json"),
-            persistent: true,
+            persistent: false,
             headers: vec![("status", Value::ShortInt(200))],
             carried: None,
         });
-        assert_eq!(published.delivery_mode(), &Some(2));
+        assert_eq!(published.delivery_mode(), &None);
+        assert_eq!(
+            published.correlation_id().as_ref().map(|c| c.as_str()),
+            Some("k")
+        );
         let headers = published.headers().clone().unwrap();
         assert_eq!(
             headers.inner().get("status"),
