@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::port::{
     Acker, BrokerLink, Call, Channel, Confirm, Connection, Consumer, Delivery, ExchangeKind,
-    Message, Original, Value,
+    Message, Original, Returned, Value,
 };
 use crate::config::Settings;
 use crate::envelope::Properties;
@@ -33,6 +33,8 @@ struct Seen {
     published: Vec<(String, String, Vec<u8>, Option<i16>)>,
     /// Settlements: tag, how, multiple.
     settled: Vec<(u64, &'static str, bool)>,
+    /// Routing keys that reach no queue: a mandatory publish to one is returned.
+    unroutable: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -147,15 +149,35 @@ impl Channel for Memory {
                     Value::ShortInt(status) if *name == "status" => Some(*status),
                     _ => None,
                 });
-            self.seen().published.push((
+            let mut seen = self.seen();
+            seen.published.push((
                 message.exchange.to_owned(),
                 message.routing_key.to_owned(),
                 message.body.to_vec(),
                 status,
             ));
+            let routed = !seen.unroutable.iter().any(|k| k == message.routing_key);
+            // Returned as RabbitMQ does: acked, the message (its headers) with it.
+            let returned = (message.mandatory && !routed).then(|| Returned {
+                reply_code: 312,
+                headers: message
+                    .props
+                    .headers
+                    .iter()
+                    .map(|(name, value)| {
+                        let value = match value {
+                            Value::LongString(bytes) => Value::LongString(bytes.to_vec().into()),
+                            Value::Bool(b) => Value::Bool(*b),
+                            Value::ShortInt(n) => Value::ShortInt(*n),
+                            Value::LongLongInt(n) => Value::LongLongInt(*n),
+                        };
+                        ((*name).to_owned(), value)
+                    })
+                    .collect(),
+            });
             Ok(Confirm {
                 acked: true,
-                returned: None,
+                returned,
             })
         })
     }
@@ -231,19 +253,10 @@ impl EngineNode for Engine {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_request_is_updated_answered_and_acked_once_through_the_ports() {
-    let memory = Memory::default();
-    let envelope = json!({"index": "shop", "collection": "products",
-        "controller": "document", "action": "mUpdate", "requestId": "r-1",
-        "body": {"documents": [{"_id": "a", "body": {"n": 1}}]}});
-    memory.seen().queue.push_back((
-        serde_json::to_vec(&envelope).unwrap(),
-        Properties::default(),
-    ));
-    let mut settings = Settings::defaults();
-    settings.metrics.listen.clear();
-    let reply_queue = settings.amqp.reply_queue.clone();
+/// Runs a worker on `memory` and an `Engine` until a delivery is settled (and 5 s more,
+/// time for a second settlement were there one), then shuts it down; the number of
+/// `_bulk` calls.
+async fn run_until_settled(memory: &Memory, settings: Settings) -> usize {
     let engine = Engine::default();
     let nodes = vec![Node::new("memory:9200".into(), Box::new(engine.clone()))];
     let shutdown = CancellationToken::new();
@@ -261,7 +274,6 @@ async fn a_request_is_updated_answered_and_acked_once_through_the_ports() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Time for a second settlement, were there one.
     tokio::time::sleep(Duration::from_secs(5)).await;
     shutdown.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(30), worker).await;
@@ -269,9 +281,35 @@ async fn a_request_is_updated_answered_and_acked_once_through_the_ports() {
         matches!(stopped, Ok(Ok(Ok(())))),
         "the worker stops cleanly"
     );
+    *engine.0.lock().unwrap()
+}
+
+fn request(id: &str) -> Vec<u8> {
+    let envelope = json!({"index": "shop", "collection": "products",
+        "controller": "document", "action": "mUpdate", "requestId": id,
+        "body": {"documents": [{"_id": "a", "body": {"n": 1}}]}});
+    serde_json::to_vec(&envelope).unwrap()
+}
+
+fn settings() -> Settings {
+    let mut settings = Settings::defaults();
+    settings.metrics.listen.clear();
+    settings
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_is_updated_answered_and_acked_once_through_the_ports() {
+    let memory = Memory::default();
+    memory
+        .seen()
+        .queue
+        .push_back((request("r-1"), Properties::default()));
+    let settings = settings();
+    let reply_queue = settings.amqp.reply_queue.clone();
+    let bulks = run_until_settled(&memory, settings).await;
 
     let seen = memory.seen();
-    assert_eq!(*engine.0.lock().unwrap(), 1, "one _bulk call");
+    assert_eq!(bulks, 1, "one _bulk call");
     assert_eq!(seen.published.len(), 1, "one reply");
     let (exchange, routing_key, body, status) = &seen.published[0];
     assert_eq!(
@@ -283,5 +321,36 @@ async fn a_request_is_updated_answered_and_acked_once_through_the_ports() {
     assert_eq!(reply["status"], 200, "{reply}");
     assert_eq!(reply["requestId"], "r-1");
     assert_eq!(reply["result"]["hits"][0]["_id"], "a", "{reply}");
+    assert_eq!(seen.settled, [(1, "ack", false)], "acked exactly once");
+}
+
+/// A return comes back through the port with the publish's own header: the request
+/// whose reply reached no queue is dead-lettered (`unroutable`, applied), then acked.
+#[tokio::test(start_paused = true)]
+async fn a_returned_reply_is_dead_lettered_once_then_its_request_acked() {
+    let memory = Memory::default();
+    let props = Properties {
+        reply_to: Some("gone".into()),
+        ..Properties::default()
+    };
+    memory.seen().queue.push_back((request("r-2"), props));
+    memory.seen().unroutable.push("gone".into());
+    let settings = settings();
+    let dlx = settings.amqp.dead_letter_exchange.clone();
+    let request_queue = settings.amqp.request_queue.clone();
+    run_until_settled(&memory, settings).await;
+
+    let seen = memory.seen();
+    let routes: Vec<(&str, &str)> = seen
+        .published
+        .iter()
+        .map(|(exchange, key, _, _)| (exchange.as_str(), key.as_str()))
+        .collect();
+    assert_eq!(
+        routes,
+        [("", "gone"), (dlx.as_str(), request_queue.as_str())],
+        "the reply, then the request's dead letter"
+    );
+    assert_eq!(seen.published[1].2, request("r-2"), "the request itself");
     assert_eq!(seen.settled, [(1, "ack", false)], "acked exactly once");
 }
