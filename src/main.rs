@@ -263,7 +263,7 @@ async fn execute(
             let signals = install_signals();
             release_signals(&held);
             tokio::spawn(shutdown_signal(signals, token.clone(), grace));
-            mupdate_worker::session::run(settings, token)
+            mupdate_worker::lifecycle::session::run(settings, token)
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }

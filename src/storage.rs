@@ -95,22 +95,27 @@ pub struct Storage {
     metrics: Arc<Metrics>,
 }
 
+/// The nodes of `settings.url`, over HTTP.
+pub fn http_nodes(settings: &StorageSettings) -> Result<Vec<Node>, StorageError> {
+    let nodes = settings
+        .urls()
+        .map(|u| {
+            let url =
+                Url::parse(u).map_err(|e| StorageError::Config(format!("storage.url: {e}")))?;
+            let name = match (url.host_str(), url.port_or_known_default()) {
+                (Some(host), Some(port)) => format!("{host}:{port}"),
+                _ => return Err(StorageError::Config(format!("storage.url: no host in {u}"))),
+            };
+            let engine = port::Http(Elasticsearch::new(transport(settings, url)?));
+            Ok(Node::new(name, Box::new(engine)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(nodes)
+}
+
 impl Storage {
     pub fn new(settings: &StorageSettings, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
-        let nodes = settings
-            .urls()
-            .map(|u| {
-                let url =
-                    Url::parse(u).map_err(|e| StorageError::Config(format!("storage.url: {e}")))?;
-                let name = match (url.host_str(), url.port_or_known_default()) {
-                    (Some(host), Some(port)) => format!("{host}:{port}"),
-                    _ => return Err(StorageError::Config(format!("storage.url: no host in {u}"))),
-                };
-                let engine = port::Http(Elasticsearch::new(transport(settings, url)?));
-                Ok(Node::new(name, Box::new(engine)))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Self::with_nodes(settings, nodes, metrics)
+        Self::with_nodes(settings, http_nodes(settings)?, metrics)
     }
 
     /// On the nodes given (each behind the engine port) rather than those of

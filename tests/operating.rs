@@ -171,7 +171,7 @@ async fn a_missing_reply_exchange_keeps_the_worker_unready_until_it_exists() {
     let listen = format!("127.0.0.1:{}", free_port());
     settings.metrics.listen = listen.clone();
     let token = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(mupdate_worker::session::run(
+    let task = tokio::spawn(mupdate_worker::lifecycle::session::run(
         settings.clone(),
         token.clone(),
     ));

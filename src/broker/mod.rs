@@ -14,22 +14,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use tokio_util::sync::CancellationToken;
 
 use crate::bounded::{Interrupted, bounded};
 use crate::config::AmqpSettings;
-use crate::envelope::Properties;
-use crate::reply::Destination;
-use crate::security::tls::AmqpTls;
+use crate::pipeline::reply::Destination;
 
+pub mod lapin;
+pub mod port;
+#[cfg(test)]
+mod port_tests;
 mod refusing;
 mod replies;
 mod topology;
 
+pub use self::lapin::node_name;
+use port::{BrokerLink, Channel, Connection, Consumer, Delivery, Original, Props, Value};
 pub use refusing::Refusing;
 pub use replies::Published;
 
@@ -42,15 +42,15 @@ pub const CALL: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error(transparent)]
-    Amqp(#[from] lapin::Error),
+    Amqp(#[from] port::Error),
     #[error("the broker: {0}")]
     Interrupted(#[from] Interrupted),
 }
 
 /// One consuming connection and one publishing connection to a broker node.
 pub struct Broker {
-    connection: Connection,
-    consume: Channel,
+    connection: Box<dyn Connection>,
+    consume: Box<dyn Channel>,
     replies: replies::Replies,
     /// Cancelled when the session ends (connection lost, or the shutdown grace over):
     /// every call still waiting gives up.
@@ -62,32 +62,28 @@ pub struct Broker {
     consumer_tag: String,
     consumers: AtomicU64,
     /// The consuming channel's unsettled deliveries, acked together.
-    acks: crate::delivery::Acks,
+    acks: crate::lifecycle::delivery::Acks,
 }
 
 impl Broker {
-    /// Connects to the broker node at `url` (one of `settings.urls()`), with the TLS
-    /// files of `settings` read again (a renewed certificate is used from then on). Every
-    /// call of the broker returned gives up when `stop` is cancelled.
+    /// Connects through `link` to the broker node at `url` (one of `settings.urls()`).
+    /// Every call of the broker returned gives up when `stop` is cancelled.
     pub async fn connect(
+        link: &dyn BrokerLink,
         settings: &AmqpSettings,
         url: &str,
         stop: CancellationToken,
     ) -> Result<Self, BrokerError> {
-        let tls = AmqpTls::load(settings)
-            .map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
         let open = |name: &'static str| {
-            let (tls, stop) = (&tls, &stop);
+            let stop = &stop;
             async move {
-                let properties = ConnectionProperties::default().with_connection_name(name.into());
-                let connecting = crate::security::tls::connect(url, tls, properties);
-                bounded("connect", CALL, stop, connecting)
-                    .await?
-                    .map_err(BrokerError::from)
+                Ok::<_, BrokerError>(
+                    bounded("connect", CALL, stop, link.connect(url, name)).await??,
+                )
             }
         };
         let connection = open("mupdate-worker").await?;
-        let consume = bounded("open a channel", CALL, &stop, connection.create_channel()).await??;
+        let consume = bounded("open a channel", CALL, &stop, connection.open_channel()).await??;
         let publishing = open("mupdate-worker replies").await?;
         let replies = replies::Replies::new(publishing, settings, stop.clone());
         let consumer_tag = format!("mupdate-worker-{}", uuid::Uuid::new_v4());
@@ -98,7 +94,7 @@ impl Broker {
             stop,
             consumer_tag,
             consumers: AtomicU64::new(0),
-            acks: crate::delivery::Acks::start(),
+            acks: crate::lifecycle::delivery::Acks::start(),
         })
     }
 
@@ -106,19 +102,19 @@ impl Broker {
     async fn call<T>(
         &self,
         what: &'static str,
-        call: impl std::future::Future<Output = Result<T, lapin::Error>>,
+        call: impl std::future::Future<Output = Result<T, port::Error>>,
     ) -> Result<T, BrokerError> {
         Ok(bounded(what, CALL, &self.stop, call).await??)
     }
 
     /// The consuming channel's unsettled deliveries.
-    pub fn acks(&self) -> &crate::delivery::Acks {
+    pub fn acks(&self) -> &crate::lifecycle::delivery::Acks {
         &self.acks
     }
 
     /// Whether both connections still stand (a closed channel leaves them up).
     pub fn connected(&self) -> bool {
-        self.connection.status().connected() && self.replies.connected()
+        self.connection.connected() && self.replies.connected()
     }
 
     /// Whether the broker blocked the publishing connection (a memory or disk alarm):
@@ -130,29 +126,23 @@ impl Broker {
     /// Consumes `queue` with manual acks and at most `prefetch` unacked deliveries (a
     /// consumer's prefetch is the one set on its channel when it starts).
     pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, BrokerError> {
-        let qos = self.consume.basic_qos(prefetch, BasicQosOptions::default());
-        self.call("set the prefetch", qos).await?;
+        self.call("set the prefetch", self.consume.qos(prefetch))
+            .await?;
         let n = self.consumers.fetch_add(1, Ordering::AcqRel) + 1;
-        let consume = self.consume.basic_consume(
-            queue.into(),
-            format!("{}-{n}", self.consumer_tag).into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        );
-        self.call("consume", consume).await
+        let tag = format!("{}-{n}", self.consumer_tag);
+        self.call("consume", self.consume.consume(queue, &tag))
+            .await
     }
 
     /// Stops the broker from sending more requests to `consumer`, and returns the
     /// deliveries it had already received (they come before the broker's cancel-ok, and
     /// then its stream ends). Unacked ones stay with us.
     pub async fn cancel(&self, mut consumer: Consumer) -> Result<Vec<Delivery>, BrokerError> {
-        let cancel = self
-            .consume
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default());
+        let cancel = self.consume.cancel(&consumer.tag);
         self.call("cancel the consumer", cancel).await?;
         let mut received = Vec::new();
         while let Ok(Some(Ok(delivery))) =
-            tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+            tokio::time::timeout(Duration::from_millis(200), consumer.deliveries.next()).await
         {
             received.push(delivery);
         }
@@ -179,52 +169,51 @@ impl Broker {
     /// Dead-letters a request by publishing it to `exchange` (with `routing_key`, the
     /// request queue's name, as the broker's own dead-lettering does) with headers saying
     /// why (`x-mupdate-reason`) and whether its update was applied (`x-mupdate-applied`),
-    /// confirmed: then the caller acks it. Its properties are kept, but for `user_id`,
-    /// which RabbitMQ lets a connection publish only as its own user (it travels in
-    /// `x-mupdate-user-id`), and `expiration`, which would let it expire there.
+    /// confirmed: then the caller acks it. Its properties (`original`) are kept, but for
+    /// `user_id`, which RabbitMQ lets a connection publish only as its own user (it
+    /// travels in `x-mupdate-user-id`), and `expiration`, which would let it expire there.
     pub async fn dead_letter(
         &self,
         exchange: &str,
         routing_key: &str,
         body: &[u8],
-        properties: &BasicProperties,
+        original: &Original,
+        user_id: Option<&str>,
         letter: Letter<'_>,
     ) -> Result<Published, BrokerError> {
-        let mut headers = properties.headers().clone().unwrap_or_default();
-        let reason = letter.reason;
-        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
-        headers.insert(APPLIED_HEADER.into(), AMQPValue::Boolean(letter.applied));
+        let mut headers = vec![
+            (
+                REASON_HEADER,
+                Value::LongString(letter.reason.as_bytes().into()),
+            ),
+            (APPLIED_HEADER, Value::Bool(letter.applied)),
+        ];
         if let Some(error) = letter.error {
-            headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(error.into()));
+            headers.push((ERROR_HEADER, Value::LongString(error.as_bytes().into())));
         }
-        if let Some(user) = properties.user_id() {
-            headers.insert(
-                USER_ID_HEADER.into(),
-                AMQPValue::LongString(user.as_str().into()),
-            );
+        if let Some(user) = user_id {
+            headers.push((USER_ID_HEADER, Value::LongString(user.as_bytes().into())));
         }
-        let properties = without_user_id(properties)
-            .with_headers(headers)
-            .with_delivery_mode(2);
         let message = replies::Message {
             exchange,
             routing_key,
             mandatory: true,
             body,
-            properties,
+            props: Props {
+                persistent: true,
+                headers,
+                carried: Some(original),
+                ..Props::default()
+            },
         };
         self.replies.publish_pooled(message).await
     }
 
     /// Closes both connections, each call bounded.
     pub async fn close(&self) {
-        let _ = self
-            .call("close", self.consume.close(200, "shutdown".into()))
-            .await;
+        let _ = self.call("close", self.consume.close("shutdown")).await;
         self.replies.close().await;
-        let _ = self
-            .call("close", self.connection.close(200, "shutdown".into()))
-            .await;
+        let _ = self.call("close", self.connection.close("shutdown")).await;
     }
 }
 
@@ -269,124 +258,30 @@ pub struct Outgoing<'a> {
 }
 
 /// The AMQP properties of a reply (SPEC section 5).
-pub fn reply_properties(reply: &Outgoing<'_>) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert("status".into(), AMQPValue::ShortInt(reply.status as i16));
+pub fn reply_properties<'a>(reply: &Outgoing<'a>) -> Props<'a> {
+    let mut headers = vec![("status", Value::ShortInt(reply.status as i16))];
     // The properties travel in one frame (128 KiB on RabbitMQ, which closes the whole
     // connection over a larger one): a longer id is in the body only.
     if reply.request_id.len() <= REQUEST_ID_HEADER_MAX {
-        headers.insert(
-            "requestId".into(),
-            AMQPValue::LongString(reply.request_id.as_bytes().into()),
-        );
+        headers.push((
+            "requestId",
+            Value::LongString(reply.request_id.as_bytes().into()),
+        ));
     }
     if let Some(traceparent) = reply.traceparent {
-        headers.insert(
-            "traceparent".into(),
-            AMQPValue::LongString(traceparent.as_bytes().into()),
-        );
+        headers.push((
+            "traceparent",
+            Value::LongString(traceparent.as_bytes().into()),
+        ));
     }
     if let Some(user) = reply.user_id {
-        headers.insert(
-            USER_ID_HEADER.into(),
-            AMQPValue::LongString(user.as_bytes().into()),
-        );
+        headers.push((USER_ID_HEADER, Value::LongString(user.as_bytes().into())));
     }
-    let properties = BasicProperties::default()
-        .with_correlation_id(reply.key.into())
-        .with_content_type("application/json".into())
-        .with_headers(headers);
-    if reply.destination.persistent() {
-        properties.with_delivery_mode(2)
-    } else {
-        properties
-    }
-}
-
-/// `p` less its `user_id` (RabbitMQ takes it only from that user) and its `expiration` (a
-/// dead letter must not expire out of the dead-letter queue: RabbitMQ's own
-/// dead-lettering drops it too).
-fn without_user_id(p: &BasicProperties) -> BasicProperties {
-    let mut out = BasicProperties::default();
-    if let Some(v) = p.content_type() {
-        out = out.with_content_type(v.clone());
-    }
-    if let Some(v) = p.content_encoding() {
-        out = out.with_content_encoding(v.clone());
-    }
-    if let Some(v) = p.priority() {
-        out = out.with_priority(*v);
-    }
-    if let Some(v) = p.correlation_id() {
-        out = out.with_correlation_id(v.clone());
-    }
-    if let Some(v) = p.reply_to() {
-        out = out.with_reply_to(v.clone());
-    }
-    if let Some(v) = p.message_id() {
-        out = out.with_message_id(v.clone());
-    }
-    if let Some(v) = p.timestamp() {
-        out = out.with_timestamp(*v);
-    }
-    if let Some(v) = p.kind() {
-        out = out.with_type(v.clone());
-    }
-    if let Some(v) = p.app_id() {
-        out = out.with_app_id(v.clone());
-    }
-    out
-}
-
-/// `host:port` of an AMQP URL, without credentials: how logs and metrics name a node.
-pub fn node_name(url: &str) -> String {
-    match url.parse::<lapin::uri::AMQPUri>() {
-        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
-        Err(_) => "unparsable-url".to_owned(),
-    }
-}
-
-fn text(value: &Option<ShortString>) -> Option<String> {
-    value.as_ref().map(|s| s.as_str().to_owned())
-}
-
-/// The properties of a delivery the envelope reads.
-pub fn properties(p: &BasicProperties) -> Properties {
-    let traceparent =
-        p.headers()
-            .as_ref()
-            .and_then(|headers| match headers.inner().get("traceparent")? {
-                AMQPValue::LongString(value) => {
-                    let value = std::str::from_utf8(value.as_bytes()).ok()?;
-                    crate::envelope::trace_context(value).map(str::to_owned)
-                }
-                AMQPValue::ShortString(value) => {
-                    crate::envelope::trace_context(value.as_str()).map(str::to_owned)
-                }
-                _ => None,
-            });
-    Properties {
-        reply_to: text(p.reply_to()),
-        correlation_id: text(p.correlation_id()),
-        message_id: text(p.message_id()),
-        user_id: text(p.user_id()),
-        traceparent,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nodes_are_named_without_credentials() {
-        assert_eq!(
-            node_name("amqp://guest:secret@127.0.0.1:5701/%2f"),
-            "127.0.0.1:5701"
-        );
-        assert_eq!(
-            node_name("amqps://u:p@rabbit.example:5671"),
-            "rabbit.example:5671"
-        );
+    Props {
+        correlation_id: Some(reply.key),
+        content_type: Some("application/json"),
+        persistent: reply.destination.persistent(),
+        headers,
+        carried: None,
     }
 }

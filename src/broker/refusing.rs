@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::reply::Destination;
+use crate::pipeline::reply::Destination;
 
 /// How long a destination that refused a reply through all its attempts is known to
 /// refuse, after its latest refusal.

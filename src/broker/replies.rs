@@ -1,7 +1,7 @@
 //! Confirmed reply publishing, on a connection of its own.
 //!
 //! **A return is matched to its publish by what it carries, never by the order of
-//! confirms.** lapin hands a returned (unroutable) message to whichever confirm of the
+//! confirms.** The AMQP client hands a returned (unroutable) message to whichever confirm of the
 //! channel completes next, and completes the confirms a `multiple` ack covers in no set
 //! order: with several publishes outstanding on one channel, a return can be reported on
 //! another publish's confirm, so one request is dead-lettered for another's vanished
@@ -15,12 +15,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::port::{self, Channel, Confirm, Connection, Props, Returned, Value};
 use super::{BrokerError, CALL, Outgoing, reply_properties};
 use crate::bounded::{Interrupted, bounded};
 use crate::config::AmqpSettings;
@@ -32,7 +30,7 @@ pub(super) struct Message<'a> {
     /// Returned when it reaches no queue.
     pub mandatory: bool,
     pub body: &'a [u8],
-    pub properties: BasicProperties,
+    pub props: Props<'a>,
 }
 
 /// The header naming a reply's publish (a number of this connection's own).
@@ -57,9 +55,9 @@ pub enum Published {
 }
 
 pub(super) struct Replies {
-    connection: Connection,
+    connection: Box<dyn Connection>,
     /// Confirming channels with no publish outstanding.
-    idle: Mutex<Vec<Channel>>,
+    idle: Mutex<Vec<Box<dyn Channel>>>,
     /// Publishes outstanding at once (one per channel).
     slots: Semaphore,
     next: AtomicU64,
@@ -71,7 +69,7 @@ pub(super) struct Replies {
 
 impl Replies {
     pub(super) fn new(
-        connection: Connection,
+        connection: Box<dyn Connection>,
         settings: &AmqpSettings,
         stop: CancellationToken,
     ) -> Self {
@@ -87,11 +85,11 @@ impl Replies {
     }
 
     pub(super) fn connected(&self) -> bool {
-        self.connection.status().connected()
+        self.connection.connected()
     }
 
     pub(super) fn blocked(&self) -> bool {
-        self.connection.status().blocked()
+        self.connection.blocked()
     }
 
     /// Publishes a reply on a pooled channel, alone on it, and waits for its confirm.
@@ -111,7 +109,7 @@ impl Replies {
             return Ok(too_large);
         }
         let channel = self.open_channel().await?;
-        let published = self.publish_message(&channel, reply_message(reply)).await;
+        let published = self.publish_message(&*channel, reply_message(reply)).await;
         self.discard(channel);
         published
     }
@@ -121,22 +119,20 @@ impl Replies {
         (reply.body.len() > limit).then_some(Published::TooLarge { limit })
     }
 
-    async fn open_channel(&self) -> Result<Channel, BrokerError> {
+    async fn open_channel(&self) -> Result<Box<dyn Channel>, BrokerError> {
         let open = async {
-            let channel = self.connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            Ok::<_, lapin::Error>(channel)
+            let channel = self.connection.open_channel().await?;
+            channel.confirm_select().await?;
+            Ok::<_, port::Error>(channel)
         };
         Ok(bounded("open a reply channel", CALL, &self.stop, open).await??)
     }
 
     /// Closes `channel` in the background, bounded: nothing waits on it.
-    fn discard(&self, channel: Channel) {
+    fn discard(&self, channel: Box<dyn Channel>) {
         let stop = self.stop.clone();
         tokio::spawn(async move {
-            let close = channel.close(200, "done".into());
+            let close = channel.close("done");
             let _ = bounded("close a reply channel", CALL, &stop, close).await;
         });
     }
@@ -158,10 +154,10 @@ impl Replies {
         };
         let pooled = self.idle.lock().expect("poisoned").pop();
         let channel = match pooled {
-            Some(channel) if channel.status().connected() => channel,
+            Some(channel) if channel.connected() => channel,
             _ => self.open_channel().await?,
         };
-        let published = self.publish_message(&channel, message).await;
+        let published = self.publish_message(&*channel, message).await;
         if let Ok(Published::Confirmed | Published::Unroutable) = published {
             self.idle.lock().expect("poisoned").push(channel);
         } else {
@@ -172,27 +168,18 @@ impl Replies {
 
     async fn publish_message(
         &self,
-        channel: &Channel,
+        channel: &dyn Channel,
         message: Message<'_>,
     ) -> Result<Published, BrokerError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let size = message.body.len();
-        let properties = with_publish_id(message.properties, id);
-        let publish = async {
-            channel
-                .basic_publish(
-                    message.exchange.into(),
-                    message.routing_key.into(),
-                    BasicPublishOptions {
-                        mandatory: message.mandatory,
-                        ..BasicPublishOptions::default()
-                    },
-                    message.body,
-                    properties,
-                )
-                .await?
-                .await
-        };
+        let publish = channel.publish(port::Message {
+            exchange: message.exchange,
+            routing_key: message.routing_key,
+            mandatory: message.mandatory,
+            body: message.body,
+            props: with_publish_id(message.props, id),
+        });
         let confirmed = match bounded(
             "a publish's confirm",
             self.confirm_timeout,
@@ -213,28 +200,32 @@ impl Replies {
             Err(interrupted) => return Err(interrupted.into()),
         };
         Ok(match confirmed {
-            Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Published::Confirmed,
-            Ok(Confirmation::Ack(Some(returned))) => {
-                match publish_id(returned.properties.headers()) {
-                    Some(returned_id) if returned_id == id => Published::Unroutable,
-                    other => {
-                        tracing::error!(
-                            publish = id,
-                            returned = ?other,
-                            "a returned message names another publish; publishing this one again"
-                        );
-                        Published::Refused
-                    }
+            Ok(Confirm {
+                acked: true,
+                returned: None,
+            }) => Published::Confirmed,
+            Ok(Confirm {
+                acked: true,
+                returned: Some(returned),
+            }) => match publish_id(&returned) {
+                Some(returned_id) if returned_id == id => Published::Unroutable,
+                other => {
+                    tracing::error!(
+                        publish = id,
+                        returned = ?other,
+                        "a returned message names another publish; publishing this one again"
+                    );
+                    Published::Refused
                 }
-            }
-            Ok(Confirmation::Nack(_)) => Published::Refused,
+            },
+            Ok(Confirm { acked: false, .. }) => Published::Refused,
             Err(err) if self.connected() => self.refusal(&err, size),
             Err(err) => return Err(err.into()),
         })
     }
 
     /// What a channel closed over a reply of `size` bytes means.
-    fn refusal(&self, err: &lapin::Error, size: usize) -> Published {
+    fn refusal(&self, err: &port::Error, size: usize) -> Published {
         match refused_size(&err.to_string()) {
             Some(limit) => {
                 self.max_reply.fetch_min(limit, Ordering::Relaxed);
@@ -251,7 +242,7 @@ impl Replies {
     }
 
     pub(super) async fn close(&self) {
-        let close = self.connection.close(200, "shutdown".into());
+        let close = self.connection.close("shutdown");
         let _ = bounded("close", CALL, &self.stop, close).await;
     }
 }
@@ -267,21 +258,22 @@ fn reply_message<'a>(reply: &'a Outgoing<'a>) -> Message<'a> {
         routing_key,
         mandatory: !destination.is_direct(),
         body: reply.body,
-        properties: reply_properties(reply),
+        props: reply_properties(reply),
     }
 }
 
-/// `properties` with the publish's number in `PUBLISH_HEADER`.
-fn with_publish_id(properties: BasicProperties, id: u64) -> BasicProperties {
-    let mut headers = properties.headers().clone().unwrap_or_default();
-    headers.insert(PUBLISH_HEADER.into(), AMQPValue::LongLongInt(id as i64));
-    properties.with_headers(headers)
+/// `props` with the publish's number in `PUBLISH_HEADER`.
+fn with_publish_id(mut props: Props<'_>, id: u64) -> Props<'_> {
+    props
+        .headers
+        .push((PUBLISH_HEADER, Value::LongLongInt(id as i64)));
+    props
 }
 
 /// The publish number a returned message carries.
-fn publish_id(headers: &Option<FieldTable>) -> Option<u64> {
-    match headers.as_ref()?.inner().get(PUBLISH_HEADER)? {
-        AMQPValue::LongLongInt(id) => u64::try_from(*id).ok(),
+fn publish_id(returned: &Returned) -> Option<u64> {
+    match returned.header(PUBLISH_HEADER)? {
+        Value::LongLongInt(id) => u64::try_from(*id).ok(),
         _ => None,
     }
 }
@@ -307,8 +299,14 @@ mod tests {
 
     #[test]
     fn a_publish_is_named_by_its_own_header() {
-        let properties = with_publish_id(BasicProperties::default(), 41);
-        assert_eq!(publish_id(properties.headers()), Some(41));
-        assert_eq!(publish_id(&None), None);
+        let props = with_publish_id(Props::default(), 41);
+        let returned = |headers| Returned {
+            reply_code: 312,
+            headers,
+        };
+        let (name, value) = props.headers[0].clone();
+        let named = returned(vec![(name.to_owned(), value)]);
+        assert_eq!(publish_id(&named), Some(41));
+        assert_eq!(publish_id(&returned(Vec::new())), None);
     }
 }

@@ -12,10 +12,7 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
-
+use super::port::{self, Channel, ExchangeKind, Value};
 use super::{Broker, BrokerError};
 use crate::config::{AmqpSettings, QueueType};
 
@@ -35,18 +32,9 @@ impl Broker {
         let dlx = settings.dead_letter_exchange.as_str();
         if !dlx.is_empty() {
             let probe = self.probe().await?;
-            let options = ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            };
-            let declare = probe.exchange_declare(
-                dlx.into(),
-                ExchangeKind::Fanout,
-                options,
-                FieldTable::default(),
-            );
+            let declare = probe.declare_exchange(dlx, ExchangeKind::Fanout, false);
             match self.call("declare the dead-letter exchange", declare).await {
-                Ok(()) => self.close_probe(probe).await,
+                Ok(()) => self.close_probe(&*probe).await,
                 Err(err) if self.connected() => {
                     // An exchange of another type: dead letters still reach it.
                     tracing::warn!(exchange = dlx, error = %err, "the dead-letter exchange exists otherwise; using it as it is");
@@ -59,24 +47,18 @@ impl Broker {
                 .await?
             {
                 let probe = self.probe().await?;
-                let bind = probe.queue_bind(
-                    dlq.into(),
-                    dlx.into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                );
+                let bind = probe.bind_queue(dlq, dlx);
                 self.call("bind the dead-letter queue", bind).await?;
-                self.close_probe(probe).await;
+                self.close_probe(&*probe).await;
             }
-            request_args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(dlx.into()),
-            );
+            request_args.push((
+                "x-dead-letter-exchange",
+                Value::LongString(dlx.as_bytes().into()),
+            ));
         }
         if settings.queue_type == QueueType::Quorum && settings.delivery_limit > 0 {
             let limit = i64::from(settings.delivery_limit);
-            request_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+            request_args.push(("x-delivery-limit", Value::LongLongInt(limit)));
         }
         let queue = settings.request_queue.as_str();
         let policy = policy_command(queue, settings);
@@ -86,13 +68,9 @@ impl Broker {
         {
             // The queue the worker consumes must be there.
             let probe = self.probe().await?;
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            };
-            let check = probe.queue_declare(queue.into(), passive, FieldTable::default());
+            let check = probe.declare_queue(queue, true, &[]);
             self.call("find the request queue", check).await?;
-            self.close_probe(probe).await;
+            self.close_probe(&*probe).await;
         }
         self.declare_queue(&settings.reply_queue, queue_args(settings.queue_type), None)
             .await?;
@@ -105,14 +83,14 @@ impl Broker {
     async fn declare_queue(
         &self,
         queue: &str,
-        args: FieldTable,
+        args: Vec<(&'static str, Value<'_>)>,
         policy: Option<&str>,
     ) -> Result<bool, BrokerError> {
         let probe = self.probe().await?;
-        let declare = probe.queue_declare(queue.into(), QueueDeclareOptions::durable(), args);
+        let declare = probe.declare_queue(queue, false, &args);
         match self.call("declare a queue", declare).await {
-            Ok(_) => {
-                self.close_probe(probe).await;
+            Ok(()) => {
+                self.close_probe(&*probe).await;
                 Ok(true)
             }
             Err(err) if !self.connected() => Err(err),
@@ -141,31 +119,20 @@ impl Broker {
     /// closes.
     pub async fn check_exchange(&self, exchange: &str) -> Result<(), BrokerError> {
         let probe = self.probe().await?;
-        let passive = ExchangeDeclareOptions {
-            passive: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        let check = probe.exchange_declare(
-            exchange.into(),
-            ExchangeKind::Direct,
-            passive,
-            FieldTable::default(),
-        );
+        let check = probe.declare_exchange(exchange, ExchangeKind::Direct, true);
         self.call("find the reply exchange", check).await?;
-        self.close_probe(probe).await;
+        self.close_probe(&*probe).await;
         Ok(())
     }
 
     /// A channel for one call that the broker may refuse by closing it.
-    async fn probe(&self) -> Result<Channel, BrokerError> {
-        self.call("open a channel", self.connection.create_channel())
+    async fn probe(&self) -> Result<Box<dyn Channel>, BrokerError> {
+        self.call("open a channel", self.connection.open_channel())
             .await
     }
 
-    async fn close_probe(&self, probe: Channel) {
-        let _ = self
-            .call("close a channel", probe.close(200, "declared".into()))
-            .await;
+    async fn close_probe(&self, probe: &dyn Channel) {
+        let _ = self.call("close a channel", probe.close("declared")).await;
     }
 }
 
@@ -214,13 +181,10 @@ fn regex_escape(name: &str) -> String {
 }
 
 /// The arguments a new queue of `queue_type` is declared with.
-fn queue_args(queue_type: QueueType) -> FieldTable {
-    let mut args = FieldTable::default();
+fn queue_args(queue_type: QueueType) -> Vec<(&'static str, Value<'static>)> {
+    let mut args = Vec::new();
     if queue_type == QueueType::Quorum {
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
+        args.push(("x-queue-type", Value::LongString(b"quorum".into())));
     }
     args
 }
@@ -228,7 +192,7 @@ fn queue_args(queue_type: QueueType) -> FieldTable {
 /// Whether a declare was refused because the queue exists with other arguments
 /// (`PRECONDITION_FAILED - inequivalent arg …`), not because it can't be reached
 /// (`NOT_FOUND - home node … is down or inaccessible`).
-fn exists_otherwise(err: &lapin::Error) -> bool {
+fn exists_otherwise(err: &port::Error) -> bool {
     err.to_string().contains("inequivalent arg")
 }
 

@@ -361,7 +361,7 @@ impl Worker {
     /// Starts a worker and waits until it consumes its request queue.
     pub async fn start_with(settings: Settings) -> Self {
         let token = CancellationToken::new();
-        let task = tokio::spawn(mupdate_worker::session::run(
+        let task = tokio::spawn(mupdate_worker::lifecycle::session::run(
             settings.clone(),
             token.clone(),
         ));

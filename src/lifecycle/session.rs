@@ -14,18 +14,17 @@ use tokio::time::Instant;
 
 use backon::BackoffBuilder;
 use futures_util::StreamExt;
-use lapin::Consumer;
-use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::broker::port::{BrokerLink, Consumer, Delivery};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{AmqpSettings, Settings};
-use crate::delivery::{Settlement, Ticket};
+use crate::lifecycle::delivery::{Settlement, Ticket};
+use crate::lifecycle::prefetch::{Held, Sizing};
+use crate::lifecycle::worker::{Handler, Processor};
 use crate::metrics::{self, Metrics};
-use crate::prefetch::{Held, Sizing};
-use crate::worker::{Handler, Processor};
 
 /// A session that consumed this long counts as healthy: the reconnect backoff restarts.
 const HEALTHY: Duration = Duration::from_secs(5);
@@ -39,9 +38,28 @@ const ENGINE_CHECK: Duration = Duration::from_millis(250);
 /// Runs the worker until `shutdown` is cancelled, reconnecting to the broker whenever
 /// the connection is lost.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let link = Arc::new(crate::broker::lapin::Link::new(settings.amqp.clone()));
+    let engine = crate::storage::http_nodes(&settings.storage)?;
+    run_with(settings, link, engine, Arc::new(Metrics::new()), shutdown).await
+}
+
+/// `run`, with the broker behind `link` and the engine's nodes given (each behind the
+/// engine port) rather than those of `amqp.url` and `storage.url`: how a model of the
+/// broker and of the engine runs the worker. `metrics` are the worker's.
+pub async fn run_with(
+    settings: Settings,
+    link: Arc<dyn BrokerLink>,
+    engine: Vec<crate::storage::Node>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
-    let metrics = Arc::new(Metrics::new());
-    let processor = Arc::new(Processor::new(settings.clone(), metrics.clone())?);
+    let storage = crate::storage::Storage::with_nodes(&settings.storage, engine, metrics.clone())?;
+    let processor = Arc::new(Processor::with_storage(
+        settings.clone(),
+        metrics.clone(),
+        storage,
+    )?);
     let handler = Arc::new(Handler::new(processor.clone()));
     let background = CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
@@ -75,6 +93,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         }
         first = false;
         let mut session = Session {
+            link: &*link,
             settings: &settings,
             handler: &handler,
             shutdown: &shutdown,
@@ -213,6 +232,7 @@ enum End {
 }
 
 struct Session<'a> {
+    link: &'a dyn BrokerLink,
     settings: &'a Arc<Settings>,
     handler: &'a Arc<Handler>,
     shutdown: &'a CancellationToken,
@@ -229,7 +249,7 @@ impl Session<'_> {
     /// session that can consume.
     async fn start_session(&self, session: &CancellationToken) -> anyhow::Result<Arc<Broker>> {
         let amqp = &self.settings.amqp;
-        let broker = Arc::new(Broker::connect(amqp, self.url, session.clone()).await?);
+        let broker = Arc::new(Broker::connect(self.link, amqp, self.url, session.clone()).await?);
         let node = crate::broker::node_name(self.url);
         let others: Vec<String> = amqp.urls().map(crate::broker::node_name).collect();
         let metrics = self.handler.metrics();
@@ -376,11 +396,11 @@ impl Session<'_> {
         period: &CancellationToken,
         broken: &CancellationToken,
     ) {
-        broker.acks().taken(delivery.delivery_tag);
-        let hold = self.held.hold(delivery.data.len());
+        broker.acks().taken(delivery.tag);
+        let hold = self.held.hold(delivery.body.len());
         // Its place among the requests touching its documents: taken here, in the order
         // deliveries arrive (module `order`).
-        let turn = self.handler.sequencer().turn(&delivery.data);
+        let turn = self.handler.sequencer().turn(&delivery.body);
         let (handler, broker) = (self.handler.clone(), broker.clone());
         let (cancel, broken) = (period.child_token(), broken.clone());
         tracker.spawn(async move {
@@ -416,7 +436,7 @@ impl Session<'_> {
             .map_err(unanswered)?
             .map_err(failed)?;
         for delivery in received {
-            self.sizing.observe(delivery.data.len());
+            self.sizing.observe(delivery.body.len());
             self.start(delivery, broker, tracker, period, broken);
         }
         if self.shutdown.is_cancelled() {
@@ -456,9 +476,9 @@ impl Session<'_> {
                 _ = check.tick() => if self.pause_reason(broker).is_some() {
                     return End::Pause;
                 },
-                next = consumer.next() => match next {
+                next = consumer.deliveries.next() => match next {
                     Some(Ok(delivery)) => {
-                        let size = delivery.data.len();
+                        let size = delivery.body.len();
                         self.start(delivery, broker, tracker, period, broken);
                         if self.sizing.received(size, self.held.bytes()) {
                             return End::Resize;
@@ -510,9 +530,9 @@ impl Session<'_> {
         };
         for delivery in broker.cancel(consumer).await? {
             let metrics = self.handler.metrics().clone();
-            broker.acks().taken(delivery.delivery_tag);
+            broker.acks().taken(delivery.tag);
             let ticket = Ticket::new(
-                delivery.delivery_tag,
+                delivery.tag,
                 delivery.acker,
                 broker.acks().clone(),
                 CancellationToken::new(),

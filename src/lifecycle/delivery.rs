@@ -15,12 +15,11 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use lapin::Acker;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
+use crate::broker::port::{self, Acker};
 use crate::metrics::Metrics;
 
 /// How a delivery ends.
@@ -56,7 +55,7 @@ enum Held<A> {
     Answered(A),
 }
 
-type Answer = (Acker, oneshot::Sender<bool>);
+type Answer = (Arc<dyn Acker>, oneshot::Sender<bool>);
 
 impl Drop for Unsettled {
     fn drop(&mut self) {
@@ -84,7 +83,7 @@ impl Acks {
         self.lock().insert(tag, Held::Working);
     }
 
-    fn answered(&self, tag: u64, acker: Acker) -> oneshot::Receiver<bool> {
+    fn answered(&self, tag: u64, acker: Arc<dyn Acker>) -> oneshot::Receiver<bool> {
         let (told, acked) = oneshot::channel();
         self.lock().insert(tag, Held::Answered((acker, told)));
         self.0.wake.notify_one();
@@ -115,19 +114,14 @@ async fn send_acks(unsettled: Weak<Unsettled>, wake: Arc<Notify>) {
         let (front, others) = answered(&mut unsettled.held.lock().expect("poisoned"));
         drop(unsettled);
         if let Some((last, _)) = front.last() {
-            let multiple = BasicAckOptions {
-                multiple: front.len() > 1,
-            };
+            let multiple = front.len() > 1;
             let acked = matches!(bounded_ack(last.ack(multiple)).await, Ok(Ok(true)));
             for (_, told) in front {
                 let _ = told.send(acked);
             }
         }
         for (acker, told) in others {
-            let acked = matches!(
-                bounded_ack(acker.ack(BasicAckOptions::default())).await,
-                Ok(Ok(true))
-            );
+            let acked = matches!(bounded_ack(acker.ack(false)).await, Ok(Ok(true)));
             let _ = told.send(acked);
         }
     }
@@ -162,7 +156,7 @@ fn answered<A>(held: &mut BTreeMap<u64, Held<A>>) -> (Vec<A>, Vec<A>) {
 
 pub struct Ticket {
     tag: u64,
-    acker: Acker,
+    acker: Arc<dyn Acker>,
     acks: Acks,
     cancel: CancellationToken,
     metrics: Arc<Metrics>,
@@ -173,7 +167,7 @@ impl Ticket {
     /// For a delivery `acks` was told of (`Acks::taken`).
     pub fn new(
         tag: u64,
-        acker: Acker,
+        acker: Arc<dyn Acker>,
         acks: Acks,
         cancel: CancellationToken,
         metrics: Arc<Metrics>,
@@ -204,7 +198,7 @@ impl Ticket {
             let acked = self.acks.answered(self.tag, self.acker.clone());
             Ok(acked.await.unwrap_or(false))
         } else {
-            let sent = send(&self.acker, how).await;
+            let sent = send(&*self.acker, how).await;
             self.acks.forget(self.tag);
             sent
         };
@@ -222,28 +216,22 @@ const SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `settle`, bounded by `SETTLE`: past it, the channel counts as gone.
 async fn bounded_ack(
-    settle: impl std::future::Future<Output = lapin::Result<bool>>,
-) -> Result<lapin::Result<bool>, crate::bounded::Interrupted> {
+    settle: impl std::future::Future<Output = Result<bool, port::Error>>,
+) -> Result<Result<bool, port::Error>, crate::bounded::Interrupted> {
     let never = tokio_util::sync::CancellationToken::new();
     crate::bounded::bounded("settle a delivery", SETTLE, &never, settle).await
 }
 
-async fn send(acker: &Acker, how: Settlement) -> lapin::Result<bool> {
+async fn send(acker: &dyn Acker, how: Settlement) -> Result<bool, port::Error> {
     let sent = bounded_ack(send_unbounded(acker, how)).await;
     sent.unwrap_or(Ok(false))
 }
 
-async fn send_unbounded(acker: &Acker, how: Settlement) -> lapin::Result<bool> {
+async fn send_unbounded(acker: &dyn Acker, how: Settlement) -> Result<bool, port::Error> {
     match how {
-        Settlement::Ack => acker.ack(BasicAckOptions::default()).await,
-        Settlement::Requeue => {
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            acker.nack(requeue).await
-        }
-        Settlement::DeadLetter => acker.reject(BasicRejectOptions { requeue: false }).await,
+        Settlement::Ack => acker.ack(false).await,
+        Settlement::Requeue => acker.requeue().await,
+        Settlement::DeadLetter => acker.reject().await,
     }
 }
 
@@ -264,7 +252,7 @@ impl Drop for Ticket {
         let (acker, acks, tag) = (self.acker.clone(), self.acks.clone(), self.tag);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let _ = send(&acker, how).await;
+                let _ = send(&*acker, how).await;
                 acks.forget(tag);
             });
         }

@@ -6,24 +6,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backon::BackoffBuilder;
-use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::broker::{self, Broker, Letter, Outgoing, Published, Refusing};
-use crate::bulk::{ItemOptions, Metadata};
-use crate::coalesce::{BatchLimits, Coalescer};
+use crate::broker::port::{Delivery, Original};
+use crate::broker::{Broker, Letter, Outgoing, Published, Refusing};
 use crate::config::{Format, Settings};
-use crate::delivery::{ChannelGone, Settlement, Ticket};
-use crate::envelope::{self, Echo, Properties, Refresh, Request};
 use crate::error::RequestError;
+use crate::lifecycle::delivery::{ChannelGone, Settlement, Ticket};
 use crate::logs::Untrusted;
 use crate::metrics::Metrics;
-use crate::reply::{self, Destination};
-use crate::response::{self, Outcome, Response, Shape};
+use crate::pipeline::bulk::{ItemOptions, Metadata};
+use crate::pipeline::coalesce::{BatchLimits, Coalescer};
+use crate::pipeline::envelope::{self, Echo, Properties, Refresh, Request};
+use crate::pipeline::reply::{self, Destination};
+use crate::pipeline::response::{self, Outcome, Response, Shape};
+use crate::pipeline::update;
 use crate::security::rights::{Rights, Verdict};
 use crate::storage::{self, Abandoned, IndexState, Storage, StorageError};
-use crate::update;
 
 /// A request's answer, and what a smaller one is made from if the broker refuses its size.
 pub struct Answer {
@@ -98,8 +98,18 @@ pub struct Processor {
 
 impl Processor {
     pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let storage = Storage::new(&settings.storage, metrics.clone())?;
+        Self::with_storage(settings, metrics, storage)
+    }
+
+    /// On `storage` (whose metrics are `metrics`) rather than the nodes of `storage.url`.
+    pub fn with_storage(
+        settings: Arc<Settings>,
+        metrics: Arc<Metrics>,
+        storage: Storage,
+    ) -> anyhow::Result<Self> {
         let rights = Rights::from_settings(&settings.security)?;
-        let storage = Arc::new(Storage::new(&settings.storage, metrics.clone())?);
+        let storage = Arc::new(storage);
         let s = &settings.storage;
         let limits = BatchLimits {
             max_documents: s.bulk_max_documents,
@@ -354,7 +364,7 @@ pub struct Handler {
     /// to be published again.
     refusing: Refusing,
     /// Per-document order of the requests received (module `order`).
-    sequencer: Arc<crate::order::Sequencer>,
+    sequencer: Arc<crate::pipeline::order::Sequencer>,
     /// Room for request bytes in process, in KiB (`worker.max_processing_bytes`).
     room: Arc<tokio::sync::Semaphore>,
     room_kib: u32,
@@ -403,7 +413,7 @@ impl Handler {
     }
 
     /// Where deliveries take their turn, as they are received.
-    pub fn sequencer(&self) -> &Arc<crate::order::Sequencer> {
+    pub fn sequencer(&self) -> &Arc<crate::pipeline::order::Sequencer> {
         &self.sequencer
     }
 
@@ -415,20 +425,19 @@ impl Handler {
         delivery: Delivery,
         broker: &Broker,
         cancel: CancellationToken,
-        mut turn: crate::order::Turn,
+        mut turn: crate::pipeline::order::Turn,
     ) -> Result<(), HandleError> {
         let Delivery {
-            delivery_tag,
-            data,
-            properties,
-            acker,
+            tag,
             redelivered,
-            ..
+            body: data,
+            props,
+            original,
+            acker,
         } = delivery;
         let acks = broker.acks().clone();
-        let ticket = Ticket::new(delivery_tag, acker, acks, cancel, self.metrics.clone());
+        let ticket = Ticket::new(tag, acker, acks, cancel, self.metrics.clone());
         let _in_flight = InFlight::new(&self.metrics);
-        let props = broker::properties(&properties);
         let work = ticket.cancel().clone();
         // Earlier requests of the same documents first; then room (waiting for a turn
         // while holding room could starve the earlier request of it).
@@ -477,7 +486,7 @@ impl Handler {
                     error,
                 };
                 let settled = self
-                    .dead_letter(broker, &data, &properties, letter, request_id)
+                    .dead_letter(broker, &data, &original, &props, letter, request_id)
                     .await?;
                 // Its dead letter is confirmed: a redelivery after a lost ack is acked
                 // without a second dead letter (it is in the dead-letter queue already).
@@ -695,7 +704,8 @@ impl Handler {
         &self,
         broker: &Broker,
         data: &[u8],
-        properties: &lapin::BasicProperties,
+        original: &Original,
+        props: &Properties,
         letter: Letter<'_>,
         request_id: &str,
     ) -> Result<Settlement, crate::broker::BrokerError> {
@@ -711,7 +721,8 @@ impl Handler {
                 &a.dead_letter_exchange,
                 &a.request_queue,
                 data,
-                properties,
+                original,
+                props.user_id.as_deref(),
                 letter,
             )
             .await?;
@@ -884,7 +895,7 @@ impl AnsweredState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reply::SHORT_STRING_MAX;
+    use crate::pipeline::reply::SHORT_STRING_MAX;
     use proptest::prelude::*;
 
     fn props(message_id: Option<&str>, user_id: Option<&str>) -> Properties {
@@ -1023,7 +1034,7 @@ mod tests {
                 message_id,
                 traceparent: user_id
                     .as_deref()
-                    .and_then(crate::envelope::trace_context)
+                    .and_then(crate::pipeline::envelope::trace_context)
                     .map(str::to_owned),
                 user_id,
             },
@@ -1069,8 +1080,8 @@ mod tests {
                         let reply = Outgoing { destination: &destination, key, request_id: &response.request_id,
                             status: response.status, body: &response.body, traceparent: props.traceparent.as_deref(),
                             user_id: props.user_id.as_deref() };
-                        let amqp = broker::reply_properties(&reply);
-                        let correlation = amqp.correlation_id().as_ref().map_or(0, |c| c.as_str().len());
+                        let amqp = crate::broker::reply_properties(&reply);
+                        let correlation = amqp.correlation_id.map_or(0, str::len);
                         prop_assert!(correlation <= SHORT_STRING_MAX);
                         prop_assert!(destination.route().0.len() <= SHORT_STRING_MAX);
                         prop_assert!(destination.route().1.len() <= SHORT_STRING_MAX);

@@ -1,0 +1,519 @@
+//! The broker port over AMQP 0-9-1, through lapin: the production implementation of
+//! `port`. Each method is the one lapin call it names, nothing more; deadlines, pooling
+//! and the pairing of returns with publishes are the lifecycle's (module `broker`).
+//! Connections are made through `security::tls` (TLS files read again on each connect,
+//! so a renewed certificate is used from then on).
+
+use std::sync::Arc;
+
+use ::lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use ::lapin::types::{AMQPValue, FieldTable, ShortString};
+use ::lapin::{BasicProperties, Confirmation, ConnectionProperties};
+use futures_util::StreamExt;
+
+use super::port::{
+    self, Call, Confirm, Consumer, Delivery, Error, ErrorKind, ExchangeKind, Message, Original,
+    Returned, Value,
+};
+use crate::config::AmqpSettings;
+use crate::pipeline::envelope::Properties;
+use crate::security::tls::AmqpTls;
+
+/// Connects to the nodes of `amqp.url` as `settings` say (TLS included).
+pub struct Link {
+    settings: AmqpSettings,
+}
+
+impl Link {
+    pub fn new(settings: AmqpSettings) -> Self {
+        Link { settings }
+    }
+}
+
+impl port::BrokerLink for Link {
+    fn connect<'a>(
+        &'a self,
+        url: &'a str,
+        name: &'static str,
+    ) -> Call<'a, Box<dyn port::Connection>> {
+        Box::pin(async move {
+            let tls = AmqpTls::load(&self.settings).map_err(|e| Error::closed(e.to_string()))?;
+            let properties = ConnectionProperties::default().with_connection_name(name.into());
+            let connection = crate::security::tls::connect(url, &tls, properties)
+                .await
+                .map_err(error)?;
+            Ok(Box::new(Connection(connection)) as Box<dyn port::Connection>)
+        })
+    }
+}
+
+/// The port's error for lapin's.
+fn error(err: ::lapin::Error) -> Error {
+    let kind = match err.kind() {
+        ::lapin::ErrorKind::ProtocolError(amqp) => ErrorKind::Refused {
+            code: amqp.get_id(),
+        },
+        ::lapin::ErrorKind::MissingHeartbeatError => ErrorKind::Timeout,
+        _ => ErrorKind::Closed,
+    };
+    Error {
+        kind,
+        message: err.to_string(),
+    }
+}
+
+pub struct Connection(::lapin::Connection);
+
+impl port::Connection for Connection {
+    fn open_channel(&self) -> Call<'_, Box<dyn port::Channel>> {
+        Box::pin(async move {
+            let channel = self.0.create_channel().await.map_err(error)?;
+            Ok(Box::new(Channel(channel)) as Box<dyn port::Channel>)
+        })
+    }
+
+    fn connected(&self) -> bool {
+        self.0.status().connected()
+    }
+
+    fn blocked(&self) -> bool {
+        self.0.status().blocked()
+    }
+
+    fn close<'a>(&'a self, reason: &'a str) -> Call<'a, ()> {
+        Box::pin(async move { self.0.close(200, reason.into()).await.map_err(error) })
+    }
+}
+
+pub struct Channel(::lapin::Channel);
+
+impl port::Channel for Channel {
+    fn connected(&self) -> bool {
+        self.0.status().connected()
+    }
+
+    fn confirm_select(&self) -> Call<'_, ()> {
+        Box::pin(async move {
+            let select = self.0.confirm_select(ConfirmSelectOptions::default());
+            select.await.map_err(error)
+        })
+    }
+
+    fn qos(&self, prefetch: u16) -> Call<'_, ()> {
+        Box::pin(async move {
+            let qos = self.0.basic_qos(prefetch, BasicQosOptions::default());
+            qos.await.map_err(error)
+        })
+    }
+
+    fn declare_exchange<'a>(
+        &'a self,
+        name: &'a str,
+        kind: ExchangeKind,
+        passive: bool,
+    ) -> Call<'a, ()> {
+        Box::pin(async move {
+            let options = ExchangeDeclareOptions {
+                passive,
+                durable: !passive,
+                ..ExchangeDeclareOptions::default()
+            };
+            let kind = match kind {
+                ExchangeKind::Direct => ::lapin::ExchangeKind::Direct,
+                ExchangeKind::Fanout => ::lapin::ExchangeKind::Fanout,
+            };
+            let declare =
+                self.0
+                    .exchange_declare(name.into(), kind, options, FieldTable::default());
+            declare.await.map_err(error)
+        })
+    }
+
+    fn declare_queue<'a>(
+        &'a self,
+        name: &'a str,
+        passive: bool,
+        args: &'a [(&'static str, Value<'a>)],
+    ) -> Call<'a, ()> {
+        Box::pin(async move {
+            let options = if passive {
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                }
+            } else {
+                QueueDeclareOptions::durable()
+            };
+            let declare = self.0.queue_declare(name.into(), options, table(args));
+            declare.await.map(|_| ()).map_err(error)
+        })
+    }
+
+    fn bind_queue<'a>(&'a self, queue: &'a str, exchange: &'a str) -> Call<'a, ()> {
+        Box::pin(async move {
+            let bind = self.0.queue_bind(
+                queue.into(),
+                exchange.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            );
+            bind.await.map_err(error)
+        })
+    }
+
+    fn consume<'a>(&'a self, queue: &'a str, tag: &'a str) -> Call<'a, Consumer> {
+        Box::pin(async move {
+            let consumer = self
+                .0
+                .basic_consume(
+                    queue.into(),
+                    tag.into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(error)?;
+            let deliveries = consumer.map(|delivery| delivery.map(delivery_of).map_err(error));
+            Ok(Consumer {
+                tag: tag.to_owned(),
+                deliveries: Box::pin(deliveries),
+            })
+        })
+    }
+
+    fn cancel<'a>(&'a self, tag: &'a str) -> Call<'a, ()> {
+        Box::pin(async move {
+            let cancel = self
+                .0
+                .basic_cancel(tag.into(), BasicCancelOptions::default());
+            cancel.await.map_err(error)
+        })
+    }
+
+    fn publish<'a>(&'a self, message: Message<'a>) -> Call<'a, Confirm> {
+        Box::pin(async move {
+            let properties = basic_properties(&message.props);
+            let confirm = self
+                .0
+                .basic_publish(
+                    message.exchange.into(),
+                    message.routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: message.mandatory,
+                        ..BasicPublishOptions::default()
+                    },
+                    message.body,
+                    properties,
+                )
+                .await
+                .map_err(error)?
+                .await
+                .map_err(error)?;
+            Ok(match confirm {
+                Confirmation::Ack(None) | Confirmation::NotRequested => Confirm {
+                    acked: true,
+                    returned: None,
+                },
+                Confirmation::Ack(Some(returned)) => Confirm {
+                    acked: true,
+                    returned: Some(Returned {
+                        reply_code: returned.reply_code,
+                        headers: headers_of(returned.delivery.properties.headers()),
+                    }),
+                },
+                Confirmation::Nack(returned) => Confirm {
+                    acked: false,
+                    returned: returned.map(|returned| Returned {
+                        reply_code: returned.reply_code,
+                        headers: headers_of(returned.delivery.properties.headers()),
+                    }),
+                },
+            })
+        })
+    }
+
+    fn close<'a>(&'a self, reason: &'a str) -> Call<'a, ()> {
+        Box::pin(async move { self.0.close(200, reason.into()).await.map_err(error) })
+    }
+}
+
+/// What a delivery carries, in one allocation: its acker and all its properties.
+struct Received {
+    acker: ::lapin::Acker,
+    properties: BasicProperties,
+}
+
+impl port::Acker for Received {
+    fn ack(&self, multiple: bool) -> Call<'_, bool> {
+        Box::pin(async move {
+            let ack = self.acker.ack(BasicAckOptions { multiple });
+            ack.await.map_err(error)
+        })
+    }
+
+    fn requeue(&self) -> Call<'_, bool> {
+        Box::pin(async move {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            self.acker.nack(requeue).await.map_err(error)
+        })
+    }
+
+    fn reject(&self) -> Call<'_, bool> {
+        Box::pin(async move {
+            let reject = self.acker.reject(BasicRejectOptions { requeue: false });
+            reject.await.map_err(error)
+        })
+    }
+}
+
+fn delivery_of(delivery: ::lapin::message::Delivery) -> Delivery {
+    let props = properties(&delivery.properties);
+    let received = Arc::new(Received {
+        acker: delivery.acker,
+        properties: delivery.properties,
+    });
+    Delivery {
+        tag: delivery.delivery_tag,
+        redelivered: delivery.redelivered,
+        body: delivery.data,
+        props,
+        original: Original(received.clone()),
+        acker: received,
+    }
+}
+
+fn text(value: &Option<ShortString>) -> Option<String> {
+    value.as_ref().map(|s| s.as_str().to_owned())
+}
+
+/// The properties of a delivery the envelope reads.
+fn properties(p: &BasicProperties) -> Properties {
+    let traceparent =
+        p.headers()
+            .as_ref()
+            .and_then(|headers| match headers.inner().get("traceparent")? {
+                AMQPValue::LongString(value) => {
+                    let value = std::str::from_utf8(value.as_bytes()).ok()?;
+                    crate::pipeline::envelope::trace_context(value).map(str::to_owned)
+                }
+                AMQPValue::ShortString(value) => {
+                    crate::pipeline::envelope::trace_context(value.as_str()).map(str::to_owned)
+                }
+                _ => None,
+            });
+    Properties {
+        reply_to: text(p.reply_to()),
+        correlation_id: text(p.correlation_id()),
+        message_id: text(p.message_id()),
+        user_id: text(p.user_id()),
+        traceparent,
+    }
+}
+
+fn amqp_value(value: &Value<'_>) -> AMQPValue {
+    match value {
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::ShortInt(n) => AMQPValue::ShortInt(*n),
+        Value::LongLongInt(n) => AMQPValue::LongLongInt(*n),
+        Value::LongString(bytes) => AMQPValue::LongString(bytes.as_ref().into()),
+    }
+}
+
+fn table(entries: &[(&'static str, Value<'_>)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in entries {
+        table.insert((*name).into(), amqp_value(value));
+    }
+    table
+}
+
+/// The headers of a returned message, of the kinds of `Value` (others left out).
+fn headers_of(headers: &Option<FieldTable>) -> Vec<(String, Value<'static>)> {
+    let Some(headers) = headers else {
+        return Vec::new();
+    };
+    headers
+        .inner()
+        .iter()
+        .filter_map(|(name, value)| {
+            let value = match value {
+                AMQPValue::Boolean(b) => Value::Bool(*b),
+                AMQPValue::ShortInt(n) => Value::ShortInt(*n),
+                AMQPValue::LongLongInt(n) => Value::LongLongInt(*n),
+                AMQPValue::LongString(s) => Value::LongString(s.as_bytes().to_vec().into()),
+                AMQPValue::ShortString(s) => {
+                    Value::LongString(s.as_str().as_bytes().to_vec().into())
+                }
+                _ => return None,
+            };
+            Some((name.as_str().to_owned(), value))
+        })
+        .collect()
+}
+
+/// The AMQP properties of a message to publish: a dead letter's start from those of the
+/// delivery it carries on (less `user_id` and `expiration`), its headers first.
+fn basic_properties(props: &port::Props<'_>) -> BasicProperties {
+    let carried = props
+        .carried
+        .and_then(|original| original.0.downcast_ref::<Received>())
+        .map(|received| &received.properties);
+    built(props, carried)
+}
+
+/// `props` over `carried`'s properties, when there are.
+fn built(props: &port::Props<'_>, carried: Option<&BasicProperties>) -> BasicProperties {
+    let mut out = carried.map_or_else(BasicProperties::default, without_user_id);
+    let mut headers = carried
+        .and_then(|p| p.headers().clone())
+        .unwrap_or_default();
+    for (name, value) in &props.headers {
+        headers.insert((*name).into(), amqp_value(value));
+    }
+    if let Some(correlation_id) = props.correlation_id {
+        out = out.with_correlation_id(correlation_id.into());
+    }
+    if let Some(content_type) = props.content_type {
+        out = out.with_content_type(content_type.into());
+    }
+    out = out.with_headers(headers);
+    if props.persistent {
+        out = out.with_delivery_mode(2);
+    }
+    out
+}
+
+/// `p` less its `user_id` (RabbitMQ takes it only from that user) and its `expiration` (a
+/// dead letter must not expire out of the dead-letter queue: RabbitMQ's own
+/// dead-lettering drops it too).
+fn without_user_id(p: &BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default();
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    out
+}
+
+/// `host:port` of an AMQP URL, without credentials: how logs and metrics name a node.
+pub fn node_name(url: &str) -> String {
+    match url.parse::<::lapin::uri::AMQPUri>() {
+        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+        Err(_) => "unparsable-url".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_are_named_without_credentials() {
+        assert_eq!(
+            node_name("amqp://guest:secret@127.0.0.1:5701/%2f"),
+            "127.0.0.1:5701"
+        );
+        assert_eq!(
+            node_name("amqps://u:p@rabbit.example:5671"),
+            "rabbit.example:5671"
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_the_deliverys_properties_but_its_user_and_expiration() {
+        let mut headers = FieldTable::default();
+        headers.insert("mine".into(), AMQPValue::LongString("kept".into()));
+        headers.insert("x-mupdate-reason".into(), AMQPValue::Boolean(false));
+        let delivered = BasicProperties::default()
+            .with_user_id("alice".into())
+            .with_expiration("60000".into())
+            .with_message_id("m1".into())
+            .with_reply_to("replies".into())
+            .with_headers(headers);
+        let letter = port::Props {
+            persistent: true,
+            headers: vec![
+                ("x-mupdate-reason", Value::LongString(b"refused".into())),
+                ("x-mupdate-applied", Value::Bool(false)),
+            ],
+            ..port::Props::default()
+        };
+        let published = built(&letter, Some(&delivered));
+        assert_eq!(published.user_id(), &None);
+        assert_eq!(published.expiration(), &None);
+        assert_eq!(
+            published.message_id().as_ref().map(|m| m.as_str()),
+            Some("m1")
+        );
+        assert_eq!(
+            published.reply_to().as_ref().map(|m| m.as_str()),
+            Some("replies")
+        );
+        assert_eq!(published.delivery_mode(), &Some(2));
+        let headers = published.headers().clone().unwrap();
+        let header = |name: &str| headers.inner().get(name).cloned();
+        assert_eq!(header("mine"), Some(AMQPValue::LongString("kept".into())));
+        assert_eq!(
+            header("x-mupdate-reason"),
+            Some(AMQPValue::LongString("refused".into())),
+            "the worker's headers go over the delivery's"
+        );
+        assert_eq!(header("x-mupdate-applied"), Some(AMQPValue::Boolean(false)));
+    }
+
+    #[test]
+    fn a_reply_has_its_own_properties_and_headers_come_back_from_a_return() {
+        let published = basic_properties(&port::Props {
+            correlation_id: Some("k"),
+            content_type: Some("application/json"),
+            persistent: false,
+            headers: vec![("status", Value::ShortInt(200))],
+            carried: None,
+        });
+        assert_eq!(published.delivery_mode(), &None);
+        assert_eq!(
+            published.correlation_id().as_ref().map(|c| c.as_str()),
+            Some("k")
+        );
+        let headers = published.headers().clone().unwrap();
+        assert_eq!(
+            headers.inner().get("status"),
+            Some(&AMQPValue::ShortInt(200))
+        );
+        assert_eq!(
+            headers_of(&Some(headers)),
+            [("status".to_owned(), Value::ShortInt(200))]
+        );
+    }
+}
