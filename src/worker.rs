@@ -98,8 +98,18 @@ pub struct Processor {
 
 impl Processor {
     pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let rights = Rights::from_settings(&settings.security)?;
         let storage = Arc::new(Storage::new(&settings.storage, metrics.clone())?);
+        Self::with_storage(settings, storage, metrics)
+    }
+
+    /// On `storage` rather than the engine of `settings.storage` (e.g. a model of the
+    /// engine behind its port, in the deterministic simulation).
+    pub fn with_storage(
+        settings: Arc<Settings>,
+        storage: Arc<Storage>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let rights = Rights::from_settings(&settings.security)?;
         let s = &settings.storage;
         let limits = BatchLimits {
             max_documents: s.bulk_max_documents,
