@@ -414,7 +414,10 @@ async fn the_engine_upserts_merges_and_returns_sources() {
     assert_eq!(seen(items[2]), (json!(200), json!("noop"), json!(2)));
     assert_eq!(items[2]["get"]["_source"], merged, "a no-op's source too");
     let shards = json!({"total": 2, "successful": 1, "failed": 0});
-    assert_eq!((&items[1]["_shards"], &items[2]["_shards"]), (&shards, &shards));
+    assert_eq!(
+        (&items[1]["_shards"], &items[2]["_shards"]),
+        (&shards, &shards)
+    );
     let (source, version) = col.get("a").await;
     assert_eq!((source, version), (merged, 2));
 }
