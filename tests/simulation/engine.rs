@@ -109,6 +109,11 @@ pub struct State {
     pub docs: BTreeMap<(String, String), Doc>,
     pub seq_no: i64,
     pub regressions: Vec<Regression>,
+    /// `noop`s answered for a change that is there only because an earlier call of the
+    /// same worker, given up by it, wrote it: what a resend must not report.
+    pub false_noops: Vec<String>,
+    /// The worker each call came from.
+    call_worker: BTreeMap<u64, u32>,
     /// Calls given up by their client, and how.
     given_up: BTreeMap<u64, GaveUp>,
     next_call: u64,
@@ -123,6 +128,8 @@ pub struct SimEngine {
     trace: Trace,
     /// Which node of the engine this is, for the trace.
     node: usize,
+    /// Which worker's node this is (each worker has its own).
+    worker: u32,
 }
 
 impl SimEngine {
@@ -132,6 +139,7 @@ impl SimEngine {
         faults: Faults,
         trace: Trace,
         node: usize,
+        worker: u32,
     ) -> Self {
         SimEngine {
             state,
@@ -139,6 +147,7 @@ impl SimEngine {
             faults,
             trace,
             node,
+            worker,
         }
     }
 
@@ -179,7 +188,9 @@ impl SimEngine {
             let mut state = self.state.lock().unwrap();
             state.next_call += 1;
             state.calls += 1;
-            state.next_call
+            let call = state.next_call;
+            state.call_worker.insert(call, self.worker);
+            call
         };
         let wait_for = query.iter().any(|(k, v)| k == "refresh" && v == "wait_for");
         let items = body
@@ -277,6 +288,7 @@ impl SimEngine {
             faults: self.faults,
             trace: self.trace.clone(),
             node: self.node,
+            worker: self.worker,
         };
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -391,6 +403,16 @@ impl SimEngine {
                 let mut merged = current.source.clone();
                 merge(&mut merged, &changes);
                 if detect_noop && merged == current.source {
+                    if let (Writer::Call { call: earlier, .. }, Writer::Call { call, .. }) =
+                        (&current.writer, writer)
+                        && earlier != call
+                        && state.given_up.contains_key(earlier)
+                        && state.call_worker.get(earlier) == Some(&self.worker)
+                    {
+                        state.false_noops.push(format!(
+                            "call {call} answered noop for {id}: its change is there only by call {earlier}, which the worker gave up"
+                        ));
+                    }
                     (200, "noop", merged)
                 } else {
                     (200, "updated", merged)

@@ -20,7 +20,7 @@ use trace::Trace;
 use workload::Summary;
 
 /// Seeds run by default: about a minute on a busy 2-core machine.
-const DEFAULT_SEEDS: u64 = 3000;
+const DEFAULT_SEEDS: u64 = 2500;
 /// Events of a failing run's trace printed.
 const TAIL: usize = 300;
 

@@ -393,17 +393,23 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
     let node_count = rng.random_range(1..=3);
     let nodes = {
         let (state, engine_rng, trace) = (state.clone(), engine_rng.clone(), trace.clone());
-        move || -> Vec<Node> {
+        move |generation: u32| -> Vec<Node> {
             (0..node_count)
                 .map(|i| {
-                    let engine =
-                        SimEngine::new(state.clone(), engine_rng.clone(), faults, trace.clone(), i);
+                    let engine = SimEngine::new(
+                        state.clone(),
+                        engine_rng.clone(),
+                        faults,
+                        trace.clone(),
+                        i,
+                        generation,
+                    );
                     Node::new(format!("sim-{i}"), Box::new(engine))
                 })
                 .collect()
         }
     };
-    let worker = Mutex::new(Some(new_worker(0, &settings, nodes())));
+    let worker = Mutex::new(Some(new_worker(0, &settings, nodes(0))));
     trace.event(format!(
         "seed {seed}: {node_count} nodes, {faults:?}, item_retries {}, concurrent_bulks {}, bulk_max_documents {}, ids {ids:?}",
         settings.storage.item_retries, settings.storage.concurrent_bulks, settings.storage.bulk_max_documents
@@ -492,7 +498,7 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
                     old.generation
                 )),
             }
-            run.publish(new_worker(generation, &run.settings, nodes()));
+            run.publish(new_worker(generation, &run.settings, nodes(generation)));
         }
     });
 
@@ -509,6 +515,10 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
     tokio::time::sleep(write_timeout * 3).await;
 
     check_stale(&run, write_timeout);
+    let false_noops = run.state.lock().unwrap().false_noops.clone();
+    for noop in false_noops {
+        run.violation(format!("a false noop: {noop}"));
+    }
     let mut summary = std::mem::take(&mut *run.summary.lock().unwrap());
     {
         let state = state.lock().unwrap();
