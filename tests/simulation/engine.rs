@@ -114,6 +114,8 @@ pub struct State {
     pub false_noops: Vec<String>,
     /// The worker each call came from.
     call_worker: BTreeMap<u64, u32>,
+    /// Such `noop`s of each call, until its answer reaches the worker (or is lost).
+    noops_of_call: BTreeMap<u64, Vec<String>>,
     /// Calls given up by their client, and how.
     given_up: BTreeMap<u64, GaveUp>,
     next_call: u64,
@@ -274,6 +276,12 @@ impl SimEngine {
         tokio::time::sleep(applied_in).await;
         let answer = self.apply(call, &body);
         tokio::time::sleep(answer_in - applied_in).await;
+        // Its answer reaches the worker: what it says is the worker's to rely on.
+        {
+            let mut state = self.state.lock().unwrap();
+            let noops = state.noops_of_call.remove(&call).unwrap_or_default();
+            state.false_noops.extend(noops);
+        }
         self.trace.event(format!(
             "engine{node}: call {call} ({items} items) answered in {answer_in:?}"
         ));
@@ -293,6 +301,8 @@ impl SimEngine {
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             engine.apply(call, &body);
+            // No one reads this answer.
+            engine.state.lock().unwrap().noops_of_call.remove(&call);
             engine.trace.event(format!(
                 "engine{}: call {call}'s writes landed",
                 engine.node
@@ -409,7 +419,7 @@ impl SimEngine {
                         && state.given_up.contains_key(earlier)
                         && state.call_worker.get(earlier) == Some(&self.worker)
                     {
-                        state.false_noops.push(format!(
+                        state.noops_of_call.entry(*call).or_default().push(format!(
                             "call {call} answered noop for {id}: its change is there only by call {earlier}, which the worker gave up"
                         ));
                     }
