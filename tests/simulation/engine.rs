@@ -103,6 +103,46 @@ pub struct Regression {
     pub writer: Writer,
 }
 
+/// A call whose writes are on their way: its items, and those that already landed (in
+/// the middle of another call's update of the same document: a conflict for that one).
+struct Pending {
+    items: Vec<Action>,
+    landed: BTreeMap<usize, Value>,
+}
+
+#[derive(Clone)]
+struct Action {
+    index: String,
+    id: String,
+    retry_on_conflict: u64,
+    line: Value,
+}
+
+/// A `_bulk` body's update actions; `None` when it is not one.
+fn actions(body: &[u8]) -> Option<Vec<Action>> {
+    let lines: Vec<&[u8]> = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    if !lines.len().is_multiple_of(2) {
+        return None;
+    }
+    lines
+        .chunks(2)
+        .map(|pair| {
+            let action = serde_json::from_slice::<Value>(pair[0]).ok()?;
+            let line = serde_json::from_slice::<Value>(pair[1]).ok()?;
+            let update = action.get("update")?;
+            Some(Action {
+                index: update["_index"].as_str().unwrap_or_default().to_owned(),
+                id: update["_id"].as_str().unwrap_or_default().to_owned(),
+                retry_on_conflict: update["retry_on_conflict"].as_u64().unwrap_or(0),
+                line,
+            })
+        })
+        .collect()
+}
+
 #[derive(Default)]
 pub struct State {
     pub indexes: BTreeSet<String>,
@@ -114,8 +154,11 @@ pub struct State {
     pub false_noops: Vec<String>,
     /// The worker each call came from.
     call_worker: BTreeMap<u64, u32>,
-    /// Such `noop`s of each call, until its answer reaches the worker (or is lost).
+    /// Such `noop`s (and false conflicts) of each call, until its answer reaches the
+    /// worker (or is lost).
     noops_of_call: BTreeMap<u64, Vec<String>>,
+    /// Calls whose writes are on their way (sent, not landed yet).
+    pending: BTreeMap<u64, Pending>,
     /// Calls given up by their client, and how.
     given_up: BTreeMap<u64, GaveUp>,
     next_call: u64,
@@ -250,6 +293,7 @@ impl SimEngine {
                 }
             ));
             if lands {
+                self.sent(call, &body);
                 self.apply_later(call, body, applied_in);
             }
             tokio::time::sleep(broken_in).await;
@@ -264,6 +308,7 @@ impl SimEngine {
             self.trace.event(format!(
                 "engine{node}: call {call} ({items} items): answers in {answer_in:?}, past the client's {timeout:?}; writes land in {applied_in:?}"
             ));
+            self.sent(call, &body);
             self.apply_later(call, body, applied_in);
             tokio::time::sleep(timeout).await;
             self.state
@@ -273,6 +318,7 @@ impl SimEngine {
                 .insert(call, GaveUp::TimedOut(timeout));
             return Err(failure(FailureKind::TimedOut, "operation timed out"));
         }
+        self.sent(call, &body);
         tokio::time::sleep(applied_in).await;
         let answer = self.apply(call, &body);
         tokio::time::sleep(answer_in - applied_in).await;
@@ -311,14 +357,23 @@ impl SimEngine {
     }
 
     /// Applies a `_bulk` body's update items, in order, and answers as the engine does.
-    fn apply(&self, call: u64, body: &[u8]) -> Answer {
-        let lines: Vec<&[u8]> = body
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .collect();
-        if !lines.len().is_multiple_of(2) {
-            return parse_error("The bulk request must be terminated by a newline [\\n]");
+    /// The writes of `call` are on their way from now on.
+    fn sent(&self, call: u64, body: &[u8]) {
+        if let Some(items) = actions(body) {
+            self.state.lock().unwrap().pending.insert(
+                call,
+                Pending {
+                    items,
+                    landed: BTreeMap::new(),
+                },
+            );
         }
+    }
+
+    fn apply(&self, call: u64, body: &[u8]) -> Answer {
+        let Some(actions) = actions(body) else {
+            return parse_error("Malformed action/metadata line, expected update");
+        };
         let mut items = Vec::new();
         let mut errors = false;
         let mut state = self.state.lock().unwrap();
@@ -326,21 +381,25 @@ impl SimEngine {
         if late.is_some() {
             state.late_writes += 1;
         }
+        let mut landed = state
+            .pending
+            .remove(&call)
+            .map(|p| p.landed)
+            .unwrap_or_default();
         let writer = Writer::Call { call, late };
-        for pair in lines.chunks(2) {
-            let (Ok(action), Ok(doc)) = (
-                serde_json::from_slice::<Value>(pair[0]),
-                serde_json::from_slice::<Value>(pair[1]),
-            ) else {
-                return parse_error("Failed to parse the bulk body");
+        for (i, a) in actions.iter().enumerate() {
+            let item = match landed.remove(&i) {
+                Some(item) => item,
+                None => self.update(
+                    &mut state,
+                    &a.index,
+                    &a.id,
+                    a.retry_on_conflict,
+                    &a.line,
+                    &writer,
+                    true,
+                ),
             };
-            let Some(update) = action.get("update") else {
-                return parse_error("Malformed action/metadata line, expected update");
-            };
-            let index = update["_index"].as_str().unwrap_or_default().to_owned();
-            let id = update["_id"].as_str().unwrap_or_default().to_owned();
-            let retry_on_conflict = update["retry_on_conflict"].as_u64().unwrap_or(0);
-            let item = self.update(&mut state, &index, &id, retry_on_conflict, &doc, &writer);
             errors |= item["status"].as_u64().is_some_and(|s| s >= 300);
             items.push(json!({"update": item}));
         }
@@ -352,6 +411,29 @@ impl SimEngine {
         }
     }
 
+    /// Another call's pending write of `index`/`id` that lands now, half the time there
+    /// is one.
+    fn in_flight(
+        &self,
+        state: &State,
+        call: u64,
+        index: &str,
+        id: &str,
+    ) -> Option<(u64, usize, Action)> {
+        let found = state.pending.iter().find_map(|(earlier, p)| {
+            if *earlier == call {
+                return None;
+            }
+            let i =
+                p.items.iter().enumerate().position(|(i, a)| {
+                    a.index == index && a.id == id && !p.landed.contains_key(&i)
+                })?;
+            Some((*earlier, i, p.items[i].clone()))
+        })?;
+        self.chance(0.5).then_some(found)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn update(
         &self,
         state: &mut State,
@@ -360,6 +442,7 @@ impl SimEngine {
         retry_on_conflict: u64,
         line: &Value,
         writer: &Writer,
+        in_flight: bool,
     ) -> Value {
         if self.chance(self.faults.item_429) {
             return json!({"_index": index, "_id": id, "status": 429, "error": {
@@ -368,9 +451,49 @@ impl SimEngine {
         }
         // A bulk update auto-creates its index.
         state.indexes.insert(index.to_owned());
-        // Concurrent writers, each between a read and the write of this update.
         let mut conflicts = 0;
-        while self.chance(self.faults.conflict) && conflicts <= retry_on_conflict {
+        // Another call's write of this document, on its way, lands between this update's
+        // read and its write: a conflict.
+        if let Writer::Call { call, .. } = writer
+            && in_flight
+            && let Some((earlier, i, action)) = self.in_flight(state, *call, index, id)
+        {
+            let late = state.given_up.get(&earlier).copied();
+            let earlier_writer = Writer::Call {
+                call: earlier,
+                late,
+            };
+            let item = self.update(
+                state,
+                index,
+                id,
+                action.retry_on_conflict,
+                &action.line,
+                &earlier_writer,
+                false,
+            );
+            let same_worker = state.call_worker.get(&earlier) == state.call_worker.get(call);
+            if let Some(p) = state.pending.get_mut(&earlier) {
+                p.landed.insert(i, item);
+            }
+            self.trace.event(format!(
+                "engine{}: call {earlier}'s write of {id} lands within call {call}'s update of it",
+                self.node
+            ));
+            conflicts = 1;
+            if retry_on_conflict == 0 {
+                let same = action.line["doc"] == line["doc"]
+                    && action.line.get("upsert") == line.get("upsert");
+                if same && same_worker {
+                    state.noops_of_call.entry(*call).or_default().push(format!(
+                        "call {call} answered 409 for {id}: its conflict was call {earlier} of the same worker, with the same change"
+                    ));
+                }
+                return conflict(state, index, id);
+            }
+        }
+        // Concurrent writers, each between a read and the write of this update.
+        while conflicts <= retry_on_conflict && self.chance(self.faults.conflict) {
             conflicts += 1;
             let key = (index.to_owned(), id.to_owned());
             let Some(current) = state.docs.get(&key).and_then(Doc::current).cloned() else {
@@ -386,11 +509,7 @@ impl SimEngine {
                 writer: Writer::Other,
             });
             if conflicts > retry_on_conflict {
-                let seq_no = state.seq_no;
-                return json!({"_index": index, "_id": id, "status": 409, "error": {
-                    "type": "version_conflict_engine_exception",
-                    "reason": format!("[{id}]: version conflict, required seqNo [{}], primary term [1]. current document has seqNo [{seq_no}] and primary term [1]", seq_no - 1),
-                    "index_uuid": "sim", "shard": "0", "index": index}});
+                return conflict(state, index, id);
             }
         }
         let key = (index.to_owned(), id.to_owned());
@@ -417,7 +536,7 @@ impl SimEngine {
                         (&current.writer, writer)
                         && earlier != call
                         && state.given_up.contains_key(earlier)
-                        && state.call_worker.get(earlier) == Some(&self.worker)
+                        && state.call_worker.get(earlier) == state.call_worker.get(call)
                     {
                         state.noops_of_call.entry(*call).or_default().push(format!(
                             "call {call} answered noop for {id}: its change is there only by call {earlier}, which the worker gave up"
@@ -515,6 +634,15 @@ impl EngineNode for SimEngine {
             }
         })
     }
+}
+
+/// A 409 as Elasticsearch answers it (tests/model.rs, the stale `if_seq_no` write).
+fn conflict(state: &State, index: &str, id: &str) -> Value {
+    let seq_no = state.seq_no;
+    json!({"_index": index, "_id": id, "status": 409, "error": {
+        "type": "version_conflict_engine_exception",
+        "reason": format!("[{id}]: version conflict, required seqNo [{}], primary term [1]. current document has seqNo [{seq_no}] and primary term [1]", seq_no - 1),
+        "index_uuid": "sim", "shard": "0", "index": index}})
 }
 
 /// Elasticsearch's partial update: objects merged key by key, anything else replaced.

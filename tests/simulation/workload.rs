@@ -517,7 +517,7 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
     check_stale(&run, write_timeout);
     let false_noops = run.state.lock().unwrap().false_noops.clone();
     for noop in false_noops {
-        run.violation(format!("a false noop: {noop}"));
+        run.violation(format!("a false answer: {noop}"));
     }
     let mut summary = std::mem::take(&mut *run.summary.lock().unwrap());
     {
