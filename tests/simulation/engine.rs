@@ -8,9 +8,9 @@
 //!   `detect_noop` is false; a missing document is a 404 `document_missing_exception`,
 //!   or, with `upsert`, created from it (201, `created`, version 1);
 //! - `_source: true` adds `get._source` (the document after the update) to the item;
-//! - a write of a concurrent writer between the engine's read and write of a document is
-//!   a conflict, retried `retry_on_conflict` times, then a 409
-//!   `version_conflict_engine_exception` (the concurrent write stays);
+//! - a write of a concurrent writer, or of another call still on its way, between the
+//!   engine's read and write of a document is a conflict, retried `retry_on_conflict`
+//!   times, then a 409 `version_conflict_engine_exception` (the other write stays);
 //! - an item the engine is too busy for is a 429 `es_rejected_execution_exception`;
 //! - the whole call can be refused with a 429 or a 5xx, and nothing is applied;
 //! - answers are `{"errors","took","items"}`, one item per action, in order.

@@ -22,6 +22,10 @@
 //! 4. Every call ends in time: after a shutdown, each request in process ends within
 //!    `storage.write_timeout_ms` + 2 s; the run ends within its virtual bound.
 //! 5. A reply's bytes stay within the bound of src/response.rs for its request's bytes.
+//! 6. No false answer: no `noop` the worker reads for a change that is in the engine only
+//!    because a call of the same worker, given up by it, wrote it; no 409 whose conflict
+//!    was the same worker's earlier call of the same change (what `bulk::for_resend`
+//!    protects a resend from).
 
 use std::collections::BTreeMap;
 use std::fmt;
