@@ -532,8 +532,16 @@ impl SimEngine {
                 let mut merged = current.source.clone();
                 merge(&mut merged, &changes);
                 if detect_noop && merged == current.source {
-                    if let (Writer::Call { call: earlier, .. }, Writer::Call { call, .. }) =
-                        (&current.writer, writer)
+                    // The write that brought the change: the oldest of the latest versions
+                    // that all hold it.
+                    let holds = |v: &&Version| {
+                        let mut m = v.source.clone();
+                        merge(&mut m, &changes);
+                        m == v.source
+                    };
+                    let brought = doc.versions.iter().rev().take_while(holds).last();
+                    if let (Some(Writer::Call { call: earlier, .. }), Writer::Call { call, .. }) =
+                        (brought.map(|v| &v.writer), writer)
                         && earlier != call
                         && state.given_up.contains_key(earlier)
                         && state.call_worker.get(earlier) == state.call_worker.get(call)
