@@ -87,6 +87,25 @@ async fn next(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
         .expect("a delivery")
 }
 
+/// Sends NDJSON `lines` to the collection's `_bulk` endpoint: the engine's answer.
+async fn post_bulk(col: &Collection, lines: &[Value]) -> Value {
+    let mut body = String::new();
+    for line in lines {
+        body.push_str(&line.to_string());
+        body.push('\n');
+    }
+    http()
+        .post(format!("{}/{}/_bulk", col.es, path(&col.physical)))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A first delivery has `redelivered` false; once handed back (nacked with requeue, or
 /// left unacked by a channel that closes) it comes again with `redelivered` true, and
 /// its bytes and properties unchanged.
@@ -428,31 +447,14 @@ async fn a_quorum_queue_dead_letters_past_its_delivery_limit() {
 #[tokio::test]
 async fn the_engine_versions_noops_and_conflicts() {
     let col = Collection::create(&[("a", json!({"n": 0}))]).await;
-    let bulk = |lines: Vec<Value>| {
-        let mut body = String::new();
-        for line in lines {
-            body.push_str(&line.to_string());
-            body.push('\n');
-        }
-        let url = format!("{}/{}/_bulk", col.es, path(&col.physical));
-        async move {
-            let answer: Value = http()
-                .post(url)
-                .header("content-type", "application/x-ndjson")
-                .body(body)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            answer["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|item| item["update"].clone())
-                .collect::<Vec<Value>>()
-        }
+    let bulk = async |lines: Vec<Value>| {
+        let answer = post_bulk(&col, &lines).await;
+        answer["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["update"].clone())
+            .collect::<Vec<Value>>()
     };
     let update = |id: &str, doc: Value, noop: bool| {
         vec![
@@ -509,28 +511,18 @@ async fn the_engine_versions_noops_and_conflicts() {
 #[tokio::test]
 async fn the_engine_upserts_merges_and_returns_sources() {
     let col = Collection::create(&[("a", json!({"n": 0, "o": {"x": 1}}))]).await;
-    let mut body = String::new();
-    for line in [
-        json!({"update": {"_id": "new", "retry_on_conflict": 0}}),
-        json!({"doc": {"n": 1}, "upsert": {"n": 1, "created": true}, "_source": true}),
-        json!({"update": {"_id": "a", "retry_on_conflict": 0}}),
-        json!({"doc": {"o": {"y": 2}}, "_source": true}),
-        json!({"update": {"_id": "a", "retry_on_conflict": 0}}),
-        json!({"doc": {"o": {"y": 2}}, "_source": true}),
-    ] {
-        body.push_str(&line.to_string());
-        body.push('\n');
-    }
-    let answer: Value = http()
-        .post(format!("{}/{}/_bulk", col.es, path(&col.physical)))
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = post_bulk(
+        &col,
+        &[
+            json!({"update": {"_id": "new", "retry_on_conflict": 0}}),
+            json!({"doc": {"n": 1}, "upsert": {"n": 1, "created": true}, "_source": true}),
+            json!({"update": {"_id": "a", "retry_on_conflict": 0}}),
+            json!({"doc": {"o": {"y": 2}}, "_source": true}),
+            json!({"update": {"_id": "a", "retry_on_conflict": 0}}),
+            json!({"doc": {"o": {"y": 2}}, "_source": true}),
+        ],
+    )
+    .await;
     let keys: Vec<&String> = answer.as_object().unwrap().keys().collect();
     assert_eq!(keys, ["errors", "took", "items"], "{answer}");
     assert_eq!(answer["errors"], false);
