@@ -372,9 +372,19 @@ fn basic_properties(props: &port::Props<'_>) -> BasicProperties {
 /// `props` over `carried`'s properties, when there are.
 fn built(props: &port::Props<'_>, carried: Option<&BasicProperties>) -> BasicProperties {
     let mut out = carried.map_or_else(BasicProperties::default, without_user_id);
-    let mut headers = carried
-        .and_then(|p| p.headers().clone())
-        .unwrap_or_default();
+    // The worker's own headers (`x-mupdate-*`) are its word alone: one a producer set
+    // (a forged `x-mupdate-user-id`, say) never rides on where the worker sets none.
+    let mut headers = FieldTable::default();
+    for (name, value) in carried
+        .and_then(|p| p.headers().as_ref())
+        .map(|h| h.inner().iter())
+        .into_iter()
+        .flatten()
+    {
+        if !name.as_str().starts_with("x-mupdate-") {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
     for (name, value) in &props.headers {
         headers.insert((*name).into(), amqp_value(value));
     }
@@ -455,6 +465,10 @@ mod tests {
         let mut headers = FieldTable::default();
         headers.insert("mine".into(), AMQPValue::LongString("kept".into()));
         headers.insert("x-mupdate-reason".into(), AMQPValue::Boolean(false));
+        headers.insert(
+            "x-mupdate-user-id".into(),
+            AMQPValue::LongString("admin".into()),
+        );
         let delivered = BasicProperties::default()
             .with_user_id("alice".into())
             .with_expiration("60000".into())
@@ -490,6 +504,11 @@ mod tests {
             "the worker's headers go over the delivery's"
         );
         assert_eq!(header("x-mupdate-applied"), Some(AMQPValue::Boolean(false)));
+        assert_eq!(
+            header("x-mupdate-user-id"),
+            None,
+            "a producer's x-mupdate-* header is not carried where the worker sets none"
+        );
     }
 
     #[test]
