@@ -51,6 +51,8 @@ for t in tests/*.rs; do
   name=$(basename "$t" .rs)
   case " $skip " in *" $name "*) ;; *) targets+=(--test "$name") ;; esac
 done
+# The deterministic simulation (tests/simulation/, no server): it prints the seeds it ran.
+targets+=(--test simulation)
 scripts/ops.sh install
 cargo test "${targets[@]}" "$@"
 

@@ -407,6 +407,7 @@ impl Storage {
         );
         tokio::pin!(call);
         let result = tokio::select! {
+            biased;
             result = &mut call => result,
             _ = tokio::time::sleep(self.timeout) => {
                 self.metrics.slow_writes.inc();
@@ -481,8 +482,9 @@ fn cancellable_sleep(
         let cancel = cancel.clone();
         Box::pin(async move {
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                biased;
                 _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         })
     }

@@ -501,3 +501,64 @@ async fn the_engine_versions_noops_and_conflicts() {
     let (source, version) = col.get("a").await;
     assert_eq!((source["n"].clone(), version), (json!(1), 3));
 }
+
+/// What else the engine model of tests/simulation copies: a missing document with
+/// `upsert` is created from it (201, `created`, version 1); an update merges objects key
+/// by key; `_source: true` adds `get._source`, the document after the update, a no-op's
+/// included; the answer's keys are `errors`, `took`, `items`, in that order.
+#[tokio::test]
+async fn the_engine_upserts_merges_and_returns_sources() {
+    let col = Collection::create(&[("a", json!({"n": 0, "o": {"x": 1}}))]).await;
+    let mut body = String::new();
+    for line in [
+        json!({"update": {"_id": "new", "retry_on_conflict": 0}}),
+        json!({"doc": {"n": 1}, "upsert": {"n": 1, "created": true}, "_source": true}),
+        json!({"update": {"_id": "a", "retry_on_conflict": 0}}),
+        json!({"doc": {"o": {"y": 2}}, "_source": true}),
+        json!({"update": {"_id": "a", "retry_on_conflict": 0}}),
+        json!({"doc": {"o": {"y": 2}}, "_source": true}),
+    ] {
+        body.push_str(&line.to_string());
+        body.push('\n');
+    }
+    let answer: Value = http()
+        .post(format!("{}/{}/_bulk", col.es, path(&col.physical)))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let keys: Vec<&String> = answer.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["errors", "took", "items"], "{answer}");
+    assert_eq!(answer["errors"], false);
+    let items: Vec<&Value> = answer["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| &i["update"])
+        .collect();
+    let seen = |i: &Value| {
+        (
+            i["status"].clone(),
+            i["result"].clone(),
+            i["_version"].clone(),
+        )
+    };
+    assert_eq!(seen(items[0]), (json!(201), json!("created"), json!(1)));
+    assert_eq!(items[0]["get"]["_source"], json!({"n": 1, "created": true}));
+    assert_eq!(seen(items[1]), (json!(200), json!("updated"), json!(2)));
+    let merged = json!({"n": 0, "o": {"x": 1, "y": 2}});
+    assert_eq!(items[1]["get"]["_source"], merged);
+    assert_eq!(seen(items[2]), (json!(200), json!("noop"), json!(2)));
+    assert_eq!(items[2]["get"]["_source"], merged, "a no-op's source too");
+    let shards = json!({"total": 2, "successful": 1, "failed": 0});
+    assert_eq!(
+        (&items[1]["_shards"], &items[2]["_shards"]),
+        (&shards, &shards)
+    );
+    let (source, version) = col.get("a").await;
+    assert_eq!((source, version), (merged, 2));
+}

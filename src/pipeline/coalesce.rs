@@ -305,11 +305,14 @@ impl Coalescer {
         } else {
             &self.plain
         };
+        // `biased`, here and on every wait of a request's path: one seed of the
+        // simulation is one run (tests/simulation); handed-back work never goes in.
         tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(BulkError::Abandoned),
             sent = lane.send(job) => if sent.is_err() {
                 return Err(BulkError::Refused(503, "the worker is shutting down".into()));
             },
-            _ = cancel.cancelled() => return Err(BulkError::Abandoned),
         }
         result
             .await
@@ -359,6 +362,7 @@ async fn batch_loop(lane: Lane, limits: BatchLimits, mut queue: mpsc::Receiver<J
                 Ok(job) => Some(job),
                 Err(_) if limits.linger.is_zero() || linger.is_elapsed() => None,
                 Err(_) => tokio::select! {
+                    biased;
                     job = queue.recv() => job,
                     _ = &mut linger => None,
                 },
@@ -382,6 +386,7 @@ async fn batch_loop(lane: Lane, limits: BatchLimits, mut queue: mpsc::Receiver<J
                 break;
             }
             tokio::select! {
+                biased;
                 _ = calls.ended.notified() => {}
                 job = queue.recv() => match job {
                     Some(job) => match batch.add(job, &limits, lane.gate.per_call()) {
@@ -525,8 +530,9 @@ async fn back_off(jobs: &mut Vec<Job>, wait: Duration) {
             let cancelled = jobs.iter().map(|j| Box::pin(j.cancel.cancelled()));
             let any = futures_util::future::select_all(cancelled);
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => false,
+                biased;
                 _ = any => true,
+                _ = tokio::time::sleep_until(deadline) => false,
             }
         };
         if !handed_back {
@@ -548,8 +554,9 @@ async fn enter(gate: &SourceGate, jobs: &mut Vec<Job>) -> Option<Option<OwnedSem
         let cancelled = jobs.iter().map(|j| Box::pin(j.cancel.cancelled()));
         let any = futures_util::future::select_all(cancelled);
         tokio::select! {
-            permit = gate.enter(sources) => return Some(permit),
+            biased;
             _ = any => {}
+            permit = gate.enter(sources) => return Some(permit),
         }
     }
 }

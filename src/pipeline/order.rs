@@ -50,19 +50,23 @@ impl Sequencer {
         let keys = self.keys(body);
         let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let over = CancellationToken::new();
-        let mut after: Vec<CancellationToken> = Vec::new();
+        let mut after: Vec<(u64, CancellationToken)> = Vec::new();
         {
             let mut latest = self.latest.lock().expect("poisoned");
             for key in &keys {
-                if let Some((_, before)) = latest.insert(*key, (seq, over.clone()))
+                if let Some((earlier, before)) = latest.insert(*key, (seq, over.clone()))
                     && !before.is_cancelled()
                 {
-                    after.push(before);
+                    after.push((earlier, before));
                 }
             }
         }
+        // Waited for in the order of their turns, not of the keys' hashes (keyed at
+        // random per process): one seed, one run of tests/simulation.
+        after.sort_unstable_by_key(|(earlier, _)| *earlier);
+        after.dedup_by_key(|(earlier, _)| *earlier);
         Turn {
-            after,
+            after: after.into_iter().map(|(_, before)| before).collect(),
             _over: over.drop_guard(),
             keys,
             seq,
@@ -104,9 +108,11 @@ impl Turn {
     /// `cancel` (this request handed back) comes first.
     pub async fn wait(&mut self, cancel: &CancellationToken) -> bool {
         while let Some(before) = self.after.last() {
+            // `biased` (one seed, one run of tests/simulation): handed back wins.
             tokio::select! {
-                _ = before.cancelled() => { self.after.pop(); }
+                biased;
                 _ = cancel.cancelled() => return false,
+                _ = before.cancelled() => { self.after.pop(); }
             }
         }
         true

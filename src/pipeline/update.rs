@@ -111,8 +111,9 @@ where
                 "engine rejected items; sending them again"
             );
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                biased;
                 _ = cancel.cancelled() => return Err(Abandoned),
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
