@@ -33,11 +33,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mupdate_worker::config::{Format, Settings};
-use mupdate_worker::pipeline::envelope::Properties;
+use mupdate_worker::lifecycle::worker::Processor;
 use mupdate_worker::metrics::Metrics;
+use mupdate_worker::pipeline::envelope::Properties;
 use mupdate_worker::pipeline::order::Sequencer;
 use mupdate_worker::storage::{Node, Storage};
-use mupdate_worker::lifecycle::worker::Processor;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::{Map, Value, json};
