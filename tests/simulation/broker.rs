@@ -211,6 +211,8 @@ pub struct State {
     pub violations: Vec<String>,
     /// Worker connections blocked now (an alarm).
     alarm: bool,
+    /// Confirms that came late (a broker too busy): each may hand requests back.
+    pub slow_confirms: u64,
 }
 
 /// The simulated broker; cheap to clone.
@@ -606,6 +608,7 @@ impl SimBroker {
         self.dispatch(state);
         // Its confirm comes later: a `multiple` ack up to it.
         let delay = if self.chance(self.0.faults.slow_confirm) {
+            state.slow_confirms += 1;
             self.millis(100, 3000)
         } else {
             self.millis(0, 15)
