@@ -61,6 +61,8 @@ pub struct BrokerFaults {
     pub nack: f64,
     /// A connection refused.
     pub refuse_connect: f64,
+    /// An ack lost: the connection drops with it unread (lapin said it was sent).
+    pub lost_ack: f64,
 }
 
 /// A message's properties, as the broker keeps them (and a delivery's `Original`).
@@ -213,6 +215,8 @@ pub struct State {
     alarm: bool,
     /// Confirms that came late (a broker too busy): each may hand requests back.
     pub slow_confirms: u64,
+    /// Acks lost with their connection.
+    pub lost_acks: u64,
 }
 
 /// The simulated broker; cheap to clone.
@@ -757,6 +761,15 @@ impl SimBroker {
                 chan,
                 "PRECONDITION_FAILED - unknown delivery tag",
             );
+            return true;
+        }
+        if how == "ack" && self.chance(self.0.faults.lost_ack) {
+            let conn = ch.conn;
+            state.lost_acks += 1;
+            self.event(format!(
+                "broker: connection {conn} dropped with worker {worker}'s ack of tag {tag} unread"
+            ));
+            self.close_conn(&mut state, conn, "connection lost");
             return true;
         }
         let tags: Vec<u64> = if multiple {

@@ -33,8 +33,10 @@
 //! 6. each message is handed back no more often than the run's events can explain (an
 //!    outage costs a request one delivery attempt at most: the pause);
 //! 7. every worker exits within `worker.shutdown_timeout_ms` + 2 s of its shutdown;
-//! 8. the bytes a worker holds stay within `amqp.max_held_bytes` + its prefetch × the
-//!    largest request.
+//! 8. the bytes a worker holds stay within `amqp.max_held_bytes` + (its highest
+//!    prefetch + 1) × the largest request (what module `prefetch` allows over the bound:
+//!    the deliveries of the consumer in force when larger requests came, and the one the
+//!    next consumer takes at least).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -388,6 +390,7 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
         slow_confirm: 0.1 * broker_storm,
         nack: 0.02 * broker_storm,
         refuse_connect: 0.1 * broker_storm,
+        lost_ack: 0.05 * broker_storm,
     };
     let shared_rng = Arc::new(Mutex::new(StdRng::seed_from_u64(rng.random())));
     let broker = SimBroker::new(shared_rng.clone(), trace.clone(), broker_faults);
@@ -605,14 +608,19 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
     let sampler = {
         let run = run.clone();
         tokio::spawn(async move {
+            // Each worker's highest prefetch yet: a consumer's deliveries are still held
+            // when the next consumer (one at least) starts (module `prefetch`).
+            let mut highest: BTreeMap<u32, i64> = BTreeMap::new();
             loop {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 let largest = *run.largest.lock().unwrap() as i64;
                 let most = run.settings.amqp.max_held_bytes as i64;
                 let live = run.live.lock().unwrap().clone();
                 for (instance, metrics) in live {
                     let held = metrics.held_bytes.get();
-                    let prefetch = metrics.prefetch.get().max(1);
+                    let seen = highest.entry(instance).or_default();
+                    *seen = (*seen).max(metrics.prefetch.get().max(1));
+                    let prefetch = *seen + 1;
                     if held > most + prefetch * largest {
                         run.violation(format!(
                             "worker {instance} holds {held} bytes (max_held_bytes {most}, prefetch {prefetch}, largest request {largest})"
@@ -975,7 +983,10 @@ fn check(run: &Run) {
     drop(state);
     let same_request =
         |a: &Sent, b: &Sent| a.body == b.body && without_trace(&a.props) == without_trace(&b.props);
-    let hand_backs = *run.hand_backs.lock().unwrap() + run.broker.state().slow_confirms;
+    let hand_backs = {
+        let broker = run.broker.state();
+        *run.hand_backs.lock().unwrap() + broker.slow_confirms + broker.lost_acks
+    };
     let most = run.settings.worker.answered_max_bytes / 56;
     for s in &sent {
         let msg_outs = outs.get(&s.msg).map(Vec::as_slice).unwrap_or_default();
