@@ -217,6 +217,8 @@ pub struct State {
     pub slow_confirms: u64,
     /// Acks lost with their connection.
     pub lost_acks: u64,
+    /// Messages at their end: acked, or dead-lettered by the broker.
+    pub ended: std::collections::BTreeSet<u64>,
 }
 
 /// The simulated broker; cheap to clone.
@@ -489,6 +491,7 @@ impl SimBroker {
                 msg.id
             ));
             state.events.push(Event::BrokerDeadLettered { msg: msg.id });
+            state.ended.insert(msg.id);
             msg.props.set(
                 "x-delivery-count",
                 Value::LongLongInt(i64::from(msg.returns)),
@@ -800,12 +803,15 @@ impl SimBroker {
                 }
                 "reject" => {
                     state.events.push(Event::BrokerDeadLettered { msg: msg.id });
+                    state.ended.insert(msg.id);
                     let dlx = state.queues.get(&queue).and_then(|q| q.dlx.clone());
                     if let Some(dlx) = dlx {
                         self.route(&mut state, &dlx, &queue, msg);
                     }
                 }
-                _ => {}
+                _ => {
+                    state.ended.insert(msg.id);
+                }
             }
         }
         self.dispatch(&mut state);

@@ -612,7 +612,7 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
             // when the next consumer (one at least) starts (module `prefetch`).
             let mut highest: BTreeMap<u32, i64> = BTreeMap::new();
             loop {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 let largest = *run.largest.lock().unwrap() as i64;
                 let most = run.settings.amqp.max_held_bytes as i64;
                 let live = run.live.lock().unwrap().clone();
@@ -832,34 +832,18 @@ async fn wait_for_reply(run: &Run, queue: &str, sent: &Sent) {
 /// Whether message `msg` came to its end (acked, or dead-lettered by the broker) with no
 /// reply in its queue: the worker dead-lettered it, or the broker did.
 fn ended(run: &Run, msg: u64) -> bool {
-    run.broker.state().events.iter().any(|e| match e {
-        Event::BrokerDeadLettered { msg: m } => *m == msg,
-        Event::Settled { msg: m, how, .. } => *m == msg && *how == "ack",
-        _ => false,
-    })
+    run.broker.state().ended.contains(&msg)
 }
 
 /// Whether every message sent came to its end: acked, or dead-lettered by the broker,
 /// none waiting or unacked.
 fn all_ended(run: &Run) -> bool {
-    let sent: BTreeSet<u64> = run.sent.lock().unwrap().iter().map(|s| s.msg).collect();
-    let state = run.broker.state();
-    let mut ended = BTreeSet::new();
-    for e in &state.events {
-        match e {
-            Event::Settled {
-                msg, how: "ack", ..
-            } => {
-                ended.insert(*msg);
-            }
-            Event::BrokerDeadLettered { msg, .. } => {
-                ended.insert(*msg);
-            }
-            _ => {}
-        }
-    }
-    drop(state);
-    sent.iter().all(|m| ended.contains(m)) && run.broker.ready(REQUESTS) == 0
+    let sent: Vec<u64> = run.sent.lock().unwrap().iter().map(|s| s.msg).collect();
+    let all = {
+        let state = run.broker.state();
+        sent.iter().all(|m| state.ended.contains(m))
+    };
+    all && run.broker.ready(REQUESTS) == 0
 }
 
 /// A reply's successes are in the engine, at the version it states.
