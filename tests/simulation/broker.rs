@@ -217,6 +217,9 @@ pub struct State {
     pub slow_confirms: u64,
     /// Acks lost with their connection.
     pub lost_acks: u64,
+    /// Faults that end a worker's session (a connection dropped or refused, a consuming
+    /// channel closed, a consumer cancelled).
+    pub session_faults: u64,
     /// Messages at their end: acked, or dead-lettered by the broker.
     pub ended: std::collections::BTreeSet<u64>,
 }
@@ -351,6 +354,7 @@ impl SimBroker {
         }
         let conn = open[self.0.rng.lock().unwrap().random_range(0..open.len())];
         self.event(format!("broker: connection {conn} dropped"));
+        state.session_faults += 1;
         self.close_conn(
             &mut state,
             conn,
@@ -373,6 +377,7 @@ impl SimBroker {
         }
         let chan = consuming[self.0.rng.lock().unwrap().random_range(0..consuming.len())];
         self.event(format!("broker: channel {chan} closed"));
+        state.session_faults += 1;
         self.close_chan(&mut state, chan, "channel closed by the broker");
         true
     }
@@ -388,6 +393,7 @@ impl SimBroker {
         }
         let i = active[self.0.rng.lock().unwrap().random_range(0..active.len())];
         self.event(format!("broker: consumer {i} cancelled"));
+        state.session_faults += 1;
         let consumer = &mut state.consumers[i];
         consumer.active = false;
         consumer.sender = None;
@@ -769,6 +775,7 @@ impl SimBroker {
         if how == "ack" && self.chance(self.0.faults.lost_ack) {
             let conn = ch.conn;
             state.lost_acks += 1;
+            state.session_faults += 1;
             self.event(format!(
                 "broker: connection {conn} dropped with worker {worker}'s ack of tag {tag} unread"
             ));
@@ -860,6 +867,7 @@ impl BrokerLink for Link {
             if self.broker.chance(self.broker.0.faults.refuse_connect) {
                 self.broker
                     .event(format!("broker: worker {} connect refused", self.worker));
+                self.broker.state().session_faults += 1;
                 return Err(closed("connection refused"));
             }
             let mut state = self.broker.state();

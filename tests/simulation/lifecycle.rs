@@ -228,6 +228,8 @@ struct Run {
     /// Live workers' metrics (instance, metrics), for the held bytes.
     live: Mutex<Vec<(u32, Arc<Metrics>)>>,
     largest: Mutex<usize>,
+    /// Sessions the workers started again.
+    reconnects: Mutex<u64>,
 }
 
 impl Run {
@@ -451,6 +453,7 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
         summary: Mutex::default(),
         live: Mutex::default(),
         largest: Mutex::new(0),
+        reconnects: Mutex::new(0),
     });
     let outage = Arc::new(Mutex::new(Outage::None));
     let done = CancellationToken::new();
@@ -543,6 +546,7 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
                 }
                 let pauses = metrics.pauses.get();
                 *run.hand_backs.lock().unwrap() += pauses;
+                *run.reconnects.lock().unwrap() += metrics.reconnects.get();
                 run.live.lock().unwrap().retain(|(i, _)| *i != instance);
                 if last {
                     return;
@@ -1062,6 +1066,14 @@ fn check(run: &Run) {
         }
     }
     let _ = by_msg;
+    // 10. A session ends only by a fault of the broker's.
+    let reconnects = *run.reconnects.lock().unwrap();
+    let session_faults = run.broker.state().session_faults;
+    if reconnects > session_faults {
+        run.violation(format!(
+            "{reconnects} sessions started again, with {session_faults} broker faults that end one"
+        ));
+    }
     check_stale(run, &sent, &reached, &deliveries);
 }
 
