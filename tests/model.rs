@@ -143,6 +143,48 @@ async fn a_delivery_handed_back_comes_again_flagged_redelivered() {
     amqp.close().await;
 }
 
+/// `basic.qos` (not global) sets the prefetch of the consumers a channel starts after it,
+/// each its own: a consumer started with 1 holds at most one unacked delivery, one started
+/// later on the same channel with 3 holds three more beside it (its own count, the first
+/// one's unacked delivery not counted). The simulated broker serves each consumer up to
+/// its own prefetch: how the worker's prefetch changes (a new consumer) admit more.
+#[tokio::test]
+async fn each_consumer_holds_up_to_the_prefetch_set_before_it_started() {
+    let queue = fresh("model-prefetch");
+    let amqp = Amqp::open().await;
+    declare(&amqp.channel, &queue, FieldTable::default()).await;
+    for n in 0..8 {
+        publish(&amqp.channel, &queue, b"x", numbered(n)).await;
+    }
+    let channel = amqp.connection.create_channel().await.unwrap();
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut first = consumer(&channel, &queue).await;
+    let one = next(&mut first).await;
+    let more = tokio::time::timeout(std::time::Duration::from_millis(500), first.next()).await;
+    assert!(more.is_err(), "the first consumer holds one: {more:?}");
+    channel
+        .basic_qos(3, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut second = consumer(&channel, &queue).await;
+    for _ in 0..3 {
+        next(&mut second).await;
+    }
+    let more = tokio::time::timeout(std::time::Duration::from_millis(500), second.next()).await;
+    assert!(
+        more.is_err(),
+        "the second holds three beside the first's one: {more:?}"
+    );
+    let more = tokio::time::timeout(std::time::Duration::from_millis(300), first.next()).await;
+    assert!(more.is_err(), "and the first still one: {more:?}");
+    drop(one);
+    delete_queues(&[&queue]).await;
+    amqp.close().await;
+}
+
 /// A mandatory publish that reaches no queue is returned (`basic.return`, the message
 /// with its properties) and then confirmed with an ack, never a nack: the confirm alone
 /// does not say it was routed. lapin hands the returned message over with a confirm.

@@ -142,13 +142,23 @@ impl Replies {
         &self,
         message: Message<'_>,
     ) -> Result<Published, BrokerError> {
-        let slot = bounded(
+        // Every reply channel busy for as long as a confirm may take (confirms that are
+        // late, a blocked connection): this one is unconfirmed too, and goes back to the
+        // queue; the connection is not lost for it.
+        let slot = match bounded(
             "a reply channel",
             self.confirm_timeout,
             &self.stop,
             self.slots.acquire(),
         )
-        .await?;
+        .await
+        {
+            Ok(slot) => slot,
+            Err(Interrupted::TimedOut { .. }) if self.connected() => {
+                return Ok(Published::Unconfirmed);
+            }
+            Err(interrupted) => return Err(interrupted.into()),
+        };
         let Ok(_slot) = slot else {
             return Ok(Published::Refused);
         };

@@ -124,7 +124,12 @@ impl Sizing {
         if self.seen < 2 * usize::from(self.current) {
             return false;
         }
-        let higher = fits > self.current && fits >= self.current.saturating_mul(2).min(self.most);
+        // Never higher while the bytes held fill the bound: the next consumer would be
+        // given one delivery more (one at least), on top of those still held, at each
+        // change, without end while they are held.
+        let higher = held < self.budget
+            && fits > self.current
+            && fits >= self.current.saturating_mul(2).min(self.most);
         if !higher {
             (self.largest, self.seen) = (0, 0);
         }
@@ -180,6 +185,18 @@ mod tests {
             "after twice each prefetch"
         );
         assert!((0..10_000).all(|_| !s.received(500, 500)), "at its most");
+    }
+
+    #[test]
+    fn it_never_rises_while_the_bytes_held_fill_the_bound() {
+        // Small requests, but stuck ones hold the whole budget: no new consumer (each
+        // would take one more), however many arrive.
+        let mut s = Sizing::new(16, 4 * MIB, 16 * MIB);
+        assert_eq!(s.prefetch(), 1);
+        assert!((0..1000).all(|_| !s.received(500, 4 * MIB)));
+        // Once they are settled, after twice the prefetch of small ones.
+        assert!(!s.received(500, 500));
+        assert!(s.received(500, 500), "it rises again");
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! the clock; `-- --seed N` replays one, printing its trace; `-- --seeds N` runs N in all;
 //! `-- --duration 10m` runs fresh seeds for that long; `SIM_SEEDS=N` is `--seeds N`.
 
+mod broker;
 mod engine;
+mod lifecycle;
 mod trace;
 mod workload;
 
@@ -132,6 +134,14 @@ fn main() {
             ),
             Err(reason) => fail(seed, &reason, &trace),
         }
+        let (result, trace) = lifecycle::run(seed, true);
+        match result {
+            Ok(summary) => println!(
+                "simulation: seed {seed} (lifecycle) passed: {summary}; trace hash {:016x}",
+                trace.hash()
+            ),
+            Err(reason) => fail(seed, &reason, &trace),
+        }
         return;
     }
 
@@ -156,6 +166,10 @@ fn main() {
     // trace (a `select!` left unbiased or a random hasher's order shows here).
     for seed in [0, 1, 2, 3, fresh_base] {
         let (first, again) = (run(seed, false).1, run(seed, false).1);
+        let (first, again) = match first.hash() == again.hash() {
+            true => (lifecycle::run(seed, false).1, lifecycle::run(seed, false).1),
+            false => (first, again),
+        };
         if first.hash() != again.hash() {
             println!(
                 "simulation: seed {seed} is not deterministic: trace hashes {:016x} and {:016x}",
@@ -172,6 +186,7 @@ fn main() {
     }
 
     let mut total = workload::Totals::default();
+    let mut lifecycle_total = lifecycle::Summary::default();
     let mut count = 0u64;
     let mut slowest = (Duration::ZERO, 0);
     for i in 0.. {
@@ -197,6 +212,10 @@ fn main() {
             Ok(summary) => total.add(&summary),
             Err(reason) => fail(seed, &reason, &trace),
         }
+        match lifecycle::run(seed, false) {
+            (Ok(summary), _) => lifecycle_total.add(&summary),
+            (Err(reason), trace) => fail(seed, &reason, &trace),
+        }
         count += 1;
         if count.is_multiple_of(10_000) {
             println!("simulation: {count} seeds, {:?}", started.elapsed());
@@ -208,4 +227,5 @@ fn main() {
         slowest.1,
         slowest.0
     );
+    println!("simulation: the whole worker (lifecycle): {lifecycle_total}");
 }

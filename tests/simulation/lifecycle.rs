@@ -1,0 +1,1132 @@
+//! The whole worker in the simulation: one to three workers (`session::run_with`, each
+//! with its own sessions, handler, ticket, replies, pause and prefetch) consume one
+//! request queue of the simulated broker (`broker.rs`) and write to the simulated engine
+//! (`engine.rs`), on a current-thread runtime with paused time, every choice drawn from
+//! the seed.
+//!
+//! Workload: clients that wait for each reply update shared documents in turn (each its
+//! own counter `c{k}`, raised by one per request); producers that never wait, their
+//! replies to a queue of their own, to a queue that does not exist (unroutable), to a
+//! queue that refuses every publish (`x-max-length` 0, `reject-publish`: nacked), or to
+//! the worker's reply queue; byte-identical requests without ids; a `requestId` used
+//! again for other bytes or by another user. Faults: SIGTERM (the shutdown token) at any
+//! moment and a worker started again after it, connections and channels dropped,
+//! consumers cancelled, memory alarms, engine outages (an overload of whole-call 429s, or
+//! every connection refused), the engine's own faults, slow confirms and nacks.
+//!
+//! Invariants (each message of the clients is followed by its `traceparent`, which the
+//! worker carries onto its reply and its dead letter):
+//! 1. every delivery settled at most once (the broker fails a settlement of a delivery
+//!    that is not unacked); at the end every message is acked or dead-lettered by the
+//!    broker, none left;
+//! 2. nothing acked that was not answered (a confirmed reply that reached a queue) or
+//!    dead-lettered by the worker (confirmed), or skipped as a redelivery of the same
+//!    request (same identity, bytes, user and properties) this same worker answered;
+//! 3. a worker applies no request twice that it answered, while its answered set holds
+//!    it (`worker.answered_max_bytes`, one by one);
+//! 4. every reply that reached no queue is dead-lettered (`unroutable`), and no request
+//!    whose reply queue exists is;
+//! 5. no acknowledged update overwritten by an older one for clients that wait (a
+//!    counter never goes down in the engine), but for the documented cases: a write
+//!    given up after `write_timeout_ms` landing late, and a request redelivered after its
+//!    reply (its ack lost) to a worker that does not know it answered it;
+//! 6. each message is handed back no more often than the run's events can explain (an
+//!    outage costs a request one delivery attempt at most: the pause);
+//! 7. every worker exits within `worker.shutdown_timeout_ms` + 2 s of its shutdown;
+//! 8. the bytes a worker holds stay within `amqp.max_held_bytes` + (its highest
+//!    prefetch + 1) × the largest request (what module `prefetch` allows over the bound:
+//!    the deliveries of the consumer in force when larger requests came, and the one the
+//!    next consumer takes at least).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mupdate_worker::broker::port::Value;
+use mupdate_worker::config::{QueueType, Settings};
+use mupdate_worker::metrics::Metrics;
+use mupdate_worker::storage::Node;
+use mupdate_worker::storage::port::{Answer, Call, EngineNode, Exchange, Failure, FailureKind};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde_json::{Map, Value as Json, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{BrokerFaults, Event, Props, SimBroker};
+use crate::engine::{Faults, GaveUp, SimEngine, State, Writer};
+use crate::trace::Trace;
+
+const INDEX: &str = "shop";
+const COLLECTION: &str = "c";
+const TARGET: &str = "&shop.c";
+const REQUESTS: &str = "mupdate.requests";
+/// No run may take longer, in virtual time.
+const RUN_BOUND: Duration = Duration::from_secs(3600);
+const REASON: &str = "x-mupdate-reason";
+
+/// What one run did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    requests: u64,
+    deliveries: u64,
+    redeliveries: u64,
+    replies: u64,
+    dead_letters: u64,
+    shutdowns: u64,
+    faults: u64,
+    documented_stale: u64,
+    virtual_time: Duration,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} requests, {} deliveries ({} redelivered), {} replies, {} dead letters, {} SIGTERMs, {} broker and engine outages, {} stale writes of the documented kinds, {:.1?} virtual",
+            self.requests,
+            self.deliveries,
+            self.redeliveries,
+            self.replies,
+            self.dead_letters,
+            self.shutdowns,
+            self.faults,
+            self.documented_stale,
+            self.virtual_time
+        )
+    }
+}
+
+impl Summary {
+    pub fn add(&mut self, s: &Summary) {
+        self.requests += s.requests;
+        self.deliveries += s.deliveries;
+        self.redeliveries += s.redeliveries;
+        self.replies += s.replies;
+        self.dead_letters += s.dead_letters;
+        self.shutdowns += s.shutdowns;
+        self.faults += s.faults;
+        self.documented_stale += s.documented_stale;
+        self.virtual_time += s.virtual_time;
+    }
+}
+
+/// One seed's run of the whole worker: its summary or what failed, and its trace.
+pub fn run(seed: u64, echo: bool) -> (Result<Summary, String>, Trace) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    fastrand::seed(seed ^ 0x5eed);
+    if echo && std::env::var_os("SIM_LOGS").is_some() {
+        // The worker's own logs among the trace's events (wall-clock times left out).
+        let _ = tracing_subscriber::fmt()
+            .without_time()
+            .with_max_level(tracing::Level::INFO)
+            .try_init();
+    }
+    let trace = runtime.block_on(async { Trace::new(echo) });
+    let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        runtime.block_on(simulate(seed, trace.clone()))
+    }));
+    drop(runtime);
+    let result = match ran {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            Err(format!("lifecycle: panicked: {message}"))
+        }
+    };
+    (result, trace)
+}
+
+/// An engine outage the run draws: whole-call 429s (an overload), or nothing taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outage {
+    None,
+    Overload,
+    Down,
+}
+
+/// The simulated engine node, behind a switch for outages.
+struct Switched {
+    inner: SimEngine,
+    outage: Arc<Mutex<Outage>>,
+}
+
+impl EngineNode for Switched {
+    fn exchange<'a>(&'a self, call: Call<'a>) -> Exchange<'a> {
+        let outage = *self.outage.lock().unwrap();
+        match outage {
+            Outage::None => self.inner.exchange(call),
+            Outage::Down => Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                Err(Failure {
+                    kind: FailureKind::NeverSent,
+                    message: "connection refused".into(),
+                })
+            }),
+            Outage::Overload if call.path.ends_with("_bulk") => Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let reason = "rejected execution of coordinating operation";
+                Ok(Answer {
+                    status: 429,
+                    body: serde_json::to_vec(&json!({"error": {
+                        "root_cause": [{"type": "es_rejected_execution_exception", "reason": reason}],
+                        "type": "es_rejected_execution_exception", "reason": reason}, "status": 429}))
+                    .unwrap(),
+                })
+            }),
+            // Reads answer during an overload.
+            Outage::Overload => self.inner.exchange(call),
+        }
+    }
+}
+
+/// `_id` → the changes of each of a request's entries.
+type Changes = Vec<(String, Map<String, Json>)>;
+
+/// A client's message, as the invariants follow it.
+#[derive(Debug, Clone)]
+struct Sent {
+    label: String,
+    /// The broker's number for it.
+    msg: u64,
+    body: Vec<u8>,
+    props: Props,
+    /// Whether it names itself (a `requestId`, or a `message_id`).
+    identified: bool,
+    /// Its reply queue: a client's, or one that does not exist, or one that refuses.
+    to: Route,
+    changes: Changes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Exists,
+    Unroutable,
+    Refusing,
+}
+
+struct Run {
+    broker: SimBroker,
+    state: Arc<Mutex<State>>,
+    trace: Trace,
+    settings: Settings,
+    sent: Mutex<Vec<Sent>>,
+    violations: Mutex<Vec<String>>,
+    next_trace: Mutex<u64>,
+    /// Events that hand deliveries back (SIGTERMs, faults, outages, pauses).
+    hand_backs: Mutex<u64>,
+    summary: Mutex<Summary>,
+    /// Live workers' metrics (instance, metrics), for the held bytes.
+    live: Mutex<Vec<(u32, Arc<Metrics>)>>,
+    largest: Mutex<usize>,
+    /// Sessions the workers started again.
+    reconnects: Mutex<u64>,
+}
+
+impl Run {
+    fn violation(&self, what: String) {
+        self.trace.event(format!("VIOLATION: {what}"));
+        self.violations.lock().unwrap().push(what);
+    }
+
+    /// Publishes a client's request to the request queue, once a worker declared it.
+    async fn publish(
+        &self,
+        label: String,
+        body: Vec<u8>,
+        mut props: Props,
+        identified: bool,
+        to: Route,
+        changes: Changes,
+    ) -> Sent {
+        let number = {
+            let mut n = self.next_trace.lock().unwrap();
+            *n += 1;
+            *n
+        };
+        props.headers.push((
+            "traceparent".into(),
+            Value::LongString(traceparent(number).into_bytes().into()),
+        ));
+        {
+            let mut largest = self.largest.lock().unwrap();
+            *largest = (*largest).max(body.len());
+        }
+        while !self.broker.exists(REQUESTS) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let msg = self
+            .broker
+            .client_publish(REQUESTS, body.clone(), props.clone());
+        self.trace.event(format!("{label}: sent as message {msg}"));
+        self.summary.lock().unwrap().requests += 1;
+        let sent = Sent {
+            label,
+            msg,
+            body,
+            props,
+            identified,
+            to,
+            changes,
+        };
+        self.sent.lock().unwrap().push(sent.clone());
+        sent
+    }
+}
+
+fn traceparent(n: u64) -> String {
+    format!("00-{n:032x}-00000000000000a1-01")
+}
+
+/// A request's body: entries on `ids` setting `field` to `value`.
+fn request(
+    rng: &mut StdRng,
+    ids: &[String],
+    field: &str,
+    value: i64,
+    request_id: Option<&str>,
+) -> (Vec<u8>, Changes) {
+    let upsert = rng.random_bool(0.3);
+    let mut documents = Vec::new();
+    let mut changes = Vec::new();
+    for _ in 0..rng.random_range(1..=3) {
+        let id = ids[rng.random_range(0..ids.len())].clone();
+        let mut body = Map::new();
+        body.insert(field.into(), json!(value));
+        changes.push((id.clone(), body.clone()));
+        documents.push(if upsert {
+            json!({"_id": id, "changes": body, "default": {"created": true}})
+        } else {
+            json!({"_id": id, "body": body})
+        });
+    }
+    let mut envelope = json!({
+        "index": INDEX, "collection": COLLECTION, "controller": "document",
+        "action": if upsert { "mUpsert" } else { "mUpdate" },
+        "body": {"documents": documents},
+    });
+    if let Some(id) = request_id {
+        envelope["requestId"] = json!(id);
+    }
+    if rng.random_bool(0.5) {
+        envelope["retryOnConflict"] = json!(rng.random_range(0..=3));
+    }
+    (serde_json::to_vec(&envelope).unwrap(), changes)
+}
+
+fn settings(rng: &mut StdRng, outages: bool) -> Settings {
+    let mut settings = Settings::defaults();
+    settings.metrics.listen.clear();
+    let a = &mut settings.amqp;
+    a.url = "amqp://sim:5672".into();
+    a.prefetch = rng.random_range(1..=20);
+    a.max_held_bytes = rng.random_range(1..=32) * 1024;
+    a.reply_attempts = rng.random_range(1..=3);
+    a.reply_channels = rng.random_range(1..=4);
+    a.confirm_timeout_ms = rng.random_range(1000..=5000);
+    if rng.random_bool(0.5) {
+        a.queue_type = QueueType::Quorum;
+        a.delivery_limit = rng.random_range(2..=6);
+    }
+    let w = &mut settings.worker;
+    w.shutdown_timeout_ms = rng.random_range(500..=5000);
+    w.pause_after_ms = rng.random_range(1000..=5000);
+    w.max_hold_ms = if outages { 3000 } else { 120_000 };
+    w.answered_window_ms = 3_600_000;
+    if rng.random_bool(0.5) {
+        // Room for a few requests only: the oldest go one by one.
+        w.answered_max_bytes = 56 * rng.random_range(2..=12);
+    }
+    settings.limits.max_message_bytes = 64 * 1024;
+    let s = &mut settings.storage;
+    s.url = "http://sim:9200".into();
+    s.kuzzle_metadata = false;
+    s.timeout_ms = 1000;
+    s.write_timeout_ms = 5000;
+    s.retry_min_delay_ms = 50;
+    s.retry_max_delay_ms = 1000;
+    s.item_retries = rng.random_range(0..=3);
+    s.bulk_max_documents = rng.random_range(2..=50);
+    s.concurrent_bulks = rng.random_range(1..=4);
+    s.bulk_linger_ms = if rng.random_bool(0.3) {
+        rng.random_range(1..=20)
+    } else {
+        0
+    };
+    settings.response.include_source = rng.random_bool(0.5);
+    settings
+}
+
+pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x11fe_c1c1e);
+    let outages = rng.random_bool(0.3);
+    let settings = settings(&mut rng, outages);
+    let storm = if outages {
+        0.0
+    } else {
+        rng.random_range(0.0..1.0f64).powi(3)
+    };
+    let faults = Faults {
+        never_sent: 0.03 * storm,
+        whole_429: 0.05 * storm,
+        server_error: 0.05 * storm,
+        broken: 0.03 * storm,
+        freeze: 0.01 * storm,
+        slow: 0.05 * storm,
+        too_slow: 0.02 * storm,
+        item_429: 0.1 * storm,
+        conflict: 0.1 * storm,
+        slow_after: Duration::from_millis(settings.storage.timeout_ms),
+    };
+    let broker_storm = rng.random_range(0.0..1.0f64).powi(2);
+    let broker_faults = BrokerFaults {
+        slow_confirm: 0.1 * broker_storm,
+        nack: 0.02 * broker_storm,
+        refuse_connect: 0.1 * broker_storm,
+        lost_ack: 0.05 * broker_storm,
+    };
+    let shared_rng = Arc::new(Mutex::new(StdRng::seed_from_u64(rng.random())));
+    let broker = SimBroker::new(shared_rng.clone(), trace.clone(), broker_faults);
+    let state = Arc::new(Mutex::new(State::default()));
+    let ids: Vec<String> = (0..rng.random_range(1..=4))
+        .map(|i| format!("d{i}"))
+        .collect();
+    {
+        let mut state = state.lock().unwrap();
+        state.indexes.insert(TARGET.into());
+        for id in &ids {
+            let doc = state.docs.entry((TARGET.into(), id.clone())).or_default();
+            doc.versions.push(crate::engine::Version {
+                version: 1,
+                source: json!({"n": 0}).as_object().unwrap().clone(),
+                writer: Writer::Seed,
+            });
+        }
+    }
+    let workers = rng.random_range(1..=3u32);
+    let clients = rng.random_range(1..=3);
+    let producers = rng.random_range(0..=2);
+    trace.event(format!(
+        "seed {seed} (lifecycle): {workers} workers, {clients} clients, {producers} producers, outages {outages}, prefetch {}, max_held_bytes {}, queue {:?} limit {}, shutdown_timeout_ms {}, pause_after_ms {}, answered_max_bytes {}, engine storm {storm:.2}, broker {broker_faults:?}",
+        settings.amqp.prefetch,
+        settings.amqp.max_held_bytes,
+        settings.amqp.queue_type,
+        settings.amqp.delivery_limit,
+        settings.worker.shutdown_timeout_ms,
+        settings.worker.pause_after_ms,
+        settings.worker.answered_max_bytes,
+    ));
+    for k in 0..clients {
+        broker.declare(&format!("client-{k}"), &[]);
+    }
+    for k in 0..producers {
+        broker.declare(&format!("sink-{k}"), &[]);
+        broker.declare(
+            &format!("full-{k}"),
+            &[
+                ("x-max-length", Value::LongLongInt(0)),
+                (
+                    "x-overflow",
+                    Value::LongString(b"reject-publish".to_vec().into()),
+                ),
+            ],
+        );
+    }
+    let run = Arc::new(Run {
+        broker: broker.clone(),
+        state: state.clone(),
+        trace: trace.clone(),
+        settings: settings.clone(),
+        sent: Mutex::default(),
+        violations: Mutex::default(),
+        next_trace: Mutex::new(0),
+        hand_backs: Mutex::new(0),
+        summary: Mutex::default(),
+        live: Mutex::default(),
+        largest: Mutex::new(0),
+        reconnects: Mutex::new(0),
+    });
+    let outage = Arc::new(Mutex::new(Outage::None));
+    let done = CancellationToken::new();
+
+    // The workers: each slot runs a worker, SIGTERMs it at a random moment (or never),
+    // checks that it exits in time, and starts another.
+    let grace = Duration::from_millis(settings.worker.shutdown_timeout_ms);
+    let instances = Arc::new(Mutex::new(0u32));
+    let mut slots = Vec::new();
+    for _ in 0..workers {
+        let (run, done, outage) = (run.clone(), done.clone(), outage.clone());
+        let (state, engine_rng, instances) = (state.clone(), shared_rng.clone(), instances.clone());
+        let mut slot_rng = StdRng::seed_from_u64(rng.random());
+        let sigterms = if slot_rng.random_bool(0.5) {
+            slot_rng.random_range(1..=2)
+        } else {
+            0
+        };
+        slots.push(tokio::spawn(async move {
+            let mut left = sigterms;
+            loop {
+                let instance = {
+                    let mut n = instances.lock().unwrap();
+                    *n += 1;
+                    *n
+                };
+                let nodes: Vec<Node> = (0..2)
+                    .map(|i| {
+                        let engine = SimEngine::new(
+                            state.clone(),
+                            engine_rng.clone(),
+                            faults,
+                            run.trace.clone(),
+                            i,
+                            instance,
+                        );
+                        let switched = Switched {
+                            inner: engine,
+                            outage: outage.clone(),
+                        };
+                        Node::new(format!("sim-{i}"), Box::new(switched))
+                    })
+                    .collect();
+                let metrics = Arc::new(Metrics::new());
+                run.live.lock().unwrap().push((instance, metrics.clone()));
+                let token = CancellationToken::new();
+                run.trace.event(format!("worker {instance} starts"));
+                let mut worker = tokio::spawn(mupdate_worker::lifecycle::session::run_with(
+                    run.settings.clone(),
+                    run.broker.link(instance),
+                    nodes,
+                    metrics.clone(),
+                    token.clone(),
+                ));
+                let sigterm = if left > 0 {
+                    left -= 1;
+                    Duration::from_millis(slot_rng.random_range(0..20_000))
+                } else {
+                    RUN_BOUND
+                };
+                let ended_early = tokio::select! {
+                    biased;
+                    _ = done.cancelled() => false,
+                    _ = tokio::time::sleep(sigterm) => false,
+                    _ = &mut worker => true,
+                };
+                if ended_early {
+                    run.violation(format!("worker {instance} ended before its shutdown"));
+                    return;
+                }
+                let last = done.is_cancelled();
+                run.trace.event(format!("SIGTERM to worker {instance}"));
+                if !last {
+                    run.summary.lock().unwrap().shutdowns += 1;
+                    *run.hand_backs.lock().unwrap() += 1;
+                }
+                token.cancel();
+                let bound = grace + Duration::from_secs(2);
+                match tokio::time::timeout(bound, &mut worker).await {
+                    Ok(Ok(Ok(()))) => run.trace.event(format!("worker {instance} exited")),
+                    Ok(other) => {
+                        run.violation(format!("worker {instance} ended with {other:?}"));
+                    }
+                    Err(_) => {
+                        run.violation(format!(
+                            "worker {instance} still running {bound:?} after its SIGTERM"
+                        ));
+                        worker.abort();
+                    }
+                }
+                let pauses = metrics.pauses.get();
+                *run.hand_backs.lock().unwrap() += pauses;
+                *run.reconnects.lock().unwrap() += metrics.reconnects.get();
+                run.live.lock().unwrap().retain(|(i, _)| *i != instance);
+                if last {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(slot_rng.random_range(0..2000))).await;
+            }
+        }));
+    }
+
+    // Faults of the broker and of the engine, at random moments.
+    let fault_count = (rng.random_range(0.0..1.0f64).powi(2) * 8.0) as u32;
+    let faults_task = {
+        let (run, outage) = (run.clone(), outage.clone());
+        let mut f_rng = StdRng::seed_from_u64(rng.random());
+        let outage_kinds = outages;
+        tokio::spawn(async move {
+            let mut faults = fault_count;
+            if outage_kinds {
+                faults += 1;
+            }
+            for _ in 0..faults {
+                tokio::time::sleep(Duration::from_millis(f_rng.random_range(0..15_000))).await;
+                let kind = if outage_kinds {
+                    5
+                } else {
+                    f_rng.random_range(0..5)
+                };
+                let happened = match kind {
+                    0 => run.broker.drop_connection(),
+                    1 => run.broker.close_consuming_channel(),
+                    2 => run.broker.cancel_consumer(),
+                    3 | 4 => {
+                        run.broker.alarm();
+                        tokio::time::sleep(Duration::from_millis(f_rng.random_range(500..15_000)))
+                            .await;
+                        run.broker.clear_alarm();
+                        true
+                    }
+                    _ => {
+                        let how = if f_rng.random_bool(0.5) {
+                            Outage::Overload
+                        } else {
+                            Outage::Down
+                        };
+                        let long = Duration::from_millis(f_rng.random_range(5_000..40_000));
+                        run.trace.event(format!("engine: {how:?} for {long:?}"));
+                        *outage.lock().unwrap() = how;
+                        tokio::time::sleep(long).await;
+                        *outage.lock().unwrap() = Outage::None;
+                        run.trace.event("engine: outage over".into());
+                        true
+                    }
+                };
+                if happened {
+                    run.summary.lock().unwrap().faults += 1;
+                    *run.hand_backs.lock().unwrap() += 1;
+                }
+            }
+        })
+    };
+
+    // Held bytes, observed.
+    let sampler = {
+        let run = run.clone();
+        tokio::spawn(async move {
+            // Each worker's highest prefetch yet: a consumer's deliveries are still held
+            // when the next consumer (one at least) starts (module `prefetch`).
+            let mut highest: BTreeMap<u32, i64> = BTreeMap::new();
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let largest = *run.largest.lock().unwrap() as i64;
+                let most = run.settings.amqp.max_held_bytes as i64;
+                let live = run.live.lock().unwrap().clone();
+                for (instance, metrics) in live {
+                    let held = metrics.held_bytes.get();
+                    let seen = highest.entry(instance).or_default();
+                    *seen = (*seen).max(metrics.prefetch.get().max(1));
+                    let prefetch = *seen + 1;
+                    if held > most + prefetch * largest {
+                        run.violation(format!(
+                            "worker {instance} holds {held} bytes (max_held_bytes {most}, prefetch {prefetch}, largest request {largest})"
+                        ));
+                        return;
+                    }
+                }
+            }
+        })
+    };
+
+    // Clients that wait for each reply.
+    let mut tasks = Vec::new();
+    for k in 0..clients {
+        let run = run.clone();
+        let ids = ids.clone();
+        let mut c_rng = StdRng::seed_from_u64(rng.random());
+        let count = c_rng.random_range(1..=8);
+        tasks.push(tokio::spawn(async move {
+            let queue = format!("client-{k}");
+            for seq in 1..=count {
+                let label = format!("c{k}.{seq}");
+                let with_id = c_rng.random_bool(0.8);
+                let (body, changes) = request(
+                    &mut c_rng,
+                    &ids,
+                    &format!("c{k}"),
+                    seq,
+                    with_id.then_some(label.as_str()),
+                );
+                let props = Props {
+                    reply_to: Some(queue.clone()),
+                    correlation_id: Some(label.clone()),
+                    ..Props::default()
+                };
+                let sent = run
+                    .publish(label.clone(), body, props, with_id, Route::Exists, changes)
+                    .await;
+                wait_for_reply(&run, &queue, &sent).await;
+                tokio::time::sleep(Duration::from_millis(c_rng.random_range(0..300))).await;
+            }
+        }));
+    }
+    // Producers that never wait.
+    for k in 0..producers {
+        let run = run.clone();
+        let ids = ids.clone();
+        let mut p_rng = StdRng::seed_from_u64(rng.random());
+        let count = p_rng.random_range(1..=12);
+        tasks.push(tokio::spawn(async move {
+            let mut last: Option<Sent> = None;
+            for seq in 1..=count {
+                tokio::time::sleep(Duration::from_millis(p_rng.random_range(0..500))).await;
+                let label = format!("p{k}.{seq}");
+                let (to, reply_to) = match p_rng.random_range(0..10) {
+                    0..=4 => (Route::Exists, Some(format!("sink-{k}"))),
+                    5 => (Route::Exists, None),
+                    6 | 7 => (Route::Unroutable, Some(format!("gone-{k}"))),
+                    _ => (Route::Refusing, Some(format!("full-{k}"))),
+                };
+                let user = ["alice", "bob"][p_rng.random_range(0..2)];
+                let sent = match (&last, p_rng.random_range(0..10)) {
+                    // Byte-identical, without an id, again.
+                    (Some(prev), 0 | 1) if !prev.identified => {
+                        run.publish(
+                            label,
+                            prev.body.clone(),
+                            without_trace(&prev.props),
+                            false,
+                            prev.to,
+                            prev.changes.clone(),
+                        )
+                        .await
+                    }
+                    // Its requestId again, for other bytes, or by another user.
+                    (Some(prev), 2 | 3) if prev.identified => {
+                        let id = request_id(&prev.body).unwrap_or_default();
+                        let (body, changes) =
+                            request(&mut p_rng, &ids, &format!("p{k}"), seq, Some(&id));
+                        let mut props = without_trace(&prev.props);
+                        props.user_id = Some(user.into());
+                        run.publish(label, body, props, true, prev.to, changes)
+                            .await
+                    }
+                    _ => {
+                        let with_id = p_rng.random_bool(0.6);
+                        let (body, changes) = request(
+                            &mut p_rng,
+                            &ids,
+                            &format!("p{k}"),
+                            seq,
+                            with_id.then_some(label.as_str()),
+                        );
+                        let props = Props {
+                            reply_to,
+                            user_id: Some(user.into()),
+                            ..Props::default()
+                        };
+                        run.publish(label, body, props, with_id, to, changes).await
+                    }
+                };
+                last = Some(sent);
+            }
+        }));
+    }
+
+    let all = async {
+        for task in tasks {
+            let _ = task.await;
+        }
+    };
+    if tokio::time::timeout(RUN_BOUND, all).await.is_err() {
+        run.violation(format!("the clients did not end within {RUN_BOUND:?}"));
+    }
+    let _ = faults_task.await;
+    // Every message comes to its end while the workers run on.
+    let drained = async {
+        loop {
+            if all_ended(&run) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(600), drained)
+        .await
+        .is_err()
+    {
+        run.violation("messages not settled 10 min after the workload ended".into());
+    }
+    done.cancel();
+    for slot in slots {
+        let _ = slot.await;
+    }
+    sampler.abort();
+    // The engine's writes still on the way land.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+
+    check(&run);
+    let mut summary = std::mem::take(&mut *run.summary.lock().unwrap());
+    summary.virtual_time = trace.now();
+    {
+        let broker_state = broker.state();
+        for event in &broker_state.events {
+            match event {
+                Event::Delivered { redelivered, .. } => {
+                    summary.deliveries += 1;
+                    summary.redeliveries += u64::from(*redelivered);
+                }
+                Event::Published { props, .. } if props.header(REASON).is_some() => {
+                    summary.dead_letters += 1
+                }
+                Event::Published { .. } => summary.replies += 1,
+                _ => {}
+            }
+        }
+        for v in &broker_state.violations {
+            run.violation(v.clone());
+        }
+    }
+    let violations = run.violations.lock().unwrap();
+    if violations.is_empty() {
+        Ok(summary)
+    } else {
+        Err(violations.join("; "))
+    }
+}
+
+fn without_trace(props: &Props) -> Props {
+    let mut props = props.clone();
+    props.headers.retain(|(n, _)| n != "traceparent");
+    props
+}
+
+fn request_id(body: &[u8]) -> Option<String> {
+    let envelope: Json = serde_json::from_slice(body).ok()?;
+    envelope["requestId"].as_str().map(str::to_owned)
+}
+
+/// Waits for the reply to `sent` in `queue` (other replies there are a redelivered
+/// request's, answered again); a request dead-lettered has none.
+async fn wait_for_reply(run: &Run, queue: &str, sent: &Sent) {
+    let want = sent.props.text("traceparent");
+    let bound = tokio::time::Instant::now() + Duration::from_secs(900);
+    loop {
+        for reply in run.broker.take(queue) {
+            if reply.props.text("traceparent") == want {
+                let status = match reply.props.header("status") {
+                    Some(Value::ShortInt(s)) => *s,
+                    _ => 0,
+                };
+                check_reply(run, sent, &reply.body, status);
+                return;
+            }
+        }
+        if ended(run, sent.msg) {
+            run.trace
+                .event(format!("{}: ended without a reply", sent.label));
+            return;
+        }
+        if tokio::time::Instant::now() > bound {
+            run.violation(format!("{}: no reply within 900 s", sent.label));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether message `msg` came to its end (acked, or dead-lettered by the broker) with no
+/// reply in its queue: the worker dead-lettered it, or the broker did.
+fn ended(run: &Run, msg: u64) -> bool {
+    run.broker.state().ended.contains(&msg)
+}
+
+/// Whether every message sent came to its end: acked, or dead-lettered by the broker,
+/// none waiting or unacked.
+fn all_ended(run: &Run) -> bool {
+    let sent: Vec<u64> = run.sent.lock().unwrap().iter().map(|s| s.msg).collect();
+    let all = {
+        let state = run.broker.state();
+        sent.iter().all(|m| state.ended.contains(m))
+    };
+    all && run.broker.ready(REQUESTS) == 0
+}
+
+/// A reply's successes are in the engine, at the version it states.
+fn check_reply(run: &Run, sent: &Sent, body: &[u8], status: i16) {
+    let Ok(reply) = serde_json::from_slice::<Json>(body) else {
+        run.violation(format!("{}: a reply that is not JSON", sent.label));
+        return;
+    };
+    let result = &reply["result"];
+    let hits = result["hits"]
+        .as_array()
+        .or_else(|| result["successes"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    let state = run.state.lock().unwrap();
+    let mut said = Vec::new();
+    for hit in &hits {
+        let id = hit["_id"].as_str().unwrap_or_default();
+        let version = hit["_version"].as_i64().unwrap_or(-1);
+        said.push(format!("{id}@{version}"));
+        let doc = state.docs.get(&(TARGET.to_owned(), id.to_owned()));
+        let found = doc.and_then(|d| d.versions.iter().find(|v| v.version == version));
+        let holds = found.is_some_and(|v| {
+            sent.changes
+                .iter()
+                .filter(|(cid, _)| cid == id)
+                .any(|(_, changes)| changes.iter().all(|(k, val)| v.source.get(k) == Some(val)))
+        });
+        if !holds {
+            run.violation(format!(
+                "{}: the reply says {id} is at version {version} with its changes; the engine has {:?}",
+                sent.label,
+                found.map(|v| &v.source)
+            ));
+        }
+    }
+    drop(state);
+    run.trace.event(format!(
+        "{}: reply {status} [{}]",
+        sent.label,
+        said.join(" ")
+    ));
+}
+
+/// A worker's confirmed publish for a client's message.
+struct Out {
+    /// Its index among the broker's events.
+    at: usize,
+    worker: u32,
+    dead_letter: Option<String>,
+    routed: bool,
+}
+
+/// Invariants 1 to 6, on what the broker and the engine saw.
+fn check(run: &Run) {
+    let sent = run.sent.lock().unwrap().clone();
+    let by_trace: BTreeMap<String, &Sent> = sent
+        .iter()
+        .filter_map(|s| s.props.text("traceparent").map(|t| (t, s)))
+        .collect();
+    let by_msg: BTreeMap<u64, &Sent> = sent.iter().map(|s| (s.msg, s)).collect();
+    let state = run.broker.state();
+    let mut outs: BTreeMap<u64, Vec<Out>> = BTreeMap::new();
+    // Per worker, the identified requests it answered, in order (its answered set).
+    let mut answered_by: BTreeMap<u32, Vec<(usize, u64)>> = BTreeMap::new();
+    let mut acks: BTreeMap<u64, Vec<(usize, u32)>> = BTreeMap::new();
+    let mut deliveries: BTreeMap<u64, Vec<(usize, u32, bool)>> = BTreeMap::new();
+    let mut handed_back: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut broker_dead: BTreeSet<u64> = BTreeSet::new();
+    let mut reached: BTreeMap<u64, usize> = BTreeMap::new();
+    for (at, e) in state.events.iter().enumerate() {
+        match e {
+            Event::Routed { props } => {
+                if let Some(s) = props.text("traceparent").and_then(|t| by_trace.get(&t))
+                    && props.header(REASON).is_none()
+                {
+                    reached.entry(s.msg).or_insert(at);
+                }
+            }
+            Event::Published {
+                worker,
+                props,
+                routed,
+                ..
+            } => {
+                let Some(s) = props.text("traceparent").and_then(|t| by_trace.get(&t)) else {
+                    continue;
+                };
+                let dead_letter = props.text(REASON);
+                if s.identified && (*routed || dead_letter.is_some()) {
+                    answered_by.entry(*worker).or_default().push((at, s.msg));
+                }
+                outs.entry(s.msg).or_default().push(Out {
+                    at,
+                    worker: *worker,
+                    dead_letter,
+                    routed: *routed,
+                });
+            }
+            Event::Settled { msg, worker, how } => {
+                if *how == "ack" {
+                    acks.entry(*msg).or_default().push((at, *worker));
+                } else if *how == "requeue" {
+                    *handed_back.entry(*msg).or_default() += 1;
+                }
+            }
+            Event::HandedBack { msg } => *handed_back.entry(*msg).or_default() += 1,
+            Event::Delivered {
+                msg,
+                worker,
+                redelivered,
+            } => deliveries
+                .entry(*msg)
+                .or_default()
+                .push((at, *worker, *redelivered)),
+            Event::BrokerDeadLettered { msg, .. } => {
+                broker_dead.insert(*msg);
+            }
+        }
+    }
+    drop(state);
+    let same_request =
+        |a: &Sent, b: &Sent| a.body == b.body && without_trace(&a.props) == without_trace(&b.props);
+    let hand_backs = {
+        let broker = run.broker.state();
+        *run.hand_backs.lock().unwrap() + broker.slow_confirms + broker.lost_acks
+    };
+    let most = run.settings.worker.answered_max_bytes / 56;
+    for s in &sent {
+        let msg_outs = outs.get(&s.msg).map(Vec::as_slice).unwrap_or_default();
+        let msg_acks = acks.get(&s.msg).map(Vec::as_slice).unwrap_or_default();
+        // 1. At its end, once.
+        if msg_acks.len() > 1 {
+            run.violation(format!("{}: acked {} times", s.label, msg_acks.len()));
+        }
+        if msg_acks.is_empty() && !broker_dead.contains(&s.msg) {
+            run.violation(format!("{}: never settled", s.label));
+        }
+        // 2. Acked: answered, dead-lettered, or a redelivery of a request its worker
+        // answered.
+        for (ack_at, worker) in msg_acks {
+            let own = msg_outs
+                .iter()
+                .any(|o| o.at < *ack_at && (o.routed || o.dead_letter.is_some()));
+            let skipped = deliveries
+                .get(&s.msg)
+                .and_then(|d| d.iter().rev().find(|(at, w, _)| at < ack_at && w == worker))
+                .is_some_and(|(_, _, redelivered)| *redelivered)
+                && sent.iter().any(|other| {
+                    other.identified
+                        && same_request(other, s)
+                        && outs.get(&other.msg).is_some_and(|os| {
+                            os.iter().any(|o| {
+                                o.worker == *worker
+                                    && o.at < *ack_at
+                                    && (o.routed || o.dead_letter.is_some())
+                            })
+                        })
+                });
+            if !own && !skipped {
+                run.violation(format!(
+                    "{}: acked by worker {worker} with no reply and no dead letter, and not a redelivery of a request it answered",
+                    s.label
+                ));
+            }
+        }
+        // 3. Not applied twice by a worker whose answered set still holds it.
+        if s.identified && most > 0 {
+            let mut answers: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+            for o in msg_outs
+                .iter()
+                .filter(|o| o.routed || o.dead_letter.is_some())
+            {
+                answers.entry(o.worker).or_default().push(o.at);
+            }
+            for (worker, ats) in answers {
+                for pair in ats.windows(2) {
+                    let between = answered_by[&worker]
+                        .iter()
+                        .filter(|(at, _)| *at > pair[0] && *at < pair[1])
+                        .count();
+                    if between + 2 < most / 2 {
+                        run.violation(format!(
+                            "{}: answered twice by worker {worker}, with {between} answers between (its answered set holds {most})",
+                            s.label
+                        ));
+                    }
+                }
+            }
+        }
+        // 4. Unroutable replies dead-lettered, routed ones never.
+        for o in msg_outs {
+            if o.dead_letter.as_deref() == Some("unroutable") && s.to != Route::Unroutable {
+                run.violation(format!(
+                    "{}: dead-lettered as unroutable by worker {}, though its reply queue exists",
+                    s.label, o.worker
+                ));
+            }
+            if o.dead_letter.is_none() && o.routed && s.to != Route::Exists {
+                run.violation(format!(
+                    "{}: a reply routed to a queue that can't take it",
+                    s.label
+                ));
+            }
+        }
+        // 6. Handed back no more often than the run's events explain (each at most
+        // twice: a session that fails requeues what it holds while its consumer still
+        // stands, which the broker delivers to it again, then its channel's end hands
+        // those back once more).
+        let back = handed_back.get(&s.msg).copied().unwrap_or(0);
+        if back > 2 * hand_backs + 2 {
+            run.violation(format!(
+                "{}: handed back {back} times, with {hand_backs} events that hand requests back",
+                s.label
+            ));
+        }
+    }
+    let _ = by_msg;
+    // 10. A session ends only by a fault of the broker's.
+    let reconnects = *run.reconnects.lock().unwrap();
+    let session_faults = run.broker.state().session_faults;
+    if reconnects > session_faults {
+        run.violation(format!(
+            "{reconnects} sessions started again, with {session_faults} broker faults that end one"
+        ));
+    }
+    check_stale(run, &sent, &reached, &deliveries);
+}
+
+/// Invariant 5: a waiting client's counter never went down, but by the documented cases.
+fn check_stale(
+    run: &Run,
+    sent: &[Sent],
+    reached: &BTreeMap<u64, usize>,
+    deliveries: &BTreeMap<u64, Vec<(usize, u32, bool)>>,
+) {
+    let write_timeout = Duration::from_millis(run.settings.storage.write_timeout_ms);
+    let regressions = run.state.lock().unwrap().regressions.clone();
+    // Clients with a request delivered again after its reply reached them (its ack
+    // lost, or its confirm later than `confirm_timeout_ms`), or delivered to two
+    // workers (one's call may land after the other's answer: README, Guarantees).
+    let mut answered_again = BTreeSet::new();
+    for s in sent {
+        let d = deliveries
+            .get(&s.msg)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let again = reached
+            .get(&s.msg)
+            .is_some_and(|first| d.iter().any(|(at, _, _)| at > first));
+        let two_workers = d.iter().any(|(_, w, _)| *w != d[0].1);
+        if again || two_workers {
+            let owner = s.label.split('.').next().unwrap_or_default().to_owned();
+            answered_again.insert(owner);
+        }
+    }
+    let mut reported = BTreeSet::new();
+    for r in regressions {
+        if !r.field.starts_with('c') {
+            continue;
+        }
+        let documented = match &r.writer {
+            Writer::Call {
+                late: Some(GaveUp::Broken),
+                ..
+            } => true,
+            Writer::Call {
+                late: Some(GaveUp::TimedOut(after)),
+                ..
+            } => *after >= write_timeout,
+            _ => false,
+        } || answered_again.contains(&r.field);
+        if documented {
+            run.summary.lock().unwrap().documented_stale += 1;
+        } else if reported.insert((r.id.clone(), r.field.clone())) {
+            run.violation(format!(
+                "stale write: {}'s {} went from {} back to {} (written by {:?})",
+                r.id, r.field, r.from, r.to, r.writer
+            ));
+        }
+    }
+}
