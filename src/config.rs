@@ -76,7 +76,8 @@ pub struct StorageSettings {
     pub concurrent_bulks: usize,
     pub bulk_spread_documents: usize,
     pub bulk_linger_ms: u64,
-    /// `_source` bytes the engine may be asked for at once (coalesce.rs, `SourceGate`).
+    /// Stored-document bytes the engine may be made to rebuild or return at once
+    /// (coalesce.rs, `SourceGate`).
     pub max_source_bytes: usize,
     pub compression: bool,
     /// PEM CA bundle trusted for `https://` nodes ("" = the system's).

@@ -141,6 +141,31 @@ pub fn sources_asked(body: &[u8]) -> usize {
         .count()
 }
 
+/// Makes the first update item at or after item `from` that asks no `_source` ask for
+/// it, in place: its doc line's `"_source":false}` becomes `"_source":true }` (the same
+/// length, so nothing moves). Its index among the body's items, or `None` when every
+/// item from `from` on asks for its `_source` already. Reads lines `append_update` (and
+/// `for_resend`) wrote: two lines an item, the doc line ending as written.
+pub fn ask_one_source(body: &mut [u8], from: usize) -> Option<usize> {
+    const NOT_ASKED: &[u8] = b",\"_source\":false}\n";
+    const ASKED: &[u8] = b"true }\n";
+    let mut start = 0;
+    let mut line = 0;
+    while start < body.len() {
+        let end = body[start..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(body.len(), |i| start + i + 1);
+        if line >= 2 * from && body[start..end].ends_with(NOT_ASKED) {
+            body[end - ASKED.len()..end].copy_from_slice(ASKED);
+            return Some(line / 2);
+        }
+        line += 1;
+        start = end;
+    }
+    None
+}
+
 /// Serializing into a Vec can't fail.
 fn write_json<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) {
     let _ = serde_json::to_writer(&mut *buf, value);
@@ -257,6 +282,41 @@ mod tests {
             .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_slice(l).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn one_source_is_asked_of_an_item_that_asked_none() {
+        let mut buf = Vec::new();
+        let changes = json!({"n": "\"_source\":false}"});
+        let changes = changes.as_object().unwrap();
+        for (id, include_source) in [("a", false), ("b", true), ("c", false), ("d", false)] {
+            let opts = ItemOptions {
+                include_source,
+                ..opts(None)
+            };
+            append_update(&mut buf, &opts, id, changes, None);
+        }
+        let mut resent = for_resend(&buf);
+        let before = resent.len();
+        // From item 1 on: "b" asks already, "c" is the first that doesn't.
+        assert_eq!(ask_one_source(&mut resent, 1), Some(2));
+        assert_eq!(resent.len(), before, "nothing moved");
+        let asked: Vec<bool> = lines(&resent)
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .map(|doc| doc["_source"].as_bool().unwrap())
+            .collect();
+        assert_eq!(asked, [false, true, true, false]);
+        assert_eq!(
+            lines(&resent)[5]["doc"]["n"],
+            "\"_source\":false}",
+            "a value is left alone"
+        );
+        assert_eq!(ask_one_source(&mut resent, 0), Some(0));
+        assert_eq!(ask_one_source(&mut resent, 1), Some(3));
+        assert_eq!(ask_one_source(&mut resent, 0), None, "every item asks");
+        assert_eq!(ask_one_source(&mut Vec::new(), 0), None);
     }
 
     #[test]

@@ -8,18 +8,23 @@
 //! waiting for the engine's refresh, not working, so they don't take the other lane's
 //! slots, and the others are never made to wait for a refresh.
 //!
-//! The `_source`s update items ask for are the one part of a call whose cost is not the
-//! requests' own bytes: a 5 KiB request can name a 1 MiB document 200 times, and the
-//! engine builds every asked `_source` into its answer at once (a 1 GiB engine died of
-//! 32 such requests in one call). So each lane has a `SourceGate`, half the budget of
-//! `_source` bytes asked of the engine at once (a `wait_for` call holds its share
-//! through the refresh: the plain lane's calls don't wait for it), each counted as the
-//! largest `_source` seen lately (halving every `HALF_LIFE` once no larger one is seen,
-//! and at least `SOURCE_FLOOR`, 128 KiB); a batch stops taking requests at its share,
-//! and a call waits for the budget before it takes a call slot. The sizes are learned
-//! because they can't be known before the engine answers; the floor makes a bound hold
-//! from the first call (budget / 128 KiB `_source`s at once, 1,024 by default, times
-//! the largest document).
+//! The stored documents an update names are the one part of a call whose cost is not
+//! the requests' own bytes: the engine rebuilds each one whole (merging the change in)
+//! and holds the new document until the call ends, and builds every asked `_source`
+//! into its answer. A 5 KiB request can name a 1 MiB document 200 times (a 1 GiB
+//! engine died of 32 such requests in one call, asking their `_source`s), and 20
+//! requests of 10 updates of stored 8 MiB documents, with `source: false`, took one
+//! down when coalesced. So each lane has a `SourceGate`, half the budget of stored
+//! bytes the engine is made to rebuild or return at once (a `wait_for` call holds its
+//! share through the refresh: the plain lane's calls don't wait for it); every update
+//! item is counted as the largest `_source` seen lately (halving every `HALF_LIFE` once
+//! no larger one is seen, and at least `SOURCE_FLOOR`, 128 KiB); a batch stops taking
+//! requests at its share, and a call waits for the budget before it takes a call slot.
+//! The sizes are learned because they can't be known before the engine answers: from
+//! the `_source`s requests ask, and from one `_source` each call asks for the gate
+//! (`sample_one_source`) when its requests ask none. The floor makes a bound hold from
+//! the first call (budget / 128 KiB items at once, 512 a lane by default, times the
+//! largest document); before any size is known, `COLD_SOURCES` a lane.
 //!
 //! A call the engine can't serve is retried here, and before every attempt the requests
 //! whose work was handed back (their cancellation token cancelled) leave the batch and
@@ -69,11 +74,12 @@ pub struct BatchLimits {
     pub max_source_bytes: usize,
 }
 
-/// The `_source` bytes the engine is asked for at once by the calls of one lane. An
-/// asked `_source` weighs the largest one seen lately (`Largest`), and never less than
-/// `SOURCE_FLOOR`: at most budget / `SOURCE_FLOOR` are asked at once, and fewer while
-/// large ones are being answered. A call asking more than the whole budget (one
-/// request's own, never split) takes all of it, so it goes alone.
+/// The stored bytes the engine is made to rebuild (and return, where a `_source` is
+/// asked) at once by the calls of one lane. An update item weighs the largest
+/// `_source` seen lately (`Largest`), and never less than `SOURCE_FLOOR`: at most
+/// budget / `SOURCE_FLOOR` items are at the engine at once, and fewer while large
+/// documents are seen. A call weighing more than the whole budget (one request's own,
+/// never split) takes all of it, so it goes alone.
 ///
 /// Each lane has a gate of its own, half the budget each: `wait_for` calls hold theirs
 /// through the engine's refresh, and must not make the other lane's calls wait.
@@ -85,7 +91,7 @@ pub struct SourceGate {
 }
 
 const UNIT: usize = 1024;
-/// What an asked `_source` weighs at least, whatever its size.
+/// What an update item weighs at least, whatever its document's size.
 pub const SOURCE_FLOOR: usize = 128 * 1024;
 /// How fast a large `_source` stops weighing on every call once no larger one is seen:
 /// its weight halves every `HALF_LIFE`.
@@ -93,10 +99,10 @@ pub const HALF_LIFE: Duration = Duration::from_secs(1);
 /// With no `_source` answered for this long (and from the start), sizes are unknown:
 /// the gate is cold.
 pub const COLD_AFTER: Duration = Duration::from_secs(10);
-/// The `_source`s a cold lane asks at once before an answer says how large they are
-/// (each weighs its lane's budget / `COLD_SOURCES`): a worker started on a backlog of
-/// requests naming large documents would otherwise ask budget / `SOURCE_FLOOR` of
-/// them (512 a lane) in its first calls, and hold their answers.
+/// The update items a cold lane sends at once before an answer says how large their
+/// documents are (each weighs its lane's budget / `COLD_SOURCES`): a worker started on
+/// a backlog of requests naming large documents would otherwise send budget /
+/// `SOURCE_FLOOR` of them (512 a lane) in its first calls.
 pub const COLD_SOURCES: usize = 32;
 
 /// The largest `_source` seen lately: raised at once by a larger one, halving every
@@ -192,28 +198,29 @@ impl SourceGate {
         }
     }
 
-    /// The `_source`s one batch may ask for (a first request's own may be more).
+    /// The update items one batch may hold (a first request's own may be more).
     pub fn per_call(&self) -> usize {
         (self.units as usize * UNIT / self.each()).max(1)
     }
 
-    /// The units a call asking `sources` holds while the engine answers.
-    fn weight(&self, sources: usize) -> u32 {
-        let bytes = sources.saturating_mul(self.each());
+    /// The units a call of `items` update items holds while the engine answers.
+    fn weight(&self, items: usize) -> u32 {
+        let bytes = items.saturating_mul(self.each());
         u32::try_from(bytes.div_ceil(UNIT))
             .unwrap_or(u32::MAX)
             .min(self.units)
     }
 
-    /// Waits until a call asking `sources` may go; held until the permit is dropped.
-    pub async fn enter(&self, sources: usize) -> Option<OwnedSemaphorePermit> {
-        if sources == 0 {
+    /// Waits until a call of `items` update items may go; held until the permit is
+    /// dropped.
+    pub async fn enter(&self, items: usize) -> Option<OwnedSemaphorePermit> {
+        if items == 0 {
             return None;
         }
         // The semaphore is never closed.
         self.permits
             .clone()
-            .acquire_many_owned(self.weight(sources))
+            .acquire_many_owned(self.weight(items))
             .await
             .ok()
     }
@@ -266,6 +273,7 @@ impl Coalescer {
             storage,
             gate: Arc::new(gate),
             wait_for: false,
+            sampled: Arc::default(),
         };
         tokio::spawn(batch_loop(lane.clone(), limits, plain_jobs));
         let wait_limits = BatchLimits {
@@ -338,6 +346,8 @@ struct Lane {
     storage: Arc<Storage>,
     gate: Arc<SourceGate>,
     wait_for: bool,
+    /// Calls that sampled a `_source` (`sample_one_source`).
+    sampled: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 async fn batch_loop(lane: Lane, limits: BatchLimits, mut queue: mpsc::Receiver<Job>) {
@@ -465,7 +475,6 @@ struct Batch {
     jobs: Vec<Job>,
     documents: usize,
     bytes: usize,
-    sources: usize,
 }
 
 enum Added {
@@ -481,27 +490,25 @@ impl Batch {
         Batch {
             documents: first.items,
             bytes: first.body.len(),
-            sources: first.sources,
             jobs: vec![first],
         }
     }
 
     /// Takes `job` unless the call would pass a limit: its documents, its bytes, or
-    /// `sources` `_source`s asked (`SourceGate::per_call`).
-    fn add(&mut self, job: Job, limits: &BatchLimits, sources: usize) -> Added {
+    /// `weighed` stored documents rebuilt (`SourceGate::per_call`).
+    fn add(&mut self, job: Job, limits: &BatchLimits, weighed: usize) -> Added {
         if job.cancel.is_cancelled() {
             job.answer(Err(BulkError::Abandoned));
             return Added::Taken;
         }
         if self.documents + job.items > limits.max_documents
             || self.bytes + job.body.len() > limits.max_bytes
-            || (job.sources > 0 && self.sources + job.sources > sources)
+            || self.documents + job.items > weighed
         {
             return Added::DoesNotFit(job);
         }
         self.documents += job.items;
         self.bytes += job.body.len();
-        self.sources += job.sources;
         self.jobs.push(job);
         if self.documents >= limits.max_documents {
             Added::Full
@@ -550,13 +557,13 @@ async fn enter(gate: &SourceGate, jobs: &mut Vec<Job>) -> Option<Option<OwnedSem
         if jobs.is_empty() {
             return None;
         }
-        let sources: usize = jobs.iter().map(|j| j.sources).sum();
+        let items: usize = jobs.iter().map(|j| j.items).sum();
         let cancelled = jobs.iter().map(|j| Box::pin(j.cancel.cancelled()));
         let any = futures_util::future::select_all(cancelled);
         tokio::select! {
             biased;
             _ = any => {}
-            permit = gate.enter(sources) => return Some(permit),
+            permit = gate.enter(items) => return Some(permit),
         }
     }
 }
@@ -594,6 +601,7 @@ async fn send(
         if resent {
             body = bulk::for_resend(&body);
         }
+        let sampled = sample_one_source(lane, &jobs, &mut body);
         storage.metrics().bulk_documents.observe(total as f64);
         // The engine holds the asked `_source`s until its answer is in.
         let answer = storage.bulk_once(&body, lane.wait_for).await;
@@ -602,8 +610,12 @@ async fn send(
         match answer {
             Ok(bytes) => {
                 match bulk::parse_response(&bytes, total) {
-                    Ok(items) => {
+                    Ok(mut items) => {
                         lane.gate.observe(&items);
+                        // The sampled `_source` was the gate's, not its request's.
+                        if let Some(item) = sampled.and_then(|i| items.get_mut(i)) {
+                            item.get = None;
+                        }
                         let all_rejected = items.iter().all(Item::is_rejected);
                         storage.bulk_items_answered(all_rejected);
                         for (job, items) in jobs.into_iter().zip(split(items, &counts)) {
@@ -647,6 +659,26 @@ async fn send(
             }
         }
     }
+}
+
+/// Asks the engine for the `_source` of one item of the call that asks none (`None`
+/// when every item asks already), so that the gate learns how large the stored
+/// documents are even from requests with `source: false`: every update item makes the
+/// engine rebuild its whole stored document and hold it until the call ends, so each
+/// weighs the largest one seen lately. The item is taken in turn from each request of
+/// the lane's calls, from the `sampled`-th call on; its index among the call's items.
+/// It costs the engine one `_source` a call (weighed by the gate like any item), and
+/// the worker one read and dropped: the item's answer is stripped of it before its
+/// request sees it.
+fn sample_one_source(lane: &Lane, jobs: &[Job], body: &mut [u8]) -> Option<usize> {
+    if jobs.iter().all(|j| j.sources >= j.items) {
+        return None;
+    }
+    let turn = lane
+        .sampled
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let from: usize = jobs[..turn % jobs.len()].iter().map(|j| j.items).sum();
+    bulk::ask_one_source(body, from).or_else(|| bulk::ask_one_source(body, 0))
 }
 
 /// Splits a call's items into consecutive runs of `counts`: each job's own, in order.
@@ -817,7 +849,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_stops_at_its_share_of_sources() {
+    fn a_batch_stops_at_its_share_of_items_whether_they_ask_sources_or_not() {
         let limits = BatchLimits {
             max_documents: 500,
             max_bytes: 1 << 20,
@@ -828,29 +860,28 @@ mod tests {
             max_source_bytes: 0,
         };
         let cancel = CancellationToken::new();
-        let with_sources = |n: usize| {
+        let with = |items: usize, sources: usize| {
             let (mut j, answer) = job(&cancel);
-            j.sources = n;
+            j.items = items;
+            j.sources = sources;
             std::mem::forget(answer);
             j
         };
-        // A first job may ask more than the share: a request's own is never split.
-        let mut batch = Batch::new(with_sources(150));
+        // A first job may weigh more than the share: a request's own is never split.
+        let mut batch = Batch::new(with(150, 150));
         assert!(matches!(
-            batch.add(with_sources(1), &limits, 100),
+            batch.add(with(1, 1), &limits, 100),
             Added::DoesNotFit(_)
         ));
+        // An item that asks no `_source` still makes the engine rebuild its document.
         assert!(matches!(
-            batch.add(with_sources(0), &limits, 100),
-            Added::Taken
+            batch.add(with(1, 0), &limits, 100),
+            Added::DoesNotFit(_)
         ));
-        let mut batch = Batch::new(with_sources(60));
+        let mut batch = Batch::new(with(60, 0));
+        assert!(matches!(batch.add(with(40, 0), &limits, 100), Added::Taken));
         assert!(matches!(
-            batch.add(with_sources(40), &limits, 100),
-            Added::Taken
-        ));
-        assert!(matches!(
-            batch.add(with_sources(1), &limits, 100),
+            batch.add(with(1, 1), &limits, 100),
             Added::DoesNotFit(_)
         ));
     }
