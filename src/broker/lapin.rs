@@ -3,6 +3,13 @@
 //! and the pairing of returns with publishes are the lifecycle's (module `broker`).
 //! Connections are made through `security::tls` (TLS files read again on each connect,
 //! so a renewed certificate is used from then on).
+//!
+//! **A message's properties fit one frame, checked before it is sent.** AMQP sends them
+//! in one content header frame, never split, and RabbitMQ closes the whole connection
+//! over a frame larger than the `frame_max` negotiated (128 KiB by default): a dead
+//! letter carrying a request's own headers, near that size already, would close it on
+//! every redelivery. Such a dead letter goes without the carried headers (and says so in
+//! `x-mupdate-headers-dropped`); whatever is still too large is refused here, unsent.
 
 use std::sync::Arc;
 
@@ -15,6 +22,7 @@ use ::lapin::types::{AMQPValue, FieldTable, ShortString};
 use ::lapin::{BasicProperties, Confirmation, ConnectionProperties};
 use futures_util::StreamExt;
 
+use super::HEADERS_DROPPED_HEADER;
 use super::port::{
     self, Call, Confirm, Consumer, Delivery, Error, ErrorKind, ExchangeKind, Message, Original,
     Returned, Value,
@@ -72,7 +80,8 @@ impl port::Connection for Connection {
     fn open_channel(&self) -> Call<'_, Box<dyn port::Channel>> {
         Box::pin(async move {
             let channel = self.0.create_channel().await.map_err(error)?;
-            Ok(Box::new(Channel(channel)) as Box<dyn port::Channel>)
+            let frame_max = self.0.configuration().frame_max() as usize;
+            Ok(Box::new(Channel { channel, frame_max }) as Box<dyn port::Channel>)
         })
     }
 
@@ -89,23 +98,28 @@ impl port::Connection for Connection {
     }
 }
 
-pub struct Channel(::lapin::Channel);
+pub struct Channel {
+    channel: ::lapin::Channel,
+    /// The connection's negotiated `frame_max`: the largest frame, its 8 bytes of
+    /// framing included.
+    frame_max: usize,
+}
 
 impl port::Channel for Channel {
     fn connected(&self) -> bool {
-        self.0.status().connected()
+        self.channel.status().connected()
     }
 
     fn confirm_select(&self) -> Call<'_, ()> {
         Box::pin(async move {
-            let select = self.0.confirm_select(ConfirmSelectOptions::default());
+            let select = self.channel.confirm_select(ConfirmSelectOptions::default());
             select.await.map_err(error)
         })
     }
 
     fn qos(&self, prefetch: u16) -> Call<'_, ()> {
         Box::pin(async move {
-            let qos = self.0.basic_qos(prefetch, BasicQosOptions::default());
+            let qos = self.channel.basic_qos(prefetch, BasicQosOptions::default());
             qos.await.map_err(error)
         })
     }
@@ -127,7 +141,7 @@ impl port::Channel for Channel {
                 ExchangeKind::Fanout => ::lapin::ExchangeKind::Fanout,
             };
             let declare =
-                self.0
+                self.channel
                     .exchange_declare(name.into(), kind, options, FieldTable::default());
             declare.await.map_err(error)
         })
@@ -148,14 +162,16 @@ impl port::Channel for Channel {
             } else {
                 QueueDeclareOptions::durable()
             };
-            let declare = self.0.queue_declare(name.into(), options, table(args));
+            let declare = self
+                .channel
+                .queue_declare(name.into(), options, table(args));
             declare.await.map(|_| ()).map_err(error)
         })
     }
 
     fn bind_queue<'a>(&'a self, queue: &'a str, exchange: &'a str) -> Call<'a, ()> {
         Box::pin(async move {
-            let bind = self.0.queue_bind(
+            let bind = self.channel.queue_bind(
                 queue.into(),
                 exchange.into(),
                 "".into(),
@@ -169,7 +185,7 @@ impl port::Channel for Channel {
     fn consume<'a>(&'a self, queue: &'a str, tag: &'a str) -> Call<'a, Consumer> {
         Box::pin(async move {
             let consumer = self
-                .0
+                .channel
                 .basic_consume(
                     queue.into(),
                     tag.into(),
@@ -189,7 +205,7 @@ impl port::Channel for Channel {
     fn cancel<'a>(&'a self, tag: &'a str) -> Call<'a, ()> {
         Box::pin(async move {
             let cancel = self
-                .0
+                .channel
                 .basic_cancel(tag.into(), BasicCancelOptions::default());
             cancel.await.map_err(error)
         })
@@ -197,9 +213,14 @@ impl port::Channel for Channel {
 
     fn publish<'a>(&'a self, message: Message<'a>) -> Call<'a, Confirm> {
         Box::pin(async move {
-            let properties = basic_properties(&message.props);
+            let carried = message
+                .props
+                .carried
+                .and_then(|original| original.0.downcast_ref::<Received>())
+                .map(|received| &received.properties);
+            let properties = fitted(&message.props, carried, self.frame_max)?;
             let confirm = self
-                .0
+                .channel
                 .basic_publish(
                     message.exchange.into(),
                     message.routing_key.into(),
@@ -238,7 +259,7 @@ impl port::Channel for Channel {
     }
 
     fn close<'a>(&'a self, reason: &'a str) -> Call<'a, ()> {
-        Box::pin(async move { self.0.close(200, reason.into()).await.map_err(error) })
+        Box::pin(async move { self.channel.close(200, reason.into()).await.map_err(error) })
     }
 }
 
@@ -359,31 +380,77 @@ fn headers_of(headers: &Option<FieldTable>) -> Vec<(String, Value<'static>)> {
         .collect()
 }
 
-/// The AMQP properties of a message to publish: a dead letter's start from those of the
-/// delivery it carries on (less `user_id` and `expiration`), its headers first.
-fn basic_properties(props: &port::Props<'_>) -> BasicProperties {
-    let carried = props
-        .carried
-        .and_then(|original| original.0.downcast_ref::<Received>())
-        .map(|received| &received.properties);
-    built(props, carried)
+/// The bytes of a content header frame's payload (the frame less its 8 bytes of
+/// framing) with `properties`: class id, weight and body size (12 bytes), then the
+/// properties as lapin writes them.
+fn header_payload(properties: &BasicProperties) -> usize {
+    let write = ::lapin::protocol::basic::gen_properties(properties);
+    match write(Vec::new().into()) {
+        Ok(written) => 12 + usize::try_from(written.position).unwrap_or(usize::MAX),
+        Err(_) => usize::MAX,
+    }
 }
 
-/// `props` over `carried`'s properties, when there are.
-fn built(props: &port::Props<'_>, carried: Option<&BasicProperties>) -> BasicProperties {
+/// The AMQP properties of a message to publish, whose header frame fits `frame_max`: a
+/// dead letter's start from those of the delivery it carries on (`carried`, less `user_id`
+/// and `expiration`), its headers first; without those headers when they would not fit
+/// (`x-mupdate-headers-dropped: true` then). Refused when still too large.
+fn fitted(
+    props: &port::Props<'_>,
+    carried: Option<&BasicProperties>,
+    frame_max: usize,
+) -> Result<BasicProperties, Error> {
+    let limit = frame_max.saturating_sub(8);
+    let whole = built(props, carried, true);
+    let size = header_payload(&whole);
+    if size <= limit {
+        return Ok(whole);
+    }
+    let lean = built(props, carried, false);
+    let lean_size = header_payload(&lean);
+    if carried.is_some() && lean_size <= limit {
+        tracing::warn!(
+            bytes = size,
+            limit,
+            "a dead letter's properties exceed the frame limit; the request's headers are dropped"
+        );
+        return Ok(lean);
+    }
+    Err(Error {
+        kind: ErrorKind::Refused { code: FRAME_ERROR },
+        message: format!(
+            "the message's properties take {lean_size} bytes, over the frame limit of {limit}; not sent"
+        ),
+    })
+}
+
+/// AMQP's reply code for a frame that breaks the rules (a too large one among them).
+const FRAME_ERROR: u16 = 501;
+
+/// `props` over `carried`'s properties, when there are; the carried headers only when
+/// `with_headers` (else `x-mupdate-headers-dropped: true` says they were there).
+fn built(
+    props: &port::Props<'_>,
+    carried: Option<&BasicProperties>,
+    with_headers: bool,
+) -> BasicProperties {
     let mut out = carried.map_or_else(BasicProperties::default, without_user_id);
     // The worker's own headers (`x-mupdate-*`) are its word alone: one a producer set
     // (a forged `x-mupdate-user-id`, say) never rides on where the worker sets none.
     let mut headers = FieldTable::default();
-    for (name, value) in carried
-        .and_then(|p| p.headers().as_ref())
-        .map(|h| h.inner().iter())
-        .into_iter()
-        .flatten()
-    {
-        if !name.as_str().starts_with("x-mupdate-") {
-            headers.insert(name.clone(), value.clone());
+    let carried_headers = carried.and_then(|p| p.headers().as_ref());
+    if with_headers {
+        for (name, value) in carried_headers
+            .map(|h| h.inner().iter())
+            .into_iter()
+            .flatten()
+        {
+            if !name.as_str().starts_with("x-mupdate-") {
+                headers.insert(name.clone(), value.clone());
+            }
         }
+    } else if carried_headers.is_some_and(|h| !h.inner().is_empty()) {
+        headers.insert(HEADERS_DROPPED_HEADER.into(), AMQPValue::Boolean(true));
     }
     for (name, value) in &props.headers {
         headers.insert((*name).into(), amqp_value(value));
@@ -483,7 +550,7 @@ mod tests {
             ],
             ..port::Props::default()
         };
-        let published = built(&letter, Some(&delivered));
+        let published = fitted(&letter, Some(&delivered), 131_072).unwrap();
         assert_eq!(published.user_id(), &None);
         assert_eq!(published.expiration(), &None);
         assert_eq!(
@@ -513,13 +580,14 @@ mod tests {
 
     #[test]
     fn a_reply_has_its_own_properties_and_headers_come_back_from_a_return() {
-        let published = basic_properties(&port::Props {
+        let props = port::Props {
             correlation_id: Some("k"),
             content_type: Some("application/json"),
             persistent: false,
             headers: vec![("status", Value::ShortInt(200))],
             carried: None,
-        });
+        };
+        let published = fitted(&props, None, 131_072).unwrap();
         assert_eq!(published.delivery_mode(), &None);
         assert_eq!(
             published.correlation_id().as_ref().map(|c| c.as_str()),
@@ -533,6 +601,146 @@ mod tests {
         assert_eq!(
             headers_of(&Some(headers)),
             [("status".to_owned(), Value::ShortInt(200))]
+        );
+    }
+
+    /// A dead letter of `delivered`, as the worker sends one: its reason, whether it was
+    /// applied, its error, its user and its publish number.
+    fn letter(error: &str) -> port::Props<'_> {
+        port::Props {
+            persistent: true,
+            headers: vec![
+                (
+                    "x-mupdate-reason",
+                    Value::LongString(b"reply_forbidden".into()),
+                ),
+                ("x-mupdate-applied", Value::Bool(false)),
+                (
+                    "x-mupdate-error",
+                    Value::LongString(error.as_bytes().into()),
+                ),
+                (
+                    "x-mupdate-user-id",
+                    Value::LongString(vec![b'u'; 255].into()),
+                ),
+                ("x-mupdate-publish", Value::LongLongInt(i64::MAX)),
+            ],
+            ..port::Props::default()
+        }
+    }
+
+    fn padded(bytes: usize) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert("mine".into(), AMQPValue::LongString("kept".into()));
+        headers.insert(
+            "pad".into(),
+            AMQPValue::LongString(vec![b'p'; bytes].into()),
+        );
+        BasicProperties::default()
+            .with_message_id("m1".into())
+            .with_headers(headers)
+    }
+
+    #[test]
+    fn a_dead_letter_whose_carried_headers_would_overflow_the_frame_goes_without_them() {
+        let frame_max = 131_072;
+        let error = r#"{"status":403,"id":"security.rights.forbidden"}"#;
+        // Its own headers fill the largest frame a producer may send.
+        let delivered = padded(frame_max - 8 - 12 - 40);
+        assert!(header_payload(&delivered) <= frame_max - 8);
+        let published = fitted(&letter(error), Some(&delivered), frame_max).unwrap();
+        assert!(header_payload(&published) <= frame_max - 8);
+        let headers = published.headers().clone().unwrap();
+        let header = |name: &str| headers.inner().get(name).cloned();
+        assert_eq!(header("pad"), None);
+        assert_eq!(header("mine"), None);
+        assert_eq!(
+            header(HEADERS_DROPPED_HEADER),
+            Some(AMQPValue::Boolean(true))
+        );
+        assert_eq!(
+            header("x-mupdate-reason"),
+            Some(AMQPValue::LongString("reply_forbidden".into()))
+        );
+        assert_eq!(
+            header("x-mupdate-error"),
+            Some(AMQPValue::LongString(error.into()))
+        );
+        assert_eq!(
+            published.message_id().as_ref().map(|m| m.as_str()),
+            Some("m1"),
+            "its other properties are kept"
+        );
+
+        // Smaller ones are carried, and nothing says they were dropped.
+        let published = fitted(&letter(error), Some(&padded(1000)), frame_max).unwrap();
+        let headers = published.headers().clone().unwrap();
+        assert!(headers.inner().contains_key("pad"));
+        assert!(!headers.inner().contains_key(HEADERS_DROPPED_HEADER));
+    }
+
+    #[test]
+    fn a_message_too_large_for_the_frame_even_without_carried_headers_is_not_sent() {
+        let refused = fitted(&letter(&"e".repeat(9000)), None, 8192).unwrap_err();
+        assert_eq!(refused.kind, ErrorKind::Refused { code: FRAME_ERROR });
+    }
+
+    /// The worker's own properties, at their largest, fit the smallest frame lapin
+    /// negotiates: only a request's own headers can overflow one, and those are dropped.
+    #[test]
+    fn the_workers_own_properties_at_their_largest_fit_the_smallest_frame() {
+        let smallest = ::lapin::protocol::constants::FRAME_MIN_SIZE as usize;
+        let short = |c: char| ShortString::from(c.to_string().repeat(255));
+        // Every short string a delivery carries on, at its longest.
+        let delivered = BasicProperties::default()
+            .with_content_type(short('t'))
+            .with_content_encoding(short('e'))
+            .with_correlation_id(short('c'))
+            .with_reply_to(short('r'))
+            .with_message_id(short('m'))
+            .with_type(short('k'))
+            .with_app_id(short('a'))
+            .with_priority(9)
+            .with_timestamp(u64::MAX)
+            .with_headers(padded(smallest).headers().clone().unwrap());
+        let error = "e".repeat(super::super::ERROR_HEADER_MAX);
+        let published = fitted(&letter(&error), Some(&delivered), smallest).unwrap();
+        assert_eq!(
+            published
+                .headers()
+                .as_ref()
+                .unwrap()
+                .inner()
+                .get(HEADERS_DROPPED_HEADER),
+            Some(&AMQPValue::Boolean(true))
+        );
+
+        let destination = crate::pipeline::reply::Destination::ReplyTo("r".repeat(255));
+        let request_id = "i".repeat(super::super::REQUEST_ID_HEADER_MAX);
+        let user = "u".repeat(255);
+        let key = "k".repeat(255);
+        let reply = super::super::Outgoing {
+            destination: &destination,
+            key: &key,
+            request_id: &request_id,
+            status: 200,
+            body: b"{}",
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            user_id: Some(&user),
+        };
+        let mut props = super::super::reply_properties(&reply);
+        props
+            .headers
+            .push(("x-mupdate-publish", Value::LongLongInt(i64::MAX)));
+        let published = fitted(&props, None, smallest).unwrap();
+        assert_eq!(
+            published
+                .headers()
+                .as_ref()
+                .unwrap()
+                .inner()
+                .get("requestId"),
+            Some(&AMQPValue::LongString(request_id.as_str().into()))
         );
     }
 }

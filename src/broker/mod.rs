@@ -189,7 +189,8 @@ impl Broker {
             (APPLIED_HEADER, Value::Bool(letter.applied)),
         ];
         if let Some(error) = letter.error {
-            headers.push((ERROR_HEADER, Value::LongString(error.as_bytes().into())));
+            let error = capped_error(error);
+            headers.push((ERROR_HEADER, Value::LongString(error.into_bytes().into())));
         }
         if let Some(user) = user_id {
             headers.push((USER_ID_HEADER, Value::LongString(user.as_bytes().into())));
@@ -225,6 +226,49 @@ pub const REASON_HEADER: &str = "x-mupdate-reason";
 pub const ERROR_HEADER: &str = "x-mupdate-error";
 /// The request's verified `user_id`, on its reply and on its dead letter.
 pub const USER_ID_HEADER: &str = "x-mupdate-user-id";
+/// `true` on a dead letter sent without the request's own headers: with them, its
+/// properties would not fit one AMQP frame (`frame_max`).
+pub const HEADERS_DROPPED_HEADER: &str = "x-mupdate-headers-dropped";
+
+/// The longest `ERROR_HEADER`: the error's text may quote a client's names.
+pub const ERROR_HEADER_MAX: usize = 512;
+
+/// `error` (an error's JSON) within `ERROR_HEADER_MAX` bytes: kept whole when it fits;
+/// else, when it is a JSON object, its `message` cut (on a character boundary, ending in
+/// `…`) until it fits, so that it stays JSON; else the text cut.
+fn capped_error(error: &str) -> String {
+    if error.len() <= ERROR_HEADER_MAX {
+        return error.to_owned();
+    }
+    if let Ok(serde_json::Value::Object(mut object)) = serde_json::from_str(error) {
+        let mut message = match object.get("message") {
+            Some(serde_json::Value::String(message)) => message.clone(),
+            _ => String::new(),
+        };
+        // Each cut halves the message: a few rounds at most, each of a few hundred bytes.
+        while !message.is_empty() {
+            message.truncate(char_floor(&message, message.len() / 2));
+            object.insert(
+                "message".to_owned(),
+                serde_json::Value::String(format!("{message}…")),
+            );
+            let json = serde_json::Value::Object(object.clone()).to_string();
+            if json.len() <= ERROR_HEADER_MAX {
+                return json;
+            }
+        }
+    }
+    error[..char_floor(error, ERROR_HEADER_MAX)].to_owned()
+}
+
+/// The largest character boundary of `text` at or below `at`.
+fn char_floor(text: &str, at: usize) -> usize {
+    let mut end = at.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
+}
 
 /// Why a request is dead-lettered, as its dead letter says it.
 pub struct Letter<'a> {
@@ -283,5 +327,40 @@ pub fn reply_properties<'a>(reply: &Outgoing<'a>) -> Props<'a> {
         persistent: reply.destination.persistent(),
         headers,
         carried: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_header_is_capped_and_stays_json() {
+        let short = r#"{"status":403,"id":"security.rights.forbidden","message":"no"}"#;
+        assert_eq!(capped_error(short), short);
+
+        // A message quoting a client's name of control characters (six bytes each in JSON).
+        let name = "\u{1}é".repeat(300);
+        let long = serde_json::json!({
+            "status": 403,
+            "id": "security.rights.forbidden",
+            "message": format!("replies to queue \"{name}\" are forbidden"),
+        })
+        .to_string();
+        assert!(long.len() > 2 * ERROR_HEADER_MAX);
+        let capped = capped_error(&long);
+        assert!(capped.len() <= ERROR_HEADER_MAX, "{}", capped.len());
+        let error: serde_json::Value = serde_json::from_str(&capped).unwrap();
+        assert_eq!(error["status"], 403);
+        assert_eq!(error["id"], "security.rights.forbidden");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.starts_with("replies to queue \""), "{message}");
+        assert!(message.ends_with('…'), "{message}");
+
+        // Not JSON: cut on a character boundary.
+        let text = "é".repeat(ERROR_HEADER_MAX);
+        let capped = capped_error(&text);
+        assert!(capped.len() <= ERROR_HEADER_MAX && capped.len() >= ERROR_HEADER_MAX - 1);
+        assert!(text.starts_with(&capped));
     }
 }
