@@ -23,7 +23,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-use crate::broker::{APPLIED_HEADER, ERROR_HEADER, REASON_HEADER};
+use crate::broker::{APPLIED_HEADER, USER_ID_HEADER};
 use crate::config::AmqpSettings;
 use crate::security::tls::AmqpTls;
 
@@ -140,7 +140,7 @@ async fn send_back(
     properties: &BasicProperties,
 ) -> lapin::Result<bool> {
     let mut headers = properties.headers().clone().unwrap_or_default();
-    let user = match headers.inner().get("x-mupdate-user-id") {
+    let user = match headers.inner().get(USER_ID_HEADER) {
         Some(AMQPValue::LongString(user)) => {
             Some(String::from_utf8_lossy(user.as_bytes()).into_owned())
         }
@@ -149,16 +149,7 @@ async fn send_back(
     let kept: FieldTable = headers
         .inner()
         .iter()
-        .filter(|(k, _)| {
-            ![
-                REASON_HEADER,
-                APPLIED_HEADER,
-                ERROR_HEADER,
-                "x-mupdate-user-id",
-                "x-mupdate-publish",
-            ]
-            .contains(&k.as_str())
-        })
+        .filter(|(k, _)| kept_on_requeue(k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect::<std::collections::BTreeMap<_, _>>()
         .into();
@@ -185,4 +176,33 @@ async fn send_back(
     .await
     .map_err(|_| lapin::Error::from(std::io::Error::other("no confirm in time")))??;
     Ok(matches!(confirm, lapin::Confirmation::Ack(None)))
+}
+
+/// Whether a dead letter's header goes back with it: the worker's own (`x-mupdate-*`:
+/// why it was dead-lettered, whether it was applied, the caller it verified, whether
+/// the request's headers were dropped to fit the frame) are about that dead-lettering,
+/// and a worker sets them afresh; the request's own are kept.
+fn kept_on_requeue(header: &str) -> bool {
+    !header.starts_with("x-mupdate-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workers_own_headers_stay_behind() {
+        use crate::broker::{ERROR_HEADER, HEADERS_DROPPED_HEADER, REASON_HEADER};
+        for own in [
+            APPLIED_HEADER,
+            ERROR_HEADER,
+            REASON_HEADER,
+            HEADERS_DROPPED_HEADER,
+        ] {
+            assert!(!kept_on_requeue(own), "{own}");
+        }
+        assert!(!kept_on_requeue(USER_ID_HEADER));
+        assert!(kept_on_requeue("x-trace-id"));
+        assert!(kept_on_requeue("x-death"));
+    }
 }
