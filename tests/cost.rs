@@ -581,10 +581,12 @@ async fn one_large_source_answered_once_doesnt_slow_every_later_call() {
     );
 }
 
-/// `requests` requests of `per` updates each, of stored documents of `mib` MiB, with
-/// `source: false`, all published before a worker binary (with `env` added) starts on
-/// them: the replies, the worker's peak RSS before and after, whether the engine is up,
-/// and the worker's metrics text after.
+/// `requests` requests of `per` updates each, with `source: false`, all published
+/// before a worker binary (with `env` added) starts on them: each request's first
+/// update names a small stored document, the others stored documents of `mib` MiB (a
+/// sample of sizes from fixed places would see only the small ones). The replies, the
+/// worker's peak RSS before and after, whether the engine is up, and the worker's
+/// metrics text after.
 async fn updates_of_large_documents_without_sources(
     requests: usize,
     per: usize,
@@ -594,9 +596,14 @@ async fn updates_of_large_documents_without_sources(
 ) -> (Vec<Value>, (u64, u64), bool, String) {
     let blob = "x".repeat(mib << 20);
     let ids: Vec<String> = (0..requests * per).map(|i| format!("d{i}")).collect();
+    let small = json!({"blob": "x"});
     let docs: Vec<(&str, Value)> = ids
         .iter()
-        .map(|id| (id.as_str(), json!({"blob": blob})))
+        .enumerate()
+        .map(|(i, id)| match i % per {
+            0 => (id.as_str(), small.clone()),
+            _ => (id.as_str(), json!({"blob": blob})),
+        })
         .collect();
     let col = kuzzle_like(&docs).await;
     drop(docs);
@@ -652,22 +659,23 @@ async fn updates_of_large_documents_without_sources(
 /// heap. The engine rebuilds each updated document whole and holds it until the call
 /// ends, and nothing weighed an update that asks no `_source`. Now every update item
 /// weighs the largest document seen lately, learned from one `_source` each call asks
-/// for the gate. Here, smaller (8 requests of 10 updates of 1 MiB documents, 16 MiB of
-/// budget: 8 MiB a lane, 8 such documents at once): without the weighing they went as
-/// one call of 80; now no call is larger than a cold lane's 32 items, and once an answer
-/// has told the documents' size, each request goes alone.
+/// for the gate. Here, smaller (8 requests of 11 updates, the first of a small document,
+/// the others of 1 MiB documents; 16 MiB of budget: 8 MiB a lane, 8 such documents at
+/// once): without the weighing they went as one call of 88; now no call is larger than
+/// a cold lane's 32 items, and once an answer has told the documents' size, each
+/// request goes alone.
 #[tokio::test]
 async fn updates_asking_no_source_are_weighed_by_their_stored_documents() {
     let (replies, (before, peak), up, metrics) = updates_of_large_documents_without_sources(
         8,
-        10,
+        11,
         1,
         &[("MUPDATE__STORAGE__MAX_SOURCE_BYTES", "16777216")],
         Duration::from_secs(90),
     )
     .await;
     eprintln!(
-        "8 × 10 updates of stored 1 MiB documents, source: false: {} of 8 answered, worker {before} -> {peak} MiB",
+        "8 × 11 updates of stored 1 MiB documents (one small first), source: false: {} of 8 answered, worker {before} -> {peak} MiB",
         replies.len()
     );
     assert!(up, "the engine is still up");
@@ -695,7 +703,7 @@ async fn updates_asking_no_source_are_weighed_by_their_stored_documents() {
 }
 
 /// The known gap's own shape (20 requests of 10 updates of stored 8 MiB documents,
-/// `source: false`), run by hand against a private engine of 1 GiB of heap (it creates
+/// `source: false`; here each request's first names a small one), run by hand against a private engine of 1 GiB of heap (it creates
 /// 1.6 GB of documents; `scripts/services.sh` with `ENGINE_PORT`, README "Cost
 /// bounds"): `MUPDATE_TEST_ES_URL=http://127.0.0.1:9230 cargo test --test cost --
 /// --ignored --nocapture`.

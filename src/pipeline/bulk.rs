@@ -141,29 +141,50 @@ pub fn sources_asked(body: &[u8]) -> usize {
         .count()
 }
 
-/// Makes the first update item at or after item `from` that asks no `_source` ask for
-/// it, in place: its doc line's `"_source":false}` becomes `"_source":true }` (the same
-/// length, so nothing moves). Its index among the body's items, or `None` when every
-/// item from `from` on asks for its `_source` already. Reads lines `append_update` (and
-/// `for_resend`) wrote: two lines an item, the doc line ending as written.
-pub fn ask_one_source(body: &mut [u8], from: usize) -> Option<usize> {
+/// Makes some of the update items that ask no `_source` ask for it, in place: each
+/// chosen doc line's `"_source":false}` becomes `"_source":true }` (the same length, so
+/// nothing moves). `count(n)` says how many of the `n` such items to take, `pick(m)`
+/// draws an index below `m` (each item is taken at most once). Their indices among the
+/// body's items, ascending. Reads lines `append_update` (and `for_resend`) wrote: two
+/// lines an item, the doc line ending as written, and a body's values can't hold a raw
+/// newline.
+pub fn ask_sources(
+    body: &mut [u8],
+    count: impl FnOnce(usize) -> usize,
+    mut pick: impl FnMut(usize) -> usize,
+) -> Vec<usize> {
     const NOT_ASKED: &[u8] = b",\"_source\":false}\n";
     const ASKED: &[u8] = b"true }\n";
-    let mut start = 0;
-    let mut line = 0;
+    // (item, where its doc line ends) of every item that asks none.
+    let mut unasked = Vec::new();
+    let (mut start, mut line) = (0, 0);
     while start < body.len() {
         let end = body[start..]
             .iter()
             .position(|b| *b == b'\n')
             .map_or(body.len(), |i| start + i + 1);
-        if line >= 2 * from && body[start..end].ends_with(NOT_ASKED) {
-            body[end - ASKED.len()..end].copy_from_slice(ASKED);
-            return Some(line / 2);
+        if body[start..end].ends_with(NOT_ASKED) {
+            unasked.push((line / 2, end));
         }
         line += 1;
         start = end;
     }
-    None
+    let n = unasked.len();
+    let k = count(n).min(n);
+    // The first k of a partial shuffle: k distinct items, each as likely.
+    for i in 0..k {
+        let j = i + pick(n - i).min(n - i - 1);
+        unasked.swap(i, j);
+    }
+    let mut chosen: Vec<usize> = unasked[..k]
+        .iter()
+        .map(|&(item, end)| {
+            body[end - ASKED.len()..end].copy_from_slice(ASKED);
+            item
+        })
+        .collect();
+    chosen.sort_unstable();
+    chosen
 }
 
 /// Serializing into a Vec can't fail.
@@ -285,7 +306,7 @@ mod tests {
     }
 
     #[test]
-    fn one_source_is_asked_of_an_item_that_asked_none() {
+    fn sources_are_asked_of_items_that_asked_none() {
         let mut buf = Vec::new();
         let changes = json!({"n": "\"_source\":false}"});
         let changes = changes.as_object().unwrap();
@@ -298,25 +319,40 @@ mod tests {
         }
         let mut resent = for_resend(&buf);
         let before = resent.len();
-        // From item 1 on: "b" asks already, "c" is the first that doesn't.
-        assert_eq!(ask_one_source(&mut resent, 1), Some(2));
+        let asked = |body: &[u8]| -> Vec<bool> {
+            lines(body)
+                .iter()
+                .skip(1)
+                .step_by(2)
+                .map(|doc| doc["_source"].as_bool().unwrap())
+                .collect()
+        };
+        // Three ask none; take one, drawn as the last of them ("d").
+        let mut seen = 0;
+        let chosen = ask_sources(
+            &mut resent,
+            |n| {
+                seen = n;
+                1
+            },
+            |m| m - 1,
+        );
+        assert_eq!((seen, chosen), (3, vec![3]));
         assert_eq!(resent.len(), before, "nothing moved");
-        let asked: Vec<bool> = lines(&resent)
-            .iter()
-            .skip(1)
-            .step_by(2)
-            .map(|doc| doc["_source"].as_bool().unwrap())
-            .collect();
-        assert_eq!(asked, [false, true, true, false]);
+        assert_eq!(asked(&resent), [false, true, false, true]);
         assert_eq!(
             lines(&resent)[5]["doc"]["n"],
             "\"_source\":false}",
             "a value is left alone"
         );
-        assert_eq!(ask_one_source(&mut resent, 0), Some(0));
-        assert_eq!(ask_one_source(&mut resent, 1), Some(3));
-        assert_eq!(ask_one_source(&mut resent, 0), None, "every item asks");
-        assert_eq!(ask_one_source(&mut Vec::new(), 0), None);
+        // More than there are: each of the two left, once; a pick out of range is held in.
+        assert_eq!(ask_sources(&mut resent, |_| 5, |m| m + 7), vec![0, 2]);
+        assert_eq!(asked(&resent), [true; 4]);
+        assert!(
+            ask_sources(&mut resent, |_| 1, |_| 0).is_empty(),
+            "every item asks"
+        );
+        assert!(ask_sources(&mut Vec::new(), |_| 1, |_| 0).is_empty());
     }
 
     #[test]
