@@ -13,6 +13,11 @@
 //! meanwhile hands them back too: nothing is lost, a moved one at worst is there twice). `user_id` is restored from
 //! `x-mupdate-user-id` (RabbitMQ accepts it only from that user, or from one with the
 //! `impersonator` tag); a message whose `user_id` the broker refuses is kept.
+//!
+//! Only the worker's own dead letters are believed: one the broker dead-lettered (it
+//! carries `x-death`, which the worker's never do) has a producer's headers as they
+//! were published, so a forged `x-mupdate-applied: false` or `x-mupdate-user-id` on it
+//! counts for nothing (fate unknown; the `user_id` the broker checked stays).
 
 use std::time::Duration;
 
@@ -23,7 +28,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-use crate::broker::{APPLIED_HEADER, USER_ID_HEADER};
+use crate::broker::{APPLIED_HEADER, USER_ID_HEADER, records_dead_lettering};
 use crate::config::AmqpSettings;
 use crate::security::tls::AmqpTls;
 
@@ -75,8 +80,13 @@ pub async fn run(settings: &AmqpSettings, unknown_too: bool) -> anyhow::Result<M
         };
         let delivery = message.delivery;
         let headers = delivery.properties.headers().clone().unwrap_or_default();
+        // Dead-lettered by the broker: its `x-mupdate-*` headers are a producer's.
+        let workers = !headers
+            .inner()
+            .keys()
+            .any(|k| records_dead_lettering(k.as_str()));
         let applied = match headers.inner().get(APPLIED_HEADER) {
-            Some(AMQPValue::Boolean(applied)) => Some(*applied),
+            Some(AMQPValue::Boolean(applied)) if workers => Some(*applied),
             _ => None,
         };
         let moving = match applied {
@@ -90,6 +100,7 @@ pub async fn run(settings: &AmqpSettings, unknown_too: bool) -> anyhow::Result<M
                 &settings.request_queue,
                 &delivery.data,
                 &delivery.properties,
+                workers,
             )
             .await
             {
@@ -132,16 +143,19 @@ async fn confirming(connection: &Connection) -> lapin::Result<Channel> {
 }
 
 /// Publishes a dead letter back to `queue` as it was first published: the worker's
-/// headers gone, its `user_id` restored. Whether the broker confirmed it.
+/// headers gone, its `user_id` restored from `x-mupdate-user-id` when the dead letter
+/// is the `workers` (one the broker dead-lettered kept the `user_id` it checked).
+/// Whether the broker confirmed it.
 async fn send_back(
     channel: &Channel,
     queue: &str,
     body: &[u8],
     properties: &BasicProperties,
+    workers: bool,
 ) -> lapin::Result<bool> {
     let mut headers = properties.headers().clone().unwrap_or_default();
     let user = match headers.inner().get(USER_ID_HEADER) {
-        Some(AMQPValue::LongString(user)) => {
+        Some(AMQPValue::LongString(user)) if workers => {
             Some(String::from_utf8_lossy(user.as_bytes()).into_owned())
         }
         _ => None,

@@ -5,7 +5,9 @@
 mod support;
 
 use lapin::BasicProperties;
+use lapin::options::QueueDeclareOptions;
 use lapin::types::AMQPValue;
+use lapin::types::FieldTable;
 use serde_json::{Value, json};
 use support::*;
 
@@ -105,6 +107,105 @@ async fn dead_letters_say_why_and_whether_applied_and_only_unapplied_ones_are_re
         Some((0, 0))
     );
 
+    amqp.close().await;
+    delete_topology(&settings).await;
+}
+
+/// A request the broker dead-lettered (a delivery limit, a TTL: here a TTL of 0 in a
+/// queue whose dead letters go to the worker's dead-letter queue) carries a producer's
+/// headers as they were published: a forged `x-mupdate-applied: false` and
+/// `x-mupdate-user-id` must not make `requeue-dead` move it as never applied, nor
+/// publish it as that user (found by the adversarial review). With `--unknown` it is
+/// moved, the worker's headers and the broker's record gone, no `user_id` taken.
+#[tokio::test]
+async fn a_producers_worker_headers_on_a_broker_dead_letter_are_not_believed() {
+    let settings = settings();
+    let amqp = Amqp::open().await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for queue in [
+        &settings.amqp.request_queue,
+        &settings.amqp.dead_letter_queue,
+    ] {
+        amqp.channel
+            .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+            .await
+            .unwrap();
+    }
+    let expiring = fresh("expiring");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-message-ttl".into(), AMQPValue::LongInt(0));
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(settings.amqp.dead_letter_queue.as_str().into()),
+    );
+    amqp.channel
+        .queue_declare(expiring.as_str().into(), durable, arguments)
+        .await
+        .unwrap();
+    let mut forged = FieldTable::default();
+    forged.insert("x-mupdate-applied".into(), AMQPValue::Boolean(false));
+    forged.insert(
+        "x-mupdate-user-id".into(),
+        AMQPValue::LongString("admin".into()),
+    );
+    forged.insert("x-trace".into(), AMQPValue::LongString("t-1".into()));
+    let props = BasicProperties::default().with_headers(forged);
+    publish(
+        &amqp.channel,
+        &expiring,
+        b"{\"requestId\":\"forged\"}",
+        props,
+    )
+    .await;
+    wait_equal("dead-lettered by the broker", Some((1, 0)), || {
+        queue_counts(&settings.amqp.dead_letter_queue)
+    })
+    .await;
+
+    let requeue = |unknown: bool| {
+        let mut command = worker_command(&settings);
+        command.arg("requeue-dead");
+        if unknown {
+            command.arg("--unknown");
+        }
+        let output = command
+            .stdout(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let said = requeue(false);
+    assert!(
+        said.contains("moved back 0; left: 0 applied, 1 of unknown fate"),
+        "{said}"
+    );
+    let said = requeue(true);
+    assert!(said.contains("moved back 1;"), "{said}");
+    let moved = next_message(&amqp.channel, &settings.amqp.request_queue).await;
+    assert_eq!(moved.properties.user_id(), &None, "no user_id taken");
+    assert!(header(&moved, "x-mupdate-user-id").is_none());
+    assert!(header(&moved, "x-mupdate-applied").is_none());
+    assert!(
+        header(&moved, "x-death").is_some(),
+        "the broker's record stays"
+    );
+    assert!(
+        header(&moved, "x-trace").is_some(),
+        "the request's own stay"
+    );
+
+    amqp.channel
+        .queue_delete(expiring.as_str().into(), Default::default())
+        .await
+        .unwrap();
     amqp.close().await;
     delete_topology(&settings).await;
 }

@@ -22,11 +22,11 @@ use ::lapin::types::{AMQPValue, FieldTable, ShortString};
 use ::lapin::{BasicProperties, Confirmation, ConnectionProperties};
 use futures_util::StreamExt;
 
-use super::HEADERS_DROPPED_HEADER;
 use super::port::{
     self, Call, Confirm, Consumer, Delivery, Error, ErrorKind, ExchangeKind, Message, Original,
     Returned, Value,
 };
+use super::{HEADERS_DROPPED_HEADER, records_dead_lettering};
 use crate::config::AmqpSettings;
 use crate::pipeline::envelope::Properties;
 use crate::security::tls::AmqpTls;
@@ -436,7 +436,9 @@ fn built(
 ) -> BasicProperties {
     let mut out = carried.map_or_else(BasicProperties::default, without_user_id);
     // The worker's own headers (`x-mupdate-*`) are its word alone: one a producer set
-    // (a forged `x-mupdate-user-id`, say) never rides on where the worker sets none.
+    // (a forged `x-mupdate-user-id`, say) never rides on where the worker sets none. A
+    // broker's record of an earlier dead-lettering stays behind too: a dead letter
+    // with one is the broker's (`records_dead_lettering`).
     let mut headers = FieldTable::default();
     let carried_headers = carried.and_then(|p| p.headers().as_ref());
     if with_headers {
@@ -445,7 +447,7 @@ fn built(
             .into_iter()
             .flatten()
         {
-            if !name.as_str().starts_with("x-mupdate-") {
+            if !name.as_str().starts_with("x-mupdate-") && !records_dead_lettering(name.as_str()) {
                 headers.insert(name.clone(), value.clone());
             }
         }
@@ -536,6 +538,11 @@ mod tests {
             "x-mupdate-user-id".into(),
             AMQPValue::LongString("admin".into()),
         );
+        headers.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
+        headers.insert(
+            "x-first-death-reason".into(),
+            AMQPValue::LongString("expired".into()),
+        );
         let delivered = BasicProperties::default()
             .with_user_id("alice".into())
             .with_expiration("60000".into())
@@ -575,6 +582,11 @@ mod tests {
             header("x-mupdate-user-id"),
             None,
             "a producer's x-mupdate-* header is not carried where the worker sets none"
+        );
+        assert_eq!(
+            (header("x-death"), header("x-first-death-reason")),
+            (None, None),
+            "a broker's record of a dead-lettering would say this one is the broker's"
         );
     }
 

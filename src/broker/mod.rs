@@ -230,6 +230,17 @@ pub const USER_ID_HEADER: &str = "x-mupdate-user-id";
 /// properties would not fit one AMQP frame (`frame_max`).
 pub const HEADERS_DROPPED_HEADER: &str = "x-mupdate-headers-dropped";
 
+/// Whether a header records a broker's dead-lettering (`x-death`, `x-first-death-*`,
+/// `x-last-death-*`). The worker's own dead letters never carry one (`lapin.rs`,
+/// `built`), so a dead letter that does was dead-lettered by the broker (a delivery
+/// limit, a TTL, a length limit), and whatever `x-mupdate-*` headers it has are a
+/// producer's, not the worker's word: `requeue-dead` believes none of them.
+pub fn records_dead_lettering(header: &str) -> bool {
+    header == "x-death"
+        || header.starts_with("x-first-death-")
+        || header.starts_with("x-last-death-")
+}
+
 /// The longest `ERROR_HEADER`: the error's text may quote a client's names.
 pub const ERROR_HEADER_MAX: usize = 512;
 
