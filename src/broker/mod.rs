@@ -251,25 +251,47 @@ fn capped_error(error: &str) -> String {
     if error.len() <= ERROR_HEADER_MAX {
         return error.to_owned();
     }
-    if let Ok(serde_json::Value::Object(mut object)) = serde_json::from_str(error) {
-        let mut message = match object.get("message") {
-            Some(serde_json::Value::String(message)) => message.clone(),
-            _ => String::new(),
-        };
-        // Each cut halves the message: a few rounds at most, each of a few hundred bytes.
-        while !message.is_empty() {
-            message.truncate(char_floor(&message, message.len() / 2));
-            object.insert(
-                "message".to_owned(),
-                serde_json::Value::String(format!("{message}…")),
-            );
-            let json = serde_json::Value::Object(object.clone()).to_string();
-            if json.len() <= ERROR_HEADER_MAX {
-                return json;
-            }
+    let Ok(serde_json::Value::Object(object)) = serde_json::from_str(error) else {
+        return error[..char_floor(error, ERROR_HEADER_MAX)].to_owned();
+    };
+    let message = match object.get("message") {
+        Some(serde_json::Value::String(message)) => message.clone(),
+        _ => String::new(),
+    };
+    // The whole error with its message cut; else (its other fields quote a client's
+    // names too: `props`) its status, id and message alone; else a constant.
+    let lean: serde_json::Map<String, serde_json::Value> = object
+        .iter()
+        .filter(|(k, v)| matches!(k.as_str(), "status" | "id") && v.to_string().len() < 128)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    [object, lean]
+        .into_iter()
+        .find_map(|object| with_message_cut(object, &message))
+        .unwrap_or_else(|| r#"{"message":"…"}"#.to_owned())
+}
+
+/// `object` as JSON with its `message` cut (halved, a few rounds at most) until the
+/// whole is within `ERROR_HEADER_MAX`, if it ever is.
+fn with_message_cut(
+    mut object: serde_json::Map<String, serde_json::Value>,
+    message: &str,
+) -> Option<String> {
+    let mut message = message.to_owned();
+    loop {
+        message.truncate(char_floor(&message, message.len() / 2));
+        object.insert(
+            "message".to_owned(),
+            serde_json::Value::String(format!("{message}…")),
+        );
+        let json = serde_json::Value::Object(object.clone()).to_string();
+        if json.len() <= ERROR_HEADER_MAX {
+            return Some(json);
+        }
+        if message.is_empty() {
+            return None;
         }
     }
-    error[..char_floor(error, ERROR_HEADER_MAX)].to_owned()
 }
 
 /// The largest character boundary of `text` at or below `at`.
@@ -367,6 +389,24 @@ mod tests {
         let message = error["message"].as_str().unwrap();
         assert!(message.starts_with("replies to queue \""), "{message}");
         assert!(message.ends_with('…'), "{message}");
+
+        // Its other fields over the cap too (a reply destination of 255 quotes, six
+        // bytes each when escaped): its status, id and message alone, still JSON.
+        let quotes = "\u{1}".repeat(255);
+        let wide = serde_json::json!({
+            "status": 403,
+            "id": "security.rights.forbidden",
+            "message": format!("replies to \"{quotes}\" are forbidden"),
+            "props": [quotes, "u".repeat(200)],
+        })
+        .to_string();
+        let capped = capped_error(&wide);
+        assert!(capped.len() <= ERROR_HEADER_MAX, "{}", capped.len());
+        let error: serde_json::Value = serde_json::from_str(&capped).unwrap();
+        assert_eq!(error["status"], 403);
+        assert_eq!(error["id"], "security.rights.forbidden");
+        assert!(error.get("props").is_none());
+        assert!(error["message"].as_str().unwrap().ends_with('…'));
 
         // Not JSON: cut on a character boundary.
         let text = "é".repeat(ERROR_HEADER_MAX);
