@@ -35,6 +35,9 @@ struct Seen {
     settled: Vec<(u64, &'static str, bool)>,
     /// Routing keys that reach no queue: a mandatory publish to one is returned.
     unroutable: Vec<String>,
+    /// Connections opened; whether the last one is lost.
+    connects: usize,
+    lost: bool,
 }
 
 #[derive(Clone, Default)]
@@ -49,6 +52,9 @@ impl Memory {
 impl BrokerLink for Memory {
     fn connect<'a>(&'a self, _url: &'a str, _name: &'static str) -> Call<'a, Box<dyn Connection>> {
         let memory = self.clone();
+        let mut seen = self.seen();
+        seen.connects += 1;
+        seen.lost = false;
         Box::pin(async move { Ok(Box::new(memory) as Box<dyn Connection>) })
     }
 }
@@ -60,7 +66,7 @@ impl Connection for Memory {
     }
 
     fn connected(&self) -> bool {
-        true
+        !self.seen().lost
     }
 
     fn blocked(&self) -> bool {
@@ -353,4 +359,66 @@ async fn a_returned_reply_is_dead_lettered_once_then_its_request_acked() {
     );
     assert_eq!(seen.published[1].2, request("r-2"), "the request itself");
     assert_eq!(seen.settled, [(1, "ack", false)], "acked exactly once");
+}
+
+/// An engine node that never answers (SIGSTOP, a long GC pause).
+struct Frozen;
+
+impl EngineNode for Frozen {
+    fn exchange<'a>(&'a self, _call: crate::storage::port::Call<'a>) -> Exchange<'a> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// Paused on a frozen engine (its health calls each wait for `storage.timeout_ms`), the
+/// worker notices the broker connection lost at once, not once the health call gives up.
+#[tokio::test(start_paused = true)]
+async fn a_connection_lost_while_paused_on_a_frozen_engine_is_noticed_at_once() {
+    let memory = Memory::default();
+    let mut settings = settings();
+    settings.worker.pause_after_ms = 1000;
+    settings.storage.timeout_ms = 20_000;
+    settings.storage.write_timeout_ms = 20_000;
+    let metrics = Arc::new(Metrics::new());
+    let nodes = vec![Node::new("frozen:9200".into(), Box::new(Frozen))];
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(crate::lifecycle::session::run_with(
+        settings,
+        Arc::new(memory.clone()),
+        nodes,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let paused = async {
+        while metrics.pauses.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), paused)
+        .await
+        .expect("the worker pauses: the engine does not answer");
+    // Well into the pause: a health call is under way.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = memory.seen().connects;
+    memory.seen().lost = true;
+    let lost = tokio::time::Instant::now();
+    let reconnected = async {
+        while memory.seen().connects == before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let noticed = tokio::time::timeout(Duration::from_secs(60), reconnected).await;
+    let took = lost.elapsed();
+    assert!(noticed.is_ok(), "the worker connects again");
+    assert!(
+        took < Duration::from_secs(2),
+        "the lost connection is noticed within the pause's check, not after the engine's \
+         health call ({took:?})"
+    );
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), worker).await;
+    assert!(
+        matches!(stopped, Ok(Ok(Ok(())))),
+        "the worker stops cleanly"
+    );
 }

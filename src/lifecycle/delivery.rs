@@ -6,7 +6,8 @@
 //! delivery is handed back (held too long, paused, session lost, shutdown grace over),
 //! and then no new engine call starts for it. A ticket dropped unsettled (a panic while
 //! handling it) still settles: to the dead-letter exchange when panicking, so a message
-//! that crashes its handler can't loop; back to the queue otherwise.
+//! that crashes its handler can't loop; back to the queue otherwise. A settlement dropped
+//! while under way (a timeout or a `select!` around it) completes all the same.
 //!
 //! Acks of one channel go together (`Acks`): the answered deliveries at the front of
 //! the channel's unsettled ones are acked with one `multiple` ack, the others one by
@@ -192,20 +193,72 @@ impl Ticket {
         self.cancel.cancel();
     }
 
+    /// Settles the delivery. Dropped before it is over (a `select!`, a timeout, a task
+    /// aborted), the settlement still completes: an ack is already the ack task's to
+    /// send, and a nack or reject under way is finished by a task of its own, which then
+    /// forgets the delivery (`Settling`). It never stays "worked on" in `Acks`, where it
+    /// would hold back the `multiple` acks of every later delivery.
     pub async fn settle(mut self, how: Settlement) -> Result<(), ChannelGone> {
         self.settled = true;
         let settled = if how == Settlement::Ack {
             let acked = self.acks.answered(self.tag, self.acker.clone());
             Ok(acked.await.unwrap_or(false))
         } else {
-            let sent = send(&*self.acker, how).await;
-            self.acks.forget(self.tag);
-            sent
+            Settling::start(self.acker.clone(), how, self.acks.clone(), self.tag)
+                .finish()
+                .await
         };
         match settled {
             Ok(true) => Ok(()),
             // Ok(false): the acker was poisoned by the channel's end.
             Ok(false) | Err(_) => Err(ChannelGone(how)),
+        }
+    }
+}
+
+/// A nack or reject on its way to the broker: its delivery is forgotten by `Acks` once
+/// it was sent (or failed), whether the settlement was awaited to its end or dropped
+/// before (then a task of its own finishes it). Neither forgotten before it was sent (a
+/// `multiple` ack could cover the delivery, and lose it) nor sent twice (a second nack of
+/// one tag closes the channel).
+struct Settling {
+    sending: Option<port::Call<'static, bool>>,
+    acks: Acks,
+    tag: u64,
+}
+
+impl Settling {
+    fn start(acker: Arc<dyn Acker>, how: Settlement, acks: Acks, tag: u64) -> Self {
+        let sending: port::Call<'static, bool> = Box::pin(async move { send(&*acker, how).await });
+        Settling {
+            sending: Some(sending),
+            acks,
+            tag,
+        }
+    }
+
+    async fn finish(mut self) -> Result<bool, port::Error> {
+        let Some(sending) = self.sending.as_mut() else {
+            return Ok(false);
+        };
+        let sent = sending.await;
+        self.sending = None;
+        self.acks.forget(self.tag);
+        sent
+    }
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        let Some(sending) = self.sending.take() else {
+            return;
+        };
+        let (acks, tag) = (self.acks.clone(), self.tag);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = sending.await;
+                acks.forget(tag);
+            });
         }
     }
 }
@@ -262,12 +315,76 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn held(states: &[(u64, Option<&'static str>)]) -> BTreeMap<u64, Held<&'static str>> {
         states
             .iter()
             .map(|(tag, answer)| (*tag, answer.map_or(Held::Working, Held::Answered)))
             .collect()
+    }
+
+    /// Its nack is answered once `open` is notified; counts the nacks.
+    struct Gated {
+        open: Arc<Notify>,
+        nacks: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Acker for Gated {
+        fn ack(&self, _multiple: bool) -> port::Call<'_, bool> {
+            Box::pin(async { Ok(true) })
+        }
+        fn requeue(&self) -> port::Call<'_, bool> {
+            self.nacks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async {
+                self.open.notified().await;
+                Ok(true)
+            })
+        }
+        fn reject(&self) -> port::Call<'_, bool> {
+            self.requeue()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_settlement_dropped_under_way_still_ends_and_is_forgotten() {
+        let acks = Acks::start();
+        acks.taken(1);
+        acks.taken(2);
+        let acker = Arc::new(Gated {
+            open: Arc::new(Notify::new()),
+            nacks: Default::default(),
+        });
+        let ticket = Ticket::new(
+            1,
+            acker.clone(),
+            acks.clone(),
+            CancellationToken::new(),
+            Arc::new(Metrics::new()),
+        );
+        // Dropped while its nack is on its way (a timeout, a select, an abort).
+        let settling = ticket.settle(Settlement::Requeue);
+        let dropped = tokio::time::timeout(Duration::from_millis(50), settling).await;
+        assert!(dropped.is_err(), "the nack is not answered yet");
+        // Not forgotten before it is sent: a `multiple` ack must not cover it yet.
+        assert!(matches!(acks.lock().get(&1), Some(Held::Working)));
+        acker.open.notify_one();
+        let forgotten = async {
+            while acks.lock().contains_key(&1) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let waited = tokio::time::timeout(Duration::from_secs(5), forgotten).await;
+        assert!(
+            waited.is_ok(),
+            "a settlement dropped under way still ends, and its delivery is forgotten"
+        );
+        assert_eq!(
+            acker.nacks.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "sent once"
+        );
+        assert_eq!(acks.lock().keys().copied().collect::<Vec<_>>(), [2]);
     }
 
     #[test]

@@ -138,10 +138,15 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Keeps `engine_up` current while no request is calling the engine.
+/// Keeps `engine_up` current while no request is calling the engine. Ends at `stop`,
+/// even in the middle of a call to a frozen engine.
 async fn probe_engine(processor: Arc<Processor>, stop: CancellationToken) {
     loop {
-        processor.engine_answers().await;
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = processor.engine_answers() => {}
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = stop.cancelled() => return,
@@ -492,28 +497,27 @@ impl Session<'_> {
     }
 
     /// Waits, not consuming, until the engine answers again (or the broker connection
-    /// is lost meanwhile).
+    /// is lost meanwhile: noticed within `ENGINE_CHECK`, even while a call to a frozen
+    /// engine is under way).
     async fn pause(&self, broker: &Broker, broken: &CancellationToken) -> Option<End> {
         let metrics = self.handler.metrics();
         metrics.set_paused(true);
         loop {
-            if !broker.connected() {
-                return Some(End::Failed(anyhow::anyhow!(
-                    "the broker connection was lost while paused"
-                )));
-            }
             let answers = tokio::select! {
-                answers = self.handler.processor.engine_answers() => answers,
+                biased;
                 _ = self.shutdown.cancelled() => return Some(End::Shutdown),
+                lost = lost(broker, broken) => return Some(lost),
+                answers = self.handler.processor.engine_answers() => answers,
             };
             if answers && !broker.replies_blocked() {
                 info!("storage engine answers and the broker takes replies; resuming consumption");
                 return None;
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                biased;
                 _ = self.shutdown.cancelled() => return Some(End::Shutdown),
-                _ = broken.cancelled() => return Some(End::Failed(anyhow::anyhow!("a broker channel failed"))),
+                lost = lost(broker, broken) => return Some(lost),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }
@@ -577,9 +581,57 @@ impl Session<'_> {
     }
 }
 
+/// Ends once the broker connection is lost or a handler's channel failed (`broken`). The
+/// port has no signal for a lost connection: its state is read every `ENGINE_CHECK`.
+async fn lost(broker: &Broker, broken: &CancellationToken) -> End {
+    loop {
+        if !broker.connected() {
+            return End::Failed(anyhow::anyhow!(
+                "the broker connection was lost while paused"
+            ));
+        }
+        tokio::select! {
+            biased;
+            _ = broken.cancelled() => return End::Failed(anyhow::anyhow!("a broker channel failed")),
+            _ = tokio::time::sleep(ENGINE_CHECK) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::port::{Call, EngineNode, Exchange};
+
+    /// An engine node that never answers (a frozen engine: SIGSTOP, a long GC pause).
+    struct Frozen;
+
+    impl EngineNode for Frozen {
+        fn exchange<'a>(&'a self, _call: Call<'a>) -> Exchange<'a> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_engine_probe_stops_at_once_even_on_a_frozen_engine() {
+        let mut settings = Settings::defaults();
+        settings.storage.timeout_ms = 30_000;
+        let (settings, metrics) = (Arc::new(settings), Arc::new(Metrics::new()));
+        let nodes = vec![crate::storage::Node::new("frozen".into(), Box::new(Frozen))];
+        let storage =
+            crate::storage::Storage::with_nodes(&settings.storage, nodes, metrics.clone()).unwrap();
+        let processor = Arc::new(Processor::with_storage(settings, metrics, storage).unwrap());
+        let stop = CancellationToken::new();
+        let probe = tokio::spawn(probe_engine(processor, stop.clone()));
+        // Its health call is under way, and will not be answered.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.cancel();
+        let stopped = tokio::time::timeout(Duration::from_millis(100), probe).await;
+        assert!(
+            stopped.is_ok(),
+            "the probe ends at its stop, not at the call's timeout"
+        );
+    }
 
     #[test]
     fn nodes_are_tried_in_turn_and_a_round_ends_after_each_was_tried() {

@@ -6,10 +6,21 @@
 //! turn names the documents the request touches (its target's Kuzzle index and collection
 //! and each `_id`, read with a parse that skips everything else) and the turns of the
 //! latest earlier requests that touch any of them. Before its first engine call the
-//! request waits for those to be over: an earlier request's turn ends when it is dropped,
-//! whatever became of it (answered, refused, handed back, panicked), so no wait outlives
-//! the earlier request's own bounds. Requests are only ever made to wait for earlier ones,
-//! so waits can't form a cycle.
+//! request waits for those to be over. A request holds its turn until its engine work is
+//! over: its task awaits the answer of every call that carries its documents (the
+//! coalescer answers a request only once no call of it is at the engine, whether it was
+//! handed back meanwhile or not), and drops the turn after.
+//!
+//! A turn is over once it is dropped **and** every turn it waits for is over. A request
+//! handed back while waiting (its session lost, consumption paused) drops its turn
+//! before the earlier ones are over; were its turn over at once, a later request of the
+//! same documents (the redelivered copy of either, or a newer one) would wait for
+//! nothing, and reach the engine while the earlier request's call is still there: the
+//! older write could land last. So such a turn ends only once those it waited for have
+//! ended (a task of its own waits for them), and its documents stay in the map until
+//! then. Every wait still ends: a turn waits only for earlier turns, each of which ends
+//! within its own request's bounds (the engine call's `storage.write_timeout_ms` and its
+//! backstop) or, handed back, once those before it do; waits can't form a cycle.
 //!
 //! What it costs: updates of one document no longer share a bulk call; each waits for the
 //! one before it (a hot document's updates go one call at a time). Requests touching
@@ -21,7 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 
 /// The turns of the latest request touching each document (by a keyed hash of its
 /// index, collection and id: a collision only makes a request wait needlessly).
@@ -36,8 +47,9 @@ pub struct Sequencer {
 pub struct Turn {
     /// Over when cancelled: the turns this one waits for.
     after: Vec<CancellationToken>,
-    /// Ends this turn when dropped (later requests of the same documents may go).
-    _over: DropGuard,
+    /// Cancelled when this turn is over (later requests of the same documents may go):
+    /// once it is dropped and those it waits for are over (`Drop`).
+    over: Option<CancellationToken>,
     keys: Vec<u64>,
     seq: u64,
     sequencer: Arc<Sequencer>,
@@ -67,7 +79,7 @@ impl Sequencer {
         after.dedup_by_key(|(earlier, _)| *earlier);
         Turn {
             after: after.into_iter().map(|(_, before)| before).collect(),
-            _over: over.drop_guard(),
+            over: Some(over),
             keys,
             seq,
             sequencer: self.clone(),
@@ -121,13 +133,56 @@ impl Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
+        let Some(over) = self.over.take() else {
+            return;
+        };
+        let ended = Ended {
+            over,
+            keys: std::mem::take(&mut self.keys),
+            seq: self.seq,
+            sequencer: self.sequencer.clone(),
+        };
+        self.after.retain(|before| !before.is_cancelled());
+        if self.after.is_empty() {
+            return drop(ended);
+        }
+        // Handed back before the earlier turns were over: this one is over with them.
+        let after = std::mem::take(&mut self.after);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    for before in after {
+                        before.cancelled().await;
+                    }
+                    drop(ended);
+                });
+            }
+            // No runtime (a turn dropped outside the worker): nothing can wait.
+            Err(_) => drop(ended),
+        }
+    }
+}
+
+/// A turn ending: later requests of its documents may go once this is dropped.
+struct Ended {
+    over: CancellationToken,
+    keys: Vec<u64>,
+    seq: u64,
+    sequencer: Arc<Sequencer>,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
         // The map keeps only turns not over: a document's entry goes with its last turn.
-        let mut latest = self.sequencer.latest.lock().expect("poisoned");
-        for key in &self.keys {
-            if latest.get(key).is_some_and(|(seq, _)| *seq == self.seq) {
-                latest.remove(key);
+        {
+            let mut latest = self.sequencer.latest.lock().expect("poisoned");
+            for key in &self.keys {
+                if latest.get(key).is_some_and(|(seq, _)| *seq == self.seq) {
+                    latest.remove(key);
+                }
             }
         }
+        self.over.cancel();
     }
 }
 
@@ -405,6 +460,46 @@ mod tests {
         let cancel = CancellationToken::new();
         cancel.cancel();
         assert!(!second.wait(&cancel).await);
+    }
+
+    #[tokio::test]
+    async fn a_turn_handed_back_while_waiting_ends_only_with_those_before_it() {
+        let sequencer = Arc::new(Sequencer::default());
+        let never = CancellationToken::new();
+        // The first request's call is at the engine; the second waits for it, and is
+        // handed back (its session lost): its turn is dropped before the first's.
+        let first = sequencer.turn(&request(&["a"]));
+        let mut second = sequencer.turn(&request(&["a", "b"]));
+        let handed_back = CancellationToken::new();
+        handed_back.cancel();
+        assert!(!second.wait(&handed_back).await);
+        drop(second);
+        // A later request of the same document (the second's redelivery, or a newer
+        // one) still waits for the first, through the second's turn.
+        let mut third = sequencer.turn(&request(&["a"]));
+        let waited = tokio::time::timeout(Duration::from_millis(100), third.wait(&never)).await;
+        assert!(
+            waited.is_err(),
+            "the first request's call may still land: the third must wait"
+        );
+        // The same through the other document the second touched, and for a turn
+        // dropped without ever waiting.
+        let unwaited = sequencer.turn(&request(&["b"]));
+        drop(unwaited);
+        let mut fourth = sequencer.turn(&request(&["b"]));
+        let waited = tokio::time::timeout(Duration::from_millis(100), fourth.wait(&never)).await;
+        assert!(waited.is_err(), "b waits for the first through the second");
+        drop(first);
+        let both = async { third.wait(&never).await && fourth.wait(&never).await };
+        let waited = tokio::time::timeout(Duration::from_secs(5), both).await;
+        assert_eq!(waited, Ok(true), "every wait ends once the first is over");
+        drop((third, fourth));
+        tokio::task::yield_now().await;
+        assert_eq!(
+            sequencer.tracked(),
+            0,
+            "nothing kept once every turn is over"
+        );
     }
 
     #[tokio::test]
