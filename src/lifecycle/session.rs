@@ -64,7 +64,7 @@ pub async fn run_with_hangups(
     engine: Vec<crate::storage::Node>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-    hangups: Option<tokio::sync::mpsc::UnboundedReceiver<()>>,
+    hangups: Option<tokio::sync::mpsc::Receiver<()>>,
 ) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     let storage = crate::storage::Storage::with_nodes(&settings.storage, engine, metrics.clone())?;
@@ -169,7 +169,7 @@ async fn probe_engine(processor: Arc<Processor>, stop: CancellationToken) {
 async fn reload_rights_on_sighup(
     processor: Arc<Processor>,
     stop: CancellationToken,
-    given: Option<tokio::sync::mpsc::UnboundedReceiver<()>>,
+    given: Option<tokio::sync::mpsc::Receiver<()>>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
     let (mut signalled, mut given) = match given {

@@ -130,10 +130,15 @@ pub enum Event {
     /// A publish of `worker`'s refused for its size (over `max_message_size`): its
     /// channel closed.
     TooLarge { worker: u32, props: Props },
-    /// Not the broker's: the rights rules `worker` holds from now on (noted by the
-    /// run when a worker starts and when it sends one a SIGHUP): whether they deny
-    /// the producer `bob`.
-    Rights { worker: u32, denies_bob: bool },
+    /// Not the broker's: rights rules of `worker`'s (noted by the run when a worker
+    /// starts, and twice for each SIGHUP: when sent, and once the worker has `read` it
+    /// and the file): whether they deny the producer `bob`. From a SIGHUP to its
+    /// reading, the worker holds its rules of before or these.
+    Rights {
+        worker: u32,
+        denies_bob: bool,
+        read: bool,
+    },
     /// A publish of a worker's acked, and its confirm handed to the worker: routed to a
     /// queue, or returned.
     Published {

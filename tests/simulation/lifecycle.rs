@@ -255,7 +255,7 @@ struct Run {
     /// Workers starting now (their rules file read when first polled).
     starting: Mutex<u32>,
     /// Live workers' SIGHUP senders.
-    hangups: Mutex<Vec<(u32, mpsc::UnboundedSender<()>)>>,
+    hangups: Mutex<Vec<(u32, mpsc::Sender<()>)>>,
     /// The most a worker's publish may weigh: 4 × the largest request + 256 per
     /// document + the documents' sources (module `workload`'s bound on replies).
     largest_source: usize,
@@ -608,9 +608,10 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
                     run.broker.mark(Event::Rights {
                         worker: instance,
                         denies_bob: rules.denies_bob,
+                        read: true,
                     });
                 }
-                let (hangup, hangups) = mpsc::unbounded_channel();
+                let (hangup, hangups) = mpsc::channel(1);
                 run.hangups.lock().unwrap().push((instance, hangup));
                 run.live.lock().unwrap().push((instance, metrics.clone()));
                 let token = CancellationToken::new();
@@ -740,43 +741,34 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
         let run = run.clone();
         let mut h_rng = StdRng::seed_from_u64(x_rng.random());
         tokio::spawn(async move {
-            let signal = |run: &Run| {
-                let denies_bob = run.rules.lock().unwrap().as_ref().map(|r| r.denies_bob);
-                let live = run.hangups.lock().unwrap().clone();
-                for (worker, hangup) in live {
-                    if let Some(denies_bob) = denies_bob {
-                        run.broker.mark(Event::Rights { worker, denies_bob });
-                    }
-                    run.trace.event(format!(
-                        "SIGHUP to worker {worker} (rules deny bob: {denies_bob:?})"
-                    ));
-                    let _ = hangup.send(());
-                }
-                run.summary.lock().unwrap().sighups += 1;
-            };
             for _ in 0..sighups {
                 tokio::time::sleep(Duration::from_millis(h_rng.random_range(0..15_000))).await;
                 if run.rules.lock().unwrap().is_none() {
-                    signal(&run);
+                    signal(&run).await;
                     continue;
                 }
+                // Not while a worker reads the file at its start.
+                while *run.starting.lock().unwrap() > 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 if h_rng.random_bool(0.2) {
+                    run.rules.lock().unwrap().as_mut().unwrap().write(None);
+                    run.trace.event("the rules file does not load".into());
+                    signal(&run).await;
+                    tokio::time::sleep(Duration::from_millis(h_rng.random_range(100..3000))).await;
                     while *run.starting.lock().unwrap() > 0 {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    run.rules.lock().unwrap().as_mut().unwrap().write(None);
-                    run.trace.event("the rules file does not load".into());
-                    signal(&run);
-                    tokio::time::sleep(Duration::from_millis(h_rng.random_range(100..3000))).await;
                 }
                 let denies = h_rng.random_bool(0.5);
-                run.rules
+                let written = run
+                    .rules
                     .lock()
                     .unwrap()
                     .as_mut()
-                    .unwrap()
-                    .write(Some(denies));
-                signal(&run);
+                    .map(|r| r.write(Some(denies)));
+                debug_assert!(written.is_some());
+                signal(&run).await;
             }
         })
     };
@@ -1128,6 +1120,9 @@ fn check(run: &Run) {
     let mut learned: BTreeSet<u32> = BTreeSet::new();
     // Per worker, the rules it holds from each event on (whether they deny bob).
     let mut rights: BTreeMap<u32, Vec<(usize, bool)>> = BTreeMap::new();
+    // Per worker, the rules it may hold now; per delivery, those it may have held then.
+    let mut possible: BTreeMap<u32, Vec<bool>> = BTreeMap::new();
+    let mut at_delivery: BTreeMap<(u64, u32, usize), Vec<bool>> = BTreeMap::new();
     for (at, e) in state.events.iter().enumerate() {
         match e {
             Event::Routed { props } => {
@@ -1174,7 +1169,19 @@ fn check(run: &Run) {
                         run.summary.lock().unwrap().shrunk += 1;
                         check_smaller(run, &s.label, body);
                     }
-                    check_rights(run, s, *worker, delivery, props, rights.get(worker));
+                    check_rights(
+                        run,
+                        s,
+                        *worker,
+                        props,
+                        at_delivery.get(&key),
+                        rights.get(worker).map(|r| {
+                            r.iter()
+                                .filter(|(at, _)| *at > delivery)
+                                .map(|(_, d)| *d)
+                                .collect()
+                        }),
+                    );
                 }
                 if s.identified && (*routed || dead_letter.is_some()) {
                     answered_by.entry(*worker).or_default().push((at, s.msg));
@@ -1200,6 +1207,9 @@ fn check(run: &Run) {
                 redelivered,
             } => {
                 current.insert((*msg, *worker), at);
+                if let Some(now) = possible.get(worker) {
+                    at_delivery.insert((*msg, *worker, at), now.clone());
+                }
                 deliveries
                     .entry(*msg)
                     .or_default()
@@ -1213,8 +1223,17 @@ fn check(run: &Run) {
                     refused_size.insert((s.msg, *worker, delivery));
                 }
             }
-            Event::Rights { worker, denies_bob } => {
-                rights.entry(*worker).or_default().push((at, *denies_bob))
+            Event::Rights {
+                worker,
+                denies_bob,
+                read,
+            } => {
+                rights.entry(*worker).or_default().push((at, *denies_bob));
+                let now = possible.entry(*worker).or_default();
+                if *read {
+                    now.clear();
+                }
+                now.push(*denies_bob);
             }
             Event::BrokerDeadLettered { msg, .. } => {
                 broker_dead.insert(*msg);
@@ -1330,6 +1349,49 @@ fn check(run: &Run) {
     check_stale(run, &sent, &reached, &deliveries);
 }
 
+/// Sends a SIGHUP to every live worker and waits until each has read it (and so the
+/// rules file: it reads it at once), noting the rules each holds from the SIGHUP on
+/// (its old ones or the new) and from its reading on (the new).
+async fn signal(run: &Run) {
+    let denies_bob = run.rules.lock().unwrap().as_ref().map(|r| r.denies_bob);
+    let live = run.hangups.lock().unwrap().clone();
+    for (worker, hangup) in &live {
+        if let Some(denies_bob) = denies_bob {
+            run.broker.mark(Event::Rights {
+                worker: *worker,
+                denies_bob,
+                read: false,
+            });
+        }
+        run.trace.event(format!(
+            "SIGHUP to worker {worker} (rules deny bob: {denies_bob:?})"
+        ));
+        let _ = hangup.try_send(());
+    }
+    run.summary.lock().unwrap().sighups += 1;
+    let mut waits = 0u32;
+    while !live
+        .iter()
+        .all(|(_, h)| h.is_closed() || h.capacity() == h.max_capacity())
+    {
+        waits += 1;
+        if waits.is_multiple_of(100) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
+    }
+    if let Some(denies_bob) = denies_bob {
+        for (worker, _) in &live {
+            run.broker.mark(Event::Rights {
+                worker: *worker,
+                denies_bob,
+                read: true,
+            });
+        }
+    }
+}
+
 /// Invariant 13: a reply sent after one refused for its size is the smaller one of
 /// the README: no `_source`, each failed document its `_id` alone; or a 500
 /// `api.process.reply_too_large`.
@@ -1363,17 +1425,17 @@ fn check_smaller(run: &Run, label: &str, body: &[u8]) {
     }
 }
 
-/// Invariant 14: a reply's rights verdict is that of rules the worker held since its
-/// delivery (a SIGHUP's rules are in force from the SIGHUP on, the ones before it
-/// until the worker has read the file: both count at the delivery): a 403 only for bob
-/// under rules that deny him; a success for bob only under rules that allow him.
+/// Invariant 14: a reply's rights verdict is that of rules the worker held at its
+/// delivery (from a SIGHUP to the worker's reading it, its rules of before or the new)
+/// or since (`since`: each SIGHUP's): a 403 only for bob under rules that deny him; a
+/// success for bob only under rules that allow him.
 fn check_rights(
     run: &Run,
     s: &Sent,
     worker: u32,
-    delivery: usize,
     props: &Props,
-    records: Option<&Vec<(usize, bool)>>,
+    then: Option<&Vec<bool>>,
+    since: Option<Vec<bool>>,
 ) {
     let status = match props.header("status") {
         Some(Value::ShortInt(s)) => *s,
@@ -1382,25 +1444,14 @@ fn check_rights(
     if status == 403 {
         run.summary.lock().unwrap().forbidden += 1;
     }
-    let Some(records) = records else {
+    let (Some(then), Some(since)) = (then, since) else {
         if status == 403 {
             run.violation(format!("{}: 403 with rights off", s.label));
         }
         return;
     };
-    let mut held: Vec<bool> = records
-        .iter()
-        .filter(|(at, _)| *at < delivery)
-        .rev()
-        .take(2)
-        .map(|(_, d)| *d)
-        .collect();
-    held.extend(
-        records
-            .iter()
-            .filter(|(at, _)| *at > delivery)
-            .map(|(_, d)| *d),
-    );
+    let mut held = then.clone();
+    held.extend(since);
     let bob = s.props.user_id.as_deref() == Some("bob");
     let right = match status {
         403 => bob && held.contains(&true),
