@@ -129,7 +129,11 @@ pub enum Event {
     Routed { props: Props },
     /// A publish of `worker`'s refused for its size (over `max_message_size`): its
     /// channel closed.
-    TooLarge { worker: u32, props: Props },
+    TooLarge {
+        worker: u32,
+        props: Props,
+        body: Arc<Vec<u8>>,
+    },
     /// Not the broker's: rights rules of `worker`'s (noted by the run when a worker
     /// starts, and twice for each SIGHUP: when sent, and once the worker has `read` it
     /// and the file): whether they deny the producer `bob`. From a SIGHUP to its
@@ -1240,6 +1244,7 @@ impl Channel for SimChannel {
                     state.events.push(Event::TooLarge {
                         worker,
                         props: unread.props.clone(),
+                        body: unread.body.clone(),
                     });
                     let message = format!(
                         "PRECONDITION_FAILED - message size {size} is larger than configured max size {max}"

@@ -1115,7 +1115,7 @@ fn check(run: &Run) {
     // got, and whether a publish of it was refused for its size.
     let mut current: BTreeMap<(u64, u32), usize> = BTreeMap::new();
     let mut finals: BTreeMap<(u64, u32, usize), u32> = BTreeMap::new();
-    let mut refused_size: BTreeSet<(u64, u32, usize)> = BTreeSet::new();
+    let mut refused_size: BTreeMap<(u64, u32, usize), Arc<Vec<u8>>> = BTreeMap::new();
     // The workers refused a publish for its size (which learn the broker's limit).
     let mut learned: BTreeSet<u32> = BTreeSet::new();
     // Per worker, the rules it holds from each event on (whether they deny bob).
@@ -1165,9 +1165,9 @@ fn check(run: &Run) {
                     }
                 }
                 if *routed && dead_letter.is_none() {
-                    if refused_size.contains(&key) {
+                    if let Some(first) = refused_size.get(&key) {
                         run.summary.lock().unwrap().shrunk += 1;
-                        check_smaller(run, &s.label, body);
+                        check_smaller(run, &s.label, body, first);
                     }
                     check_rights(
                         run,
@@ -1215,12 +1215,18 @@ fn check(run: &Run) {
                     .or_default()
                     .push((at, *worker, *redelivered))
             }
-            Event::TooLarge { worker, props } => {
+            Event::TooLarge {
+                worker,
+                props,
+                body,
+            } => {
                 run.summary.lock().unwrap().size_refusals += 1;
                 learned.insert(*worker);
                 if let Some(s) = props.text("traceparent").and_then(|t| by_trace.get(&t)) {
                     let delivery = current.get(&(s.msg, *worker)).copied().unwrap_or(0);
-                    refused_size.insert((s.msg, *worker, delivery));
+                    refused_size
+                        .entry((s.msg, *worker, delivery))
+                        .or_insert(body.clone());
                 }
             }
             Event::Rights {
@@ -1392,30 +1398,27 @@ async fn signal(run: &Run) {
     }
 }
 
-/// Invariant 13: a reply sent after one refused for its size is the smaller one of
-/// the README: no `_source`, each failed document its `_id` alone; or a 500
-/// `api.process.reply_too_large`.
-fn check_smaller(run: &Run, label: &str, body: &[u8]) {
+/// Invariant 13: a reply sent after one refused for its size (`first`) is the smaller
+/// one of the README: no `_source`, each failed document its `_id` alone; or, that one
+/// too large as well, a 500 `api.process.reply_too_large` naming its size (smaller than
+/// the first's when the first had anything to leave out).
+fn check_smaller(run: &Run, label: &str, body: &[u8], first: &[u8]) {
     let reply: Json = serde_json::from_slice(body).unwrap_or_default();
     let smaller = if reply["status"] == 500 {
+        let message = reply["error"]["message"].as_str().unwrap_or_default();
+        let named: Option<usize> = message
+            .strip_prefix("The reply (")
+            .and_then(|m| m.split(' ').next())
+            .and_then(|n| n.parse().ok());
+        let full: Json = serde_json::from_slice(first).unwrap_or_default();
+        let most = match lean(&full) {
+            true => first.len(),
+            false => first.len() - 1,
+        };
         reply["error"]["id"] == "api.process.reply_too_large"
+            && named.is_some_and(|size| size <= most)
     } else {
-        let result = &reply["result"];
-        let hits = result["hits"]
-            .as_array()
-            .or_else(|| result["successes"].as_array())
-            .cloned()
-            .unwrap_or_default();
-        let errors = reply["error"]["errors"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        hits.iter().all(|h| h.get("_source").is_none())
-            && errors.iter().all(|e| {
-                e["document"]
-                    .as_object()
-                    .is_none_or(|d| d.keys().all(|k| k == "_id"))
-            })
+        lean(&reply)
     };
     if !smaller {
         run.violation(format!(
@@ -1423,6 +1426,27 @@ fn check_smaller(run: &Run, label: &str, body: &[u8]) {
             String::from_utf8_lossy(&body[..body.len().min(300)])
         ));
     }
+}
+
+/// Whether a reply has nothing the smaller one leaves out: no `_source`, no failed
+/// document but its `_id`.
+fn lean(reply: &Json) -> bool {
+    let result = &reply["result"];
+    let hits = result["hits"]
+        .as_array()
+        .or_else(|| result["successes"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    let errors = reply["error"]["errors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    hits.iter().all(|h| h.get("_source").is_none())
+        && errors.iter().all(|e| {
+            e["document"]
+                .as_object()
+                .is_none_or(|d| d.keys().all(|k| k == "_id"))
+        })
 }
 
 /// Invariant 14: a reply's rights verdict is that of rules the worker held at its
