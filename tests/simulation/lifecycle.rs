@@ -1324,7 +1324,7 @@ fn check(run: &Run) {
                         .iter()
                         .filter(|(at, _)| *at > pair[0] && *at < pair[1])
                         .count();
-                    if between + 2 < most / 2 {
+                    if between + 1 < most {
                         run.violation(format!(
                             "{}: answered twice by worker {worker}, with {between} answers between (its answered set holds {most})",
                             s.label
