@@ -9,8 +9,11 @@
 //! replies to a queue of their own, to a queue that does not exist (unroutable), to a
 //! queue that refuses every publish (`x-max-length` 0, `reject-publish`: nacked), or to
 //! the worker's reply queue; byte-identical requests without ids; a `requestId` used
-//! again for other bytes or by another user. Faults: SIGTERM (the shutdown token) at any
-//! moment and a worker started again after it, connections and channels dropped,
+//! again for other bytes or by another user; SIGHUPs at any moment (through
+//! `session::run_with_hangups`), with rights rules written again before each (rules that
+//! deny `bob` or not, now and then a file that does not load); oversize replies (the
+//! broker's `max_message_size`, documents with a large field). Faults: SIGTERM (the
+//! shutdown token) at any moment and a worker started again after it, connections and channels dropped,
 //! consumers cancelled, memory alarms, engine outages (an overload of whole-call 429s, or
 //! every connection refused), the engine's own faults, slow confirms and nacks.
 //!
@@ -36,7 +39,12 @@
 //! 8. the bytes a worker holds stay within `amqp.max_held_bytes` + (its highest
 //!    prefetch + 1) × the largest request (what module `prefetch` allows over the bound:
 //!    the deliveries of the consumer in force when larger requests came, and the one the
-//!    next consumer takes at least).
+//!    next consumer takes at least);
+//! 10. a session starts again only after a broker fault that ends one;
+//! 11. held bytes and unconfirmed publishes within a bound from the settings (`sampler`);
+//! 12. one delivery, one end: answered or dead-lettered, once, never both;
+//! 13. after a reply refused for its size, the smaller one (`check_smaller`);
+//! 14. rights after a SIGHUP are the new ones (`check_rights`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
