@@ -53,6 +53,19 @@ pub async fn run_with(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with_hangups(settings, link, engine, metrics, shutdown, None).await
+}
+
+/// `run_with`, its SIGHUPs read from `hangups` (one `()` each) rather than from the
+/// process's signal when given: how a simulation sends one to one worker of several.
+pub async fn run_with_hangups(
+    settings: Settings,
+    link: Arc<dyn BrokerLink>,
+    engine: Vec<crate::storage::Node>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    hangups: Option<tokio::sync::mpsc::Receiver<()>>,
+) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     let storage = crate::storage::Storage::with_nodes(&settings.storage, engine, metrics.clone())?;
     let processor = Arc::new(Processor::with_storage(
@@ -80,6 +93,7 @@ pub async fn run_with(
     tokio::spawn(reload_rights_on_sighup(
         processor.clone(),
         background.clone(),
+        hangups,
     ));
 
     let mut backoff = reconnect_backoff();
@@ -157,16 +171,34 @@ async fn probe_engine(processor: Arc<Processor>, stop: CancellationToken) {
 /// SIGHUP reads the rights rules again; requests in flight are not disturbed, and a file
 /// that doesn't load keeps the rules in force. Handled whether or not there are rules:
 /// operators send it to reload, and its default action would end the process.
-async fn reload_rights_on_sighup(processor: Arc<Processor>, stop: CancellationToken) {
+async fn reload_rights_on_sighup(
+    processor: Arc<Processor>,
+    stop: CancellationToken,
+    given: Option<tokio::sync::mpsc::Receiver<()>>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        warn!("SIGHUP can't be handled; sending it would end the worker");
-        return;
+    let (mut signalled, mut given) = match given {
+        Some(given) => (None, Some(given)),
+        None => match signal(SignalKind::hangup()) {
+            Ok(hangup) => (Some(hangup), None),
+            Err(_) => {
+                warn!("SIGHUP can't be handled; sending it would end the worker");
+                return;
+            }
+        },
     };
     loop {
+        let hangup = async {
+            match (&mut signalled, &mut given) {
+                (Some(hangup), _) => hangup.recv().await,
+                (_, Some(given)) => given.recv().await,
+                _ => None,
+            }
+        };
         tokio::select! {
-            _ = hangup.recv() => {}
+            biased;
             _ = stop.cancelled() => return,
+            got = hangup => if got.is_none() { return },
         }
         let Some(rights) = &processor.rights else {
             info!("SIGHUP: nothing to reload (security.enabled is off)");

@@ -127,12 +127,29 @@ pub enum Event {
     /// A publish of a worker's routed to a queue (its confirm may never reach the
     /// worker: a client has it all the same).
     Routed { props: Props },
+    /// A publish of `worker`'s refused for its size (over `max_message_size`): its
+    /// channel closed.
+    TooLarge {
+        worker: u32,
+        props: Props,
+        body: Arc<Vec<u8>>,
+    },
+    /// Not the broker's: rights rules of `worker`'s (noted by the run when a worker
+    /// starts, and twice for each SIGHUP: when sent, and once the worker has `read` it
+    /// and the file): whether they deny the producer `bob`. From a SIGHUP to its
+    /// reading, the worker holds its rules of before or these.
+    Rights {
+        worker: u32,
+        denies_bob: bool,
+        read: bool,
+    },
     /// A publish of a worker's acked, and its confirm handed to the worker: routed to a
     /// queue, or returned.
     Published {
         worker: u32,
         props: Props,
         routed: bool,
+        body: Arc<Vec<u8>>,
     },
 }
 
@@ -168,6 +185,8 @@ struct Pending {
     /// What the invariants are told once the worker has its confirm.
     outcome: Option<Event>,
     answer: oneshot::Sender<Confirm>,
+    /// Its body's bytes, which its publisher holds until the confirm.
+    size: usize,
     /// The publish, until it is read (a blocked connection).
     unread: Option<Unread>,
 }
@@ -222,6 +241,9 @@ pub struct State {
     pub session_faults: u64,
     /// Messages at their end: acked, or dead-lettered by the broker.
     pub ended: std::collections::BTreeSet<u64>,
+    /// RabbitMQ's `max_message_size`, as the workers' channels read it when they open
+    /// (the clients' requests, published before it was lowered, are not held to it).
+    pub max_message_size: Option<usize>,
 }
 
 /// The simulated broker; cheap to clone.
@@ -322,6 +344,30 @@ impl SimBroker {
 
     pub fn ready(&self, queue: &str) -> usize {
         self.state().queues.get(queue).map_or(0, |q| q.ready.len())
+    }
+
+    /// Notes an event of the run's among the broker's (in their order).
+    pub fn mark(&self, event: Event) {
+        self.state().events.push(event);
+    }
+
+    /// What `worker` has at the broker now: its publishes waiting for their confirm
+    /// (count, bytes) and its unacked deliveries, on its open channels.
+    pub fn in_flight(&self, worker: u32) -> (usize, usize, usize) {
+        let state = self.state();
+        let (mut publishes, mut bytes, mut unacked) = (0, 0, 0);
+        for ch in state.chans.values().filter(|ch| {
+            ch.open
+                && state
+                    .conns
+                    .get(&ch.conn)
+                    .is_some_and(|c| c.open && c.worker == worker)
+        }) {
+            publishes += ch.pending.len();
+            bytes += ch.pending.values().map(|p| p.size).sum::<usize>();
+            unacked += ch.unacked.len();
+        }
+        (publishes, bytes, unacked)
     }
 
     /// Unacked deliveries on open channels, in all.
@@ -603,6 +649,7 @@ impl SimBroker {
                 worker,
                 props: unread.props,
                 routed,
+                body: unread.body,
             });
         } else {
             self.event(format!(
@@ -1186,6 +1233,24 @@ impl Channel for SimChannel {
                     let message = format!("NOT_FOUND - no exchange '{}'", unread.exchange);
                     return Err(self.refuse(&mut state, 404, message));
                 }
+                let size = unread.body.len();
+                if let Some(max) = state.max_message_size
+                    && size > max
+                {
+                    let worker = state.conns.get(&self.conn).map_or(0, |c| c.worker);
+                    self.broker.event(format!(
+                        "broker: worker {worker} publish of {size} bytes refused (max {max})"
+                    ));
+                    state.events.push(Event::TooLarge {
+                        worker,
+                        props: unread.props.clone(),
+                        body: unread.body.clone(),
+                    });
+                    let message = format!(
+                        "PRECONDITION_FAILED - message size {size} is larger than configured max size {max}"
+                    );
+                    return Err(self.refuse(&mut state, 406, message));
+                }
                 let (sender, answer) = oneshot::channel();
                 let ch = state.chans.get_mut(&self.id).unwrap();
                 ch.next_publish += 1;
@@ -1196,6 +1261,7 @@ impl Channel for SimChannel {
                         decided: None,
                         outcome: None,
                         answer: sender,
+                        size,
                         unread: Some(unread),
                     },
                 );

@@ -9,8 +9,11 @@
 //! replies to a queue of their own, to a queue that does not exist (unroutable), to a
 //! queue that refuses every publish (`x-max-length` 0, `reject-publish`: nacked), or to
 //! the worker's reply queue; byte-identical requests without ids; a `requestId` used
-//! again for other bytes or by another user. Faults: SIGTERM (the shutdown token) at any
-//! moment and a worker started again after it, connections and channels dropped,
+//! again for other bytes or by another user; SIGHUPs at any moment (through
+//! `session::run_with_hangups`), with rights rules written again before each (rules that
+//! deny `bob` or not, now and then a file that does not load); oversize replies (the
+//! broker's `max_message_size`, documents with a large field). Faults: SIGTERM (the
+//! shutdown token) at any moment and a worker started again after it, connections and channels dropped,
 //! consumers cancelled, memory alarms, engine outages (an overload of whole-call 429s, or
 //! every connection refused), the engine's own faults, slow confirms and nacks.
 //!
@@ -36,11 +39,17 @@
 //! 8. the bytes a worker holds stay within `amqp.max_held_bytes` + (its highest
 //!    prefetch + 1) × the largest request (what module `prefetch` allows over the bound:
 //!    the deliveries of the consumer in force when larger requests came, and the one the
-//!    next consumer takes at least).
+//!    next consumer takes at least);
+//! 10. a session starts again only after a broker fault that ends one;
+//! 11. held bytes and unconfirmed publishes within a bound from the settings (`sampler`);
+//! 12. one delivery, one end: answered or dead-lettered, once, never both;
+//! 13. after a reply refused for its size, the smaller one (`check_smaller`);
+//! 14. rights after a SIGHUP are the new ones (`check_rights`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +61,7 @@ use mupdate_worker::storage::port::{Answer, Call, EngineNode, Exchange, Failure,
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::{Map, Value as Json, json};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{BrokerFaults, Event, Props, SimBroker};
@@ -77,6 +87,12 @@ pub struct Summary {
     shutdowns: u64,
     faults: u64,
     documented_stale: u64,
+    sighups: u64,
+    forbidden: u64,
+    size_refusals: u64,
+    shrunk: u64,
+    too_large: u64,
+    peak_in_flight: usize,
     virtual_time: Duration,
 }
 
@@ -84,15 +100,21 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} requests, {} deliveries ({} redelivered), {} replies, {} dead letters, {} SIGTERMs, {} broker and engine outages, {} stale writes of the documented kinds, {:.1?} virtual",
+            "{} requests, {} deliveries ({} redelivered), {} replies, {} dead letters, {} SIGTERMs, {} SIGHUPs, {} rights refusals, {} publishes refused for their size ({} replies sent again smaller, {} dead-lettered too_large), {} broker and engine outages, {} stale writes of the documented kinds, peak bytes held and in flight {}, {:.1?} virtual",
             self.requests,
             self.deliveries,
             self.redeliveries,
             self.replies,
             self.dead_letters,
             self.shutdowns,
+            self.sighups,
+            self.forbidden,
+            self.size_refusals,
+            self.shrunk,
+            self.too_large,
             self.faults,
             self.documented_stale,
+            self.peak_in_flight,
             self.virtual_time
         )
     }
@@ -108,6 +130,12 @@ impl Summary {
         self.shutdowns += s.shutdowns;
         self.faults += s.faults;
         self.documented_stale += s.documented_stale;
+        self.sighups += s.sighups;
+        self.forbidden += s.forbidden;
+        self.size_refusals += s.size_refusals;
+        self.shrunk += s.shrunk;
+        self.too_large += s.too_large;
+        self.peak_in_flight = self.peak_in_flight.max(s.peak_in_flight);
         self.virtual_time += s.virtual_time;
     }
 }
@@ -230,6 +258,49 @@ struct Run {
     largest: Mutex<usize>,
     /// Sessions the workers started again.
     reconnects: Mutex<u64>,
+    /// The rights rules, when `security.enabled`.
+    rules: Mutex<Option<RulesFile>>,
+    /// Workers starting now (their rules file read when first polled).
+    starting: Mutex<u32>,
+    /// Live workers' SIGHUP senders.
+    hangups: Mutex<Vec<(u32, mpsc::Sender<()>)>>,
+    /// The most a worker's publish may weigh: 4 × the largest request + 256 per
+    /// document + the documents' sources (module `workload`'s bound on replies).
+    largest_source: usize,
+}
+
+/// The rights rules of a run with `security.enabled`: one file, written again before
+/// each SIGHUP. Rules that deny `bob` (the other producer users and the clients'
+/// `carol` always allowed), or allow every user; replies may go to any queue.
+struct RulesFile {
+    path: PathBuf,
+    /// Whether the rules in force (the last file that loaded) deny `bob`.
+    denies_bob: bool,
+    /// Whether the file does not load now (an operator's typo, fixed soon after).
+    broken: bool,
+}
+
+impl RulesFile {
+    fn write(&mut self, denies_bob: Option<bool>) {
+        let text = match denies_bob {
+            None => "[[allow]\nusers = [\"*\"".to_owned(),
+            Some(denies) => {
+                let users = if denies {
+                    r#""alice", "carol""#
+                } else {
+                    r#""*""#
+                };
+                format!(
+                    "[[allow]]\nusers = [{users}]\nindexes = [\"{INDEX}\"]\ncollections = [\"*\"]\n\n[[reply]]\nusers = [\"*\"]\nqueues = [\"*\"]\n"
+                )
+            }
+        };
+        std::fs::write(&self.path, text).expect("the rules file written");
+        self.broken = denies_bob.is_none();
+        if let Some(denies) = denies_bob {
+            self.denies_bob = denies;
+        }
+    }
 }
 
 impl Run {
@@ -369,7 +440,36 @@ fn settings(rng: &mut StdRng, outages: bool) -> Settings {
 pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x11fe_c1c1e);
     let outages = rng.random_bool(0.3);
-    let settings = settings(&mut rng, outages);
+    let mut settings = settings(&mut rng, outages);
+    // The workloads added later draw from a generator of their own: the others' draws
+    // stay those of before.
+    let mut x_rng = StdRng::seed_from_u64(seed ^ 0x0051_6a0e_512e);
+    let security = x_rng.random_bool(0.3);
+    let oversize = x_rng.random_bool(0.25);
+    let blob = if oversize {
+        x_rng.random_range(0..=3000)
+    } else {
+        0
+    };
+    let max_message_size = oversize.then(|| x_rng.random_range(100..=4000usize));
+    let sighups = if x_rng.random_bool(0.6) {
+        x_rng.random_range(1..=4u32)
+    } else {
+        0
+    };
+    let rules = security.then(|| {
+        let dir = std::env::temp_dir().join(format!("mupdate-sim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a directory for the rules file");
+        let mut rules = RulesFile {
+            path: dir.join(format!("{seed}.toml")),
+            denies_bob: false,
+            broken: false,
+        };
+        rules.write(Some(x_rng.random_bool(0.5)));
+        settings.security.enabled = true;
+        settings.security.rules_file = rules.path.display().to_string();
+        rules
+    });
     let storm = if outages {
         0.0
     } else {
@@ -392,7 +492,13 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
         slow_confirm: 0.1 * broker_storm,
         nack: 0.02 * broker_storm,
         refuse_connect: 0.1 * broker_storm,
-        lost_ack: 0.05 * broker_storm,
+        // A lost ack's redelivery meets a small answered set (full, it forgets its
+        // oldest) more often.
+        lost_ack: 0.05 * broker_storm
+            + match settings.worker.answered_max_bytes <= 56 * 12 && x_rng.random_bool(0.5) {
+                true => 0.1,
+                false => 0.0,
+            },
     };
     let shared_rng = Arc::new(Mutex::new(StdRng::seed_from_u64(rng.random())));
     let broker = SimBroker::new(shared_rng.clone(), trace.clone(), broker_faults);
@@ -405,9 +511,13 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
         state.indexes.insert(TARGET.into());
         for id in &ids {
             let doc = state.docs.entry((TARGET.into(), id.clone())).or_default();
+            let mut source = json!({"n": 0});
+            if blob > 0 {
+                source["blob"] = json!("b".repeat(blob));
+            }
             doc.versions.push(crate::engine::Version {
                 version: 1,
-                source: json!({"n": 0}).as_object().unwrap().clone(),
+                source: source.as_object().unwrap().clone(),
                 writer: Writer::Seed,
             });
         }
@@ -415,8 +525,9 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
     let workers = rng.random_range(1..=3u32);
     let clients = rng.random_range(1..=3);
     let producers = rng.random_range(0..=2);
+    broker.state().max_message_size = max_message_size;
     trace.event(format!(
-        "seed {seed} (lifecycle): {workers} workers, {clients} clients, {producers} producers, outages {outages}, prefetch {}, max_held_bytes {}, queue {:?} limit {}, shutdown_timeout_ms {}, pause_after_ms {}, answered_max_bytes {}, engine storm {storm:.2}, broker {broker_faults:?}",
+        "seed {seed} (lifecycle): {workers} workers, {clients} clients, {producers} producers, outages {outages}, security {security}, {sighups} SIGHUPs, max_message_size {max_message_size:?}, blob {blob}, prefetch {}, max_held_bytes {}, queue {:?} limit {}, shutdown_timeout_ms {}, pause_after_ms {}, answered_max_bytes {}, engine storm {storm:.2}, broker {broker_faults:?}",
         settings.amqp.prefetch,
         settings.amqp.max_held_bytes,
         settings.amqp.queue_type,
@@ -454,6 +565,10 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
         live: Mutex::default(),
         largest: Mutex::new(0),
         reconnects: Mutex::new(0),
+        rules: Mutex::new(rules),
+        starting: Mutex::new(0),
+        hangups: Mutex::default(),
+        largest_source: blob + 512,
     });
     let outage = Arc::new(Mutex::new(Outage::None));
     let done = CancellationToken::new();
@@ -498,16 +613,40 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
                     })
                     .collect();
                 let metrics = Arc::new(Metrics::new());
+                // Not on a rules file that does not load (the worker would not start).
+                while run.rules.lock().unwrap().as_ref().is_some_and(|r| r.broken) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                *run.starting.lock().unwrap() += 1;
+                if let Some(rules) = &*run.rules.lock().unwrap() {
+                    run.broker.mark(Event::Rights {
+                        worker: instance,
+                        denies_bob: rules.denies_bob,
+                        read: true,
+                    });
+                }
+                let (hangup, hangups) = mpsc::channel(1);
+                run.hangups.lock().unwrap().push((instance, hangup));
                 run.live.lock().unwrap().push((instance, metrics.clone()));
                 let token = CancellationToken::new();
                 run.trace.event(format!("worker {instance} starts"));
-                let mut worker = tokio::spawn(mupdate_worker::lifecycle::session::run_with(
-                    run.settings.clone(),
-                    run.broker.link(instance),
-                    nodes,
-                    metrics.clone(),
-                    token.clone(),
-                ));
+                let mut worker =
+                    tokio::spawn(mupdate_worker::lifecycle::session::run_with_hangups(
+                        run.settings.clone(),
+                        run.broker.link(instance),
+                        nodes,
+                        metrics.clone(),
+                        token.clone(),
+                        Some(hangups),
+                    ));
+                {
+                    // Its rules read (its first poll) before the file may change again.
+                    let run = run.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        *run.starting.lock().unwrap() -= 1;
+                    });
+                }
                 let sigterm = if left > 0 {
                     left -= 1;
                     Duration::from_millis(slot_rng.random_range(0..20_000))
@@ -548,6 +687,7 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
                 *run.hand_backs.lock().unwrap() += pauses;
                 *run.reconnects.lock().unwrap() += metrics.reconnects.get();
                 run.live.lock().unwrap().retain(|(i, _)| *i != instance);
+                run.hangups.lock().unwrap().retain(|(i, _)| *i != instance);
                 if last {
                     return;
                 }
@@ -568,7 +708,10 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
                 faults += 1;
             }
             for _ in 0..faults {
-                tokio::time::sleep(Duration::from_millis(f_rng.random_range(0..15_000))).await;
+                // An outage early, while the clients still send (most are done within
+                // a few seconds).
+                let within = if outage_kinds { 3_000 } else { 15_000 };
+                tokio::time::sleep(Duration::from_millis(f_rng.random_range(0..within))).await;
                 let kind = if outage_kinds {
                     5
                 } else {
@@ -608,6 +751,45 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
         })
     };
 
+    // SIGHUPs at random moments, to every live worker: with rights, each after the
+    // rules file is written again (rules that deny bob or not; now and then a file that
+    // does not load, fixed and signalled again soon after); without, a log line.
+    let hangup_task = {
+        let run = run.clone();
+        let mut h_rng = StdRng::seed_from_u64(x_rng.random());
+        tokio::spawn(async move {
+            for _ in 0..sighups {
+                tokio::time::sleep(Duration::from_millis(h_rng.random_range(0..15_000))).await;
+                if run.rules.lock().unwrap().is_none() {
+                    signal(&run).await;
+                    continue;
+                }
+                // Not while a worker reads the file at its start.
+                while *run.starting.lock().unwrap() > 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                if h_rng.random_bool(0.2) {
+                    run.rules.lock().unwrap().as_mut().unwrap().write(None);
+                    run.trace.event("the rules file does not load".into());
+                    signal(&run).await;
+                    tokio::time::sleep(Duration::from_millis(h_rng.random_range(100..3000))).await;
+                    while *run.starting.lock().unwrap() > 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                let denies = h_rng.random_bool(0.5);
+                let written = run
+                    .rules
+                    .lock()
+                    .unwrap()
+                    .as_mut()
+                    .map(|r| r.write(Some(denies)));
+                debug_assert!(written.is_some());
+                signal(&run).await;
+            }
+        })
+    };
+
     // Held bytes, observed.
     let sampler = {
         let run = run.clone();
@@ -620,6 +802,10 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
                 let largest = *run.largest.lock().unwrap() as i64;
                 let most = run.settings.amqp.max_held_bytes as i64;
                 let live = run.live.lock().unwrap().clone();
+                // The most one publish of a worker's weighs (a reply, or a dead letter: the
+                // request as it came).
+                let publish = 4 * largest + 256 * 3 + 3 * run.largest_source as i64;
+                let channels = i64::from(run.settings.amqp.reply_channels);
                 for (instance, metrics) in live {
                     let held = metrics.held_bytes.get();
                     let seen = highest.entry(instance).or_default();
@@ -628,6 +814,24 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
                     if held > most + prefetch * largest {
                         run.violation(format!(
                             "worker {instance} holds {held} bytes (max_held_bytes {most}, prefetch {prefetch}, largest request {largest})"
+                        ));
+                        return;
+                    }
+                    // 11. Held and in flight: the requests held, and the publishes not yet
+                    // confirmed (one per reply channel, and one per delivery held: a
+                    // reply published alone after a refusal), each within its bound.
+                    let (publishes, bytes, unacked) = run.broker.in_flight(instance);
+                    let (publishes, bytes, unacked) =
+                        (publishes as i64, bytes as i64, unacked as i64);
+                    let in_flight = held + bytes;
+                    {
+                        let mut summary = run.summary.lock().unwrap();
+                        summary.peak_in_flight = summary.peak_in_flight.max(in_flight as usize);
+                    }
+                    let bound = most + prefetch * largest + (channels + unacked + 1) * publish;
+                    if publishes > channels + unacked + 1 || in_flight > bound {
+                        run.violation(format!(
+                            "worker {instance} holds {held} bytes of requests and {publishes} publishes of {bytes} bytes unconfirmed, with {unacked} deliveries unacked ({channels} reply channels; bound {bound} bytes)"
                         ));
                         return;
                     }
@@ -658,6 +862,7 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
                 let props = Props {
                     reply_to: Some(queue.clone()),
                     correlation_id: Some(label.clone()),
+                    user_id: run.settings.security.enabled.then(|| "carol".into()),
                     ..Props::default()
                 };
                 let sent = run
@@ -740,6 +945,7 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
         run.violation(format!("the clients did not end within {RUN_BOUND:?}"));
     }
     let _ = faults_task.await;
+    let _ = hangup_task.await;
     // Every message comes to its end while the workers run on.
     let drained = async {
         loop {
@@ -764,6 +970,9 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
     tokio::time::sleep(Duration::from_secs(15)).await;
 
     check(&run);
+    if let Some(rules) = &*run.rules.lock().unwrap() {
+        let _ = std::fs::remove_file(&rules.path);
+    }
     let mut summary = std::mem::take(&mut *run.summary.lock().unwrap());
     summary.virtual_time = trace.now();
     {
@@ -899,6 +1108,9 @@ struct Out {
     worker: u32,
     dead_letter: Option<String>,
     routed: bool,
+    /// An error answer (a 401 or 403, or a dead letter with `x-mupdate-applied`
+    /// false): nothing applied, and not remembered as answered (only successes are).
+    refusal: bool,
 }
 
 /// Invariants 1 to 6, on what the broker and the engine saw.
@@ -918,6 +1130,19 @@ fn check(run: &Run) {
     let mut handed_back: BTreeMap<u64, u64> = BTreeMap::new();
     let mut broker_dead: BTreeSet<u64> = BTreeSet::new();
     let mut reached: BTreeMap<u64, usize> = BTreeMap::new();
+    // (message, worker) → the index of its delivery now; per delivery of a message to a
+    // worker (message, worker, the delivery's index): the answers and dead letters it
+    // got, and whether a publish of it was refused for its size.
+    let mut current: BTreeMap<(u64, u32), usize> = BTreeMap::new();
+    let mut finals: BTreeMap<(u64, u32, usize), u32> = BTreeMap::new();
+    let mut refused_size: BTreeMap<(u64, u32, usize), Arc<Vec<u8>>> = BTreeMap::new();
+    // The workers refused a publish for its size (which learn the broker's limit).
+    let mut learned: BTreeSet<u32> = BTreeSet::new();
+    // Per worker, the rules it holds from each event on (whether they deny bob).
+    let mut rights: BTreeMap<u32, Vec<(usize, bool)>> = BTreeMap::new();
+    // Per worker, the rules it may hold now; per delivery, those it may have held then.
+    let mut possible: BTreeMap<u32, Vec<bool>> = BTreeMap::new();
+    let mut at_delivery: BTreeMap<(u64, u32, usize), Vec<bool>> = BTreeMap::new();
     for (at, e) in state.events.iter().enumerate() {
         match e {
             Event::Routed { props } => {
@@ -931,13 +1156,58 @@ fn check(run: &Run) {
                 worker,
                 props,
                 routed,
-                ..
+                body,
             } => {
                 let Some(s) = props.text("traceparent").and_then(|t| by_trace.get(&t)) else {
                     continue;
                 };
                 let dead_letter = props.text(REASON);
-                if s.identified && (*routed || dead_letter.is_some()) {
+                let delivery = current.get(&(s.msg, *worker)).copied().unwrap_or(0);
+                let key = (s.msg, *worker, delivery);
+                // 12. One delivery, one end: answered or dead-lettered, once, never both.
+                if *routed || dead_letter.is_some() {
+                    let ends = finals.entry(key).or_default();
+                    *ends += 1;
+                    if *ends == 2 {
+                        run.violation(format!(
+                            "{}: answered or dead-lettered twice in one delivery to worker {worker} (now {dead_letter:?})",
+                            s.label
+                        ));
+                    }
+                }
+                if dead_letter.as_deref() == Some("too_large") {
+                    run.summary.lock().unwrap().too_large += 1;
+                    if !learned.contains(worker) {
+                        run.violation(format!(
+                            "{}: dead-lettered too_large by worker {worker}, which the broker never refused a publish for its size",
+                            s.label
+                        ));
+                    }
+                }
+                if *routed && dead_letter.is_none() {
+                    if let Some(first) = refused_size.get(&key) {
+                        run.summary.lock().unwrap().shrunk += 1;
+                        check_smaller(run, &s.label, body, first);
+                    }
+                    check_rights(
+                        run,
+                        s,
+                        *worker,
+                        props,
+                        at_delivery.get(&key),
+                        rights.get(worker).map(|r| {
+                            r.iter()
+                                .filter(|(at, _)| *at > delivery)
+                                .map(|(_, d)| *d)
+                                .collect()
+                        }),
+                    );
+                }
+                let refusal = match &dead_letter {
+                    Some(_) => props.header("x-mupdate-applied") == Some(&Value::Bool(false)),
+                    None => matches!(props.header("status"), Some(Value::ShortInt(401 | 403))),
+                };
+                if s.identified && (*routed || dead_letter.is_some()) && !refusal {
                     answered_by.entry(*worker).or_default().push((at, s.msg));
                 }
                 outs.entry(s.msg).or_default().push(Out {
@@ -945,6 +1215,7 @@ fn check(run: &Run) {
                     worker: *worker,
                     dead_letter,
                     routed: *routed,
+                    refusal,
                 });
             }
             Event::Settled { msg, worker, how } => {
@@ -959,10 +1230,42 @@ fn check(run: &Run) {
                 msg,
                 worker,
                 redelivered,
-            } => deliveries
-                .entry(*msg)
-                .or_default()
-                .push((at, *worker, *redelivered)),
+            } => {
+                current.insert((*msg, *worker), at);
+                if let Some(now) = possible.get(worker) {
+                    at_delivery.insert((*msg, *worker, at), now.clone());
+                }
+                deliveries
+                    .entry(*msg)
+                    .or_default()
+                    .push((at, *worker, *redelivered))
+            }
+            Event::TooLarge {
+                worker,
+                props,
+                body,
+            } => {
+                run.summary.lock().unwrap().size_refusals += 1;
+                learned.insert(*worker);
+                if let Some(s) = props.text("traceparent").and_then(|t| by_trace.get(&t)) {
+                    let delivery = current.get(&(s.msg, *worker)).copied().unwrap_or(0);
+                    refused_size
+                        .entry((s.msg, *worker, delivery))
+                        .or_insert(body.clone());
+                }
+            }
+            Event::Rights {
+                worker,
+                denies_bob,
+                read,
+            } => {
+                rights.entry(*worker).or_default().push((at, *denies_bob));
+                let now = possible.entry(*worker).or_default();
+                if *read {
+                    now.clear();
+                }
+                now.push(*denies_bob);
+            }
             Event::BrokerDeadLettered { msg, .. } => {
                 broker_dead.insert(*msg);
             }
@@ -1019,7 +1322,7 @@ fn check(run: &Run) {
             let mut answers: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
             for o in msg_outs
                 .iter()
-                .filter(|o| o.routed || o.dead_letter.is_some())
+                .filter(|o| (o.routed || o.dead_letter.is_some()) && !o.refusal)
             {
                 answers.entry(o.worker).or_default().push(o.at);
             }
@@ -1029,7 +1332,7 @@ fn check(run: &Run) {
                         .iter()
                         .filter(|(at, _)| *at > pair[0] && *at < pair[1])
                         .count();
-                    if between + 2 < most / 2 {
+                    if between + 1 < most {
                         run.violation(format!(
                             "{}: answered twice by worker {worker}, with {between} answers between (its answered set holds {most})",
                             s.label
@@ -1075,6 +1378,141 @@ fn check(run: &Run) {
         ));
     }
     check_stale(run, &sent, &reached, &deliveries);
+}
+
+/// Sends a SIGHUP to every live worker and waits until each has read it (and so the
+/// rules file: it reads it at once), noting the rules each holds from the SIGHUP on
+/// (its old ones or the new) and from its reading on (the new).
+async fn signal(run: &Run) {
+    let denies_bob = run.rules.lock().unwrap().as_ref().map(|r| r.denies_bob);
+    let live = run.hangups.lock().unwrap().clone();
+    for (worker, hangup) in &live {
+        if let Some(denies_bob) = denies_bob {
+            run.broker.mark(Event::Rights {
+                worker: *worker,
+                denies_bob,
+                read: false,
+            });
+        }
+        run.trace.event(format!(
+            "SIGHUP to worker {worker} (rules deny bob: {denies_bob:?})"
+        ));
+        let _ = hangup.try_send(());
+    }
+    run.summary.lock().unwrap().sighups += 1;
+    let mut waits = 0u32;
+    while !live
+        .iter()
+        .all(|(_, h)| h.is_closed() || h.capacity() == h.max_capacity())
+    {
+        waits += 1;
+        if waits.is_multiple_of(100) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
+    }
+    if let Some(denies_bob) = denies_bob {
+        for (worker, _) in &live {
+            run.broker.mark(Event::Rights {
+                worker: *worker,
+                denies_bob,
+                read: true,
+            });
+        }
+    }
+}
+
+/// Invariant 13: a reply sent after one refused for its size (`first`) is the smaller
+/// one of the README: no `_source`, each failed document its `_id` alone; or, that one
+/// too large as well, a 500 `api.process.reply_too_large` naming its size (smaller than
+/// the first's when the first had anything to leave out).
+fn check_smaller(run: &Run, label: &str, body: &[u8], first: &[u8]) {
+    let reply: Json = serde_json::from_slice(body).unwrap_or_default();
+    let smaller = if reply["status"] == 500 {
+        let message = reply["error"]["message"].as_str().unwrap_or_default();
+        let named: Option<usize> = message
+            .strip_prefix("The reply (")
+            .and_then(|m| m.split(' ').next())
+            .and_then(|n| n.parse().ok());
+        let full: Json = serde_json::from_slice(first).unwrap_or_default();
+        let most = match lean(&full) {
+            true => first.len(),
+            false => first.len() - 1,
+        };
+        reply["error"]["id"] == "api.process.reply_too_large"
+            && named.is_some_and(|size| size <= most)
+    } else {
+        lean(&reply)
+    };
+    if !smaller {
+        run.violation(format!(
+            "{label}: after a reply refused for its size, one not smaller: {}",
+            String::from_utf8_lossy(&body[..body.len().min(300)])
+        ));
+    }
+}
+
+/// Whether a reply has nothing the smaller one leaves out: no `_source`, no failed
+/// document but its `_id`.
+fn lean(reply: &Json) -> bool {
+    let result = &reply["result"];
+    let hits = result["hits"]
+        .as_array()
+        .or_else(|| result["successes"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    let errors = reply["error"]["errors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    hits.iter().all(|h| h.get("_source").is_none())
+        && errors.iter().all(|e| {
+            e["document"]
+                .as_object()
+                .is_none_or(|d| d.keys().all(|k| k == "_id"))
+        })
+}
+
+/// Invariant 14: a reply's rights verdict is that of rules the worker held at its
+/// delivery (from a SIGHUP to the worker's reading it, its rules of before or the new)
+/// or since (`since`: each SIGHUP's): a 403 only for bob under rules that deny him; a
+/// success for bob only under rules that allow him.
+fn check_rights(
+    run: &Run,
+    s: &Sent,
+    worker: u32,
+    props: &Props,
+    then: Option<&Vec<bool>>,
+    since: Option<Vec<bool>>,
+) {
+    let status = match props.header("status") {
+        Some(Value::ShortInt(s)) => *s,
+        _ => 0,
+    };
+    if status == 403 {
+        run.summary.lock().unwrap().forbidden += 1;
+    }
+    let (Some(then), Some(since)) = (then, since) else {
+        if status == 403 {
+            run.violation(format!("{}: 403 with rights off", s.label));
+        }
+        return;
+    };
+    let mut held = then.clone();
+    held.extend(since);
+    let bob = s.props.user_id.as_deref() == Some("bob");
+    let right = match status {
+        403 => bob && held.contains(&true),
+        200..=299 if bob => held.contains(&false),
+        _ => true,
+    };
+    if !right {
+        run.violation(format!(
+            "{} (user {:?}): reply {status} from worker {worker}, whose rules since its delivery deny bob: {held:?}",
+            s.label, s.props.user_id
+        ));
+    }
 }
 
 /// Invariant 5: a waiting client's counter never went down, but by the documented cases.
