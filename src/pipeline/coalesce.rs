@@ -682,11 +682,18 @@ async fn send(
 /// worker one read and dropped: each sampled item's answer is stripped of it before its
 /// request sees it. Their indices among the call's items.
 ///
-/// While the gate is cold (`COLD_AFTER`), every such item of the call asks: nothing is
-/// known of the sizes, the call is small (`COLD_SOURCES` items a lane, each weighing a
-/// share of the budget that covers its `_source`), and its answer says the most.
+/// While the gate is cold (`COLD_AFTER`), up to `COLD_SOURCES` such items of the call
+/// ask: nothing is known of the sizes, a cold call is that small unless one request's
+/// own items make it larger (those are never split: 200 entries naming one large
+/// document would ask for it 200 times), and its answer says the most.
 fn sample_sources(body: &mut [u8], cold: bool) -> Vec<usize> {
-    let count = |n: usize| if cold { n } else { n.div_ceil(SAMPLE_EVERY) };
+    let count = |n: usize| {
+        if cold {
+            n.min(COLD_SOURCES)
+        } else {
+            n.div_ceil(SAMPLE_EVERY)
+        }
+    };
     bulk::ask_sources(body, count, |m| fastrand::usize(..m))
 }
 
