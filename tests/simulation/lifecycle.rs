@@ -1128,6 +1128,7 @@ fn check(run: &Run) {
     let mut acks: BTreeMap<u64, Vec<(usize, u32)>> = BTreeMap::new();
     let mut deliveries: BTreeMap<u64, Vec<(usize, u32, bool)>> = BTreeMap::new();
     let mut handed_back: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut requeued: BTreeMap<u64, Vec<(usize, u32)>> = BTreeMap::new();
     let mut broker_dead: BTreeSet<u64> = BTreeSet::new();
     let mut reached: BTreeMap<u64, usize> = BTreeMap::new();
     // (message, worker) → the index of its delivery now; per delivery of a message to a
@@ -1223,6 +1224,7 @@ fn check(run: &Run) {
                     acks.entry(*msg).or_default().push((at, *worker));
                 } else if *how == "requeue" {
                     *handed_back.entry(*msg).or_default() += 1;
+                    requeued.entry(*msg).or_default().push((at, *worker));
                 }
             }
             Event::HandedBack { msg } => *handed_back.entry(*msg).or_default() += 1,
@@ -1328,6 +1330,17 @@ fn check(run: &Run) {
             }
             for (worker, ats) in answers {
                 for pair in ats.windows(2) {
+                    // Handed back by the worker itself after its first answer (its
+                    // reply's confirm not in when its session ended): it never took
+                    // the request as answered, and the redelivery is applied again
+                    // (the documented case of invariant 6).
+                    let handed_back = requeued.get(&s.msg).is_some_and(|r| {
+                        r.iter()
+                            .any(|(at, w)| *w == worker && *at >= pair[0] && *at < pair[1])
+                    });
+                    if handed_back {
+                        continue;
+                    }
                     let between = answered_by[&worker]
                         .iter()
                         .filter(|(at, _)| *at > pair[0] && *at < pair[1])
