@@ -17,7 +17,8 @@
 //! Only the worker's own dead letters are believed: one the broker dead-lettered (it
 //! carries `x-death`, which the worker's never do) has a producer's headers as they
 //! were published, so a forged `x-mupdate-applied: false` or `x-mupdate-user-id` on it
-//! counts for nothing (fate unknown; the `user_id` the broker checked stays).
+//! counts for nothing (fate unknown; the `user_id` the broker checked stays); `x-mupdate-applied:
+//! true` is believed on any (it only keeps a message where it is).
 
 use std::time::Duration;
 
@@ -85,8 +86,11 @@ pub async fn run(settings: &AmqpSettings, unknown_too: bool) -> anyhow::Result<M
             .inner()
             .keys()
             .any(|k| records_dead_lettering(k.as_str()));
+        // `true` is believed whoever set it (it only keeps a message where it is);
+        // `false` only on the worker's own dead letters.
         let applied = match headers.inner().get(APPLIED_HEADER) {
-            Some(AMQPValue::Boolean(applied)) if workers => Some(*applied),
+            Some(AMQPValue::Boolean(true)) => Some(true),
+            Some(AMQPValue::Boolean(false)) if workers => Some(false),
             _ => None,
         };
         let moving = match applied {

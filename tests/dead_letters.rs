@@ -116,7 +116,8 @@ async fn dead_letters_say_why_and_whether_applied_and_only_unapplied_ones_are_re
 /// headers as they were published: a forged `x-mupdate-applied: false` and
 /// `x-mupdate-user-id` must not make `requeue-dead` move it as never applied, nor
 /// publish it as that user (found by the adversarial review). With `--unknown` it is
-/// moved, the worker's headers and the broker's record gone, no `user_id` taken.
+/// moved, the worker's headers and the broker's record gone, no `user_id` taken. One
+/// saying `x-mupdate-applied: true` stays, even with `--unknown`.
 #[tokio::test]
 async fn a_producers_worker_headers_on_a_broker_dead_letter_are_not_believed() {
     let settings = settings();
@@ -156,7 +157,7 @@ async fn a_producers_worker_headers_on_a_broker_dead_letter_are_not_believed() {
         AMQPValue::LongString("admin".into()),
     );
     forged.insert("x-trace".into(), AMQPValue::LongString("t-1".into()));
-    let props = BasicProperties::default().with_headers(forged);
+    let props = BasicProperties::default().with_headers(forged.clone());
     publish(
         &amqp.channel,
         &expiring,
@@ -164,7 +165,12 @@ async fn a_producers_worker_headers_on_a_broker_dead_letter_are_not_believed() {
         props,
     )
     .await;
-    wait_equal("dead-lettered by the broker", Some((1, 0)), || {
+    // `x-mupdate-applied: true` is believed wherever it is: it only keeps a message.
+    let mut applied = forged;
+    applied.insert("x-mupdate-applied".into(), AMQPValue::Boolean(true));
+    let props = BasicProperties::default().with_headers(applied);
+    publish(&amqp.channel, &expiring, b"{\"requestId\":\"kept\"}", props).await;
+    wait_equal("dead-lettered by the broker", Some((2, 0)), || {
         queue_counts(&settings.amqp.dead_letter_queue)
     })
     .await;
@@ -184,11 +190,11 @@ async fn a_producers_worker_headers_on_a_broker_dead_letter_are_not_believed() {
     };
     let said = requeue(false);
     assert!(
-        said.contains("moved back 0; left: 0 applied, 1 of unknown fate"),
+        said.contains("moved back 0; left: 1 applied, 1 of unknown fate"),
         "{said}"
     );
     let said = requeue(true);
-    assert!(said.contains("moved back 1;"), "{said}");
+    assert!(said.contains("moved back 1; left: 1 applied"), "{said}");
     let moved = next_message(&amqp.channel, &settings.amqp.request_queue).await;
     assert_eq!(moved.properties.user_id(), &None, "no user_id taken");
     assert!(header(&moved, "x-mupdate-user-id").is_none());

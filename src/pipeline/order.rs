@@ -8,8 +8,11 @@
 //! latest earlier requests that touch any of them. Before its first engine call the
 //! request waits for those to be over. A request holds its turn until its engine work is
 //! over: its task awaits the answer of every call that carries its documents (the
-//! coalescer answers a request only once no call of it is at the engine, whether it was
-//! handed back meanwhile or not), and drops the turn after.
+//! coalescer answers a request only once its calls have returned or timed out, whether
+//! it was handed back meanwhile or not), and drops the turn after. What a timeout can't
+//! promise: an engine that still holds a call past it (a frozen node, resumed later)
+//! may apply it after the next request's write; the timeout is the bound (README,
+//! Guarantees).
 //!
 //! A turn is over once it is dropped **and** every turn it waits for is over. A request
 //! handed back while waiting (its session lost, consumption paused) drops its turn

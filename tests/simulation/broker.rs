@@ -122,6 +122,8 @@ pub enum Event {
     },
     /// Handed back by a channel's end.
     HandedBack { msg: u64 },
+    /// Acked by `worker`, the ack lost with its connection.
+    AckLost { msg: u64, worker: u32 },
     /// Dead-lettered by the broker itself (a reject, or the delivery limit).
     BrokerDeadLettered { msg: u64 },
     /// A publish of a worker's routed to a queue (its confirm may never reach the
@@ -821,6 +823,22 @@ impl SimBroker {
         }
         if how == "ack" && self.chance(self.0.faults.lost_ack) {
             let conn = ch.conn;
+            // The worker took these as answered (it acks only what it answered).
+            let lost: Vec<u64> = if multiple {
+                ch.unacked
+                    .range(..=tag)
+                    .map(|(_, (_, m, _))| m.id)
+                    .collect()
+            } else {
+                ch.unacked
+                    .get(&tag)
+                    .map(|(_, m, _)| m.id)
+                    .into_iter()
+                    .collect()
+            };
+            for msg in lost {
+                state.events.push(Event::AckLost { msg, worker });
+            }
             state.lost_acks += 1;
             state.session_faults += 1;
             self.event(format!(

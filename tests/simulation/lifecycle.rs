@@ -1128,7 +1128,7 @@ fn check(run: &Run) {
     let mut acks: BTreeMap<u64, Vec<(usize, u32)>> = BTreeMap::new();
     let mut deliveries: BTreeMap<u64, Vec<(usize, u32, bool)>> = BTreeMap::new();
     let mut handed_back: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut requeued: BTreeMap<u64, Vec<(usize, u32)>> = BTreeMap::new();
+    let mut acks_lost: BTreeMap<u64, Vec<(usize, u32)>> = BTreeMap::new();
     let mut broker_dead: BTreeSet<u64> = BTreeSet::new();
     let mut reached: BTreeMap<u64, usize> = BTreeMap::new();
     // (message, worker) → the index of its delivery now; per delivery of a message to a
@@ -1224,10 +1224,12 @@ fn check(run: &Run) {
                     acks.entry(*msg).or_default().push((at, *worker));
                 } else if *how == "requeue" {
                     *handed_back.entry(*msg).or_default() += 1;
-                    requeued.entry(*msg).or_default().push((at, *worker));
                 }
             }
             Event::HandedBack { msg } => *handed_back.entry(*msg).or_default() += 1,
+            Event::AckLost { msg, worker } => {
+                acks_lost.entry(*msg).or_default().push((at, *worker));
+            }
             Event::Delivered {
                 msg,
                 worker,
@@ -1330,15 +1332,16 @@ fn check(run: &Run) {
             }
             for (worker, ats) in answers {
                 for pair in ats.windows(2) {
-                    // Handed back by the worker itself after its first answer (its
-                    // reply's confirm not in when its session ended): it never took
-                    // the request as answered, and the redelivery is applied again
-                    // (the documented case of invariant 6).
-                    let handed_back = requeued.get(&s.msg).is_some_and(|r| {
+                    // Only where the worker took the first as answered: it acked it
+                    // (the ack lost). One whose reply's confirm never reached it (its
+                    // session ended first) it handed back, not knowing it answered,
+                    // and its redelivery is applied again (invariant 6's documented
+                    // case).
+                    let taken_as_answered = acks_lost.get(&s.msg).is_some_and(|r| {
                         r.iter()
                             .any(|(at, w)| *w == worker && *at >= pair[0] && *at < pair[1])
                     });
-                    if handed_back {
+                    if !taken_as_answered {
                         continue;
                     }
                     let between = answered_by[&worker]
