@@ -65,6 +65,24 @@ pub enum Writer {
     },
 }
 
+impl Writer {
+    /// A write of the documented kind when it lands late: a call given up after its
+    /// connection broke, or after `write_timeout` or longer (README, invariant 5).
+    pub fn late_as_documented(&self, write_timeout: Duration) -> bool {
+        match self {
+            Writer::Call {
+                late: Some(GaveUp::Broken),
+                ..
+            } => true,
+            Writer::Call {
+                late: Some(GaveUp::TimedOut(after)),
+                ..
+            } => *after >= write_timeout,
+            _ => false,
+        }
+    }
+}
+
 /// How the client gave up a call whose writes landed after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GaveUp {

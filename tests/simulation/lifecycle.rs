@@ -65,7 +65,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{BrokerFaults, Event, Props, SimBroker};
-use crate::engine::{Faults, GaveUp, SimEngine, State, Writer};
+use crate::engine::{Faults, SimEngine, State, Writer};
 use crate::trace::Trace;
 
 const INDEX: &str = "shop";
@@ -160,17 +160,12 @@ pub fn run(seed: u64, echo: bool) -> (Result<Summary, String>, Trace) {
         runtime.block_on(simulate(seed, trace.clone()))
     }));
     drop(runtime);
-    let result = match ran {
-        Ok(result) => result,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                .unwrap_or_default();
-            Err(format!("lifecycle: panicked: {message}"))
-        }
-    };
+    let result = ran.unwrap_or_else(|panic| {
+        Err(format!(
+            "lifecycle: panicked: {}",
+            crate::panic_message(&*panic)
+        ))
+    });
     (result, trace)
 }
 
@@ -1563,17 +1558,8 @@ fn check_stale(
         if !r.field.starts_with('c') {
             continue;
         }
-        let documented = match &r.writer {
-            Writer::Call {
-                late: Some(GaveUp::Broken),
-                ..
-            } => true,
-            Writer::Call {
-                late: Some(GaveUp::TimedOut(after)),
-                ..
-            } => *after >= write_timeout,
-            _ => false,
-        } || answered_again.contains(&r.field);
+        let documented =
+            r.writer.late_as_documented(write_timeout) || answered_again.contains(&r.field);
         if documented {
             run.summary.lock().unwrap().documented_stale += 1;
         } else if reported.insert((r.id.clone(), r.field.clone())) {

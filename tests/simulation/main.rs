@@ -94,17 +94,7 @@ fn run(seed: u64, echo: bool) -> (Result<Summary, String>, Trace) {
         runtime.block_on(workload::simulate(seed, trace.clone()))
     }));
     drop(runtime);
-    let result = match ran {
-        Ok(result) => result,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                .unwrap_or_default();
-            Err(format!("panicked: {message}"))
-        }
-    };
+    let result = ran.unwrap_or_else(|panic| Err(format!("panicked: {}", panic_message(&*panic))));
     (result, trace)
 }
 
@@ -229,4 +219,13 @@ fn main() {
         slowest.0
     );
     println!("simulation: the whole worker (lifecycle): {lifecycle_total}");
+}
+
+/// What a caught panic said.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_default()
 }

@@ -43,7 +43,7 @@ use rand::{RngExt, SeedableRng};
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Faults, GaveUp, SimEngine, State, Writer};
+use crate::engine::{Faults, SimEngine, State, Writer};
 use crate::trace::Trace;
 
 const INDEX: &str = "shop";
@@ -547,17 +547,7 @@ fn check_stale(run: &Run, write_timeout: Duration) {
         if !(r.field.starts_with('c') || r.field.starts_with('p')) {
             continue;
         }
-        let exception = match &r.writer {
-            Writer::Call {
-                late: Some(GaveUp::Broken),
-                ..
-            } => true,
-            Writer::Call {
-                late: Some(GaveUp::TimedOut(after)),
-                ..
-            } => *after >= write_timeout,
-            _ => false,
-        };
+        let exception = r.writer.late_as_documented(write_timeout);
         if exception {
             documented += 1;
             continue;
