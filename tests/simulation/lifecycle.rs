@@ -1060,12 +1060,7 @@ fn check_reply(run: &Run, sent: &Sent, body: &[u8], status: i16) {
         run.violation(format!("{}: a reply that is not JSON", sent.label));
         return;
     };
-    let result = &reply["result"];
-    let hits = result["hits"]
-        .as_array()
-        .or_else(|| result["successes"].as_array())
-        .cloned()
-        .unwrap_or_default();
+    let hits = crate::hits(&reply);
     let state = run.state.lock().unwrap();
     let mut said = Vec::new();
     for hit in &hits {
@@ -1467,12 +1462,7 @@ fn check_smaller(run: &Run, label: &str, body: &[u8], first: &[u8]) {
 /// Whether a reply has nothing the smaller one leaves out: no `_source`, no failed
 /// document but its `_id`.
 fn lean(reply: &Json) -> bool {
-    let result = &reply["result"];
-    let hits = result["hits"]
-        .as_array()
-        .or_else(|| result["successes"].as_array())
-        .cloned()
-        .unwrap_or_default();
+    let hits = crate::hits(reply);
     let errors = reply["error"]["errors"]
         .as_array()
         .cloned()

@@ -229,3 +229,13 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
         .unwrap_or_default()
 }
+
+/// A reply's per-document successes: v1's `hits`, v2's `successes`.
+pub fn hits(reply: &serde_json::Value) -> Vec<serde_json::Value> {
+    let result = &reply["result"];
+    result["hits"]
+        .as_array()
+        .or_else(|| result["successes"].as_array())
+        .cloned()
+        .unwrap_or_default()
+}

@@ -268,11 +268,7 @@ fn check_reply(run: &Run, request: &Request, body: &[u8], status: u16) {
         return;
     };
     let result = &reply["result"];
-    let hits = result["hits"]
-        .as_array()
-        .or_else(|| result["successes"].as_array())
-        .cloned()
-        .unwrap_or_default();
+    let hits = crate::hits(&reply);
     let errors = reply["error"]["errors"]
         .as_array()
         .or_else(|| result["errors"].as_array())
