@@ -245,8 +245,6 @@ impl SourceGate {
 struct Job {
     body: Vec<u8>,
     items: usize,
-    /// Of them, those asking for `_source`.
-    sources: usize,
     cancel: CancellationToken,
     done: oneshot::Sender<Result<Vec<Item>, BulkError>>,
 }
@@ -306,7 +304,6 @@ impl Coalescer {
     ) -> Result<Vec<Item>, BulkError> {
         let (done, result) = oneshot::channel();
         let job = Job {
-            sources: bulk::sources_asked(&body),
             body,
             items,
             cancel: cancel.clone(),
@@ -603,11 +600,7 @@ async fn send(
         if resent {
             body = bulk::for_resend(&body);
         }
-        let sampled = if jobs.iter().all(|j| j.sources >= j.items) {
-            Vec::new()
-        } else {
-            sample_sources(&mut body, lane.gate.cold())
-        };
+        let sampled = sample_sources(&mut body, lane.gate.cold());
         storage.metrics().bulk_documents.observe(total as f64);
         // The engine holds the asked `_source`s until its answer is in.
         let answer = storage.bulk_once(&body, lane.wait_for).await;
@@ -767,7 +760,6 @@ mod tests {
         let job = Job {
             body: Vec::new(),
             items: 1,
-            sources: 0,
             cancel: cancel.clone(),
             done,
         };
@@ -879,10 +871,21 @@ mod tests {
             max_source_bytes: 0,
         };
         let cancel = CancellationToken::new();
+        // `items` updates, the first `sources` of them asking for their `_source`.
         let with = |items: usize, sources: usize| {
             let (mut j, answer) = job(&cancel);
+            let changes = serde_json::Map::new();
+            for i in 0..items {
+                let options = bulk::ItemOptions {
+                    target: "t",
+                    retry_on_conflict: 0,
+                    include_source: i < sources,
+                    reply_source_bytes: usize::MAX,
+                    metadata: None,
+                };
+                bulk::append_update(&mut j.body, &options, "d", &changes, None);
+            }
             j.items = items;
-            j.sources = sources;
             std::mem::forget(answer);
             j
         };
