@@ -59,6 +59,23 @@ pub enum RequestError {
     /// A reply destination (`reply_to`, or the reply exchange) asked without a user.
     #[error("Unauthorized: authentication required to have a reply sent to the {0}.")]
     ReplyUnauthorized(String),
+    /// As Kuzzle's m-forms: an entry with `_source`, a mistake for `body`.
+    #[error("Unexpected argument \"{name}\" (accepted arguments: {expected})")]
+    UnexpectedArgument { name: String, expected: String },
+    /// A single-document form's document is missing.
+    #[error("Document \"{id}\" not found in \"{index}\":\"{collection}\".")]
+    DocumentNotFound {
+        id: String,
+        index: String,
+        collection: String,
+    },
+    /// A single-document `create` of an id that exists.
+    #[error("Document already exists.")]
+    DocumentAlreadyExists,
+    /// A single-document form's document refused by the engine (a mapping clash, a
+    /// version conflict…): its status and reason as a failed entry of an m-form has them.
+    #[error("{reason}")]
+    DocumentRefused { status: u16, reason: String },
     /// A reply destination the user's rules don't allow.
     #[error(
         "Insufficient permissions to have a reply sent to the {destination} (User \"{user}\")."
@@ -74,6 +91,11 @@ pub fn kuzzle_code(id: &str) -> Option<u32> {
         "services.storage.unknown_collection" => (1, 1, 2),
         "services.storage.write_limit_exceeded" => (1, 1, 4),
         "services.storage.invalid_argument" => (1, 1, 19),
+        "services.storage.not_found" => (1, 1, 11),
+        "services.storage.document_already_exists" => (1, 1, 17),
+        "services.storage.too_many_operations" => (1, 1, 25),
+        "services.storage.too_many_changes" => (1, 1, 32),
+        "services.storage.unexpected_bad_request" => (1, 1, 33),
         "services.storage.unexpected_error" => (1, 1, 35),
         "services.storage.invalid_index_name" => (1, 1, 41),
         "services.storage.invalid_collection_name" => (1, 1, 42),
@@ -81,6 +103,7 @@ pub fn kuzzle_code(id: &str) -> Option<u32> {
         "api.assert.invalid_type" => (2, 1, 1),
         "api.assert.invalid_argument" => (2, 1, 2),
         "api.assert.missing_argument" => (2, 1, 3),
+        "api.assert.unexpected_argument" => (2, 1, 7),
         "api.assert.body_required" => (2, 1, 8),
         "api.process.controller_not_found" => (2, 2, 4),
         "api.process.action_not_found" => (2, 2, 5),
@@ -117,6 +140,15 @@ impl RequestError {
             Forbidden { .. } => (403, "security.rights.forbidden"),
             ReplyUnauthorized(_) => (401, "security.rights.unauthorized"),
             ReplyForbidden { .. } => (403, "security.rights.forbidden"),
+            UnexpectedArgument { .. } => (400, "api.assert.unexpected_argument"),
+            DocumentNotFound { .. } => (404, "services.storage.not_found"),
+            DocumentAlreadyExists => (400, "services.storage.document_already_exists"),
+            DocumentRefused { status, .. } => match status {
+                409 => (409, "services.storage.too_many_changes"),
+                429 => (503, "services.storage.too_many_operations"),
+                400..=499 => (400, "services.storage.unexpected_bad_request"),
+                _ => (500, "services.storage.unexpected_error"),
+            },
         }
     }
 
@@ -142,7 +174,15 @@ impl RequestError {
             Forbidden { action, user } => vec![action.clone(), user.clone()],
             ReplyUnauthorized(destination) => vec![destination.clone()],
             ReplyForbidden { destination, user } => vec![destination.clone(), user.clone()],
-            BodyRequired
+            UnexpectedArgument { name, expected } => vec![name.clone(), expected.clone()],
+            DocumentNotFound {
+                id,
+                index,
+                collection,
+            } => vec![id.clone(), index.clone(), collection.clone()],
+            DocumentRefused { reason, .. } => vec![reason.clone()],
+            DocumentAlreadyExists
+            | BodyRequired
             | WriteLimitExceeded { .. }
             | BodyTooLarge { .. }
             | ReplyTooLarge { .. } => vec![],

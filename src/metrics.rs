@@ -265,11 +265,11 @@ impl Metrics {
     pub fn outcomes(&self, outcomes: &[Outcome]) {
         for outcome in outcomes {
             let label = match outcome {
-                Outcome::Updated { item, .. } if item.result.as_deref() == Some("noop") => "noop",
-                Outcome::Updated { item, .. } if item.result.as_deref() == Some("created") => {
+                Outcome::Written { item, .. } if item.result.as_deref() == Some("noop") => "noop",
+                Outcome::Written { item, .. } if item.result.as_deref() == Some("created") => {
                     "created"
                 }
-                Outcome::Updated { .. } => "updated",
+                Outcome::Written { .. } => "updated",
                 Outcome::Failed { status: 404, .. } => "not_found",
                 Outcome::Failed { status: 409, .. } => "conflict",
                 Outcome::Failed {
@@ -393,14 +393,15 @@ mod tests {
             shards: None,
             get: None,
             error: None,
+            resent: false,
         };
         m.outcomes(&[
-            Outcome::Updated {
+            Outcome::Written {
                 id: "a".into(),
                 item: item("updated"),
                 slot: 0,
             },
-            Outcome::Updated {
+            Outcome::Written {
                 id: "b".into(),
                 item: item("noop"),
                 slot: 1,

@@ -40,6 +40,8 @@ pub use nodes::Node;
 use nodes::Nodes;
 use port::FailureKind;
 
+pub use crate::pipeline::bulk::Version;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// Worth retrying: the engine is down, slow or overloaded.
@@ -319,6 +321,74 @@ impl Storage {
                 Ok(IndexState::UnknownCollection)
             }
             _ => Ok(IndexState::UnknownIndex),
+        }
+    }
+
+    /// The `_seq_no` and `_primary_term` of each of `ids` in `target` (`None`: missing),
+    /// read in real time (`_mget`, no `_source`): what a replace's write is guarded by.
+    /// Retried while the engine is unavailable, until `cancel`.
+    pub async fn versions(
+        &self,
+        target: &str,
+        ids: &[&str],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Option<Version>>, StorageError> {
+        #[derive(serde::Serialize)]
+        struct Doc<'a> {
+            _id: &'a str,
+            _source: bool,
+        }
+        #[derive(serde::Deserialize)]
+        struct Found {
+            #[serde(default)]
+            found: bool,
+            _seq_no: Option<u64>,
+            _primary_term: Option<u64>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            docs: Vec<Found>,
+        }
+        let docs: Vec<Doc> = ids
+            .iter()
+            .map(|&_id| Doc {
+                _id,
+                _source: false,
+            })
+            .collect();
+        let body = serde_json::to_vec(&serde_json::json!({ "docs": docs })).unwrap_or_default();
+        let path = format!("/{}/_mget", encode_path(target));
+        let query = [("realtime", "true")];
+        // A read: GET with a body, as the engine takes it.
+        match self
+            .call(Method::Get, &path, &query, Some(&body), cancel)
+            .await?
+        {
+            (200, bytes) => {
+                let answer: Answer =
+                    serde_json::from_slice(&bytes).map_err(|e| StorageError::Refused {
+                        status: 500,
+                        reason: format!("unreadable _mget answer: {e}"),
+                    })?;
+                if answer.docs.len() != ids.len() {
+                    return Err(StorageError::Refused {
+                        status: 500,
+                        reason: "the _mget answer does not list every id".into(),
+                    });
+                }
+                Ok(answer
+                    .docs
+                    .into_iter()
+                    .map(|d| match (d.found, d._seq_no, d._primary_term) {
+                        (true, Some(seq_no), Some(primary_term)) => Some(Version {
+                            seq_no,
+                            primary_term,
+                        }),
+                        _ => None,
+                    })
+                    .collect())
+            }
+            (status, body) => Err(refusal(status, &body)),
         }
     }
 

@@ -121,11 +121,12 @@ proptest::proptest! {
             silent: false,
             source: None,
             bytes,
+            single: false,
             documents,
         };
         let item: Item = serde_json::from_value(json!({"status": 200, "_version": 2})).unwrap();
         let outcomes: Vec<Outcome> = (0..request.documents.len())
-            .map(|slot| Outcome::Updated { id: format!("d{slot}"), item: item.clone(), slot })
+            .map(|slot| Outcome::Written { id: format!("d{slot}"), item: item.clone(), slot })
             .collect();
         let (reply, allocated) = peak_allocation(|| {
             response::documents_response(&echo(), &request, &outcomes, Format::V2, Shape::Full)

@@ -556,6 +556,9 @@ fn bulk_body(target: &str, docs: &[Value]) -> Vec<u8> {
             updated_at: 0,
             updater: None,
         }),
+        single: false,
+        ids: mupdate_worker::pipeline::write::Ids::Random,
+        echo_written: false,
     };
     let mut body = Vec::new();
     for d in docs {

@@ -17,11 +17,11 @@ use crate::lifecycle::delivery::{ChannelGone, Settlement, Ticket};
 use crate::logs::Untrusted;
 use crate::metrics::Metrics;
 use crate::pipeline::bulk::{ItemOptions, Metadata};
-use crate::pipeline::coalesce::{BatchLimits, Coalescer};
-use crate::pipeline::envelope::{self, Echo, Properties, Refresh, Request};
+use crate::pipeline::coalesce::{BatchLimits, BulkError, Coalescer};
+use crate::pipeline::envelope::{self, Action, Echo, Properties, Refresh, Request};
 use crate::pipeline::reply::{self, Destination};
 use crate::pipeline::response::{self, Outcome, Response, Shape};
-use crate::pipeline::update;
+use crate::pipeline::write::{self, Ids};
 use crate::security::rights::{Rights, Verdict};
 use crate::storage::{self, Abandoned, IndexState, Storage, StorageError};
 
@@ -68,7 +68,7 @@ impl Answer {
         self.documents.as_ref().is_some_and(|(_, _, outcomes, _)| {
             outcomes
                 .iter()
-                .any(|o| matches!(o, Outcome::Updated { .. }))
+                .any(|o| matches!(o, Outcome::Written { .. }))
         })
     }
 
@@ -174,7 +174,12 @@ impl Processor {
             index = %Untrusted(&request.index), collection = %Untrusted(&request.collection), documents = request.documents.len(),
             traceparent = props.traceparent.as_deref());
         async {
-            let outcomes = match self.update(&request, props, cancel).await? {
+            let identity = if echo.own_id {
+                Some(echo.request_id.as_str())
+            } else {
+                props.message_id.as_deref()
+            };
+            let outcomes = match self.write(&request, body, identity, props, cancel).await? {
                 Ok(outcomes) => outcomes,
                 Err(err) => {
                     info!(status = err.status(), error = %Untrusted(&err.to_string()), "request refused");
@@ -226,9 +231,13 @@ impl Processor {
     }
 
     /// Applies the request's documents; per-document outcomes in the request's order.
-    async fn update(
+    /// `body` and `identity` (its `requestId`, else its `message_id`) make the ids it
+    /// leaves to the worker (`write::Ids`).
+    async fn write(
         &self,
         request: &envelope::Request,
+        body: &[u8],
+        identity: Option<&str>,
         props: &Properties,
         cancel: &CancellationToken,
     ) -> Result<Result<Vec<Outcome>, RequestError>, Abandoned> {
@@ -261,30 +270,51 @@ impl Processor {
         let options = ItemOptions {
             target: &target,
             retry_on_conflict: request.retry_on_conflict,
-            include_source: request
-                .source
-                .unwrap_or(self.settings.response.include_source),
+            include_source: asks_sources(request, self.settings.response.include_source),
             reply_source_bytes: self.settings.response.max_source_bytes,
             metadata: s.kuzzle_metadata.then(|| Metadata {
                 updated_at: now_millis(),
                 updater: props.user_id.as_deref(),
             }),
+            single: request.single,
+            ids: if request.action.generates_ids() {
+                Ids::of(identity, props.user_id.as_deref(), body)
+            } else {
+                Ids::Random
+            },
+            echo_written: echoes_written(request, self.settings.response.include_source),
         };
         // Bounded by item_retries, not by the backoff.
         let backoff = storage::backoff(s).build();
         let wait_for = request.refresh == Refresh::WaitFor;
         let send =
             |body: Vec<u8>, items: usize| self.coalescer.submit(body, items, wait_for, cancel);
+        let versions = |ids: Vec<String>| {
+            let target = &target;
+            async move {
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                self.storage
+                    .versions(target, &ids, cancel)
+                    .await
+                    .map_err(|err| match err {
+                        StorageError::Abandoned => BulkError::Abandoned,
+                        StorageError::Refused { status, reason } => {
+                            BulkError::Refused(status, reason)
+                        }
+                        other => BulkError::Refused(500, other.to_string()),
+                    })
+            }
+        };
         let documents = &request.documents;
         let action = request.action;
-        update::apply(
+        write::apply(
             documents,
             action,
             &options,
             s.item_retries,
             backoff,
             cancel,
-            send,
+            write::Engine { send, versions },
         )
         .await
         .map(Ok)
@@ -304,6 +334,31 @@ impl Processor {
 }
 
 /// The rights metric's outcome for a refused reply destination.
+/// Whether a request's update items ask the engine for the stored document: its
+/// `source` argument, else `response.include_source`; a single `update` or `upsert`
+/// only when `source` is true (as Kuzzle's). Whole documents and deletes never do.
+fn asks_sources(request: &Request, include_source: bool) -> bool {
+    match request.action {
+        Action::Update | Action::Upsert if request.single => request.source == Some(true),
+        Action::Update | Action::Upsert => request.source.unwrap_or(include_source),
+        _ => false,
+    }
+}
+
+/// Whether a request's reply carries what it wrote as each document's `_source`: a
+/// whole document (always for the single forms, as Kuzzle's; for mCreate and mReplace
+/// as `response.include_source`, for mCreateOrReplace as `source` too), and a single
+/// `update` not asking the stored one (its changes and metadata, as Kuzzle answers it).
+fn echoes_written(request: &Request, include_source: bool) -> bool {
+    match request.action {
+        Action::Update => request.single && request.source != Some(true),
+        Action::Upsert | Action::Delete => false,
+        // As Kuzzle: only mCreateOrReplace takes `source` of these.
+        Action::CreateOrReplace if !request.single => request.source.unwrap_or(include_source),
+        _ => request.single || include_source,
+    }
+}
+
 fn reply_outcome(verdict: Verdict) -> &'static str {
     match verdict {
         Verdict::Unauthorized => "reply_unauthorized",

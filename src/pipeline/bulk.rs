@@ -27,6 +27,14 @@ pub struct ItemOptions<'a> {
     /// The `_source` bytes the request's reply may carry (`response.max_source_bytes`).
     pub reply_source_bytes: usize,
     pub metadata: Option<Metadata<'a>>,
+    /// The request is a single-document form: its whole documents' metadata is written
+    /// as Kuzzle's single forms write it (`write_document`).
+    pub single: bool,
+    /// How ids left to the worker are made.
+    pub ids: crate::pipeline::write::Ids,
+    /// The reply's `_source` of each document is what was written (`written_document`),
+    /// not asked of the engine: whole documents, and a single `update`'s changes.
+    pub echo_written: bool,
 }
 
 /// Appends one `update` action and its partial document to an NDJSON body, written
@@ -108,36 +116,199 @@ fn write_pairs<'a>(
     first
 }
 
-/// The same updates, written to be sent again after a call whose fate is unknown (it
-/// timed out, or its connection broke): the first call may have been applied, so the
-/// resend must not report `noop` for a change that is there (`detect_noop: false`
-/// writes anyway, and so `wait_for` waits for this write), nor a conflict with that
-/// first call itself (`retry_on_conflict` at least 1). Reads lines `append_update` wrote.
+/// Appends one item writing a whole document (`create`, `createOrReplace`, `replace`) to
+/// an NDJSON body, with `_kuzzle_info` as Kuzzle 2 writes it for that action
+/// (`write_document`).
+///
+/// `create` is the engine's `create` (it fails when the id exists: no check-then-write
+/// race), `createOrReplace` its `index`, and `replace` an `index` guarded by the
+/// document's sequence number and primary term as read just before (`Version`): the
+/// engine refuses it (409) if the document changed or went meanwhile, so a document
+/// deleted between the check and the write is never recreated (Kuzzle checks and
+/// writes in two calls, unguarded).
+pub fn append_whole(
+    buf: &mut Vec<u8>,
+    opts: &ItemOptions<'_>,
+    kind: WholeKind,
+    id: &str,
+    body: &Map<String, Value>,
+) {
+    let action: &[u8] = match kind {
+        WholeKind::Create => b"{\"create\":{\"_index\":",
+        WholeKind::Index | WholeKind::Replace(_) => b"{\"index\":{\"_index\":",
+    };
+    buf.extend_from_slice(action);
+    write_json(buf, opts.target);
+    buf.extend_from_slice(b",\"_id\":");
+    write_json(buf, id);
+    if let WholeKind::Replace(version) = kind {
+        let _ = write!(
+            buf,
+            ",\"if_seq_no\":{},\"if_primary_term\":{}",
+            version.seq_no, version.primary_term
+        );
+    }
+    buf.extend_from_slice(b"}}\n");
+    write_document(buf, opts, body, kind);
+    buf.push(b'\n');
+}
+
+/// Where a stored document is in its shard's history: a write guarded by it is refused
+/// once the document has changed (or gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    pub seq_no: u64,
+    pub primary_term: u64,
+}
+
+/// The engine action a whole document is written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WholeKind {
+    Create,
+    Index,
+    /// `index` guarded by the version read (`append_whole`).
+    Replace(Version),
+}
+
+/// A whole document as stored: the client's fields without its metadata, and ours,
+/// where Kuzzle 2 puts it (last for a single form, first for an m-form: the position in
+/// an engine's parse error reads the same as Kuzzle's).
+fn write_document(
+    buf: &mut Vec<u8>,
+    opts: &ItemOptions<'_>,
+    body: &Map<String, Value>,
+    kind: WholeKind,
+) {
+    buf.push(b'{');
+    let Some(meta) = opts.metadata else {
+        write_fields(buf, body, true);
+        buf.push(b'}');
+        return;
+    };
+    let metadata = |buf: &mut Vec<u8>| {
+        buf.extend_from_slice(b"\"_kuzzle_info\":{\"author\":");
+        write_json(buf, &meta.updater);
+        let _ = write!(buf, ",\"createdAt\":{}", meta.updated_at);
+        // As Kuzzle's single `createOrReplace` and `replace`; null elsewhere.
+        if opts.single && kind != WholeKind::Create {
+            let _ = write!(buf, ",\"updatedAt\":{},\"updater\":", meta.updated_at);
+            write_json(buf, &meta.updater);
+            buf.push(b'}');
+        } else {
+            buf.extend_from_slice(b",\"updatedAt\":null,\"updater\":null}");
+        }
+    };
+    if opts.single {
+        if !write_fields(buf, body, true) {
+            buf.push(b',');
+        }
+        metadata(buf);
+    } else {
+        metadata(buf);
+        write_fields(buf, body, false);
+    }
+    buf.push(b'}');
+}
+
+/// Appends one `delete` item (an action line alone).
+pub fn append_delete(buf: &mut Vec<u8>, opts: &ItemOptions<'_>, id: &str) {
+    buf.extend_from_slice(b"{\"delete\":{\"_index\":");
+    write_json(buf, opts.target);
+    buf.extend_from_slice(b",\"_id\":");
+    write_json(buf, id);
+    buf.extend_from_slice(b"}}\n");
+}
+
+/// What an item writes, as its reply's `_source` carries it: a whole document's source
+/// line, an update's `doc` (its changes and metadata, as Kuzzle's single `update`
+/// answers them); none for a delete.
+pub fn written_document(item: &[u8]) -> Option<&[u8]> {
+    let (_, source) = items(item).next()?;
+    let line = &item[source?];
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    if line.starts_with(b"{\"doc\":") || line.starts_with(b"{\"detect_noop\":") {
+        #[derive(serde::Deserialize)]
+        struct Update<'a> {
+            #[serde(borrow)]
+            doc: &'a RawValue,
+        }
+        let update: Update = serde_json::from_slice(line).ok()?;
+        let doc = update.doc.get().as_bytes();
+        // Borrowed from `line`: its place there.
+        let start = doc.as_ptr() as usize - line.as_ptr() as usize;
+        return Some(&line[start..start + doc.len()]);
+    }
+    Some(line)
+}
+
+/// The items of a body this module wrote: each one's action line and, unless it is a
+/// `delete`, its source line, as byte ranges (each with its newline). Read by the
+/// structure the body was written with, never by what a line looks like: a client's
+/// document may hold any text, `{"doc":` and `"_source":false}` included.
+fn items(
+    body: &[u8],
+) -> impl Iterator<Item = (std::ops::Range<usize>, Option<std::ops::Range<usize>>)> + '_ {
+    let line_at = move |start: usize| {
+        let end = body[start..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(body.len(), |i| start + i + 1);
+        start..end
+    };
+    let mut next = 0;
+    std::iter::from_fn(move || {
+        if next >= body.len() {
+            return None;
+        }
+        let action = line_at(next);
+        next = action.end;
+        if body[action.clone()].starts_with(b"{\"delete\":") || next >= body.len() {
+            return Some((action, None));
+        }
+        let source = line_at(next);
+        next = source.end;
+        Some((action, Some(source)))
+    })
+}
+
+/// The same items, written to be sent again after a call whose fate is unknown (it
+/// timed out, or its connection broke): the first call may have been applied, so an
+/// update's resend must not report `noop` for a change that is there (`detect_noop:
+/// false` writes anyway, and so `wait_for` waits for this write), nor a conflict with
+/// that first call itself (`retry_on_conflict` at least 1). Other items go as they were
+/// (what their answers can mean after a resend is `pipeline::write`'s). Reads bodies
+/// this module wrote.
 pub fn for_resend(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + body.len() / 8);
-    for line in body.split_inclusive(|b| *b == b'\n') {
-        if let Some(doc) = line.strip_prefix(b"{\"doc\":") {
-            out.extend_from_slice(b"{\"detect_noop\":false,\"doc\":");
-            out.extend_from_slice(doc);
-        } else if line.starts_with(b"{\"update\":")
-            && line.ends_with(b",\"retry_on_conflict\":0}}\n")
-        {
-            out.extend_from_slice(&line[..line.len() - 4]);
-            out.extend_from_slice(b"1}}\n");
-        } else {
-            out.extend_from_slice(line);
+    for (action, source) in items(body) {
+        let action = &body[action];
+        let update = action.starts_with(b"{\"update\":");
+        match action.strip_suffix(b",\"retry_on_conflict\":0}}\n") {
+            Some(head) if update => {
+                out.extend_from_slice(head);
+                out.extend_from_slice(b",\"retry_on_conflict\":1}}\n");
+            }
+            _ => out.extend_from_slice(action),
+        }
+        let Some(source) = source else { continue };
+        let source = &body[source];
+        match source.strip_prefix(b"{\"doc\":") {
+            Some(doc) if update => {
+                out.extend_from_slice(b"{\"detect_noop\":false,\"doc\":");
+                out.extend_from_slice(doc);
+            }
+            _ => out.extend_from_slice(source),
         }
     }
     out
 }
 
 /// Makes some of the update items that ask no `_source` ask for it, in place: each
-/// chosen doc line's `"_source":false}` becomes `"_source":true }` (the same length, so
-/// nothing moves). `count(n)` says how many of the `n` such items to take, `pick(m)`
+/// chosen item's line's `"_source":false}` becomes `"_source":true }` (the same length,
+/// so nothing moves). `count(n)` says how many of the `n` such items to take, `pick(m)`
 /// draws an index below `m` (each item is taken at most once). Their indices among the
-/// body's items, ascending. Reads lines `append_update` (and `for_resend`) wrote: two
-/// lines an item, the doc line ending as written, and a body's values can't hold a raw
-/// newline.
+/// body's items, ascending. Reads bodies this module wrote (`items`): only `update`
+/// items are read, each ending as written.
 pub fn ask_sources(
     body: &mut [u8],
     count: impl FnOnce(usize) -> usize,
@@ -145,20 +316,15 @@ pub fn ask_sources(
 ) -> Vec<usize> {
     const NOT_ASKED: &[u8] = b",\"_source\":false}\n";
     const ASKED: &[u8] = b"true }\n";
-    // (item, where its doc line ends) of every item that asks none.
-    let mut unasked = Vec::new();
-    let (mut start, mut line) = (0, 0);
-    while start < body.len() {
-        let end = body[start..]
-            .iter()
-            .position(|b| *b == b'\n')
-            .map_or(body.len(), |i| start + i + 1);
-        if body[start..end].ends_with(NOT_ASKED) {
-            unasked.push((line / 2, end));
-        }
-        line += 1;
-        start = end;
-    }
+    // (item, where its line ends) of every update item that asks none.
+    let mut unasked: Vec<(usize, usize)> = items(body)
+        .enumerate()
+        .filter_map(|(item, (action, source))| {
+            let source = source?;
+            (body[action].starts_with(b"{\"update\":") && body[source.clone()].ends_with(NOT_ASKED))
+                .then_some((item, source.end))
+        })
+        .collect();
     let n = unasked.len();
     let k = count(n).min(n);
     // The first k of a partial shuffle: k distinct items, each as likely.
@@ -205,6 +371,10 @@ pub struct Item {
     pub shards: Option<Box<RawValue>>,
     pub get: Option<Get>,
     pub error: Option<ItemError>,
+    /// Answered by a resend: an earlier call carrying this item may have been applied
+    /// (set by the coalescer, never read from the engine).
+    #[serde(skip)]
+    pub resent: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -265,10 +435,12 @@ pub fn parse_response(bytes: &[u8], expected: usize) -> Result<Vec<Item>, String
     response
         .items
         .into_iter()
-        .map(|mut entry| {
-            entry
-                .remove("update")
-                .ok_or_else(|| "bulk response item is not an update".to_owned())
+        .map(|entry| {
+            // One key, the item's action (update, create, index, delete).
+            match <[(String, Item); 1]>::try_from(entry.into_iter().collect::<Vec<_>>()) {
+                Ok([(_, item)]) => Ok(item),
+                Err(_) => Err("bulk response item is not one action".to_owned()),
+            }
         })
         .collect()
 }
@@ -285,6 +457,9 @@ mod tests {
             include_source: true,
             reply_source_bytes: usize::MAX,
             metadata,
+            single: false,
+            ids: crate::pipeline::write::Ids::Random,
+            echo_written: false,
         }
     }
 
@@ -573,6 +748,9 @@ mod tests {
     fn a_short_or_garbled_response_is_an_error() {
         assert!(parse_response(RECORDED.as_bytes(), 5).is_err());
         assert!(parse_response(b"<html>", 1).is_err());
-        assert!(parse_response(br#"{"items":[{"index":{"status":200}}]}"#, 1).is_err());
+        assert!(parse_response(br#"{"items":[{}]}"#, 1).is_err());
+        let two = br#"{"items":[{"index":{"status":200},"update":{"status":200}}]}"#;
+        assert!(parse_response(two, 1).is_err());
+        assert!(parse_response(br#"{"items":[{"delete":{"status":404}}]}"#, 1).is_ok());
     }
 }

@@ -611,6 +611,9 @@ async fn send(
                 match bulk::parse_response(&bytes, total) {
                     Ok(mut items) => {
                         lane.gate.observe(&items);
+                        for item in items.iter_mut() {
+                            item.resent = resent;
+                        }
                         // The sampled `_source`s were the gate's, not their requests'.
                         for &i in &sampled {
                             if let Some(item) = items.get_mut(i) {
@@ -882,6 +885,9 @@ mod tests {
                     include_source: i < sources,
                     reply_source_bytes: usize::MAX,
                     metadata: None,
+                    single: false,
+                    ids: crate::pipeline::write::Ids::Random,
+                    echo_written: false,
                 };
                 bulk::append_update(&mut j.body, &options, "d", &changes, None);
             }

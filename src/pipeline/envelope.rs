@@ -60,28 +60,84 @@ pub struct Echo {
     pub retry_on_conflict: Option<Value>,
 }
 
-/// The two actions the worker executes (SPEC sections 1 and 8).
+/// The write a request asks of each of its documents (SPEC sections 1 and 8; issue 21:
+/// the whole write side of Kuzzle's document controller). Each has a single-document
+/// form (`update`) and a multi-document one (`mUpdate`): `Request::single` says which.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// `document:mUpdate`: documents `{_id, body}`, which must exist.
+    /// `document:mUpdate`: documents `{_id, body}`, which must exist; `body` is merged.
     Update,
     /// `document:mUpsert`: documents `{_id, changes, default}`; a missing one is created.
     Upsert,
+    /// `document:mCreate`: documents `{_id?, body}`, which must not exist; an id is
+    /// generated when absent.
+    Create,
+    /// `document:mCreateOrReplace`: documents `{_id?, body}`, written whole.
+    CreateOrReplace,
+    /// `document:mReplace`: documents `{_id, body}`, which must exist; written whole.
+    Replace,
+    /// `document:mDelete`: `ids`.
+    Delete,
 }
 
+/// Every action the worker takes, by its Kuzzle name: (name, action, single form).
+const ACTIONS: [(&str, Action, bool); 12] = [
+    ("mUpdate", Action::Update, false),
+    ("mUpsert", Action::Upsert, false),
+    ("mCreate", Action::Create, false),
+    ("mCreateOrReplace", Action::CreateOrReplace, false),
+    ("mReplace", Action::Replace, false),
+    ("mDelete", Action::Delete, false),
+    ("update", Action::Update, true),
+    ("upsert", Action::Upsert, true),
+    ("create", Action::Create, true),
+    ("createOrReplace", Action::CreateOrReplace, true),
+    ("replace", Action::Replace, true),
+    ("delete", Action::Delete, true),
+];
+
 impl Action {
-    pub fn name(self) -> &'static str {
-        match self {
-            Action::Update => "mUpdate",
-            Action::Upsert => "mUpsert",
-        }
+    /// The Kuzzle name of the action, in its multi-document form or its single one.
+    pub fn name(self, single: bool) -> &'static str {
+        ACTIONS
+            .iter()
+            .find(|(_, a, s)| *a == self && *s == single)
+            .map_or("mUpdate", |(name, _, _)| name)
+    }
+
+    /// The action and form a Kuzzle action name stands for.
+    pub fn from_name(name: &str) -> Option<(Action, bool)> {
+        ACTIONS
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, a, s)| (*a, *s))
+    }
+
+    /// Every Kuzzle action name the worker takes.
+    pub fn names() -> impl Iterator<Item = &'static str> {
+        ACTIONS.iter().map(|(name, _, _)| *name)
+    }
+
+    /// Whether an entry may leave its id to the worker (as Kuzzle: the engine's
+    /// generated ids there).
+    pub fn generates_ids(self) -> bool {
+        matches!(self, Action::Create | Action::CreateOrReplace)
+    }
+
+    /// The writes whose item is an engine `update` (the stored document is read and
+    /// rebuilt): what the cost gate weighs by the stored documents' size.
+    pub fn rebuilds_stored(self) -> bool {
+        matches!(self, Action::Update | Action::Upsert | Action::Replace)
     }
 }
 
-/// A valid mUpdate or mUpsert request.
+/// A valid request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     pub action: Action,
+    /// The single-document form (`update`, not `mUpdate`): its one document is in
+    /// `documents`, and it answers with that document's result or the request's error.
+    pub single: bool,
     pub index: String,
     pub collection: String,
     pub refresh: Refresh,
@@ -96,8 +152,18 @@ pub struct Request {
     /// The request's size in bytes: what its reply's extras (`_updatedFields`) are
     /// budgeted from.
     pub bytes: usize,
-    /// The entries of `body.documents`, as the client sent them.
+    /// The entries of `body.documents`, as the client sent them; for `mDelete`, each of
+    /// `body.ids` as `{"_id": id}`; for a single-document form, its one document made
+    /// from `_id` and `body` as the m-form's entry would be (`{_id, body}`,
+    /// `{_id, changes, default}`, `{_id}`).
     pub documents: Vec<Value>,
+}
+
+impl Request {
+    /// The Kuzzle name of the request's action.
+    pub fn action_name(&self) -> &'static str {
+        self.action.name(self.single)
+    }
 }
 
 /// An envelope read as far as it goes: the echo is always there.
@@ -200,10 +266,11 @@ fn validate(
         Some(other) => return Err(RequestError::ControllerNotFound(quote(&other.to_string()))),
         None => return Err(RequestError::MissingArgument("controller")),
     }
-    let action = match object.get("action") {
-        Some(Value::String(a)) if a == "mUpdate" => Action::Update,
-        Some(Value::String(a)) if a == "mUpsert" => Action::Upsert,
-        Some(Value::String(a)) => return Err(RequestError::ActionNotFound(quote(a))),
+    let (action, single) = match object.get("action") {
+        Some(Value::String(a)) => match Action::from_name(a) {
+            Some(found) => found,
+            None => return Err(RequestError::ActionNotFound(quote(a))),
+        },
         Some(other) => return Err(RequestError::ActionNotFound(quote(&other.to_string()))),
         None => return Err(RequestError::MissingArgument("action")),
     };
@@ -212,27 +279,11 @@ fn validate(
     check_index_name(&index)?;
     check_collection_name(&collection)?;
 
-    let mut body = match object.remove("body") {
-        None | Some(Value::Null) => return Err(RequestError::BodyRequired),
-        Some(Value::Object(body)) => body,
-        Some(_) => {
-            return Err(RequestError::InvalidType {
-                name: "body",
-                expected: "object",
-            });
-        }
+    let documents = if single {
+        single_document(&mut object, action)?
+    } else {
+        listed_documents(&mut object, action)?
     };
-    let documents = match body.remove("documents") {
-        None | Some(Value::Null) => return Err(RequestError::MissingArgument("body.documents")),
-        Some(Value::Array(documents)) => documents,
-        Some(_) => {
-            return Err(RequestError::InvalidType {
-                name: "body.documents",
-                expected: "array",
-            });
-        }
-    };
-
     if let Some(id) = request_id
         && !id.is_string()
     {
@@ -327,8 +378,121 @@ fn validate(
         silent,
         source,
         bytes: 0,
+        single,
         documents,
     })
+}
+
+/// The body of a request, when it has one that is an object.
+fn body_object(object: &mut Map<String, Value>) -> Result<Map<String, Value>, RequestError> {
+    match object.remove("body") {
+        None | Some(Value::Null) => Err(RequestError::BodyRequired),
+        Some(Value::Object(body)) => Ok(body),
+        Some(_) => Err(RequestError::InvalidType {
+            name: "body",
+            expected: "object",
+        }),
+    }
+}
+
+/// The entries of an m-form: `body.documents`, or `body.ids` for `mDelete` (each id as
+/// the entry `{"_id": id}`, so that every action's documents read alike).
+fn listed_documents(
+    object: &mut Map<String, Value>,
+    action: Action,
+) -> Result<Vec<Value>, RequestError> {
+    let mut body = body_object(object)?;
+    let (key, name) = match action {
+        Action::Delete => ("ids", "body.ids"),
+        _ => ("documents", "body.documents"),
+    };
+    let listed = match body.remove(key) {
+        None | Some(Value::Null) => return Err(RequestError::MissingArgument(name)),
+        Some(Value::Array(listed)) => listed,
+        Some(_) => {
+            return Err(RequestError::InvalidType {
+                name,
+                expected: "array",
+            });
+        }
+    };
+    if action == Action::Delete {
+        return Ok(listed
+            .into_iter()
+            .map(|id| Value::Object(Map::from_iter([("_id".to_owned(), id)])))
+            .collect());
+    }
+    // As Kuzzle: `_source` in an entry is a mistake for `body`, refused whole.
+    if let Some(at) = listed.iter().position(|d| d.get("_source").is_some()) {
+        return Err(RequestError::UnexpectedArgument {
+            name: format!("documents[{at}]._source"),
+            expected: format!("documents[{at}].body"),
+        });
+    }
+    Ok(listed)
+}
+
+/// The one document of a single-document form, as its m-form's entry: `_id` from the
+/// request (optional for `create`), the content from `body`.
+fn single_document(
+    object: &mut Map<String, Value>,
+    action: Action,
+) -> Result<Vec<Value>, RequestError> {
+    let id = match object.remove("_id") {
+        None | Some(Value::Null) if action == Action::Create => None,
+        None | Some(Value::Null) => return Err(RequestError::MissingArgument("_id")),
+        Some(Value::String(id)) if id.is_empty() && action != Action::Create => {
+            return Err(RequestError::MissingArgument("_id"));
+        }
+        Some(Value::String(id)) if id.is_empty() => None,
+        Some(Value::String(id)) => Some(id),
+        Some(_) => {
+            return Err(RequestError::InvalidType {
+                name: "_id",
+                expected: "string",
+            });
+        }
+    };
+    let mut entry = Map::new();
+    if let Some(id) = id {
+        entry.insert("_id".to_owned(), Value::String(id));
+    }
+    match action {
+        Action::Delete => {}
+        Action::Upsert => {
+            let mut body = body_object(object)?;
+            match body.remove("changes") {
+                Some(Value::Object(changes)) => {
+                    entry.insert("changes".to_owned(), Value::Object(changes));
+                }
+                None | Some(Value::Null) => {
+                    return Err(RequestError::MissingArgument("body.changes"));
+                }
+                Some(_) => {
+                    return Err(RequestError::InvalidType {
+                        name: "body.changes",
+                        expected: "object",
+                    });
+                }
+            }
+            match body.remove("default") {
+                None | Some(Value::Null) => {}
+                Some(Value::Object(default)) => {
+                    entry.insert("default".to_owned(), Value::Object(default));
+                }
+                Some(_) => {
+                    return Err(RequestError::InvalidType {
+                        name: "body.default",
+                        expected: "object",
+                    });
+                }
+            }
+        }
+        _ => {
+            entry.insert("body".to_owned(), Value::Object(body_object(object)?));
+        }
+    }
+    Ok(vec![Value::Object(entry)])
 }
 
 fn retry_out_of_range(limits: &Limits) -> RequestError {
@@ -413,12 +577,26 @@ impl DocumentError {
 /// A document entry ready to write.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Checked<'a> {
-    pub id: &'a str,
-    /// mUpdate's `body`, mUpsert's `changes`: merged into the document.
-    pub changes: &'a Map<String, Value>,
-    /// mUpsert's `default` (empty when not given): with `changes`, the document created
-    /// when it is missing. `None` for mUpdate, which never creates one.
-    pub default: Option<&'a Map<String, Value>>,
+    /// `None` for a `create` or `createOrReplace` entry without one: the worker makes
+    /// it (`pipeline::write`).
+    pub id: Option<&'a str>,
+    pub content: Content<'a>,
+}
+
+/// What an entry writes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Content<'a> {
+    /// mUpdate's `body`, mUpsert's `changes`: merged into the document; with
+    /// `default` (mUpsert's, empty when not given), the document created when it is
+    /// missing. `None` for mUpdate, which never creates one.
+    Merge {
+        changes: &'a Map<String, Value>,
+        default: Option<&'a Map<String, Value>>,
+    },
+    /// create, createOrReplace, replace: the whole document.
+    Whole(&'a Map<String, Value>),
+    /// delete.
+    Nothing,
 }
 
 /// The `default` of an mUpsert entry that gives none.
@@ -427,34 +605,46 @@ static NO_DEFAULT: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock
 /// A document entry checked for `action`, or why it can't be written. The content is
 /// checked before the `_id`, in Kuzzle's order.
 pub fn check_document(entry: &Value, action: Action) -> Result<Checked<'_>, DocumentError> {
-    let (changes, default) = match action {
+    let content = match action {
         Action::Update => match entry.get("body") {
-            Some(Value::Object(body)) => (body, None),
+            Some(Value::Object(body)) => Content::Merge {
+                changes: body,
+                default: None,
+            },
             _ => return Err(DocumentError::BodyNotObject),
         },
         Action::Upsert => {
             let Some(Value::Object(changes)) = entry.get("changes") else {
                 return Err(DocumentError::ChangesNotObject);
             };
-            match entry.get("default") {
-                None | Some(Value::Null) => (changes, Some(&*NO_DEFAULT)),
-                Some(Value::Object(default)) => (changes, Some(default)),
+            let default = match entry.get("default") {
+                None | Some(Value::Null) => &*NO_DEFAULT,
+                Some(Value::Object(default)) => default,
                 Some(_) => return Err(DocumentError::DefaultNotObject),
+            };
+            Content::Merge {
+                changes,
+                default: Some(default),
             }
         }
+        Action::Create | Action::CreateOrReplace | Action::Replace => match entry.get("body") {
+            Some(Value::Object(body)) => Content::Whole(body),
+            _ => return Err(DocumentError::BodyNotObject),
+        },
+        Action::Delete => Content::Nothing,
     };
     let id = match entry.get("_id") {
-        Some(Value::String(id)) if !id.is_empty() => id,
+        Some(Value::String(id)) if !id.is_empty() => Some(id.as_str()),
+        // As Kuzzle: no id (or an empty one) is an id to generate where the action makes
+        // documents without one.
+        None | Some(Value::Null) if action.generates_ids() => None,
+        Some(Value::String(_)) if action.generates_ids() => None,
         _ => return Err(DocumentError::BadId),
     };
-    if id.len() > MAX_ID_BYTES {
+    if id.is_some_and(|id| id.len() > MAX_ID_BYTES) {
         return Err(DocumentError::IdTooLong);
     }
-    Ok(Checked {
-        id,
-        changes,
-        default,
-    })
+    Ok(Checked { id, content })
 }
 
 /// The physical index of a Kuzzle index and collection.
@@ -595,7 +785,7 @@ mod tests {
             "api.process.controller_not_found"
         );
         assert_eq!(
-            error_id(with("action", json!("mCreate"))),
+            error_id(with("action", json!("mSearch"))),
             "api.process.action_not_found"
         );
         let mut v = valid();
@@ -718,7 +908,7 @@ mod tests {
             check_document(&json!({"_id": "a", "body": {}}), Action::Update)
                 .unwrap()
                 .id,
-            "a"
+            Some("a")
         );
         assert_eq!(
             check_document(&json!({"body": {}}), Action::Update),
@@ -772,8 +962,13 @@ mod tests {
     #[test]
     fn upsert_document_checks() {
         let check = |v: Value| {
-            check_document(&v, Action::Upsert)
-                .map(|c| (c.id.to_owned(), !c.default.unwrap().is_empty()))
+            check_document(&v, Action::Upsert).map(|c| match c.content {
+                Content::Merge {
+                    default: Some(default),
+                    ..
+                } => (c.id.unwrap().to_owned(), !default.is_empty()),
+                other => panic!("{other:?}"),
+            })
         };
         assert_eq!(
             check(json!({"_id": "a", "changes": {}})),

@@ -4,7 +4,8 @@
 //! Requests are given a turn as they are received, in the consuming channel's order
 //! (`Sequencer::turn`, called by the consume loop before the request's task starts). A
 //! turn names the documents the request touches (its target's Kuzzle index and collection
-//! and each `_id`, read with a parse that skips everything else) and the turns of the
+//! and each `_id`, of any action: `documents`, mDelete's `ids`, a single form's `_id`,
+//! read with a parse that skips everything else) and the turns of the
 //! latest earlier requests that touch any of them. Before its first engine call the
 //! request waits for those to be over. A request holds its turn until its engine work is
 //! over: its task awaits the answer of every call that carries its documents (the
@@ -97,14 +98,18 @@ impl Sequencer {
         let (Some(index), Some(collection)) = (envelope.index, envelope.collection) else {
             return Vec::new();
         };
-        let Some(body) = envelope.body else {
-            return Vec::new();
-        };
-        let mut keys: Vec<u64> = body
+        // Every id the request may name, whatever its action: `documents[]._id`, mDelete's
+        // `ids`, a single form's `_id` (one named by another action only waits needlessly).
+        let body = envelope.body.unwrap_or_default();
+        let listed = body
             .documents
             .into_iter()
             .flatten()
-            .filter_map(|doc| doc.id)
+            .filter_map(|doc| doc.id);
+        let ids = body.ids.into_iter().flatten().filter_map(|id| id.0);
+        let mut keys: Vec<u64> = listed
+            .chain(ids)
+            .chain(envelope.id)
             .map(|id| self.hasher.hash_one((&*index, &*collection, &*id)))
             .collect();
         keys.sort_unstable();
@@ -196,12 +201,15 @@ impl Drop for Ended {
 struct Envelope<'a> {
     index: Option<std::borrow::Cow<'a, str>>,
     collection: Option<std::borrow::Cow<'a, str>>,
+    /// A single-document form's `_id`.
+    id: Option<std::borrow::Cow<'a, str>>,
     body: Option<Body<'a>>,
 }
 
 #[derive(Default)]
 struct Body<'a> {
     documents: Option<Vec<Document<'a>>>,
+    ids: Option<Vec<Text<'a>>>,
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Envelope<'a> {
@@ -222,6 +230,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Envelope<'a> {
                         "index" => envelope.index = map.next_value::<Text<'de>>()?.0,
                         "collection" => envelope.collection = map.next_value::<Text<'de>>()?.0,
                         "body" => envelope.body = map.next_value::<Lenient<Body<'de>>>()?.0,
+                        "_id" => envelope.id = map.next_value::<Text<'de>>()?.0,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -248,10 +257,14 @@ impl<'de: 'a, 'a> Deserialize<'de> for Body<'a> {
             ) -> Result<Self::Value, M::Error> {
                 let mut body = Body::default();
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    if key == "documents" {
-                        body.documents = map.next_value::<Lenient<Vec<Document<'de>>>>()?.0;
-                    } else {
-                        map.next_value::<IgnoredAny>()?;
+                    match &*key {
+                        "documents" => {
+                            body.documents = map.next_value::<Lenient<Vec<Document<'de>>>>()?.0;
+                        }
+                        "ids" => body.ids = map.next_value::<Lenient<Vec<Text<'de>>>>()?.0,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
                     }
                 }
                 Ok(body)
@@ -548,5 +561,22 @@ mod tests {
             sequencer.keys(escaped),
             "escapes are read as the engine reads them"
         );
+    }
+
+    #[test]
+    fn every_action_names_its_documents_as_mupdate_does() {
+        let sequencer = Sequencer::default();
+        let mupdate = sequencer.keys(&request(&["x", "y"]));
+        let mdelete =
+            br#"{"index":"i","collection":"c","action":"mDelete","body":{"ids":["y",3,"x"]}}"#;
+        assert_eq!(sequencer.keys(mdelete), mupdate);
+        let x = sequencer.keys(&request(&["x"]));
+        for single in [
+            &br#"{"index":"i","collection":"c","action":"delete","_id":"x"}"#[..],
+            br#"{"index":"i","collection":"c","action":"replace","_id":"x","body":{"n":1}}"#,
+            br#"{"index":"i","collection":"c","action":"upsert","_id":"x","body":{"changes":{}}}"#,
+        ] {
+            assert_eq!(sequencer.keys(single), x);
+        }
     }
 }

@@ -13,7 +13,9 @@ use crate::pipeline::envelope::{Action, Echo, Request};
 /// What became of one document of a request.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Updated {
+    /// Written (updated, created, replaced, deleted): its item as the engine answered it
+    /// (for a whole document, `get._source` is the document as written, when asked).
+    Written {
         id: String,
         item: Item,
         /// Its place in the request's `documents`.
@@ -132,7 +134,9 @@ struct HitV1<'a> {
     _source: Option<&'a RawValue>,
 }
 
-/// A success in Kuzzle 2's (v2) layout.
+/// A success in Kuzzle 2's (v2) layout: an update's or upsert's, or (with `result`)
+/// a whole document's, as Kuzzle's `mCreate`, `mCreateOrReplace` and `mReplace` list
+/// them (`_id`, `_source`, `_version`, `created`, `result`, `status`).
 #[derive(Serialize)]
 struct HitV2<'a> {
     _id: &'a str,
@@ -146,6 +150,8 @@ struct HitV2<'a> {
     created: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     _source: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -155,8 +161,8 @@ struct V1Result<'a> {
 }
 
 #[derive(Serialize)]
-struct V2Result<'a> {
-    successes: Vec<HitV2<'a>>,
+struct V2Result<S: Serialize> {
+    successes: Vec<S>,
     errors: Vec<Value>,
 }
 
@@ -255,6 +261,7 @@ fn updated_fields(request: &Request, slot: usize, budget: &mut usize) -> Vec<Str
     let changes = match request.action {
         Action::Update => entry.and_then(|e| e.get("body")),
         Action::Upsert => entry.and_then(|e| e.get("changes")),
+        _ => None,
     };
     let Some(Value::Object(changes)) = changes else {
         return Vec::new();
@@ -269,9 +276,15 @@ fn updated_fields(request: &Request, slot: usize, budget: &mut usize) -> Vec<Str
     fields
 }
 
-/// mUpsert's `created`; mUpdate's hits don't carry it.
-fn created(request: &Request, item: &Item) -> Option<bool> {
-    (request.action == Action::Upsert).then(|| item.result.as_deref() == Some("created"))
+/// Whether the document was created, where the action's hits say it: mUpsert's and the
+/// whole-document writes' (mUpdate's, mCreate's in v1, and deletes' don't carry it).
+fn created(request: &Request, item: &Item, format: Format) -> Option<bool> {
+    let carried = match request.action {
+        Action::Upsert | Action::CreateOrReplace => true,
+        Action::Create | Action::Replace => format == Format::V2,
+        Action::Update | Action::Delete => false,
+    };
+    carried.then(|| item.result.as_deref() == Some("created"))
 }
 
 fn source(item: &Item, shape: Shape) -> Option<&RawValue> {
@@ -279,6 +292,27 @@ fn source(item: &Item, shape: Shape) -> Option<&RawValue> {
         Shape::Full => item.get.as_ref().and_then(|g| g.source.as_deref()),
         Shape::Lean => None,
     }
+}
+
+/// What the 206 of a v1 reply says the failed documents could not be.
+fn participle(action: Action) -> &'static str {
+    match action {
+        Action::Update | Action::Upsert => "updated",
+        Action::Create => "created",
+        Action::CreateOrReplace => "written",
+        Action::Replace => "replaced",
+        Action::Delete => "deleted",
+    }
+}
+
+/// A failed document in an m-form's `errors`: `{document, status, reason}` with the
+/// entry as sent; for `mDelete`, as Kuzzle lists them, `{_id, reason, status}`.
+fn failure(request: &Request, document: &Value, status: u16, reason: &str, shape: Shape) -> Value {
+    if request.action == Action::Delete {
+        let id = document.get("_id").cloned().unwrap_or(Value::Null);
+        return json!({"_id": id, "reason": reason, "status": status});
+    }
+    failure_json(document, status, reason, shape)
 }
 
 /// The reply to a request whose documents were all tried.
@@ -289,6 +323,9 @@ pub fn documents_response(
     format: Format,
     shape: Shape,
 ) -> Response {
+    if request.single {
+        return single_response(echo, request, outcomes, shape);
+    }
     let errors: Vec<Value> = outcomes
         .iter()
         .filter_map(|o| match o {
@@ -296,18 +333,18 @@ pub fn documents_response(
                 document,
                 status,
                 reason,
-            } => Some(failure_json(document, *status, reason, shape)),
-            Outcome::Updated { .. } => None,
+            } => Some(failure(request, document, *status, reason, shape)),
+            Outcome::Written { .. } => None,
         })
         .collect();
-    let updated = outcomes.iter().filter_map(|o| match o {
-        Outcome::Updated { id, item, slot } => Some((id.as_str(), item, *slot)),
+    let written = outcomes.iter().filter_map(|o| match o {
+        Outcome::Written { id, item, slot } => Some((id.as_str(), item, *slot)),
         Outcome::Failed { .. } => None,
     });
     let failed = errors.len();
     match format {
         Format::V1 => {
-            let hits: Vec<HitV1> = updated
+            let hits: Vec<HitV1> = written
                 .map(|(id, item, _)| HitV1 {
                     _id: id,
                     _index: &request.index,
@@ -315,7 +352,7 @@ pub fn documents_response(
                     _version: item.version,
                     result: item.result.as_deref(),
                     status: item.status,
-                    created: created(request, item),
+                    created: created(request, item, format),
                     _shards: item.shards.as_deref(),
                     _source: source(item, shape),
                 })
@@ -330,34 +367,109 @@ pub fn documents_response(
             let error = json!({
                 "status": 206, "id": "services.storage.incomplete_update",
                 "code": kuzzle_code("services.storage.incomplete_update"),
-                "message": format!("{failed} of {} documents could not be updated", outcomes.len()),
+                "message": format!("{failed} of {} documents could not be {}", outcomes.len(), participle(request.action)),
                 "count": failed, "errors": errors});
             envelope(echo, 206, &error, result)
         }
         Format::V2 => {
-            let mut budget = updated_fields_budget(request.bytes);
-            let successes: Vec<HitV2> = updated
-                .map(|(id, item, slot)| HitV2 {
-                    _id: id,
-                    updated_fields: (!request.silent && created(request, item) != Some(true))
-                        .then(|| updated_fields(request, slot, &mut budget)),
-                    _version: item.version,
-                    status: item.status,
-                    created: created(request, item),
-                    _source: source(item, shape),
-                })
-                .collect();
             if request.strict && failed > 0 {
-                // As Kuzzle 2 answers it: no result, the failed documents in the error.
+                // As Kuzzle 2 answers it: no result, the failed documents in the error
+                // (mDelete's names its action "delete", as Kuzzle's does).
+                let action = match request.action {
+                    Action::Delete => "delete",
+                    other => other.name(false),
+                };
                 let error = json!({
                     "status": 400, "id": "api.process.incomplete_multiple_request",
                     "code": kuzzle_code("api.process.incomplete_multiple_request"),
-                    "props": [request.action.name()],
-                    "message": format!("At least one of the {} actions failed.", request.action.name()),
+                    "props": [action],
+                    "message": format!("At least one of the {action} actions failed."),
                     "count": failed, "errors": errors});
                 return envelope(echo, 400, &error, Value::Null);
             }
+            if request.action == Action::Delete {
+                // As Kuzzle's mDelete: the deleted ids.
+                let successes: Vec<&str> = written.map(|(id, _, _)| id).collect();
+                return envelope(echo, 200, &Value::Null, V2Result { successes, errors });
+            }
+            let mut budget = updated_fields_budget(request.bytes);
+            let merges = matches!(request.action, Action::Update | Action::Upsert);
+            let successes: Vec<HitV2> = written
+                .map(|(id, item, slot)| HitV2 {
+                    _id: id,
+                    updated_fields: (merges
+                        && !request.silent
+                        && created(request, item, format) != Some(true))
+                    .then(|| updated_fields(request, slot, &mut budget)),
+                    _version: item.version,
+                    status: item.status,
+                    created: created(request, item, format),
+                    _source: source(item, shape),
+                    result: (!merges).then_some(item.result.as_deref()).flatten(),
+                })
+                .collect();
             let result = V2Result { successes, errors };
+            envelope(echo, 200, &Value::Null, result)
+        }
+    }
+}
+
+/// The result of a single-document form, as Kuzzle 2 answers it in either format.
+#[derive(Serialize)]
+struct Single<'a> {
+    _id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    _source: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    _version: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<bool>,
+}
+
+/// The reply to a single-document form: its one document's result, or its failure as
+/// the whole request's error (Kuzzle's error for it: not found, already exists, or the
+/// engine's reason).
+fn single_response(echo: &Echo, request: &Request, outcomes: &[Outcome], shape: Shape) -> Response {
+    let Some(outcome) = outcomes.first() else {
+        let error = RequestError::StorageRejected("no document was written".into());
+        return error_response(echo, &error);
+    };
+    match outcome {
+        Outcome::Failed {
+            document,
+            status,
+            reason,
+        } => {
+            let id = document.get("_id").and_then(Value::as_str).unwrap_or("");
+            let error = match (request.action, *status) {
+                (_, 404) => RequestError::DocumentNotFound {
+                    id: id.to_owned(),
+                    index: request.index.clone(),
+                    collection: request.collection.clone(),
+                },
+                (Action::Create, 400) if reason == "document already exists" => {
+                    RequestError::DocumentAlreadyExists
+                }
+                (_, status) => RequestError::DocumentRefused {
+                    status,
+                    reason: reason.clone(),
+                },
+            };
+            error_response(echo, &error)
+        }
+        Outcome::Written { id, item, .. } => {
+            let result = Single {
+                _id: id,
+                _source: match request.action {
+                    Action::Delete => None,
+                    _ => source(item, shape),
+                },
+                _version: (request.action != Action::Delete)
+                    .then_some(item.version)
+                    .flatten(),
+                created: matches!(request.action, Action::Upsert | Action::CreateOrReplace)
+                    .then(|| item.result.as_deref() == Some("created")),
+            };
             envelope(echo, 200, &Value::Null, result)
         }
     }
@@ -394,6 +506,7 @@ mod tests {
             silent: false,
             source: None,
             bytes: 0,
+            single: false,
             documents: vec![],
         }
     }
@@ -403,7 +516,7 @@ mod tests {
     }
 
     fn updated(id: &str) -> Outcome {
-        Outcome::Updated {
+        Outcome::Written {
             id: id.into(),
             item: Item {
                 status: 200,
@@ -414,6 +527,7 @@ mod tests {
                     source: Some(raw(json!({"price": 10}))),
                 }),
                 error: None,
+                resent: false,
             },
             slot: 0,
         }
@@ -575,7 +689,7 @@ mod tests {
         req.bytes = serde_json::to_vec(&req.documents).unwrap().len();
         let outcomes: Vec<Outcome> = (0..3)
             .map(|slot| match updated("x") {
-                Outcome::Updated { id, item, .. } => Outcome::Updated { id, item, slot },
+                Outcome::Written { id, item, .. } => Outcome::Written { id, item, slot },
                 other => other,
             })
             .collect();
@@ -624,7 +738,7 @@ mod tests {
             req.bytes = serde_json::to_vec(&req.documents).unwrap().len();
             let outcomes: Vec<Outcome> = (0..req.documents.len())
                 .map(|slot| match updated("d") {
-                    Outcome::Updated { id, item, .. } => Outcome::Updated { id, item, slot },
+                    Outcome::Written { id, item, .. } => Outcome::Written { id, item, slot },
                     other => other,
                 })
                 .collect();

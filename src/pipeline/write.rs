@@ -1,73 +1,212 @@
-//! Applying one request's documents: the per-document checks, the bulk items, resending
-//! the items a busy engine rejected (429/503), and one outcome per document in the
-//! request's order. How the bytes reach the engine is the caller's `send`.
+//! Applying one request's documents, whatever its write: the per-document checks, the
+//! bulk items, resending the items a busy engine rejected (429/503), what an item's
+//! answer means for its action (after a resend too), and one outcome per document in
+//! the request's order. How the bytes reach the engine is the caller's `send`.
 
+use std::borrow::Cow;
 use std::future::Future;
+use std::ops::Range;
 use std::time::Duration;
 
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tracing::{debug, warn};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::bulk::{self, Item, ItemOptions};
+use crate::pipeline::bulk::{self, Get, Item, ItemOptions, Version, WholeKind};
 use crate::pipeline::coalesce::BulkError;
-use crate::pipeline::envelope::{self, Action};
+use crate::pipeline::envelope::{self, Action, Content};
 use crate::pipeline::response::Outcome;
 use crate::storage::Abandoned;
 
-/// Updates `documents`. `send` takes an NDJSON bulk body and its number of items and
-/// returns their bulk items in order, or the status and reason of a refused call
-/// (which fails every document of that call). Rejected items are sent again at most
-/// `item_retries` times, waiting `backoff` between rounds, unless `cancel` says the
-/// request was handed back: then it is `Abandoned`, whatever was applied already (the
-/// request is delivered again, and re-applying a partial update is harmless).
-pub async fn apply<F, Fut>(
+/// How the worker makes the ids a `create` or `createOrReplace` entry leaves to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ids {
+    /// From the request's identity (`Derived::of`): a delivery of the same request
+    /// makes the same ids, so a redelivered `create` finds its own documents rather
+    /// than making second copies.
+    Derived(uuid::Uuid),
+    /// A request without an identity of its own: random ids (a redelivery after its
+    /// documents were written makes new ones).
+    Random,
+}
+
+impl Ids {
+    /// The ids of a request: derived when it has an identity of its own (its
+    /// `requestId`, else its AMQP `message_id`), with the verified `user_id` and its
+    /// whole body, hashed once (SHA-1, UUID v5); random otherwise.
+    pub fn of(identity: Option<&str>, user: Option<&str>, body: &[u8]) -> Ids {
+        let Some(identity) = identity else {
+            return Ids::Random;
+        };
+        let mut name = Vec::with_capacity(body.len() + identity.len() + 64);
+        for part in [user.unwrap_or("").as_bytes(), identity.as_bytes()] {
+            name.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            name.extend_from_slice(part);
+        }
+        name.extend_from_slice(body);
+        Ids::Derived(uuid::Uuid::new_v5(&IDS_NAMESPACE, &name))
+    }
+
+    /// The id of the entry at `slot`: 22 characters of URL-safe base64 (128 bits).
+    fn make(self, slot: usize) -> String {
+        use base64::Engine;
+        let bytes = match self {
+            Ids::Derived(request) => {
+                *uuid::Uuid::new_v5(&request, &(slot as u64).to_be_bytes()).as_bytes()
+            }
+            Ids::Random => fastrand::u128(..).to_be_bytes(),
+        };
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+}
+
+/// The namespace of derived ids (a UUID of this project's own).
+const IDS_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d75_7064_6174_6521_8a1e_0c3f_5b7d_2e94);
+
+/// One valid entry, ready to write.
+struct Entry<'a> {
+    id: Cow<'a, str>,
+    /// The id was derived from the request's identity (`Ids::Derived`).
+    derived: bool,
+    content: Content<'a>,
+}
+
+/// How `apply` reaches the engine: `send` for bulk calls, `versions` for the checks of
+/// a replace.
+pub struct Engine<F, V> {
+    pub send: F,
+    pub versions: V,
+}
+
+/// Applies `documents` for `action`. `send` takes an NDJSON bulk body and its number of
+/// items and returns their bulk items in order, or the status and reason of a refused
+/// call (which fails every document of that call); `versions` reads the versions of
+/// documents by id (what a `replace` is guarded by: `bulk::append_whole`). Rejected
+/// items are sent again at most `item_retries` times, waiting `backoff` between rounds,
+/// unless `cancel` says the request was handed back: then it is `Abandoned`, whatever
+/// was applied already (the request is delivered again; what a second delivery's
+/// answers mean is read below, `outcome`). A replace refused because its document
+/// changed after its check is checked again and retried the same way.
+pub async fn apply<F, Fut, V, VFut>(
     documents: &[Value],
     action: Action,
     options: &ItemOptions<'_>,
     item_retries: u32,
     mut backoff: impl Iterator<Item = Duration>,
     cancel: &CancellationToken,
-    send: F,
+    Engine { send, versions }: Engine<F, V>,
 ) -> Result<Vec<Outcome>, Abandoned>
 where
     F: Fn(Vec<u8>, usize) -> Fut,
     Fut: Future<Output = Result<Vec<Item>, BulkError>>,
+    V: Fn(Vec<String>) -> VFut,
+    VFut: Future<Output = Result<Vec<Option<Version>>, BulkError>>,
 {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; documents.len()];
-    let mut pending = Vec::new();
+    let mut entries: Vec<Option<Entry>> = Vec::with_capacity(documents.len());
     // The last entry of each `_id`: the only one whose `_source` is asked of the engine.
     let mut last = std::collections::HashMap::new();
-    for (slot, entry) in documents.iter().enumerate() {
-        match envelope::check_document(entry, action) {
+    for (slot, document) in documents.iter().enumerate() {
+        match envelope::check_document(document, action) {
             Ok(doc) => {
-                pending.push(slot);
-                last.insert(doc.id, slot);
+                let (id, derived) = match doc.id {
+                    Some(id) => (Cow::Borrowed(id), false),
+                    None => (
+                        Cow::Owned(options.ids.make(slot)),
+                        matches!(options.ids, Ids::Derived(_)),
+                    ),
+                };
+                last.insert(id.clone(), slot);
+                entries.push(Some(Entry {
+                    id,
+                    derived,
+                    content: doc.content,
+                }));
             }
             Err(err) => {
-                outcomes[slot] = Some(failed(entry, 400, err.reason().into()));
+                outcomes[slot] = Some(failed(document, 400, err.reason().into()));
+                entries.push(None);
             }
         }
     }
-    let asks_source = |slot: usize, id: &str| options.include_source && last.get(id) == Some(&slot);
+    let asks_source =
+        |slot: usize, entry: &Entry| options.include_source && last.get(&entry.id) == Some(&slot);
+    // Each entry's item, written once (a replace's once per check: its guard changes):
+    // later rounds send the same bytes again.
+    let mut written = Vec::new();
+    let mut ranges: Vec<Range<usize>> = vec![0..0; documents.len()];
+    let guarded = action == Action::Replace;
+    if !guarded {
+        for (slot, entry) in entries.iter().enumerate() {
+            let Some(entry) = entry else { continue };
+            let start = written.len();
+            write_item(
+                &mut written,
+                options,
+                action,
+                entry,
+                asks_source(slot, entry),
+                None,
+            );
+            ranges[slot] = start..written.len();
+        }
+    }
+    let mut pending: Vec<usize> = (0..documents.len())
+        .filter(|slot| entries[*slot].is_some())
+        .collect();
+    // The replaces to check (again) before their next round: all of them at first.
+    let mut unchecked: Vec<usize> = if guarded { pending.clone() } else { Vec::new() };
     let mut attempt = 0;
     while !pending.is_empty() {
-        let mut body = Vec::new();
-        for &slot in &pending {
-            if let Ok(doc) = envelope::check_document(&documents[slot], action) {
-                let item = ItemOptions {
-                    include_source: asks_source(slot, doc.id),
-                    ..*options
+        if !unchecked.is_empty() {
+            let ids = unchecked
+                .iter()
+                .filter_map(|&slot| entries[slot].as_ref().map(|e| e.id.clone().into_owned()))
+                .collect();
+            let found = match versions(ids).await {
+                Ok(found) => found,
+                Err(BulkError::Abandoned) => return Err(Abandoned),
+                Err(BulkError::Refused(status, reason)) => {
+                    warn!(status, reason = %crate::logs::Untrusted(&reason), "version check refused");
+                    for slot in pending.drain(..) {
+                        outcomes[slot] = Some(failed(&documents[slot], status, reason.clone()));
+                    }
+                    break;
+                }
+            };
+            for (slot, version) in std::mem::take(&mut unchecked).into_iter().zip(found) {
+                let Some(entry) = &entries[slot] else {
+                    continue;
                 };
-                bulk::append_update(&mut body, &item, doc.id, doc.changes, doc.default);
+                match version {
+                    Some(version) => {
+                        let start = written.len();
+                        write_item(&mut written, options, action, entry, false, Some(version));
+                        ranges[slot] = start..written.len();
+                    }
+                    None => {
+                        outcomes[slot] =
+                            Some(failed(&documents[slot], 404, "document not found".into()));
+                        pending.retain(|s| *s != slot);
+                    }
+                }
             }
+            if pending.is_empty() {
+                break;
+            }
+        }
+        let mut body = Vec::with_capacity(pending.iter().map(|s| ranges[*s].len()).sum());
+        for &slot in &pending {
+            body.extend_from_slice(&written[ranges[slot].clone()]);
         }
         // A later round is a resend: its items were rejected by the call that answered,
         // but that call may itself have been a resend of one whose fate is unknown (the
         // coalescer sends again after a timeout or a broken connection), which may have
         // applied them. So it keeps the resend's protections: no false `noop`, no
-        // conflict with that first call (`bulk::for_resend`).
+        // conflict with that first call (`bulk::for_resend`), and its answers are read
+        // as a resend's (`outcome`).
         if attempt > 0 {
             body = bulk::for_resend(&body);
         }
@@ -84,22 +223,29 @@ where
         };
         let may_retry = attempt < item_retries;
         let mut rejected = Vec::new();
-        for (slot, item) in pending.iter().copied().zip(items) {
-            let entry = &documents[slot];
-            if item.is_success() {
-                let id = entry["_id"].as_str().unwrap_or_default().to_owned();
-                outcomes[slot] = Some(Outcome::Updated { id, item, slot });
-            } else if item.is_rejected() && may_retry {
+        for (slot, mut item) in pending.iter().copied().zip(items) {
+            let Some(entry) = &entries[slot] else {
+                continue;
+            };
+            item.resent |= attempt > 0;
+            // A guarded replace refused as changed since its check: checked again.
+            let changed = guarded && item.status == 409;
+            if (item.is_rejected() || changed) && may_retry {
                 rejected.push(slot);
-            } else if refused_worker(&item) {
-                outcomes[slot] = Some(failed(
-                    entry,
-                    crate::error::ENGINE_REFUSED_WORKER_STATUS,
-                    crate::error::ENGINE_REFUSED_WORKER.into(),
-                ));
-            } else {
-                outcomes[slot] = Some(failed(entry, item.status, item.reason()));
+                if changed {
+                    unchecked.push(slot);
+                }
+                continue;
             }
+            let document = written_document(options, &written[ranges[slot].clone()]);
+            outcomes[slot] = Some(outcome(
+                action,
+                entry,
+                slot,
+                item,
+                document,
+                &documents[slot],
+            ));
         }
         pending = rejected;
         if !pending.is_empty() {
@@ -126,13 +272,113 @@ where
     Ok(outcomes)
 }
 
+/// Writes an entry's bulk item (a replace's guarded by `version`).
+fn write_item(
+    buf: &mut Vec<u8>,
+    options: &ItemOptions<'_>,
+    action: Action,
+    entry: &Entry<'_>,
+    asks_source: bool,
+    version: Option<Version>,
+) {
+    let id = &*entry.id;
+    match entry.content {
+        Content::Merge { changes, default } => {
+            let item = ItemOptions {
+                include_source: asks_source,
+                ..*options
+            };
+            bulk::append_update(buf, &item, id, changes, default);
+        }
+        Content::Whole(body) => {
+            let kind = match (action, version) {
+                (Action::Create, _) => WholeKind::Create,
+                (_, Some(version)) => WholeKind::Replace(version),
+                _ => WholeKind::Index,
+            };
+            bulk::append_whole(buf, options, kind, id, body);
+        }
+        Content::Nothing => bulk::append_delete(buf, options, id),
+    }
+}
+
+/// What an item wrote, for its reply's `_source`, when the reply carries that
+/// (`ItemOptions::echo_written`).
+fn written_document(options: &ItemOptions<'_>, item: &[u8]) -> Option<Box<RawValue>> {
+    if !options.echo_written {
+        return None;
+    }
+    let bytes = bulk::written_document(item)?;
+    let text = std::str::from_utf8(bytes).ok()?;
+    RawValue::from_string(text.to_owned()).ok()
+}
+
+/// What an item's answer means for its entry. A resent item (`Item::resent`: an
+/// earlier call carrying it may have been applied) is read knowing that its first
+/// call may have done the work:
+/// - a `delete` answered 404 deleted the document in that first call, or found it
+///   already gone: either way it is gone, so it is a success (a client is never told a
+///   document it deleted was missing);
+/// - a `create` answered 409 is its own first call's document when its id was derived
+///   from the request (only a delivery of this same request makes that id: `Ids`), and
+///   a success; with the client's own id nothing tells its document from another's,
+///   and it fails as existing (README, Guarantees).
+///
+/// The same holds for a redelivered request's derived-id `create` answered 409: its
+/// first delivery made that document.
+fn outcome(
+    action: Action,
+    entry: &Entry<'_>,
+    slot: usize,
+    item: Item,
+    document: Option<Box<RawValue>>,
+    sent: &Value,
+) -> Outcome {
+    let id = entry.id.clone().into_owned();
+    let written = |mut item: Item| {
+        if let Some(source) = document {
+            item.get = Some(Get {
+                source: Some(source),
+            });
+        }
+        Outcome::Written { id, item, slot }
+    };
+    if item.is_success() {
+        return written(item);
+    }
+    if refused_worker(&item) {
+        return failed(
+            sent,
+            crate::error::ENGINE_REFUSED_WORKER_STATUS,
+            crate::error::ENGINE_REFUSED_WORKER.into(),
+        );
+    }
+    match (action, item.status) {
+        (Action::Create, 409) if entry.derived => written(Item {
+            status: 201,
+            version: Some(1),
+            result: Some("created".into()),
+            error: None,
+            ..item
+        }),
+        (Action::Create, 409) => failed(sent, 400, "document already exists".into()),
+        (Action::Delete, 404) if item.resent => written(Item {
+            status: 200,
+            result: Some("deleted".into()),
+            error: None,
+            ..item
+        }),
+        _ => failed(sent, item.status, item.reason()),
+    }
+}
+
 /// A reply carries `_source`s only up to `budget` bytes in all: past it, none at all
 /// (each hit keeps its status, version and result; a client sees either every asked
 /// `_source` or none, never a silently shortened list). They are dropped here, as soon
 /// as the request's items are in, not when the reply is written.
 fn within_source_budget(outcomes: &mut [Outcome], budget: usize) {
     let source_len = |o: &Outcome| match o {
-        Outcome::Updated { item, .. } => item
+        Outcome::Written { item, .. } => item
             .get
             .as_ref()
             .and_then(|g| g.source.as_ref())
@@ -151,7 +397,7 @@ fn within_source_budget(outcomes: &mut [Outcome], budget: usize) {
         budget, "reply over its _source budget: sent without _source"
     );
     for outcome in outcomes {
-        if let Outcome::Updated { item, .. } = outcome {
+        if let Outcome::Written { item, .. } = outcome {
             item.get = None;
         }
     }
@@ -192,7 +438,14 @@ mod tests {
         include_source: false,
         reply_source_bytes: usize::MAX,
         metadata: None,
+        single: false,
+        ids: crate::pipeline::write::Ids::Random,
+        echo_written: false,
     };
+
+    async fn no_versions(_ids: Vec<String>) -> Result<Vec<Option<Version>>, BulkError> {
+        unreachable!("only replaces are checked")
+    }
 
     fn ok(id: &str) -> Value {
         json!({"update": {"_id": id, "_version": 2, "result": "updated", "status": 200}})
@@ -233,7 +486,10 @@ mod tests {
             retries,
             backoff,
             &cancel,
-            send,
+            Engine {
+                send,
+                versions: no_versions,
+            },
         )
         .await
         .unwrap();
@@ -250,12 +506,12 @@ mod tests {
         assert!(
             outcomes
                 .iter()
-                .all(|o| matches!(o, Outcome::Updated { .. }))
+                .all(|o| matches!(o, Outcome::Written { .. }))
         );
         let ids: Vec<_> = outcomes
             .iter()
             .map(|o| match o {
-                Outcome::Updated { id, .. } => id.as_str(),
+                Outcome::Written { id, .. } => id.as_str(),
                 Outcome::Failed { .. } => "",
             })
             .collect();
@@ -279,9 +535,20 @@ mod tests {
         let cancel = CancellationToken::new();
         let backoff = std::iter::repeat(Duration::from_millis(1));
         let docs = docs.as_array().unwrap();
-        apply(docs, Action::Update, &OPTIONS, 3, backoff, &cancel, send)
-            .await
-            .unwrap();
+        apply(
+            docs,
+            Action::Update,
+            &OPTIONS,
+            3,
+            backoff,
+            &cancel,
+            Engine {
+                send,
+                versions: no_versions,
+            },
+        )
+        .await
+        .unwrap();
         let bodies = bodies.into_inner().unwrap();
         assert!(!bodies[0].contains("detect_noop"), "{}", bodies[0]);
         assert!(bodies[0].contains("\"retry_on_conflict\":0"));
@@ -319,9 +586,20 @@ mod tests {
         let cancel = CancellationToken::new();
         let docs = docs.as_array().unwrap();
         let backoff = std::iter::empty();
-        apply(docs, Action::Update, options, 0, backoff, &cancel, send)
-            .await
-            .unwrap();
+        apply(
+            docs,
+            Action::Update,
+            options,
+            0,
+            backoff,
+            &cancel,
+            Engine {
+                send,
+                versions: no_versions,
+            },
+        )
+        .await
+        .unwrap();
         source_flags(&bodies.into_inner().unwrap()[0])
     }
 
@@ -374,14 +652,17 @@ mod tests {
             0,
             std::iter::empty(),
             &cancel,
-            send,
+            Engine {
+                send,
+                versions: no_versions,
+            },
         )
         .await
         .unwrap();
         outcomes
             .iter()
             .map(|o| match o {
-                Outcome::Updated { item, .. } => item.get.is_some(),
+                Outcome::Written { item, .. } => item.get.is_some(),
                 Outcome::Failed { .. } => panic!("{o:?}"),
             })
             .collect()
@@ -414,7 +695,7 @@ mod tests {
         let (outcomes, calls) = run(&docs, 0, vec![vec![ok("b")]]).await;
         assert_eq!(calls, [vec!["b"]]);
         assert!(matches!(&outcomes[0], Outcome::Failed { status: 400, .. }));
-        assert!(matches!(&outcomes[1], Outcome::Updated { .. }));
+        assert!(matches!(&outcomes[1], Outcome::Written { .. }));
         assert!(matches!(&outcomes[2], Outcome::Failed { status: 400, .. }));
     }
 
@@ -460,7 +741,10 @@ mod tests {
             3,
             backoff,
             &cancel,
-            send,
+            Engine {
+                send,
+                versions: no_versions,
+            },
         )
         .await
         .unwrap();
@@ -491,7 +775,10 @@ mod tests {
             5,
             backoff,
             &cancel,
-            send,
+            Engine {
+                send,
+                versions: no_versions,
+            },
         )
         .await;
         assert_eq!(result.unwrap_err(), Abandoned);
