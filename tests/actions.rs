@@ -371,6 +371,10 @@ async fn the_single_forms_answer_one_result_or_the_requests_error() {
     assert_eq!(source["m"], 1, "{reply}");
     assert!(source.get("n").is_none(), "only the changes: {reply}");
     assert!(source["_kuzzle_info"]["updatedAt"].as_i64().is_some());
+    assert!(
+        source["_kuzzle_info"]["createdAt"].as_i64().is_some(),
+        "the stored metadata, as Kuzzle answers it: {reply}"
+    );
     let mut full = ask("update", Some("c"), Some(json!({"m": 2})));
     full["source"] = json!(true);
     let reply = call(&worker, &full).await;

@@ -212,7 +212,7 @@ whole_request_error! {
     body_not_json_is_400_invalid_argument: json!("raw:{not json") => 400, "api.assert.invalid_argument";
     body_not_an_object_is_400_invalid_argument: json!([1, 2, 3]) => 400, "api.assert.invalid_argument";
     unknown_controller_is_404_controller_not_found: with("controller", json!("auth")) => 404, "api.process.controller_not_found";
-    unknown_action_is_404_action_not_found: with("action", json!("mCreate")) => 404, "api.process.action_not_found";
+    unknown_action_is_404_action_not_found: with("action", json!("mSearch")) => 404, "api.process.action_not_found";
     missing_index_is_400_missing_argument: without("index") => 400, "api.assert.missing_argument";
     missing_collection_is_400_missing_argument: without("collection") => 400, "api.assert.missing_argument";
     invalid_index_name_is_400: with("index", json!("ShOp")) => 400, "services.storage.invalid_index_name";

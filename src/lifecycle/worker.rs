@@ -287,8 +287,13 @@ impl Processor {
         // Bounded by item_retries, not by the backoff.
         let backoff = storage::backoff(s).build();
         let wait_for = request.refresh == Refresh::WaitFor;
-        let send =
-            |body: Vec<u8>, items: usize| self.coalescer.submit(body, items, wait_for, cancel);
+        let rebuilds = request.action.rebuilds_stored();
+        let send = |body: Vec<u8>, items: usize| {
+            // Updates make the engine rebuild stored documents: the gate weighs them.
+            let rebuilt = if rebuilds { items } else { 0 };
+            self.coalescer
+                .submit(body, items, rebuilt, wait_for, cancel)
+        };
         let versions = |ids: Vec<String>| {
             let target = &target;
             async move {
@@ -335,11 +340,14 @@ impl Processor {
 
 /// The rights metric's outcome for a refused reply destination.
 /// Whether a request's update items ask the engine for the stored document: its
-/// `source` argument, else `response.include_source`; a single `update` or `upsert`
-/// only when `source` is true (as Kuzzle's). Whole documents and deletes never do.
+/// `source` argument, else `response.include_source`; a single `upsert` only when
+/// `source` is true, a single `update` always (as Kuzzle's: its answer carries the
+/// stored `_kuzzle_info`). Whole documents and deletes never do.
 fn asks_sources(request: &Request, include_source: bool) -> bool {
     match request.action {
-        Action::Update | Action::Upsert if request.single => request.source == Some(true),
+        // Kuzzle's single update answers the stored metadata even without `source`.
+        Action::Update if request.single => true,
+        Action::Upsert if request.single => request.source == Some(true),
         Action::Update | Action::Upsert => request.source.unwrap_or(include_source),
         _ => false,
     }
@@ -351,8 +359,7 @@ fn asks_sources(request: &Request, include_source: bool) -> bool {
 /// `update` not asking the stored one (its changes and metadata, as Kuzzle answers it).
 fn echoes_written(request: &Request, include_source: bool) -> bool {
     match request.action {
-        Action::Update => request.single && request.source != Some(true),
-        Action::Upsert | Action::Delete => false,
+        Action::Update | Action::Upsert | Action::Delete => false,
         // As Kuzzle: only mCreateOrReplace takes `source` of these.
         Action::CreateOrReplace if !request.single => request.source.unwrap_or(include_source),
         _ => request.single || include_source,

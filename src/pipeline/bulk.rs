@@ -32,8 +32,8 @@ pub struct ItemOptions<'a> {
     pub single: bool,
     /// How ids left to the worker are made.
     pub ids: crate::pipeline::write::Ids,
-    /// The reply's `_source` of each document is what was written (`written_document`),
-    /// not asked of the engine: whole documents, and a single `update`'s changes.
+    /// The reply's `_source` of each whole document is what was written
+    /// (`written_document`), not asked of the engine.
     pub echo_written: bool,
 }
 
@@ -219,26 +219,12 @@ pub fn append_delete(buf: &mut Vec<u8>, opts: &ItemOptions<'_>, id: &str) {
     buf.extend_from_slice(b"}}\n");
 }
 
-/// What an item writes, as its reply's `_source` carries it: a whole document's source
-/// line, an update's `doc` (its changes and metadata, as Kuzzle's single `update`
-/// answers them); none for a delete.
+/// What a whole-document item writes, as its reply's `_source` carries it: its source
+/// line; none for a delete.
 pub fn written_document(item: &[u8]) -> Option<&[u8]> {
     let (_, source) = items(item).next()?;
     let line = &item[source?];
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    if line.starts_with(b"{\"doc\":") || line.starts_with(b"{\"detect_noop\":") {
-        #[derive(serde::Deserialize)]
-        struct Update<'a> {
-            #[serde(borrow)]
-            doc: &'a RawValue,
-        }
-        let update: Update = serde_json::from_slice(line).ok()?;
-        let doc = update.doc.get().as_bytes();
-        // Borrowed from `line`: its place there.
-        let start = doc.as_ptr() as usize - line.as_ptr() as usize;
-        return Some(&line[start..start + doc.len()]);
-    }
-    Some(line)
+    Some(line.strip_suffix(b"\n").unwrap_or(line))
 }
 
 /// The items of a body this module wrote: each one's action line and, unless it is a

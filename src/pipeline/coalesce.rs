@@ -245,6 +245,10 @@ impl SourceGate {
 struct Job {
     body: Vec<u8>,
     items: usize,
+    /// Its items that make the engine rebuild a stored document (updates): what the
+    /// source gate weighs. Whole documents and deletes cost the engine their own bytes,
+    /// which the call's byte limit bounds.
+    rebuilt: usize,
     cancel: CancellationToken,
     done: oneshot::Sender<Result<Vec<Item>, BulkError>>,
 }
@@ -292,13 +296,14 @@ impl Coalescer {
         Coalescer { plain, wait_for }
     }
 
-    /// Sends `items` update actions (`body`, NDJSON) with others', and returns their
-    /// items in order. Once `cancel` is cancelled no new call carries them; the answer
-    /// still waits for a call already under way.
+    /// Sends `items` bulk items (`body`, NDJSON; `rebuilt` of them updates) with
+    /// others', and returns their items in order. Once `cancel` is cancelled no new call
+    /// carries them; the answer still waits for a call already under way.
     pub async fn submit(
         &self,
         body: Vec<u8>,
         items: usize,
+        rebuilt: usize,
         wait_for: bool,
         cancel: &CancellationToken,
     ) -> Result<Vec<Item>, BulkError> {
@@ -306,6 +311,7 @@ impl Coalescer {
         let job = Job {
             body,
             items,
+            rebuilt,
             cancel: cancel.clone(),
             done,
         };
@@ -473,6 +479,8 @@ impl Drop for Call {
 struct Batch {
     jobs: Vec<Job>,
     documents: usize,
+    /// Of `documents`, those the source gate weighs (`Job::rebuilt`).
+    rebuilt: usize,
     bytes: usize,
 }
 
@@ -488,6 +496,7 @@ impl Batch {
     fn new(first: Job) -> Self {
         Batch {
             documents: first.items,
+            rebuilt: first.rebuilt,
             bytes: first.body.len(),
             jobs: vec![first],
         }
@@ -502,11 +511,12 @@ impl Batch {
         }
         if self.documents + job.items > limits.max_documents
             || self.bytes + job.body.len() > limits.max_bytes
-            || self.documents + job.items > weighed
+            || self.rebuilt + job.rebuilt > weighed
         {
             return Added::DoesNotFit(job);
         }
         self.documents += job.items;
+        self.rebuilt += job.rebuilt;
         self.bytes += job.body.len();
         self.jobs.push(job);
         if self.documents >= limits.max_documents {
@@ -556,7 +566,7 @@ async fn enter(gate: &SourceGate, jobs: &mut Vec<Job>) -> Option<Option<OwnedSem
         if jobs.is_empty() {
             return None;
         }
-        let items: usize = jobs.iter().map(|j| j.items).sum();
+        let items: usize = jobs.iter().map(|j| j.rebuilt).sum();
         let cancelled = jobs.iter().map(|j| Box::pin(j.cancel.cancelled()));
         let any = futures_util::future::select_all(cancelled);
         tokio::select! {
@@ -763,6 +773,7 @@ mod tests {
         let job = Job {
             body: Vec::new(),
             items: 1,
+            rebuilt: 1,
             cancel: cancel.clone(),
             done,
         };
@@ -892,6 +903,7 @@ mod tests {
                 bulk::append_update(&mut j.body, &options, "d", &changes, None);
             }
             j.items = items;
+            j.rebuilt = items;
             std::mem::forget(answer);
             j
         };

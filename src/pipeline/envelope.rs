@@ -127,7 +127,7 @@ impl Action {
     /// The writes whose item is an engine `update` (the stored document is read and
     /// rebuilt): what the cost gate weighs by the stored documents' size.
     pub fn rebuilds_stored(self) -> bool {
-        matches!(self, Action::Update | Action::Upsert | Action::Replace)
+        matches!(self, Action::Update | Action::Upsert)
     }
 }
 

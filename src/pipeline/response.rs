@@ -426,6 +426,31 @@ struct Single<'a> {
     created: Option<bool>,
 }
 
+/// What Kuzzle's single `update` answers as `_source` without `source: true`: the
+/// changes as sent (without the client's metadata) and the stored `_kuzzle_info`, read
+/// from the stored document the engine answered (none when the reply carries none).
+fn update_changes(request: &Request, stored: Option<&RawValue>) -> Option<Box<RawValue>> {
+    let Some(Value::Object(changes)) = request.documents.first().and_then(|d| d.get("body")) else {
+        return None;
+    };
+    let mut answer: serde_json::Map<String, Value> = changes
+        .iter()
+        .filter(|(k, _)| !forged(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        _kuzzle_info: Option<Value>,
+    }
+    if let Some(info) = stored
+        .and_then(|s| serde_json::from_str::<Stored>(s.get()).ok())
+        .and_then(|s| s._kuzzle_info)
+    {
+        answer.insert("_kuzzle_info".into(), info);
+    }
+    serde_json::value::to_raw_value(&answer).ok()
+}
+
 /// The reply to a single-document form: its one document's result, or its failure as
 /// the whole request's error (Kuzzle's error for it: not found, already exists, or the
 /// engine's reason).
@@ -458,10 +483,15 @@ fn single_response(echo: &Echo, request: &Request, outcomes: &[Outcome], shape: 
             error_response(echo, &error)
         }
         Outcome::Written { id, item, .. } => {
+            let changes;
             let result = Single {
                 _id: id,
                 _source: match request.action {
                     Action::Delete => None,
+                    Action::Update if request.source != Some(true) => {
+                        changes = update_changes(request, source(item, shape));
+                        changes.as_deref()
+                    }
                     _ => source(item, shape),
                 },
                 _version: (request.action != Action::Delete)
