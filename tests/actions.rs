@@ -426,17 +426,20 @@ async fn the_single_forms_answer_one_result_or_the_requests_error() {
 }
 
 /// Kuzzle checks that a document exists with one call and writes it with another, so a
-/// document deleted in between is written again. The worker's replace is one engine
-/// step (the engine fails it when the document is missing): whatever the order in
-/// which a replace and a concurrent delete land, the document ends deleted.
+/// document deleted in between is written again. The worker's replace write is guarded
+/// by the version its check read: the engine refuses it once the document is gone. The
+/// worker here waits 300 ms between its check and its write (`bulk_linger_ms`: the write
+/// waits for company), and the delete lands in that window, every round; then whatever
+/// the order, the document ends deleted.
 #[tokio::test]
 async fn a_replace_racing_a_delete_never_recreates_the_document() {
     let col = Collection::create(&[]).await;
-    let worker = Worker::start_with(v2()).await;
+    let mut settings = v2();
+    settings.storage.bulk_linger_ms = 300;
+    let worker = Worker::start_with(settings).await;
     let es = http();
     let doc_url = |id: &str| format!("{}/{}/_doc/{id}", col.es, path(&col.physical));
-    let (mut replaced, mut missing) = (0, 0);
-    for round in 0..30 {
+    for round in 0..5 {
         let id = format!("r{round}");
         es.put(doc_url(&id))
             .json(&json!({"n": 0}))
@@ -446,22 +449,21 @@ async fn a_replace_racing_a_delete_never_recreates_the_document() {
         let envelope = one(&col, "replace", Some(&id), Some(json!({"n": round})));
         let replace = call(&worker, &envelope);
         let delete = async {
-            // Lands before, during or after the replace, as the scheduling falls.
-            tokio::time::sleep(std::time::Duration::from_millis(round % 7)).await;
-            es.delete(doc_url(&id)).send().await.unwrap();
+            // After the check (a few ms), before the write (300 ms).
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let r = es.delete(doc_url(&id)).send().await.unwrap();
+            assert!(r.status().is_success(), "deleted while the replace waits");
         };
         let (reply, ()) = tokio::join!(replace, delete);
-        match reply["status"].as_u64() {
-            Some(200) => replaced += 1,
-            Some(404) => missing += 1,
-            _ => panic!("{reply}"),
-        }
         assert!(
             !exists(&col, &id).await,
             "round {round}: the deleted document came back ({reply})"
         );
+        assert_eq!(
+            reply["error"]["id"], "services.storage.not_found",
+            "found missing when checked again: {reply}"
+        );
     }
-    eprintln!("replaced before the delete {replaced}, found deleted {missing}");
     worker.stop().await;
 }
 
