@@ -583,3 +583,62 @@ async fn ids_made_for_a_request_are_the_same_on_its_every_delivery() {
     assert_eq!(stored_ids(&col).await.len(), 8);
     worker.stop().await;
 }
+
+/// A request whose bulk call is given up (its answer held back by a proxy past
+/// `storage.write_timeout_ms`, the call applied) and sent again: the resend's answers
+/// are read knowing the first call may have done the work.
+async fn sent_twice(col: &Collection, envelope: &Value) -> Value {
+    let _servers = servers_lock().await;
+    let proxy = support::proxy::Proxy::start(&ES_URL).await;
+    let mut settings = v2();
+    settings.storage.url = proxy.url();
+    settings.storage.timeout_ms = 1000;
+    settings.storage.write_timeout_ms = 1000;
+    settings.storage.retry_max_delay_ms = 200;
+    let worker = Worker::start_with(settings).await;
+    // The target known to exist: only the bulk call meets the latency.
+    let warm = call(
+        &worker,
+        &one(col, "upsert", Some("warm"), Some(json!({"changes": {}}))),
+    )
+    .await;
+    assert_eq!(warm["status"], 200, "{warm}");
+    proxy.set_latency(
+        std::time::Duration::ZERO,
+        std::time::Duration::from_millis(2500),
+    );
+    let (reply, ()) = tokio::join!(call(&worker, envelope), async {
+        tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+        proxy.set_latency(std::time::Duration::ZERO, std::time::Duration::ZERO);
+    });
+    worker.stop().await;
+    reply
+}
+
+/// A delete whose first call was applied finds its document gone when sent again: that
+/// is the delete done, not "document not found".
+#[tokio::test]
+async fn a_delete_sent_again_after_an_uncertain_call_is_a_success() {
+    let col = Collection::create(&[("a", json!({"n": 1}))]).await;
+    let reply = sent_twice(&col, &mdelete(&col, json!(["a"]))).await;
+    assert_eq!(reply["status"], 200, "{reply}");
+    assert_eq!(reply["result"]["successes"], json!(["a"]), "{reply}");
+    assert_eq!(reply["result"]["errors"], json!([]), "{reply}");
+    assert!(!exists(&col, "a").await);
+}
+
+/// A create of ids the worker made for the request, sent again after its first call
+/// was applied, finds its own documents: created, once.
+#[tokio::test]
+async fn a_create_of_made_ids_sent_again_after_an_uncertain_call_is_a_success() {
+    let col = Collection::create(&[]).await;
+    let mut envelope = many(&col, "mCreate", json!([{"body": {"n": 1}}]));
+    envelope["requestId"] = json!(fresh("req"));
+    let reply = sent_twice(&col, &envelope).await;
+    assert_eq!(reply["status"], 200, "{reply}");
+    assert_eq!(reply["result"]["errors"], json!([]), "{reply}");
+    let made = reply["result"]["successes"][0]["_id"].as_str().unwrap();
+    let mut expected = vec![made.to_owned(), "warm".to_owned()];
+    expected.sort();
+    assert_eq!(stored_ids(&col).await, expected);
+}
