@@ -69,6 +69,12 @@ pub enum RequestError {
         index: String,
         collection: String,
     },
+    /// A single-document form's document kept changing under it (a version conflict
+    /// past its retries).
+    #[error(
+        "Unable to modify document \"{0}\": cluster sync failed (too many simultaneous changes applied)"
+    )]
+    TooManyChanges(String),
     /// A single-document `create` of an id that exists.
     #[error("Document already exists.")]
     DocumentAlreadyExists,
@@ -143,8 +149,8 @@ impl RequestError {
             UnexpectedArgument { .. } => (400, "api.assert.unexpected_argument"),
             DocumentNotFound { .. } => (404, "services.storage.not_found"),
             DocumentAlreadyExists => (400, "services.storage.document_already_exists"),
+            TooManyChanges(_) => (409, "services.storage.too_many_changes"),
             DocumentRefused { status, .. } => match status {
-                409 => (409, "services.storage.too_many_changes"),
                 429 => (503, "services.storage.too_many_operations"),
                 400..=499 => (400, "services.storage.unexpected_bad_request"),
                 _ => (500, "services.storage.unexpected_error"),
@@ -181,6 +187,7 @@ impl RequestError {
                 collection,
             } => vec![id.clone(), index.clone(), collection.clone()],
             DocumentRefused { reason, .. } => vec![reason.clone()],
+            TooManyChanges(id) => vec![id.clone()],
             DocumentAlreadyExists
             | BodyRequired
             | WriteLimitExceeded { .. }

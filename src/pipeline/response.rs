@@ -475,6 +475,7 @@ fn single_response(echo: &Echo, request: &Request, outcomes: &[Outcome], shape: 
                 (Action::Create, 400) if reason == "document already exists" => {
                     RequestError::DocumentAlreadyExists
                 }
+                (_, 409) => RequestError::TooManyChanges(id.to_owned()),
                 (_, status) => RequestError::DocumentRefused {
                     status,
                     reason: reason.clone(),
