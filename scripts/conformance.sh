@@ -12,6 +12,8 @@
 #                      whole-request errors, refresh wait_for, retryOnConflict and
 #                      version conflicts, reply routing, v2, the kuzzle2 alias layout
 #   tests/mupsert.rs   SPEC section 8
+#   tests/actions.rs   every other write action (issue 21): create, createOrReplace,
+#                      replace (guarded by _seq_no/_primary_term), delete, their m-forms
 #   tests/services.rs  the engine is a real one and answers partial updates as relied on
 #   tests/faults.rs    an_engine_outage_mid_stream_loses_nothing: the engine stopped and
 #                      started again mid-stream (by services.sh, with the same ENGINE)
@@ -28,7 +30,7 @@ engines=("$@")
 [ ${#engines[@]} -gt 0 ] || engines=(elasticsearch-7 elasticsearch-8 elasticsearch-9 opensearch-2 opensearch-3)
 
 # Built once, before the first engine's clock starts.
-cargo test --no-run --test mupdate --test mupsert --test services --test faults || exit 1
+cargo test --no-run --test mupdate --test mupsert --test actions --test services --test faults || exit 1
 
 rows=()
 failed=0
@@ -48,7 +50,7 @@ for engine in "${engines[@]}"; do
     # take it: another checkout's suite restarts no shared server meanwhile. The fault
     # test below takes it itself.
     flock "${TMPDIR:-/tmp}/mupdate-worker-servers.lock" \
-      cargo test --no-fail-fast --test mupdate --test mupsert --test services || result=failed
+      cargo test --no-fail-fast --test mupdate --test mupsert --test actions --test services || result=failed
     cargo test --test faults an_engine_outage_mid_stream_loses_nothing -- --exact || result=failed
   fi
   scripts/services.sh stop engine

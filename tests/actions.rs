@@ -588,7 +588,6 @@ async fn ids_made_for_a_request_are_the_same_on_its_every_delivery() {
 /// `storage.write_timeout_ms`, the call applied) and sent again: the resend's answers
 /// are read knowing the first call may have done the work.
 async fn sent_twice(col: &Collection, envelope: &Value) -> Value {
-    let _servers = servers_lock().await;
     let proxy = support::proxy::Proxy::start(&ES_URL).await;
     let mut settings = v2();
     settings.storage.url = proxy.url();
