@@ -41,8 +41,11 @@ struct Envelope<'a> {
 
 #[derive(Deserialize)]
 struct Documents<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default)]
     documents: Vec<Document<'a>>,
+    /// mDelete's (a mixed scenario's deletes).
+    #[serde(borrow, default)]
+    ids: Vec<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -75,9 +78,11 @@ fn reply(body: &[u8]) -> (i16, String, Vec<u8>) {
     out.extend_from_slice(br#","volatile":"#);
     raw(&mut out, e.volatile);
     out.extend_from_slice(br#","result":{"total":"#);
-    out.extend_from_slice(e.body.documents.len().to_string().as_bytes());
+    let ids = e.body.ids.iter().map(|&_id| Document { _id, body: None });
+    let documents: Vec<Document> = e.body.documents.into_iter().chain(ids).collect();
+    out.extend_from_slice(documents.len().to_string().as_bytes());
     out.extend_from_slice(br#","hits":["#);
-    for (i, d) in e.body.documents.iter().enumerate() {
+    for (i, d) in documents.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }

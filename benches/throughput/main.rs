@@ -2,7 +2,7 @@
 //! echo consumer that touches no engine) and the engine's own `_bulk`, in one run, on
 //! the running services (scripts/services.sh start).
 //!
-//!     cargo bench --bench throughput [-- --rounds 3 --scenarios S1,S2,S4,L --publish]
+//!     cargo bench --bench throughput [-- --rounds 3 --scenarios S1,S2,S4,L,M1,M100 --publish]
 //!     cargo bench --bench throughput -- --soak 600 [--rate 4000] [--publish]
 //!     (--out DIR: where the results go, target/bench by default)
 //!
@@ -55,9 +55,12 @@ pub struct Scenario {
     /// L's documents have a collection of their own: made large, they would slow the
     /// updates of the other scenarios.
     collection: &'static str,
+    /// Mixed actions (issue 21): request `i` creates new documents, updates seeded
+    /// ones or deletes documents seeded for it before the run, in turn (`action`).
+    mixed: bool,
 }
 
-const SCENARIOS: [Scenario; 5] = [
+const SCENARIOS: [Scenario; 7] = [
     Scenario {
         name: "S1",
         docs_per_request: 100,
@@ -66,6 +69,7 @@ const SCENARIOS: [Scenario; 5] = [
         wait_for: false,
         doc_bytes: 0,
         collection: "docs",
+        mixed: false,
     },
     Scenario {
         name: "S2",
@@ -75,6 +79,7 @@ const SCENARIOS: [Scenario; 5] = [
         wait_for: false,
         doc_bytes: 0,
         collection: "docs",
+        mixed: false,
     },
     Scenario {
         name: "S3",
@@ -84,6 +89,7 @@ const SCENARIOS: [Scenario; 5] = [
         wait_for: true,
         doc_bytes: 0,
         collection: "docs",
+        mixed: false,
     },
     Scenario {
         name: "S4",
@@ -93,6 +99,7 @@ const SCENARIOS: [Scenario; 5] = [
         wait_for: false,
         doc_bytes: 0,
         collection: "docs",
+        mixed: false,
     },
     Scenario {
         name: "L",
@@ -102,17 +109,52 @@ const SCENARIOS: [Scenario; 5] = [
         wait_for: false,
         doc_bytes: 10 * 1024,
         collection: "large",
+        mixed: false,
+    },
+    Scenario {
+        name: "M1",
+        docs_per_request: 1,
+        requests: 3_000,
+        outstanding: 64,
+        wait_for: false,
+        doc_bytes: 0,
+        collection: "docs",
+        mixed: true,
+    },
+    Scenario {
+        name: "M100",
+        docs_per_request: 100,
+        requests: 200,
+        outstanding: 16,
+        wait_for: false,
+        doc_bytes: 0,
+        collection: "docs",
+        mixed: true,
     },
 ];
 
+/// The action of request `i` of scenario `s`: mUpdate, or for a mixed scenario mCreate,
+/// mUpdate and mDelete in turn.
+pub fn action(s: &Scenario, i: usize) -> &'static str {
+    if !s.mixed {
+        return "mUpdate";
+    }
+    ["mCreate", "mUpdate", "mDelete"][i % 3]
+}
+
 /// Run unless `--scenarios` says otherwise. S3 (`wait_for`: each call waits a refresh
 /// interval) takes ~15 s a run and says little about throughput: opt in.
-const DEFAULT_SCENARIOS: &str = "S1,S2,S4,L";
+const DEFAULT_SCENARIOS: &str = "S1,S2,S4,M1,M100,L";
 
 impl Scenario {
     fn describe(&self) -> String {
         format!(
-            "{} × {} docs{}, {} outstanding{}",
+            "{}{} × {} docs{}, {} outstanding{}",
+            if self.mixed {
+                "creates, updates and deletes in turn: "
+            } else {
+                ""
+            },
             self.requests,
             self.docs_per_request,
             if self.doc_bytes > 0 {
@@ -310,7 +352,7 @@ impl Bench {
             .map(|i| {
                 let (http, url) = (self.http.clone(), url.clone());
                 let docs = documents(s, i, value);
-                let body = bulk_body(target, &docs);
+                let body = bulk_body(target, action(s, i), &docs);
                 async move {
                     let t = Instant::now();
                     let r: Value = match http
@@ -355,7 +397,7 @@ impl Bench {
                 let client = self.client.clone();
                 let id = format!("b{value}-{i}");
                 let envelope = self.envelope(s, i, value, &id);
-                let expected = ids(s, i);
+                let expected = ids(s, i, value);
                 let gone = watch.gone.clone();
                 async move {
                     let body = serde_json::to_vec(&envelope).unwrap();
@@ -407,11 +449,15 @@ impl Bench {
         }
     }
 
-    /// The mUpdate envelope of request `i`.
+    /// The envelope of request `i`.
     fn envelope(&self, s: &Scenario, i: usize, value: u64, id: &str) -> Value {
-        let mut envelope = json!({"controller": "document", "action": "mUpdate",
+        let body = match action(s, i) {
+            "mDelete" => json!({"ids": ids(s, i, value)}),
+            _ => json!({"documents": documents(s, i, value)}),
+        };
+        let mut envelope = json!({"controller": "document", "action": action(s, i),
             "index": self.index, "collection": s.collection, "retryOnConflict": 5,
-            "requestId": id, "body": {"documents": documents(s, i, value)}});
+            "requestId": id, "body": body});
         if s.wait_for {
             envelope["refresh"] = json!("wait_for");
         }
@@ -508,15 +554,49 @@ async fn engine_pid(http: &reqwest::Client) -> u32 {
     node["process"]["id"].as_u64().unwrap() as u32
 }
 
-/// The documents of request `i` of a run: distinct within the scenario.
-pub fn ids(s: &Scenario, i: usize) -> Vec<String> {
+/// The documents of request `i` of a run: distinct within the scenario. An update
+/// names seeded documents; a mixed scenario's create names new ones, and its delete
+/// ones seeded for it (`seed_deletes`), both of this run only.
+pub fn ids(s: &Scenario, i: usize, value: u64) -> Vec<String> {
     (0..s.docs_per_request)
-        .map(|j| format!("d{}", (i * s.docs_per_request + j) % DOCUMENTS))
+        .map(|j| match action(s, i) {
+            "mCreate" => format!("c{value}-{i}-{j}"),
+            "mDelete" => format!("x{value}-{i}-{j}"),
+            _ => format!("d{}", (i * s.docs_per_request + j) % DOCUMENTS),
+        })
         .collect()
 }
 
+/// Before a mixed run (not timed): the documents its deletes will delete.
+async fn seed_deletes(http: &reqwest::Client, target: &str, s: &Scenario, value: u64) {
+    let ids: Vec<String> = (0..s.requests)
+        .filter(|&i| action(s, i) == "mDelete")
+        .flat_map(|i| ids(s, i, value))
+        .collect();
+    for chunk in ids.chunks(5_000) {
+        let mut body = String::new();
+        for id in chunk {
+            body.push_str(&format!(
+                "{}\n{}\n",
+                json!({"index": {"_index": target, "_id": id}}),
+                json!({"v": 0})
+            ));
+        }
+        http.post(format!("{ES_URL}/_bulk"))
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+    }
+    http.post(format!("{ES_URL}/{}/_refresh", target.replace('&', "%26")))
+        .send()
+        .await
+        .unwrap();
+}
+
 pub fn documents(s: &Scenario, i: usize, value: u64) -> Vec<Value> {
-    ids(s, i)
+    ids(s, i, value)
         .into_iter()
         .enumerate()
         .map(|(j, id)| {
@@ -546,7 +626,7 @@ fn text(len: usize, value: u64, i: usize, j: usize) -> String {
 }
 
 /// The bulk body the worker builds for the same request.
-fn bulk_body(target: &str, docs: &[Value]) -> Vec<u8> {
+fn bulk_body(target: &str, action: &str, docs: &[Value]) -> Vec<u8> {
     let options = ItemOptions {
         target,
         retry_on_conflict: 5,
@@ -562,13 +642,12 @@ fn bulk_body(target: &str, docs: &[Value]) -> Vec<u8> {
     };
     let mut body = Vec::new();
     for d in docs {
-        bulk::append_update(
-            &mut body,
-            &options,
-            d["_id"].as_str().unwrap(),
-            d["body"].as_object().unwrap(),
-            None,
-        );
+        let (id, doc) = (d["_id"].as_str().unwrap(), d["body"].as_object().unwrap());
+        match action {
+            "mCreate" => bulk::append_whole(&mut body, &options, bulk::WholeKind::Create, id, doc),
+            "mDelete" => bulk::append_delete(&mut body, &options, id),
+            _ => bulk::append_update(&mut body, &options, id, doc, None),
+        }
     }
     body
 }
@@ -694,7 +773,7 @@ fn args() -> Option<Args> {
     for n in &names {
         assert!(
             SCENARIOS.iter().any(|s| s.name.eq_ignore_ascii_case(n)),
-            "unknown scenario {n:?} (S1, S2, S3, S4, L)"
+            "unknown scenario {n:?} (S1, S2, S3, S4, L, M1, M100)"
         );
     }
     // In SCENARIOS' order whatever the order asked: L last.
@@ -887,6 +966,9 @@ async fn scenarios(b: &Bench, args: &Args, context: &mut Value) -> bool {
             order.rotate_left(round % len);
             for contender in order {
                 value += 1;
+                if s.mixed {
+                    seed_deletes(&b.http, &b.target(s), s, value).await;
+                }
                 let run = b.run(contender, s, value).await;
                 eprintln!(
                     "round {round} {} {:6}: {:7.0} docs/s {:6.0} req/s, p99 {:6.1} ms, cpu µs/req: consumer {:.0} broker {:.0} engine {:.0} driver {:.0}, rss {:.1} MiB, errors {}",

@@ -80,7 +80,7 @@ pub async fn run(b: &Bench, args: &Args, seconds: u64, context: &mut Value) -> b
             let permit = in_flight.clone().acquire_owned().await.unwrap();
             let id = format!("soak{value}-{n}");
             let body = serde_json::to_vec(&b.envelope(s2, n, value, &id)).unwrap();
-            let expected = ids(s2, n);
+            let expected = ids(s2, n, value);
             let (client, queue) = (b.client.clone(), b.worker_queue.clone());
             let (window, errors) = (window.clone(), errors.clone());
             let gone = watch.gone.clone();
