@@ -158,6 +158,7 @@ where
         .collect();
     // The replaces to check (again) before their next round: all of them at first.
     let mut unchecked: Vec<usize> = if guarded { pending.clone() } else { Vec::new() };
+    let mut uncertain = vec![false; documents.len()];
     let mut attempt = 0;
     while !pending.is_empty() {
         if !unchecked.is_empty() {
@@ -227,7 +228,10 @@ where
             let Some(entry) = &entries[slot] else {
                 continue;
             };
-            item.resent |= attempt > 0;
+            // Uncertain once any call carrying it was a resend (`Item::resent`): an item
+            // rejected (429) by a call that was not is known unapplied there.
+            uncertain[slot] |= item.resent;
+            item.resent = uncertain[slot];
             // A guarded replace refused as changed since its check: checked again.
             let changed = guarded && item.status == 409;
             if (item.is_rejected() || changed) && may_retry {
@@ -313,9 +317,10 @@ fn written_document(options: &ItemOptions<'_>, item: &[u8]) -> Option<Box<RawVal
     RawValue::from_string(text.to_owned()).ok()
 }
 
-/// What an item's answer means for its entry. A resent item (`Item::resent`: an
-/// earlier call carrying it may have been applied) is read knowing that its first
-/// call may have done the work:
+/// What an item's answer means for its entry. A resent item (`Item::resent`: a call
+/// carrying it, this one or an earlier round's, was sent again after an uncertain one,
+/// which may have been applied) is read knowing that the uncertain call may have done
+/// the work:
 /// - a `delete` answered 404 deleted the document in that first call, or found it
 ///   already gone: either way it is gone, so it is a success (a client is never told a
 ///   document it deleted was missing);
@@ -783,5 +788,65 @@ mod tests {
         .await;
         assert_eq!(result.unwrap_err(), Abandoned);
         assert_eq!(*calls.lock().unwrap(), 1, "no round after the hand-back");
+    }
+
+    /// Deletes answered by `rounds` (each round: status, and whether the call was a
+    /// resend), one entry.
+    async fn delete_answered(rounds: Vec<(u16, bool)>) -> Outcome {
+        let rounds = Mutex::new(rounds);
+        let send = |_body: Vec<u8>, count: usize| {
+            let (status, resent) = rounds.lock().unwrap().remove(0);
+            let bytes =
+                serde_json::to_vec(&json!({"items": [{"delete": {"_id": "a", "status": status}}]}))
+                    .unwrap();
+            async move {
+                let mut items = bulk::parse_response(&bytes, count).unwrap();
+                items[0].resent = resent;
+                Ok(items)
+            }
+        };
+        let docs = json!([{"_id": "a"}]);
+        let cancel = CancellationToken::new();
+        let backoff = std::iter::repeat(Duration::from_millis(1));
+        let engine = Engine {
+            send,
+            versions: no_versions,
+        };
+        let outcomes = apply(
+            docs.as_array().unwrap(),
+            Action::Delete,
+            &OPTIONS,
+            3,
+            backoff,
+            &cancel,
+            engine,
+        )
+        .await
+        .unwrap();
+        outcomes.into_iter().next().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_delete_finds_its_document_gone_as_done_only_after_an_uncertain_call() {
+        // Sent again after an uncertain call: gone is deleted.
+        let after_resend = delete_answered(vec![(404, true)]).await;
+        assert!(
+            matches!(after_resend, Outcome::Written { .. }),
+            "{after_resend:?}"
+        );
+        // Rejected by a call that was not a resend (so not applied), then missing: the
+        // document was never there.
+        let after_429 = delete_answered(vec![(429, false), (404, false)]).await;
+        assert!(
+            matches!(after_429, Outcome::Failed { status: 404, .. }),
+            "{after_429:?}"
+        );
+        // Rejected by a resent call, then missing: that resend's first call may have
+        // deleted it.
+        let uncertain = delete_answered(vec![(429, true), (404, false)]).await;
+        assert!(
+            matches!(uncertain, Outcome::Written { .. }),
+            "{uncertain:?}"
+        );
     }
 }
