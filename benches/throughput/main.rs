@@ -102,16 +102,6 @@ const SCENARIOS: [Scenario; 7] = [
         mixed: false,
     },
     Scenario {
-        name: "L",
-        docs_per_request: 200,
-        requests: 50,
-        outstanding: 8,
-        wait_for: false,
-        doc_bytes: 10 * 1024,
-        collection: "large",
-        mixed: false,
-    },
-    Scenario {
         name: "M1",
         docs_per_request: 1,
         requests: 3_000,
@@ -130,6 +120,16 @@ const SCENARIOS: [Scenario; 7] = [
         doc_bytes: 0,
         collection: "docs",
         mixed: true,
+    },
+    Scenario {
+        name: "L",
+        docs_per_request: 200,
+        requests: 50,
+        outstanding: 8,
+        wait_for: false,
+        doc_bytes: 10 * 1024,
+        collection: "large",
+        mixed: false,
     },
 ];
 
