@@ -44,9 +44,15 @@ pub use crate::pipeline::bulk::Version;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    /// Worth retrying: the engine is down, slow or overloaded.
+    /// Worth retrying: the engine is down, slow or overloaded, and the call may have
+    /// been applied (it timed out, or its connection broke once sent, or a proxy's 5xx).
     #[error("storage engine unavailable: {0}")]
     Unavailable(String),
+    /// Worth retrying, and the call is known not to have been applied: nothing reached
+    /// any node, or the engine refused the whole call (429, 401, 503). A resend after
+    /// it is no resend (`coalesce::send`).
+    #[error("storage engine unavailable: {0}")]
+    Refusing(String),
     /// The engine refused the call itself; retrying would not help. `status` and
     /// `reason` are what a caller may be told (`refusal`).
     #[error("{reason}")]
@@ -60,7 +66,10 @@ pub enum StorageError {
 
 impl StorageError {
     fn is_transient(&self) -> bool {
-        matches!(self, StorageError::Unavailable(_))
+        matches!(
+            self,
+            StorageError::Unavailable(_) | StorageError::Refusing(_)
+        )
     }
 }
 
@@ -196,6 +205,9 @@ impl Storage {
                         continue;
                     }
                     self.answered(false);
+                    if failure.kind == FailureKind::NeverSent {
+                        return Err(StorageError::Refusing(failure.message));
+                    }
                     return Err(StorageError::Unavailable(failure.message));
                 }
             }
@@ -220,7 +232,7 @@ impl Storage {
             self.overload.store(false, Relaxed);
         }
         if status == 401 {
-            return Err(StorageError::Unavailable(
+            return Err(StorageError::Refusing(
                 "HTTP 401: the engine refused the worker's credentials (storage.username and \
                  password, storage.api_key, or the client certificate)"
                     .into(),
@@ -228,9 +240,13 @@ impl Storage {
         }
         if status >= 500 || status == 429 {
             let reason = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
-            return Err(StorageError::Unavailable(format!(
-                "HTTP {status}: {reason}"
-            )));
+            let reason = format!("HTTP {status}: {reason}");
+            // The engine's own refusals of a whole call; other 5xx (a proxy's 502 or 504
+            // after it forwarded the call) may hide an applied one.
+            if matches!(status, 429 | 503) {
+                return Err(StorageError::Refusing(reason));
+            }
+            return Err(StorageError::Unavailable(reason));
         }
         Ok((status, bytes))
     }
@@ -767,6 +783,30 @@ mod port_tests {
             );
             assert_eq!(calls(&counts), [1, 0], "{kind:?}");
             assert!(storage.unavailable_for().is_some(), "{kind:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_known_unapplied_is_told_from_one_that_may_have_landed() {
+        let answered = |status: u16| {
+            Ok(Answer {
+                status,
+                body: b"{}".to_vec(),
+            })
+        };
+        for (first, unapplied) in [
+            (failing(FailureKind::NeverSent), true),
+            (answered(429), true),
+            (answered(503), true),
+            (answered(401), true),
+            (answered(502), false),
+            (failing(FailureKind::Broken), false),
+        ] {
+            // One node: nothing to go on to.
+            let (storage, _) = storage(vec![first]);
+            let err = storage.bulk_once(b"{}\n", false).await.unwrap_err();
+            assert_eq!(matches!(err, StorageError::Refusing(_)), unapplied, "{err}");
+            assert!(err.is_transient(), "{err}");
         }
     }
 }

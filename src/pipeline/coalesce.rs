@@ -645,9 +645,11 @@ async fn send(
                 }
                 return;
             }
-            Err(StorageError::Unavailable(reason)) => {
-                // The call may have reached the engine: what follows is a resend.
-                resent = true;
+            Err(err @ (StorageError::Unavailable(_) | StorageError::Refusing(_))) => {
+                // A call that may have reached the engine makes what follows a resend;
+                // one known unapplied doesn't.
+                resent |= matches!(err, StorageError::Unavailable(_));
+                let reason = err.to_string();
                 let wait = backoff.next().unwrap_or(Duration::from_secs(1));
                 storage.metrics().engine_retries.inc();
                 warn!(error = %reason, ?wait, "storage engine call failed; retrying");
