@@ -40,7 +40,13 @@ pub use nodes::Node;
 use nodes::Nodes;
 use port::FailureKind;
 
-pub use crate::pipeline::bulk::Version;
+/// Where a stored document is in its shard's history (`versions`): a write guarded by
+/// it is refused once the document has changed (or gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    pub seq_no: u64,
+    pub primary_term: u64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

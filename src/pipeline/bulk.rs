@@ -7,6 +7,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+pub use crate::storage::Version;
+
 /// `_kuzzle_info` written into every updated document.
 #[derive(Debug, Clone, Copy)]
 pub struct Metadata<'a> {
@@ -151,14 +153,6 @@ pub fn append_whole(
     buf.extend_from_slice(b"}}\n");
     write_document(buf, opts, body, kind);
     buf.push(b'\n');
-}
-
-/// Where a stored document is in its shard's history: a write guarded by it is refused
-/// once the document has changed (or gone).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Version {
-    pub seq_no: u64,
-    pub primary_term: u64,
 }
 
 /// The engine action a whole document is written with.
