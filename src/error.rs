@@ -59,9 +59,6 @@ pub enum RequestError {
     /// A reply destination (`reply_to`, or the reply exchange) asked without a user.
     #[error("Unauthorized: authentication required to have a reply sent to the {0}.")]
     ReplyUnauthorized(String),
-    /// As Kuzzle's m-forms: an entry with `_source`, a mistake for `body`.
-    #[error("Unexpected argument \"{name}\" (accepted arguments: {expected})")]
-    UnexpectedArgument { name: String, expected: String },
     /// A single-document form's document is missing.
     #[error("Document \"{id}\" not found in \"{index}\":\"{collection}\".")]
     DocumentNotFound {
@@ -109,7 +106,6 @@ pub fn kuzzle_code(id: &str) -> Option<u32> {
         "api.assert.invalid_type" => (2, 1, 1),
         "api.assert.invalid_argument" => (2, 1, 2),
         "api.assert.missing_argument" => (2, 1, 3),
-        "api.assert.unexpected_argument" => (2, 1, 7),
         "api.assert.body_required" => (2, 1, 8),
         "api.process.controller_not_found" => (2, 2, 4),
         "api.process.action_not_found" => (2, 2, 5),
@@ -146,7 +142,6 @@ impl RequestError {
             Forbidden { .. } => (403, "security.rights.forbidden"),
             ReplyUnauthorized(_) => (401, "security.rights.unauthorized"),
             ReplyForbidden { .. } => (403, "security.rights.forbidden"),
-            UnexpectedArgument { .. } => (400, "api.assert.unexpected_argument"),
             DocumentNotFound { .. } => (404, "services.storage.not_found"),
             DocumentAlreadyExists => (400, "services.storage.document_already_exists"),
             TooManyChanges(_) => (409, "services.storage.too_many_changes"),
@@ -180,7 +175,6 @@ impl RequestError {
             Forbidden { action, user } => vec![action.clone(), user.clone()],
             ReplyUnauthorized(destination) => vec![destination.clone()],
             ReplyForbidden { destination, user } => vec![destination.clone(), user.clone()],
-            UnexpectedArgument { name, expected } => vec![name.clone(), expected.clone()],
             DocumentNotFound {
                 id,
                 index,

@@ -366,6 +366,9 @@ impl Storage {
             found: bool,
             _seq_no: Option<u64>,
             _primary_term: Option<u64>,
+            /// A document the engine could not read (a shard unavailable): neither
+            /// found nor missing.
+            error: Option<serde_json::Value>,
         }
         #[derive(serde::Deserialize)]
         struct Answer {
@@ -392,6 +395,13 @@ impl Storage {
                         status: 500,
                         reason: format!("unreadable _mget answer: {e}"),
                     })?;
+                if let Some(error) = answer.docs.iter().find_map(|d| d.error.as_ref()) {
+                    let kind = error["type"].as_str().unwrap_or("error");
+                    return Err(StorageError::Refused {
+                        status: 503,
+                        reason: format!("the engine could not read a document's version ({kind})"),
+                    });
+                }
                 if answer.docs.len() != ids.len() {
                     return Err(StorageError::Refused {
                         status: 500,
@@ -814,5 +824,33 @@ mod port_tests {
             assert_eq!(matches!(err, StorageError::Refusing(_)), unapplied, "{err}");
             assert!(err.is_transient(), "{err}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_version_the_engine_could_not_read_is_neither_found_nor_missing() {
+        let answer = |docs: &str| {
+            Ok(Answer {
+                status: 200,
+                body: format!("{{\"docs\":[{docs}]}}").into_bytes(),
+            })
+        };
+        let never = CancellationToken::new();
+        let (engine, _) = storage(vec![answer(
+            r#"{"_id":"a","_seq_no":4,"_primary_term":1,"found":true},{"_id":"b","found":false}"#,
+        )]);
+        let found = engine.versions("t", &["a", "b"], &never).await.unwrap();
+        let a = Version {
+            seq_no: 4,
+            primary_term: 1,
+        };
+        assert_eq!(found, [Some(a), None]);
+        let (engine, _) = storage(vec![answer(
+            r#"{"_id":"a","error":{"type":"no_shard_available_action_exception"}}"#,
+        )]);
+        let err = engine.versions("t", &["a"], &never).await.unwrap_err();
+        assert!(
+            matches!(err, StorageError::Refused { status: 503, .. }),
+            "{err}"
+        );
     }
 }

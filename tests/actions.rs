@@ -276,10 +276,15 @@ async fn the_m_forms_answer_the_seeds_layout_in_v1() {
         reply["error"]["message"],
         "1 of 2 documents could not be created"
     );
-    let reply = call(&worker, &mdelete(&col, json!(["a", "b"]))).await;
-    assert_eq!(reply["status"], 200, "{reply}");
+    let reply = call(&worker, &mdelete(&col, json!(["a", "b", "nope"]))).await;
+    assert_eq!(reply["status"], 206, "{reply}");
     assert_eq!(reply["result"]["total"], 2);
     assert_eq!(reply["result"]["hits"][1]["result"], "deleted");
+    // v1's failures all read alike: the entry, as `{"_id": id}`.
+    assert_eq!(
+        reply["error"]["errors"],
+        json!([{"document": {"_id": "nope"}, "status": 404, "reason": "document not found"}])
+    );
     worker.stop().await;
 }
 
@@ -575,12 +580,16 @@ async fn ids_made_for_a_request_are_the_same_on_its_every_delivery() {
     let other = call(&worker, &envelope).await;
     assert_ne!(ids(&first), ids(&other));
     // No identity at all (no requestId; `call` sets a correlation id, not a message
-    // id): random ids, each delivery its own documents.
+    // id), or an empty one: random ids, each delivery its own documents.
     envelope.as_object_mut().unwrap().remove("requestId");
     let a = call(&worker, &envelope).await;
     let b = call(&worker, &envelope).await;
     assert_ne!(ids(&a), ids(&b));
-    assert_eq!(stored_ids(&col).await.len(), 8);
+    envelope["requestId"] = json!("");
+    let c = call(&worker, &envelope).await;
+    let d = call(&worker, &envelope).await;
+    assert_ne!(ids(&c), ids(&d), "an empty requestId identifies nothing");
+    assert_eq!(stored_ids(&col).await.len(), 12);
     worker.stop().await;
 }
 

@@ -638,6 +638,7 @@ fn bulk_body(target: &str, action: &str, docs: &[Value]) -> Vec<u8> {
         }),
         single: false,
         ids: mupdate_worker::pipeline::write::Ids::Random,
+        redelivered: false,
         echo_written: false,
     };
     let mut body = Vec::new();

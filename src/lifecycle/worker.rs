@@ -131,11 +131,13 @@ impl Processor {
     }
 
     /// The answer to a request, or `Abandoned` when `cancel` handed it back before its
-    /// work was done (it is then delivered again).
+    /// work was done (it is then delivered again). `redelivered`: the broker delivered it
+    /// before (its writes' answers are read as a resend's).
     pub async fn process(
         &self,
         body: &[u8],
         props: &Properties,
+        redelivered: bool,
         cancel: &CancellationToken,
     ) -> Result<Answer, Abandoned> {
         let s = &self.settings;
@@ -177,9 +179,12 @@ impl Processor {
             let identity = if echo.own_id {
                 Some(echo.request_id.as_str())
             } else {
-                props.message_id.as_deref()
+                props.message_id.as_deref().filter(|id| !id.is_empty())
             };
-            let outcomes = match self.write(&request, body, identity, props, cancel).await? {
+            let outcomes = match self
+                .write(&request, body, identity, props, redelivered, cancel)
+                .await?
+            {
                 Ok(outcomes) => outcomes,
                 Err(err) => {
                     info!(status = err.status(), error = %Untrusted(&err.to_string()), "request refused");
@@ -239,6 +244,7 @@ impl Processor {
         body: &[u8],
         identity: Option<&str>,
         props: &Properties,
+        redelivered: bool,
         cancel: &CancellationToken,
     ) -> Result<Result<Vec<Outcome>, RequestError>, Abandoned> {
         if request.documents.is_empty() {
@@ -283,6 +289,7 @@ impl Processor {
                 Ids::Random
             },
             echo_written: echoes_written(request, self.settings.response.include_source),
+            redelivered,
         };
         // Bounded by item_retries, not by the backoff.
         let backoff = storage::backoff(s).build();
@@ -583,7 +590,7 @@ impl Handler {
             return Plan::Settle(Settlement::Ack);
         }
         let hold = Duration::from_millis(self.settings.worker.max_hold_ms);
-        let processing = self.processor.process(data, props, cancel);
+        let processing = self.processor.process(data, props, redelivered, cancel);
         tokio::pin!(processing);
         let mut deadline = tokio::time::Instant::now() + hold;
         let processed = loop {

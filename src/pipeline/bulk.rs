@@ -34,6 +34,10 @@ pub struct ItemOptions<'a> {
     pub single: bool,
     /// How ids left to the worker are made.
     pub ids: crate::pipeline::write::Ids,
+    /// The request was delivered before (AMQP `redelivered`): its first delivery may
+    /// have written its documents, so every answer is read as a resend's
+    /// (`write::outcome`).
+    pub redelivered: bool,
     /// The reply's `_source` of each whole document is what was written
     /// (`written_document`), not asked of the engine.
     pub echo_written: bool,
@@ -439,6 +443,7 @@ mod tests {
             metadata,
             single: false,
             ids: crate::pipeline::write::Ids::Random,
+            redelivered: false,
             echo_written: false,
         }
     }

@@ -900,6 +900,7 @@ mod tests {
                     metadata: None,
                     single: false,
                     ids: crate::pipeline::write::Ids::Random,
+                    redelivered: false,
                     echo_written: false,
                 };
                 bulk::append_update(&mut j.body, &options, "d", &changes, None);

@@ -238,7 +238,8 @@ pub fn parse(
             Some(Value::String(id)) => id.clone(),
             _ => fallback_id(),
         },
-        own_id: matches!(request_id, Some(Value::String(_))),
+        // An empty id identifies nothing (ids made from it would be every such request's).
+        own_id: matches!(&request_id, Some(Value::String(id)) if !id.is_empty()),
         index: object.get("index").cloned(),
         collection: object.get("collection").cloned(),
         controller: object.get("controller").cloned(),
@@ -422,13 +423,8 @@ fn listed_documents(
             .map(|id| Value::Object(Map::from_iter([("_id".to_owned(), id)])))
             .collect());
     }
-    // As Kuzzle: `_source` in an entry is a mistake for `body`, refused whole.
-    if let Some(at) = listed.iter().position(|d| d.get("_source").is_some()) {
-        return Err(RequestError::UnexpectedArgument {
-            name: format!("documents[{at}]._source"),
-            expected: format!("documents[{at}].body"),
-        });
-    }
+    // An entry's `_source` (a mistake for `body`) is read past, as Kuzzle's API reads
+    // it: such an entry has no `body`, a per-document 400.
     Ok(listed)
 }
 

@@ -306,9 +306,17 @@ fn participle(action: Action) -> &'static str {
 }
 
 /// A failed document in an m-form's `errors`: `{document, status, reason}` with the
-/// entry as sent; for `mDelete`, as Kuzzle lists them, `{_id, reason, status}`.
-fn failure(request: &Request, document: &Value, status: u16, reason: &str, shape: Shape) -> Value {
-    if request.action == Action::Delete {
+/// entry as sent (mDelete's as `{"_id": id}`); in v2, mDelete's as Kuzzle lists them,
+/// `{_id, reason, status}`.
+fn failure(
+    request: &Request,
+    document: &Value,
+    status: u16,
+    reason: &str,
+    format: Format,
+    shape: Shape,
+) -> Value {
+    if request.action == Action::Delete && format == Format::V2 {
         let id = document.get("_id").cloned().unwrap_or(Value::Null);
         return json!({"_id": id, "reason": reason, "status": status});
     }
@@ -333,7 +341,7 @@ pub fn documents_response(
                 document,
                 status,
                 reason,
-            } => Some(failure(request, document, *status, reason, shape)),
+            } => Some(failure(request, document, *status, reason, format, shape)),
             Outcome::Written { .. } => None,
         })
         .collect();

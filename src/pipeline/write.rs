@@ -56,7 +56,8 @@ impl Ids {
             Ids::Derived(request) => {
                 *uuid::Uuid::new_v5(&request, &(slot as u64).to_be_bytes()).as_bytes()
             }
-            Ids::Random => fastrand::u128(..).to_be_bytes(),
+            // The OS's randomness: an id no one can guess (and create first).
+            Ids::Random => *uuid::Uuid::new_v4().as_bytes(),
         };
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     }
@@ -158,7 +159,7 @@ where
         .collect();
     // The replaces to check (again) before their next round: all of them at first.
     let mut unchecked: Vec<usize> = if guarded { pending.clone() } else { Vec::new() };
-    let mut uncertain = vec![false; documents.len()];
+    let mut uncertain = vec![options.redelivered; documents.len()];
     let mut attempt = 0;
     while !pending.is_empty() {
         if !unchecked.is_empty() {
@@ -234,7 +235,10 @@ where
             item.resent = uncertain[slot];
             // A guarded replace refused as changed since its check: checked again.
             let changed = guarded && item.status == 409;
-            if (item.is_rejected() || changed) && may_retry {
+            // At least one check again, whatever `item_retries`: a resent replace meets
+            // its own first write's version.
+            let may_check_again = attempt < item_retries.max(1);
+            if (item.is_rejected() && may_retry) || (changed && may_check_again) {
                 rejected.push(slot);
                 if changed {
                     unchecked.push(slot);
@@ -445,6 +449,7 @@ mod tests {
         metadata: None,
         single: false,
         ids: crate::pipeline::write::Ids::Random,
+        redelivered: false,
         echo_written: false,
     };
 
@@ -793,6 +798,10 @@ mod tests {
     /// Deletes answered by `rounds` (each round: status, and whether the call was a
     /// resend), one entry.
     async fn delete_answered(rounds: Vec<(u16, bool)>) -> Outcome {
+        delete_answered_with(rounds, false).await
+    }
+
+    async fn delete_answered_with(rounds: Vec<(u16, bool)>, redelivered: bool) -> Outcome {
         let rounds = Mutex::new(rounds);
         let send = |_body: Vec<u8>, count: usize| {
             let (status, resent) = rounds.lock().unwrap().remove(0);
@@ -812,10 +821,14 @@ mod tests {
             send,
             versions: no_versions,
         };
+        let options = ItemOptions {
+            redelivered,
+            ..OPTIONS
+        };
         let outcomes = apply(
             docs.as_array().unwrap(),
             Action::Delete,
-            &OPTIONS,
+            &options,
             3,
             backoff,
             &cancel,
@@ -847,6 +860,12 @@ mod tests {
         assert!(
             matches!(uncertain, Outcome::Written { .. }),
             "{uncertain:?}"
+        );
+        // A redelivered request: its first delivery may have deleted it.
+        let redelivered = delete_answered_with(vec![(404, false)], true).await;
+        assert!(
+            matches!(redelivered, Outcome::Written { .. }),
+            "{redelivered:?}"
         );
     }
 }

@@ -233,7 +233,7 @@ async fn send(
     }
     let processed = worker
         .processor
-        .process(&request.bytes, &request.props, &worker.cancel)
+        .process(&request.bytes, &request.props, false, &worker.cancel)
         .await;
     drop(turn);
     let answer = match processed {
