@@ -154,6 +154,124 @@ fn the_dashboard_is_importable_and_every_query_uses_its_datasource_input() {
     }
 }
 
+/// Issue 21: the request, document and rights counters carry the Kuzzle action
+/// (`action`), the 12 names the worker takes and `unknown` for a request whose action
+/// it never read or doesn't take, so a dashboard shows each action's rates; a request
+/// naming any other action adds no series of its own.
+#[tokio::test]
+async fn a_worker_counts_requests_and_documents_by_action() {
+    wait_servers().await;
+    let col = Collection::create(&[("a", json!({"n": 0})), ("gone", json!({"n": 0}))]).await;
+    let mut settings = settings();
+    let listen = format!("127.0.0.1:{}", free_port());
+    settings.metrics.listen = listen.clone();
+    let worker = Worker::start_with(settings).await;
+    let with_action = |action: &str, body: Value| {
+        let mut envelope = col.envelope(json!([]));
+        envelope["action"] = json!(action);
+        envelope["body"] = body;
+        envelope
+    };
+    // mCreate: two documents created, twice over (200 each time).
+    for round in 0..2 {
+        let documents = json!([{"_id": format!("c{round}"), "body": {}}, {"body": {}}]);
+        let reply = call(
+            &worker,
+            &with_action("mCreate", json!({"documents": documents})),
+        )
+        .await;
+        assert_eq!(reply["status"], 200, "{reply}");
+    }
+    // mUpdate: one updated.
+    let reply = call(
+        &worker,
+        &col.envelope(json!([{"_id": "a", "body": {"n": 1}}])),
+    )
+    .await;
+    assert_eq!(reply["status"], 200, "{reply}");
+    // mDelete: one deleted, one not found.
+    let reply = call(
+        &worker,
+        &with_action("mDelete", json!({"ids": ["gone", "nope"]})),
+    )
+    .await;
+    let delete_status = reply["status"].as_u64().unwrap();
+    // Actions the worker doesn't take, and bytes that are no envelope: `unknown`.
+    let mut unknown = std::collections::BTreeMap::<u64, f64>::new();
+    for action in ["mGet", "search", "x".repeat(300).as_str()] {
+        let reply = call(&worker, &with_action(action, json!({"documents": []}))).await;
+        *unknown
+            .entry(reply["status"].as_u64().unwrap())
+            .or_default() += 1.0;
+    }
+    let reply = call_bytes(&worker, b"not json").await;
+    *unknown
+        .entry(reply["status"].as_u64().unwrap())
+        .or_default() += 1.0;
+    wait_metric(&listen, "mupdate_requests_in_flight", 0.0).await;
+
+    let text = metrics_text(&listen).await;
+    let mut want = vec![
+        (
+            "mupdate_requests_total{action=\"mCreate\",status=\"200\"}".to_owned(),
+            2.0,
+        ),
+        (
+            "mupdate_requests_total{action=\"mUpdate\",status=\"200\"}".to_owned(),
+            1.0,
+        ),
+        (
+            format!("mupdate_requests_total{{action=\"mDelete\",status=\"{delete_status}\"}}"),
+            1.0,
+        ),
+        (
+            "mupdate_documents_total{action=\"mCreate\",outcome=\"created\"}".to_owned(),
+            4.0,
+        ),
+        (
+            "mupdate_documents_total{action=\"mUpdate\",outcome=\"updated\"}".to_owned(),
+            1.0,
+        ),
+        (
+            "mupdate_documents_total{action=\"mDelete\",outcome=\"deleted\"}".to_owned(),
+            1.0,
+        ),
+        (
+            "mupdate_documents_total{action=\"mDelete\",outcome=\"not_found\"}".to_owned(),
+            1.0,
+        ),
+    ];
+    for (status, count) in &unknown {
+        want.push((
+            format!("mupdate_requests_total{{action=\"unknown\",status=\"{status}\"}}"),
+            *count,
+        ));
+    }
+    for (name, count) in &want {
+        assert_eq!(sample(&text, name), *count, "{name} in\n{text}");
+    }
+    // Every series of these counters: one of the expected above, with a bounded label.
+    let known: Vec<&str> = mupdate_worker::pipeline::envelope::Action::names()
+        .chain(["unknown"])
+        .collect();
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("mupdate_requests_total{") || l.starts_with("mupdate_documents_total{")
+        })
+        .collect();
+    assert_eq!(series.len(), want.len(), "{series:?}");
+    for line in series {
+        let action = line
+            .split("action=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("no action label: {line}"));
+        assert!(known.contains(&action), "{line}");
+    }
+    worker.stop().await;
+}
+
 /// The left side of an alert's top-level comparison (`a > 0.05` → `a`), or what
 /// `absent(…)` looks for: the expression whose data the alert's condition is about.
 fn inner(expr: &str) -> String {
