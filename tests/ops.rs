@@ -92,6 +92,7 @@ fn fill_in(expr: &str) -> String {
     expr.replace("$__rate_interval", "1m")
         .replace("$job", JOB)
         .replace("$instance", ".*")
+        .replace("$action", ".*")
 }
 
 /// Grafana's import contract: a `${DS_PROMETHEUS}` input every query uses, unique panel
@@ -138,6 +139,9 @@ fn the_dashboard_is_importable_and_every_query_uses_its_datasource_input() {
     for metric in [
         "mupdate_requests_total",
         "mupdate_documents_total",
+        "sum by (action) (rate(mupdate_requests_total",
+        "sum by (action, status) (rate(mupdate_requests_total",
+        "sum by (action, outcome) (rate(mupdate_documents_total",
         "histogram_quantile(0.50, sum by (le) (rate(mupdate_request_duration_seconds_bucket",
         "histogram_quantile(0.95, sum by (le) (rate(mupdate_request_duration_seconds_bucket",
         "histogram_quantile(0.99, sum by (le) (rate(mupdate_request_duration_seconds_bucket",
@@ -481,9 +485,11 @@ impl Drop for Prometheus {
     }
 }
 
-/// One round of traffic: three 200s, a 206, a 400, and a request whose `reply_to` queue
-/// doesn't exist (dead-lettered as unroutable).
-async fn traffic(worker: &Worker, col: &Collection, round: u64) {
+/// One round of traffic: three 200s, a 206, a 400 (no envelope: action `unknown`), an
+/// mUpdate of a collection that doesn't exist (a whole-request error of a known action),
+/// and a request whose `reply_to` queue doesn't exist (dead-lettered as unroutable).
+/// The status of the mUpdate that failed.
+async fn traffic(worker: &Worker, col: &Collection, round: u64) -> u64 {
     for id in ["a", "b", "c"] {
         let reply = call(
             worker,
@@ -500,19 +506,26 @@ async fn traffic(worker: &Worker, col: &Collection, round: u64) {
     assert_eq!(reply["status"], 206, "{reply}");
     let reply = call_bytes(worker, b"not json").await;
     assert_eq!(reply["status"], 400, "{reply}");
+    let mut elsewhere = col.envelope(json!([{"_id": "a", "body": {}}]));
+    elsewhere["collection"] = json!(fresh("no-such-collection"));
+    let reply = call(worker, &elsewhere).await;
+    let failed = reply["status"].as_u64().unwrap();
+    assert!(failed >= 400, "{reply}");
     let amqp = Amqp::open().await;
     let props = lapin::BasicProperties::default()
         .with_reply_to(fresh("no-such-reply-queue").as_str().into());
     let body = serde_json::to_vec(&col.envelope(json!([{"_id": "b", "body": {"x": 1}}]))).unwrap();
     publish(&amqp.channel, worker.request_queue(), &body, props).await;
     amqp.close().await;
+    failed
 }
 
 /// What each alert's condition is after `traffic` ran twice on a healthy worker: only
-/// the failing-requests alert's, 1 of 5 requests (the 400) being non-2xx in the second
-/// round. The others legitimately return no data (their inner expression is checked
-/// instead): the worker is scraped, consuming, its engine answers, it isn't paused,
-/// one dead letter in 5 minutes is under the rate, its requests are fast and few.
+/// the failing-requests alert's, 2 of 6 requests (the 400 and the unknown collection)
+/// being non-2xx in the second round. The others legitimately return no data (their
+/// inner expression is checked instead): the worker is scraped, consuming, its engine
+/// answers, it isn't paused, one dead letter in 5 minutes is under the rate, its
+/// requests are fast and few, 1 of 5 mUpdate failing is under half.
 fn condition_holds(alert: &str) -> bool {
     match alert {
         "MupdateRequestsFailing" => true,
@@ -522,6 +535,7 @@ fn condition_holds(alert: &str) -> bool {
         | "MupdateEngineUnavailable"
         | "MupdateConsumptionPaused"
         | "MupdateRequestsDeadLettered"
+        | "MupdateActionFailing"
         | "MupdateRequestLatencyHigh"
         | "MupdateRequestsHeld" => false,
         other => panic!("alert {other}: say here whether its condition holds after the traffic"),
@@ -551,7 +565,7 @@ async fn prometheus_scrapes_the_worker_and_runs_every_dashboard_and_alert_expres
     // Two rounds, each scraped before the next: counters' series then exist before
     // their second increase, so rates over them see it.
     for round in 1..=2 {
-        traffic(&worker, &col, round).await;
+        let failed = traffic(&worker, &col, round).await;
         let dead = "mupdate_requests_dead_lettered_total{reason=\"unroutable\"}";
         let deadline = tokio::time::Instant::now() + TIMEOUT;
         while metric(&listen, dead).await < round as f64 {
@@ -562,10 +576,21 @@ async fn prometheus_scrapes_the_worker_and_runs_every_dashboard_and_alert_expres
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let n = round as f64;
+        let failed = format!("mupdate_requests_total{{action=\"mUpdate\", status=\"{failed}\"");
         for (series, want) in [
-            ("mupdate_requests_total{status=\"200\"", 3.0 * n),
-            ("mupdate_requests_total{status=\"206\"", n),
-            ("mupdate_requests_total{status=\"400\"", n),
+            (
+                "mupdate_requests_total{action=\"mUpdate\", status=\"200\"",
+                3.0 * n,
+            ),
+            (
+                "mupdate_requests_total{action=\"mUpdate\", status=\"206\"",
+                n,
+            ),
+            (
+                "mupdate_requests_total{action=\"unknown\", status=\"400\"",
+                n,
+            ),
+            (failed.as_str(), n),
             (
                 "mupdate_requests_dead_lettered_total{reason=\"unroutable\"",
                 n,
@@ -649,7 +674,11 @@ async fn prometheus_scrapes_the_worker_and_runs_every_dashboard_and_alert_expres
             )
             .await;
         let values = body["data"].as_array().unwrap();
-        let want = if label.trim() == "job" { JOB } else { &listen };
+        let want = match label.trim() {
+            "job" => JOB,
+            "action" => "mUpdate",
+            _ => &listen,
+        };
         assert!(
             values.iter().any(|v| v == want),
             "{def}: {values:?}, not {want}"
