@@ -16,15 +16,35 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::pipeline::envelope::{Action, Echo};
 use crate::pipeline::response::Outcome;
+
+/// The `action` label of a request whose action is not one the worker takes (or that
+/// failed before its action was read): with the 12 Kuzzle action names, the only values
+/// the label takes, so that no request adds series of its own.
+pub const UNKNOWN_ACTION: &str = "unknown";
+
+/// The `action` label of a request: its Kuzzle action (`mCreate`, `delete`…) when the
+/// envelope names one the worker takes on the `document` controller, else
+/// `UNKNOWN_ACTION`. Always one of a fixed set of 13 values.
+pub fn action_label(echo: &Echo) -> &'static str {
+    let document = echo.controller.as_ref().and_then(|c| c.as_str()) == Some("document");
+    let named = echo.action.as_ref().and_then(|a| a.as_str());
+    match named.and_then(Action::from_name) {
+        Some((action, single)) if document => action.name(single),
+        _ => UNKNOWN_ACTION,
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
+    action: &'static str,
     status: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
+    action: &'static str,
     outcome: &'static str,
 }
 
@@ -110,10 +130,14 @@ impl Metrics {
         );
         registry.register(
             "requests",
-            "Requests answered, by reply status",
+            "Requests answered, by Kuzzle action and reply status",
             requests.clone(),
         );
-        registry.register("documents", "Documents, by outcome", documents.clone());
+        registry.register(
+            "documents",
+            "Documents, by Kuzzle action and outcome",
+            documents.clone(),
+        );
         registry.register(
             "request_duration_seconds",
             "From delivery to confirmed reply",
@@ -161,7 +185,7 @@ impl Metrics {
         );
         registry.register(
             "rights_checks",
-            "Rights checks (security.enabled), by outcome",
+            "Rights checks (security.enabled), by Kuzzle action and outcome",
             rights.clone(),
         );
         registry.register(
@@ -253,23 +277,28 @@ impl Metrics {
         }
     }
 
-    pub fn reply(&self, status: u16) {
+    /// Counts a request answered with `status`; `action` is its `action_label` (or a
+    /// `Request::action_name`).
+    pub fn reply(&self, action: &'static str, status: u16) {
         self.requests
             .get_or_create(&StatusLabel {
+                action,
                 status: status.to_string(),
             })
             .inc();
     }
 
-    /// Counts each document of a request by what became of it.
-    pub fn outcomes(&self, outcomes: &[Outcome]) {
+    /// Counts each document of a request of `action` (its Kuzzle name) by what became
+    /// of it.
+    pub fn outcomes(&self, action: &'static str, outcomes: &[Outcome]) {
         for outcome in outcomes {
             let label = match outcome {
-                Outcome::Written { item, .. } if item.result.as_deref() == Some("noop") => "noop",
-                Outcome::Written { item, .. } if item.result.as_deref() == Some("created") => {
-                    "created"
-                }
-                Outcome::Written { .. } => "updated",
+                Outcome::Written { item, .. } => match item.result.as_deref() {
+                    Some("noop") => "noop",
+                    Some("created") => "created",
+                    Some("deleted") => "deleted",
+                    _ => "updated",
+                },
                 Outcome::Failed { status: 404, .. } => "not_found",
                 Outcome::Failed { status: 409, .. } => "conflict",
                 Outcome::Failed {
@@ -278,9 +307,11 @@ impl Metrics {
                 Outcome::Failed { status: 400, .. } => "invalid",
                 Outcome::Failed { .. } => "failed",
             };
-            self.documents
-                .get_or_create(&OutcomeLabel { outcome: label })
-                .inc();
+            let label = OutcomeLabel {
+                action,
+                outcome: label,
+            };
+            self.documents.get_or_create(&label).inc();
         }
     }
 
@@ -300,9 +331,13 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a rights check: `allowed`, `unauthorized` or `forbidden`.
-    pub fn rights(&self, outcome: &'static str) {
-        self.rights.get_or_create(&OutcomeLabel { outcome }).inc();
+    /// Counts a rights check of a request of `action` (its `action_label`): `allowed`,
+    /// `unauthorized`, `forbidden`, or `reply_unauthorized`/`reply_forbidden` for its
+    /// reply destination.
+    pub fn rights(&self, action: &'static str, outcome: &'static str) {
+        self.rights
+            .get_or_create(&OutcomeLabel { action, outcome })
+            .inc();
     }
 
     /// The broker node in use: 1 for `node`, 0 for the `others`.
@@ -385,7 +420,7 @@ mod tests {
     #[test]
     fn outcomes_and_statuses_are_counted() {
         let m = Metrics::new();
-        m.reply(206);
+        m.reply("mUpdate", 206);
         let item = |result: &str| Item {
             status: 200,
             version: Some(2),
@@ -395,36 +430,111 @@ mod tests {
             error: None,
             resent: false,
         };
-        m.outcomes(&[
-            Outcome::Written {
-                id: "a".into(),
-                item: item("updated"),
-                slot: 0,
-            },
-            Outcome::Written {
-                id: "b".into(),
-                item: item("noop"),
-                slot: 1,
-            },
-            Outcome::Failed {
-                document: serde_json::json!({}),
-                status: 404,
-                reason: String::new(),
-            },
-        ]);
+        m.outcomes(
+            "mUpdate",
+            &[
+                Outcome::Written {
+                    id: "a".into(),
+                    item: item("updated"),
+                    slot: 0,
+                },
+                Outcome::Written {
+                    id: "b".into(),
+                    item: item("noop"),
+                    slot: 1,
+                },
+                Outcome::Failed {
+                    document: serde_json::json!({}),
+                    status: 404,
+                    reason: String::new(),
+                },
+            ],
+        );
         let text = m.encode();
         assert!(
-            text.contains("mupdate_requests_total{status=\"206\"} 1"),
+            text.contains("mupdate_requests_total{action=\"mUpdate\",status=\"206\"} 1"),
             "{text}"
         );
-        assert!(text.contains("mupdate_documents_total{outcome=\"updated\"} 1"));
-        assert!(text.contains("mupdate_documents_total{outcome=\"noop\"} 1"));
-        assert!(text.contains("mupdate_documents_total{outcome=\"not_found\"} 1"));
+        for outcome in ["updated", "noop", "not_found"] {
+            let line =
+                format!("mupdate_documents_total{{action=\"mUpdate\",outcome=\"{outcome}\"}} 1");
+            assert!(text.contains(&line), "{text}");
+        }
         assert!(!m.ready());
         m.set_broker_up(true);
         m.set_engine_up(true);
         assert!(m.ready());
         m.set_paused(true);
         assert!(!m.ready(), "a paused worker is not ready");
+    }
+
+    #[test]
+    fn requests_documents_and_rights_are_counted_by_action() {
+        let m = Metrics::new();
+        let item = |result: &str| Item {
+            status: 200,
+            version: Some(1),
+            result: Some(result.into()),
+            shards: None,
+            get: None,
+            error: None,
+            resent: false,
+        };
+        let written = |result: &str| Outcome::Written {
+            id: "a".into(),
+            item: item(result),
+            slot: 0,
+        };
+        m.reply("mCreate", 200);
+        m.reply("mCreate", 200);
+        m.reply("delete", 404);
+        m.outcomes("mCreate", &[written("created"), written("created")]);
+        m.outcomes("mDelete", &[written("deleted")]);
+        m.rights("mDelete", "forbidden");
+        let text = m.encode();
+        for line in [
+            "mupdate_requests_total{action=\"mCreate\",status=\"200\"} 2",
+            "mupdate_requests_total{action=\"delete\",status=\"404\"} 1",
+            "mupdate_documents_total{action=\"mCreate\",outcome=\"created\"} 2",
+            "mupdate_documents_total{action=\"mDelete\",outcome=\"deleted\"} 1",
+            "mupdate_rights_checks_total{action=\"mDelete\",outcome=\"forbidden\"} 1",
+        ] {
+            assert!(text.contains(line), "no {line} in\n{text}");
+        }
+    }
+
+    /// The label takes 13 values at most, whatever the envelopes say.
+    #[test]
+    fn the_action_label_is_a_known_action_or_unknown() {
+        let echo = |controller: Value, action: Value| Echo {
+            controller: Some(controller),
+            action: Some(action),
+            ..Echo::default()
+        };
+        use serde_json::{Value, json};
+        assert_eq!(
+            action_label(&echo(json!("document"), json!("mCreate"))),
+            "mCreate"
+        );
+        assert_eq!(
+            action_label(&echo(json!("document"), json!("delete"))),
+            "delete"
+        );
+        for (controller, action) in [
+            (json!("document"), json!("mGet")),
+            (json!("document"), json!("MUPDATE")),
+            (json!("document"), json!(["mUpdate"])),
+            (json!("document"), json!("x".repeat(10_000))),
+            (json!("collection"), json!("mUpdate")),
+            (json!(1), json!("mUpdate")),
+        ] {
+            assert_eq!(action_label(&echo(controller, action)), UNKNOWN_ACTION);
+        }
+        assert_eq!(action_label(&Echo::default()), UNKNOWN_ACTION);
+        let labels: std::collections::HashSet<_> = Action::names()
+            .map(|name| action_label(&echo(json!("document"), json!(name))))
+            .collect();
+        assert_eq!(labels.len(), 12);
+        assert!(!labels.contains(UNKNOWN_ACTION));
     }
 }

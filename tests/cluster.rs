@@ -377,7 +377,11 @@ impl WorkerProcess {
 
     /// Requests it answered with a 200.
     async fn answered(&self) -> f64 {
-        metric(&self.listen, "mupdate_requests_total{status=\"200\"}").await
+        metric(
+            &self.listen,
+            "mupdate_requests_total{action=\"mUpdate\",status=\"200\"}",
+        )
+        .await
     }
 
     /// SIGTERM, then its exit code (None: killed after TIMEOUT).

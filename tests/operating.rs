@@ -37,31 +37,59 @@ async fn metrics_count_a_known_sequence_of_requests() {
     wait_metric(&listen, "mupdate_requests_in_flight", 0.0).await;
     let http = http();
     assert_eq!(
-        metric(&listen, "mupdate_requests_total{status=\"200\"}").await,
+        metric(
+            &listen,
+            "mupdate_requests_total{action=\"mUpdate\",status=\"200\"}"
+        )
+        .await,
         1.0
     );
     assert_eq!(
-        metric(&listen, "mupdate_requests_total{status=\"206\"}").await,
+        metric(
+            &listen,
+            "mupdate_requests_total{action=\"mUpdate\",status=\"206\"}"
+        )
+        .await,
         1.0
     );
     assert_eq!(
-        metric(&listen, "mupdate_requests_total{status=\"400\"}").await,
+        metric(
+            &listen,
+            "mupdate_requests_total{action=\"unknown\",status=\"400\"}"
+        )
+        .await,
         1.0
     );
     assert_eq!(
-        metric(&listen, "mupdate_documents_total{outcome=\"updated\"}").await,
+        metric(
+            &listen,
+            "mupdate_documents_total{action=\"mUpdate\",outcome=\"updated\"}"
+        )
+        .await,
         1.0
     );
     assert_eq!(
-        metric(&listen, "mupdate_documents_total{outcome=\"noop\"}").await,
+        metric(
+            &listen,
+            "mupdate_documents_total{action=\"mUpdate\",outcome=\"noop\"}"
+        )
+        .await,
         1.0
     );
     assert_eq!(
-        metric(&listen, "mupdate_documents_total{outcome=\"not_found\"}").await,
+        metric(
+            &listen,
+            "mupdate_documents_total{action=\"mUpdate\",outcome=\"not_found\"}"
+        )
+        .await,
         1.0
     );
     assert_eq!(
-        metric(&listen, "mupdate_documents_total{outcome=\"invalid\"}").await,
+        metric(
+            &listen,
+            "mupdate_documents_total{action=\"mUpdate\",outcome=\"invalid\"}"
+        )
+        .await,
         1.0
     );
     assert_eq!(

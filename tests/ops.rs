@@ -92,6 +92,7 @@ fn fill_in(expr: &str) -> String {
     expr.replace("$__rate_interval", "1m")
         .replace("$job", JOB)
         .replace("$instance", ".*")
+        .replace("$action", ".*")
 }
 
 /// Grafana's import contract: a `${DS_PROMETHEUS}` input every query uses, unique panel
@@ -138,6 +139,9 @@ fn the_dashboard_is_importable_and_every_query_uses_its_datasource_input() {
     for metric in [
         "mupdate_requests_total",
         "mupdate_documents_total",
+        "sum by (action) (rate(mupdate_requests_total",
+        "sum by (action, status) (rate(mupdate_requests_total",
+        "sum by (action, outcome) (rate(mupdate_documents_total",
         "histogram_quantile(0.50, sum by (le) (rate(mupdate_request_duration_seconds_bucket",
         "histogram_quantile(0.95, sum by (le) (rate(mupdate_request_duration_seconds_bucket",
         "histogram_quantile(0.99, sum by (le) (rate(mupdate_request_duration_seconds_bucket",
@@ -152,6 +156,124 @@ fn the_dashboard_is_importable_and_every_query_uses_its_datasource_input() {
     ] {
         assert!(exprs.contains(metric), "no panel shows {metric}");
     }
+}
+
+/// Issue 21: the request, document and rights counters carry the Kuzzle action
+/// (`action`), the 12 names the worker takes and `unknown` for a request whose action
+/// it never read or doesn't take, so a dashboard shows each action's rates; a request
+/// naming any other action adds no series of its own.
+#[tokio::test]
+async fn a_worker_counts_requests_and_documents_by_action() {
+    wait_servers().await;
+    let col = Collection::create(&[("a", json!({"n": 0})), ("gone", json!({"n": 0}))]).await;
+    let mut settings = settings();
+    let listen = format!("127.0.0.1:{}", free_port());
+    settings.metrics.listen = listen.clone();
+    let worker = Worker::start_with(settings).await;
+    let with_action = |action: &str, body: Value| {
+        let mut envelope = col.envelope(json!([]));
+        envelope["action"] = json!(action);
+        envelope["body"] = body;
+        envelope
+    };
+    // mCreate: two documents created, twice over (200 each time).
+    for round in 0..2 {
+        let documents = json!([{"_id": format!("c{round}"), "body": {}}, {"body": {}}]);
+        let reply = call(
+            &worker,
+            &with_action("mCreate", json!({"documents": documents})),
+        )
+        .await;
+        assert_eq!(reply["status"], 200, "{reply}");
+    }
+    // mUpdate: one updated.
+    let reply = call(
+        &worker,
+        &col.envelope(json!([{"_id": "a", "body": {"n": 1}}])),
+    )
+    .await;
+    assert_eq!(reply["status"], 200, "{reply}");
+    // mDelete: one deleted, one not found.
+    let reply = call(
+        &worker,
+        &with_action("mDelete", json!({"ids": ["gone", "nope"]})),
+    )
+    .await;
+    let delete_status = reply["status"].as_u64().unwrap();
+    // Actions the worker doesn't take, and bytes that are no envelope: `unknown`.
+    let mut unknown = std::collections::BTreeMap::<u64, f64>::new();
+    for action in ["mGet", "search", "x".repeat(300).as_str()] {
+        let reply = call(&worker, &with_action(action, json!({"documents": []}))).await;
+        *unknown
+            .entry(reply["status"].as_u64().unwrap())
+            .or_default() += 1.0;
+    }
+    let reply = call_bytes(&worker, b"not json").await;
+    *unknown
+        .entry(reply["status"].as_u64().unwrap())
+        .or_default() += 1.0;
+    wait_metric(&listen, "mupdate_requests_in_flight", 0.0).await;
+
+    let text = metrics_text(&listen).await;
+    let mut want = vec![
+        (
+            "mupdate_requests_total{action=\"mCreate\",status=\"200\"}".to_owned(),
+            2.0,
+        ),
+        (
+            "mupdate_requests_total{action=\"mUpdate\",status=\"200\"}".to_owned(),
+            1.0,
+        ),
+        (
+            format!("mupdate_requests_total{{action=\"mDelete\",status=\"{delete_status}\"}}"),
+            1.0,
+        ),
+        (
+            "mupdate_documents_total{action=\"mCreate\",outcome=\"created\"}".to_owned(),
+            4.0,
+        ),
+        (
+            "mupdate_documents_total{action=\"mUpdate\",outcome=\"updated\"}".to_owned(),
+            1.0,
+        ),
+        (
+            "mupdate_documents_total{action=\"mDelete\",outcome=\"deleted\"}".to_owned(),
+            1.0,
+        ),
+        (
+            "mupdate_documents_total{action=\"mDelete\",outcome=\"not_found\"}".to_owned(),
+            1.0,
+        ),
+    ];
+    for (status, count) in &unknown {
+        want.push((
+            format!("mupdate_requests_total{{action=\"unknown\",status=\"{status}\"}}"),
+            *count,
+        ));
+    }
+    for (name, count) in &want {
+        assert_eq!(sample(&text, name), *count, "{name} in\n{text}");
+    }
+    // Every series of these counters: one of the expected above, with a bounded label.
+    let known: Vec<&str> = mupdate_worker::pipeline::envelope::Action::names()
+        .chain(["unknown"])
+        .collect();
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("mupdate_requests_total{") || l.starts_with("mupdate_documents_total{")
+        })
+        .collect();
+    assert_eq!(series.len(), want.len(), "{series:?}");
+    for line in series {
+        let action = line
+            .split("action=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("no action label: {line}"));
+        assert!(known.contains(&action), "{line}");
+    }
+    worker.stop().await;
 }
 
 /// The left side of an alert's top-level comparison (`a > 0.05` → `a`), or what
@@ -363,9 +485,11 @@ impl Drop for Prometheus {
     }
 }
 
-/// One round of traffic: three 200s, a 206, a 400, and a request whose `reply_to` queue
-/// doesn't exist (dead-lettered as unroutable).
-async fn traffic(worker: &Worker, col: &Collection, round: u64) {
+/// One round of traffic: three 200s, a 206, a 400 (no envelope: action `unknown`), an
+/// mUpdate of a collection that doesn't exist (a whole-request error of a known action),
+/// and a request whose `reply_to` queue doesn't exist (dead-lettered as unroutable).
+/// The status of the mUpdate that failed.
+async fn traffic(worker: &Worker, col: &Collection, round: u64) -> u64 {
     for id in ["a", "b", "c"] {
         let reply = call(
             worker,
@@ -382,19 +506,26 @@ async fn traffic(worker: &Worker, col: &Collection, round: u64) {
     assert_eq!(reply["status"], 206, "{reply}");
     let reply = call_bytes(worker, b"not json").await;
     assert_eq!(reply["status"], 400, "{reply}");
+    let mut elsewhere = col.envelope(json!([{"_id": "a", "body": {}}]));
+    elsewhere["collection"] = json!(fresh("no-such-collection"));
+    let reply = call(worker, &elsewhere).await;
+    let failed = reply["status"].as_u64().unwrap();
+    assert!(failed >= 400, "{reply}");
     let amqp = Amqp::open().await;
     let props = lapin::BasicProperties::default()
         .with_reply_to(fresh("no-such-reply-queue").as_str().into());
     let body = serde_json::to_vec(&col.envelope(json!([{"_id": "b", "body": {"x": 1}}]))).unwrap();
     publish(&amqp.channel, worker.request_queue(), &body, props).await;
     amqp.close().await;
+    failed
 }
 
 /// What each alert's condition is after `traffic` ran twice on a healthy worker: only
-/// the failing-requests alert's, 1 of 5 requests (the 400) being non-2xx in the second
-/// round. The others legitimately return no data (their inner expression is checked
-/// instead): the worker is scraped, consuming, its engine answers, it isn't paused,
-/// one dead letter in 5 minutes is under the rate, its requests are fast and few.
+/// the failing-requests alert's, 2 of 6 requests (the 400 and the unknown collection)
+/// being non-2xx in the second round. The others legitimately return no data (their
+/// inner expression is checked instead): the worker is scraped, consuming, its engine
+/// answers, it isn't paused, one dead letter in 5 minutes is under the rate, its
+/// requests are fast and few, 1 of 5 mUpdate failing is under half.
 fn condition_holds(alert: &str) -> bool {
     match alert {
         "MupdateRequestsFailing" => true,
@@ -404,6 +535,7 @@ fn condition_holds(alert: &str) -> bool {
         | "MupdateEngineUnavailable"
         | "MupdateConsumptionPaused"
         | "MupdateRequestsDeadLettered"
+        | "MupdateActionFailing"
         | "MupdateRequestLatencyHigh"
         | "MupdateRequestsHeld" => false,
         other => panic!("alert {other}: say here whether its condition holds after the traffic"),
@@ -433,7 +565,7 @@ async fn prometheus_scrapes_the_worker_and_runs_every_dashboard_and_alert_expres
     // Two rounds, each scraped before the next: counters' series then exist before
     // their second increase, so rates over them see it.
     for round in 1..=2 {
-        traffic(&worker, &col, round).await;
+        let failed = traffic(&worker, &col, round).await;
         let dead = "mupdate_requests_dead_lettered_total{reason=\"unroutable\"}";
         let deadline = tokio::time::Instant::now() + TIMEOUT;
         while metric(&listen, dead).await < round as f64 {
@@ -444,10 +576,21 @@ async fn prometheus_scrapes_the_worker_and_runs_every_dashboard_and_alert_expres
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let n = round as f64;
+        let failed = format!("mupdate_requests_total{{action=\"mUpdate\", status=\"{failed}\"");
         for (series, want) in [
-            ("mupdate_requests_total{status=\"200\"", 3.0 * n),
-            ("mupdate_requests_total{status=\"206\"", n),
-            ("mupdate_requests_total{status=\"400\"", n),
+            (
+                "mupdate_requests_total{action=\"mUpdate\", status=\"200\"",
+                3.0 * n,
+            ),
+            (
+                "mupdate_requests_total{action=\"mUpdate\", status=\"206\"",
+                n,
+            ),
+            (
+                "mupdate_requests_total{action=\"unknown\", status=\"400\"",
+                n,
+            ),
+            (failed.as_str(), n),
             (
                 "mupdate_requests_dead_lettered_total{reason=\"unroutable\"",
                 n,
@@ -531,7 +674,11 @@ async fn prometheus_scrapes_the_worker_and_runs_every_dashboard_and_alert_expres
             )
             .await;
         let values = body["data"].as_array().unwrap();
-        let want = if label.trim() == "job" { JOB } else { &listen };
+        let want = match label.trim() {
+            "job" => JOB,
+            "action" => "mUpdate",
+            _ => &listen,
+        };
         assert!(
             values.iter().any(|v| v == want),
             "{def}: {values:?}, not {want}"

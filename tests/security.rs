@@ -148,10 +148,246 @@ async fn each_user_writes_exactly_where_the_rules_allow() {
         bob.name.as_str()
     );
     for (outcome, count) in [("allowed", 4.0), ("forbidden", 5.0), ("unauthorized", 1.0)] {
-        let name = format!("mupdate_rights_checks_total{{outcome=\"{outcome}\"}}");
+        let name =
+            format!("mupdate_rights_checks_total{{action=\"mUpdate\",outcome=\"{outcome}\"}}");
         assert_eq!(metric(&listen, &name).await, count, "{name}");
     }
     worker.stop().await;
+}
+
+/// A valid envelope of `action` on `target`, about the document `id` (which exists for
+/// the actions that need it: update, replace and delete forms).
+fn envelope_of(action: &str, target: &Collection, id: &str, n: u64) -> Value {
+    let mut envelope = json!({"index": target.index, "collection": target.collection,
+                              "controller": "document", "action": action});
+    let body = json!({"n": n});
+    match action {
+        "mDelete" => envelope["body"] = json!({"ids": [id]}),
+        "mUpsert" => {
+            envelope["body"] = json!({"documents": [{"_id": id, "changes": body, "default": {}}]})
+        }
+        "upsert" => {
+            envelope["_id"] = json!(id);
+            envelope["body"] = json!({"changes": body, "default": {}});
+        }
+        "delete" => envelope["_id"] = json!(id),
+        multi if multi.starts_with('m') => {
+            envelope["body"] = json!({"documents": [{"_id": id, "body": body}]})
+        }
+        _ => {
+            envelope["_id"] = json!(id);
+            envelope["body"] = body;
+        }
+    }
+    envelope
+}
+
+/// The actions whose document must exist beforehand.
+fn needs_document(action: &str) -> bool {
+    !matches!(
+        action,
+        "mCreate" | "create" | "mCreateOrReplace" | "createOrReplace" | "mUpsert" | "upsert"
+    )
+}
+
+/// Issue 21: a rule's `actions` (glob patterns on Kuzzle's action names) say which
+/// writes it allows; a rule without them allows the updates only (mUpdate, mUpsert,
+/// update, upsert), as every rule did before the worker took the other actions. Every
+/// (user × action) pair: allowed ones write (the engine shows it), refused ones get
+/// Kuzzle's 403 naming `document:<action>` and write nothing; the rights metric counts
+/// each check under its action.
+#[tokio::test]
+async fn a_rules_actions_say_which_writes_it_allows() {
+    let actions: Vec<&str> = mupdate_worker::pipeline::envelope::Action::names().collect();
+    let (legacy, creator, multi, root) = (
+        BrokerUser::create("legacy"),
+        BrokerUser::create("creator"),
+        BrokerUser::create("multi"),
+        BrokerUser::create("root"),
+    );
+    let users = [&legacy, &creator, &multi, &root];
+    // One document per (user, action) that needs one, so that each write shows alone.
+    let ids: Vec<String> = users
+        .iter()
+        .flat_map(|u| actions.iter().map(move |a| format!("{}-{a}", u.name)))
+        .collect();
+    let docs: Vec<(&str, Value)> = ids
+        .iter()
+        .map(|id| (id.as_str(), json!({"n": 0})))
+        .collect();
+    let target = Collection::create(&docs).await;
+    let dir = tempdir();
+    let rules = dir.join("rules.toml");
+    let rule = |user: &BrokerUser, actions: &str| {
+        format!(
+            "[[allow]]\nusers = [\"{}\"]\nindexes = [\"{}\"]\ncollections = [\"*\"]\n{actions}\n",
+            user.name, target.index
+        )
+    };
+    write_rules(
+        &rules,
+        &[
+            rule(&legacy, ""),
+            rule(&creator, "actions = [\"mCreate\", \"create\"]"),
+            rule(&multi, "actions = [\"m*\"]"),
+            rule(&root, "actions = [\"*\"]"),
+        ]
+        .concat(),
+    );
+    let mut settings = settings();
+    settings.security.enabled = true;
+    settings.security.rules_file = rules.display().to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    settings.metrics.listen = listen.clone();
+    let worker = Worker::start_with(settings).await;
+    let queue = worker.request_queue().to_owned();
+
+    let allowed = |user: &BrokerUser, action: &str| {
+        if user.name == legacy.name {
+            ["mUpdate", "mUpsert", "update", "upsert"].contains(&action)
+        } else if user.name == creator.name {
+            ["mCreate", "create"].contains(&action)
+        } else if user.name == multi.name {
+            action.starts_with('m')
+        } else {
+            true
+        }
+    };
+    let (mut allowed_count, mut forbidden_count) = (
+        std::collections::HashMap::<&str, f64>::new(),
+        std::collections::HashMap::<&str, f64>::new(),
+    );
+    for user in users {
+        for &action in &actions {
+            let id = if needs_document(action) {
+                format!("{}-{action}", user.name)
+            } else {
+                fresh("new")
+            };
+            let reply = user
+                .call(&queue, &envelope_of(action, &target, &id, 7))
+                .await;
+            let allow = allowed(user, action);
+            println!("{} × {action}: {}", user.name, reply["status"]);
+            let (stored, found) = target.get(&id).await;
+            if allow {
+                assert!(
+                    reply["status"]
+                        .as_u64()
+                        .is_some_and(|s| (200..300).contains(&s)),
+                    "{} may {action}: {reply}",
+                    user.name
+                );
+                assert_eq!(reply["error"], Value::Null, "{reply}");
+                if action.ends_with("elete") {
+                    assert_eq!(found, 0, "{action} deleted {id}");
+                } else {
+                    assert_eq!(stored["n"], 7, "{action} wrote {id}");
+                }
+                *allowed_count.entry(action).or_default() += 1.0;
+            } else {
+                assert_eq!(
+                    reply["status"], 403,
+                    "{} may not {action}: {reply}",
+                    user.name
+                );
+                assert_eq!(reply["error"]["id"], "security.rights.forbidden");
+                let message = format!(
+                    "Insufficient permissions to execute the action \"document:{action}\" (User \"{}\").",
+                    user.name
+                );
+                assert_eq!(reply["error"]["message"], message);
+                assert_eq!(reply["action"], action);
+                if needs_document(action) {
+                    assert_eq!(stored["n"], 0, "{action} refused: {id} untouched");
+                } else {
+                    assert_eq!(found, 0, "{action} refused: {id} not created");
+                }
+                *forbidden_count.entry(action).or_default() += 1.0;
+            }
+        }
+    }
+    // In particular: a rule written before issue 21 allows no delete.
+    assert!(!allowed(&legacy, "mDelete") && !allowed(&legacy, "delete"));
+    for &action in &actions {
+        for (outcome, counts) in [("allowed", &allowed_count), ("forbidden", &forbidden_count)] {
+            let name =
+                format!("mupdate_rights_checks_total{{action=\"{action}\",outcome=\"{outcome}\"}}");
+            let want = counts.get(action).copied().unwrap_or(0.0);
+            assert_eq!(metric(&listen, &name).await, want, "{name}");
+        }
+    }
+    worker.stop().await;
+}
+
+/// A reload on SIGHUP takes a rule's new `actions`: a rule without them refuses a
+/// delete; given `actions = ["*Delete", "delete", "m*"]`, the same user deletes.
+#[tokio::test]
+async fn sighup_picks_up_a_rules_actions() {
+    let target = Collection::create(&[("d1", json!({"n": 0})), ("d2", json!({"n": 0}))]).await;
+    let user = BrokerUser::create("erin");
+    let dir = tempdir();
+    let rules = dir.join("rules.toml");
+    let rule = |actions: &str| {
+        format!(
+            "[[allow]]\nusers = [\"{}\"]\nindexes = [\"{}\"]\ncollections = [\"*\"]\n{actions}\n",
+            user.name, target.index
+        )
+    };
+    write_rules(&rules, &rule(""));
+    let settings = settings();
+    let mut binary = BinaryWorker::spawn(
+        worker_command(&settings)
+            .env("MUPDATE__SECURITY__ENABLED", "true")
+            .env("MUPDATE__SECURITY__RULES_FILE", &rules)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped()),
+    );
+    let queue = settings.amqp.request_queue.clone();
+    wait_consumers(&queue, 1).await;
+    let status = |reply: Value| reply["status"].as_u64().unwrap();
+
+    let delete = envelope_of("delete", &target, "d1", 0);
+    assert_eq!(
+        status(user.call(&queue, &delete).await),
+        403,
+        "no actions: no delete"
+    );
+    let update = envelope_of("mUpdate", &target, "d2", 1);
+    assert_eq!(
+        status(user.call(&queue, &update).await),
+        200,
+        "no actions: updates"
+    );
+
+    write_rules(&rules, &rule("actions = [\"*Delete\", \"delete\", \"m*\"]"));
+    binary.signal("-HUP");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        match status(user.call(&queue, &delete).await) {
+            200 => break,
+            403 => {}
+            other => panic!("delete after the reload: {other}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP never took effect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(target.get("d1").await.1, 0, "deleted");
+    let update = envelope_of("mUpdate", &target, "d2", 2);
+    assert_eq!(status(user.call(&queue, &update).await), 200, "m*: updates");
+    let single = envelope_of("update", &target, "d2", 3);
+    assert_eq!(
+        status(user.call(&queue, &single).await),
+        403,
+        "no single update now"
+    );
+    assert_eq!(target.get("d2").await.0["n"], 2);
+
+    assert_eq!(binary.terminate().await.code(), Some(0));
+    delete_topology(&settings).await;
 }
 
 #[tokio::test]

@@ -28,6 +28,8 @@ use crate::storage::{self, Abandoned, IndexState, Storage, StorageError};
 /// A request's answer, and what a smaller one is made from if the broker refuses its size.
 pub struct Answer {
     pub response: Response,
+    /// The Kuzzle action it answers, as the metrics label it (`metrics::action_label`).
+    action: &'static str,
     /// Whether the request carries an identity of its own (the envelope's `requestId`):
     /// only then, or with a `message_id`, is it remembered as answered (`Answered`).
     identified: bool,
@@ -40,9 +42,10 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn plain(response: Response) -> Self {
+    fn plain(echo: &Echo, err: &RequestError) -> Self {
         Answer {
-            response,
+            response: response::error_response(echo, err),
+            action: crate::metrics::action_label(echo),
             identified: false,
             documents: None,
             span: tracing::Span::none(),
@@ -59,7 +62,7 @@ impl Answer {
         Answer {
             identified: echo.own_id,
             refused: Some((reason, err.to_json().to_string())),
-            ..Answer::plain(response::error_response(echo, err))
+            ..Answer::plain(echo, err)
         }
     }
 
@@ -146,7 +149,8 @@ impl Processor {
         // Before anything is applied: a reply that may not go where it asks is never
         // published, and its request is dead-lettered unapplied.
         if let Err((verdict, err)) = self.destination(&echo.request_id, props) {
-            self.metrics.rights(reply_outcome(verdict));
+            let action = crate::metrics::action_label(&echo);
+            self.metrics.rights(action, reply_outcome(verdict));
             info!(request_id = %Untrusted(&echo.request_id), status = err.status(), error = %Untrusted(&err.to_string()), "reply destination refused");
             return Ok(Answer::refused(&echo, verdict, &err));
         }
@@ -154,7 +158,7 @@ impl Processor {
             Ok(request) => request,
             Err(err) => {
                 info!(request_id = %Untrusted(&echo.request_id), status = err.status(), error = %Untrusted(&err.to_string()), "request refused");
-                return Ok(Answer::plain(response::error_response(&echo, &err)));
+                return Ok(Answer::plain(&echo, &err));
             }
         };
         if let Some(rights) = &self.rights {
@@ -166,11 +170,11 @@ impl Processor {
             let user = props.user_id.as_deref();
             let verdict = rights.check(user, action, &request.index, &request.collection);
             if let Err((verdict, err)) = verdict {
-                self.metrics.rights(verdict.label());
+                self.metrics.rights(request.action_name(), verdict.label());
                 info!(request_id = %Untrusted(&echo.request_id), status = err.status(), error = %Untrusted(&err.to_string()), "request refused");
-                return Ok(Answer::plain(response::error_response(&echo, &err)));
+                return Ok(Answer::plain(&echo, &err));
             }
-            self.metrics.rights("allowed");
+            self.metrics.rights(request.action_name(), "allowed");
         }
         let span = info_span!("request", request_id = %Untrusted(&echo.request_id),
             index = %Untrusted(&request.index), collection = %Untrusted(&request.collection), documents = request.documents.len(),
@@ -188,10 +192,10 @@ impl Processor {
                 Ok(outcomes) => outcomes,
                 Err(err) => {
                     info!(status = err.status(), error = %Untrusted(&err.to_string()), "request refused");
-                    return Ok(Answer::plain(response::error_response(&echo, &err)));
+                    return Ok(Answer::plain(&echo, &err));
                 }
             };
-            self.metrics.outcomes(&outcomes);
+            self.metrics.outcomes(request.action_name(), &outcomes);
             for outcome in &outcomes {
                 if let Outcome::Failed { status, reason, .. } = outcome {
                     debug!(status, reason = %Untrusted(reason), "document not updated");
@@ -202,6 +206,7 @@ impl Processor {
                 response::documents_response(&echo, &request, &outcomes, format, Shape::Full);
             Ok(Answer {
                 response,
+                action: request.action_name(),
                 identified: echo.own_id,
                 documents: Some((echo, request, outcomes, format)),
                 span: tracing::Span::current(),
@@ -567,7 +572,7 @@ impl Handler {
         };
         ticket.settle(settlement).await?;
         if fate == Fate::Answered {
-            self.metrics.reply(answer.response.status);
+            self.metrics.reply(answer.action, answer.response.status);
             debug!(parent: &answer.span, status = answer.response.status, "replied");
         }
         Ok(())
@@ -635,7 +640,7 @@ impl Handler {
             },
             // The rules were reloaded meanwhile, and now refuse it.
             Err((verdict, err)) => {
-                self.metrics.rights(reply_outcome(verdict));
+                self.metrics.rights(answer.action, reply_outcome(verdict));
                 let mut answer = answer;
                 answer.refused = Some((reply_outcome(verdict), err.to_json().to_string()));
                 Plan::DeadLetter {

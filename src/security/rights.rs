@@ -1,6 +1,6 @@
 //! Kuzzle's rights model on the broker's identity: when `security.enabled`, a request
 //! is denied unless an allow rule matches its AMQP `user_id` (verified by RabbitMQ), its
-//! Kuzzle index and its collection. Rules are glob patterns, read from
+//! Kuzzle action, its index and its collection. Rules are glob patterns, read from
 //! `security.rules_file`, and reloaded on SIGHUP (a file that doesn't load keeps the
 //! rules in force).
 //!
@@ -9,6 +9,7 @@
 //! users = ["etl-*"]          # broker user names
 //! indexes = ["shop"]          # Kuzzle indexes
 //! collections = ["*"]         # Kuzzle collections
+//! actions = ["m*"]            # Kuzzle actions; without it, DEFAULT_ACTIONS
 //!
 //! [[reply]]
 //! users = ["etl-*"]
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::SecuritySettings;
 use crate::error::RequestError;
+use crate::pipeline::envelope::Action;
 use crate::pipeline::reply::{Destination, SHORT_STRING_MAX};
 
 /// One allow rule, as written in the rules file.
@@ -40,7 +42,16 @@ pub struct Rule {
     pub users: Vec<String>,
     pub indexes: Vec<String>,
     pub collections: Vec<String>,
+    /// Glob patterns on the Kuzzle action names (`mCreate`, `delete`, `m*`); each must
+    /// name at least one action the worker takes. Absent: `DEFAULT_ACTIONS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actions: Option<Vec<String>>,
 }
+
+/// What a rule without `actions` allows: what every rule allowed when the worker only
+/// updated documents, so that a rules file written then allows no creation, replacement
+/// or deletion now.
+pub const DEFAULT_ACTIONS: [&str; 4] = ["mUpdate", "mUpsert", "update", "upsert"];
 
 /// Where the replies of some users may go, as written in the rules file: glob patterns
 /// on `reply_to` queue names, `{user}` standing for the user's name.
@@ -68,6 +79,8 @@ struct Compiled {
     users: GlobSet,
     indexes: GlobSet,
     collections: GlobSet,
+    /// The Kuzzle action names its patterns match, out of those the worker takes.
+    actions: Vec<&'static str>,
 }
 
 /// A reply rule ready to match its users; its queue patterns are compiled per user
@@ -108,6 +121,32 @@ fn globs(patterns: &[String], what: &str) -> Result<GlobSet, String> {
     set.build().map_err(|e| e.to_string())
 }
 
+/// The action names a rule's `actions` patterns allow (`DEFAULT_ACTIONS` without any).
+/// A pattern that names no action the worker takes is refused: a typo (`mupdate`)
+/// would otherwise allow nothing, silently.
+fn actions(patterns: Option<&[String]>) -> Result<Vec<&'static str>, String> {
+    let Some(patterns) = patterns else {
+        return Ok(DEFAULT_ACTIONS.to_vec());
+    };
+    let mut allowed = Vec::new();
+    for pattern in patterns {
+        let glob = Glob::new(pattern)
+            .map_err(|e| format!("action pattern \"{pattern}\": {e}"))?
+            .compile_matcher();
+        let named: Vec<&'static str> = Action::names().filter(|n| glob.is_match(n)).collect();
+        if named.is_empty() {
+            let known = Action::names().collect::<Vec<_>>().join(", ");
+            return Err(format!(
+                "action pattern \"{pattern}\" names no action the worker takes ({known})"
+            ));
+        }
+        allowed.extend(named);
+    }
+    allowed.sort_unstable();
+    allowed.dedup();
+    Ok(allowed)
+}
+
 impl Rules {
     /// Parses rules from TOML text.
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -120,6 +159,7 @@ impl Rules {
                     users: globs(&rule.users, "user")?,
                     indexes: globs(&rule.indexes, "index")?,
                     collections: globs(&rule.collections, "collection")?,
+                    actions: actions(rule.actions.as_deref())?,
                 })
             })
             .collect::<Result<_, String>>()?;
@@ -214,9 +254,10 @@ impl Rules {
         set.build().unwrap_or_else(|_| GlobSet::empty())
     }
 
-    fn allows(&self, user: &str, index: &str, collection: &str) -> bool {
+    fn allows(&self, user: &str, action: &str, index: &str, collection: &str) -> bool {
         self.compiled.iter().any(|rule| {
             rule.users.is_match(user)
+                && rule.actions.contains(&action)
                 && rule.indexes.is_match(index)
                 && rule.collections.is_match(collection)
         })
@@ -294,7 +335,7 @@ impl Rights {
             let action = format!("document:{action}");
             return Err((Verdict::Unauthorized, RequestError::Unauthorized(action)));
         };
-        if self.current().allows(user, index, collection) {
+        if self.current().allows(user, action, index, collection) {
             Ok(())
         } else {
             let action = format!("document:{action}");
@@ -403,6 +444,113 @@ mod tests {
         assert_eq!(verdict(&r, Some(""), "shop", "products"), Unauthorized);
         // No rule at all: everything is denied.
         assert_eq!(verdict(&rights(""), Some("admin"), "a", "b"), Forbidden);
+    }
+
+    fn may(r: &Rights, user: &str, action: &str) -> bool {
+        r.check(Some(user), action, "shop", "products").is_ok()
+    }
+
+    #[test]
+    fn a_rule_without_actions_allows_the_updates_only() {
+        let r = rights(RULES);
+        for action in ["mUpdate", "mUpsert", "update", "upsert"] {
+            assert!(may(&r, "etl-1", action), "{action}");
+            assert!(may(&r, "admin", action), "{action}");
+        }
+        for action in Action::names().filter(|a| !DEFAULT_ACTIONS.contains(a)) {
+            assert!(!may(&r, "etl-1", action), "{action}");
+            assert!(!may(&r, "admin", action), "{action}");
+        }
+        assert_eq!(DEFAULT_ACTIONS.len(), 4);
+    }
+
+    #[test]
+    fn a_rules_actions_are_glob_patterns_on_kuzzles_action_names() {
+        let r = rights(
+            r#"
+            [[allow]]
+            users = ["creator"]
+            indexes = ["*"]
+            collections = ["*"]
+            actions = ["mCreate", "create"]
+
+            [[allow]]
+            users = ["multi"]
+            indexes = ["*"]
+            collections = ["*"]
+            actions = ["m*"]
+
+            [[allow]]
+            users = ["root"]
+            indexes = ["*"]
+            collections = ["*"]
+            actions = ["*"]
+
+            [[allow]]
+            users = ["nothing"]
+            indexes = ["*"]
+            collections = ["*"]
+            actions = []
+
+            # Two rules of one user add up; the other fields still count.
+            [[allow]]
+            users = ["creator"]
+            indexes = ["shop"]
+            collections = ["products"]
+            actions = ["*Delete", "delete"]
+            "#,
+        );
+        for action in Action::names() {
+            let creates = matches!(action, "mCreate" | "create");
+            let deletes = matches!(action, "mDelete" | "delete");
+            assert_eq!(may(&r, "creator", action), creates || deletes, "{action}");
+            assert_eq!(
+                may(&r, "multi", action),
+                action.starts_with('m'),
+                "{action}"
+            );
+            assert!(may(&r, "root", action), "{action}");
+            assert!(!may(&r, "nothing", action), "{action}");
+        }
+        let elsewhere = r.check(Some("creator"), "mDelete", "shop", "orders");
+        assert!(
+            elsewhere.is_err(),
+            "the delete rule is for shop/products only"
+        );
+        // Action names are Kuzzle's, case and all.
+        assert!(!may(&r, "multi", "MUPDATE"));
+        // A refusal names the action asked.
+        let (verdict, err) = r
+            .check(Some("creator"), "mReplace", "shop", "x")
+            .unwrap_err();
+        assert_eq!(verdict, Verdict::Forbidden);
+        assert_eq!(err.status_and_id(), (403, "security.rights.forbidden"));
+        assert_eq!(
+            err.to_string(),
+            "Insufficient permissions to execute the action \"document:mReplace\" (User \"creator\")."
+        );
+    }
+
+    #[test]
+    fn an_action_pattern_that_names_no_action_is_refused() {
+        let rule = |actions: &str| {
+            format!(
+                "[[allow]]\nusers = [\"a\"]\nindexes = [\"*\"]\ncollections = [\"*\"]\nactions = {actions}\n"
+            )
+        };
+        for bad in [r#"["mupdate"]"#, r#"["mGet"]"#, r#"["mUpdate", "search"]"#] {
+            let err = Rules::parse(&rule(bad)).err().expect(bad);
+            assert!(err.contains("names no action the worker takes"), "{err}");
+        }
+        let err = Rules::parse(&rule(r#"["m[*"]"#)).err().unwrap();
+        assert!(err.contains("action pattern"), "{err}");
+        assert!(Rules::parse(&rule(r#""mUpdate""#)).is_err(), "a list");
+        // As written: `actions` shown only where it is written.
+        let rules = Rules::parse(&(rule(r#"["m*"]"#) + RULES)).unwrap();
+        assert_eq!(rules.written()[0].actions, Some(vec!["m*".to_owned()]));
+        assert_eq!(rules.written()[1].actions, None);
+        let shown = serde_json::to_value(&rules.written()[1]).unwrap();
+        assert!(shown.get("actions").is_none(), "{shown}");
     }
 
     #[test]
