@@ -253,4 +253,22 @@ async fn the_node_client_deletes_documents_with_mdelete() {
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("--ids is required"), "{err}");
     worker.stop().await;
+
+    // Format v2: mDelete's successes are the deleted ids.
+    let mut settings = settings();
+    settings.response.format = mupdate_worker::config::Format::V2;
+    let worker = Worker::start_with(settings).await;
+    let ids = json!(["b", "missing"]).to_string();
+    let args = on(&worker, &col, &["--action", "mDelete", "--ids", &ids]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = client.run(&args).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("deleted b\n"), "{out}");
+    assert!(
+        out.contains("failed missing status 404: document not found"),
+        "{out}"
+    );
+    assert!(out.contains("200: 1 deleted, 1 failed"), "{out}");
+    assert_eq!(col.get("b").await.1, 0);
+    worker.stop().await;
 }

@@ -363,7 +363,7 @@ async fn the_loader_takes_only_m_forms() {
     let (input, failures) = (dir.join("in.ndjson"), dir.join("failures.ndjson"));
     std::fs::write(&input, "\"a\"\n").unwrap();
     let mut command = loader(&queue, &col, &input, &failures);
-    command.args(["--action", "delete"]);
+    command.args(["--action", "delete", "--timeout", "2"]);
     let out = output(command).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
