@@ -23,11 +23,13 @@ pub struct SendArgs {
     /// Build the envelope: Kuzzle collection.
     #[arg(long)]
     pub(super) collection: Option<String>,
-    /// One request: its documents as NDJSON or a JSON array, or `-` for stdin.
+    /// One request: its documents (mDelete: its ids) as NDJSON or a JSON array, or `-`
+    /// for stdin.
     #[arg(long, conflicts_with = "file")]
     pub(super) documents: Option<PathBuf>,
-    /// Batch load: one `{"_id", "body"}` a line (or `-` for stdin), sent in requests of
-    /// at most `limits.documents_write_count` documents, with progress and a summary.
+    /// Batch load: one document a line in the --action's shape (an m-form; one id a line
+    /// for mDelete), or `-` for stdin, sent in requests of at most
+    /// `limits.documents_write_count` documents, with progress and a summary.
     #[arg(long)]
     pub(super) file: Option<PathBuf>,
     /// Batch load: write every failed document, with its status and reason, here (NDJSON).
