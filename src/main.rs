@@ -26,7 +26,8 @@ struct Cli {
 enum Command {
     /// Consume requests and reply (the default).
     Run,
-    /// Publish one mUpdate request, wait for its reply and print it.
+    /// Publish one request (any document write, mUpdate by default), wait for its reply
+    /// and print it; or load a file of them (--file).
     Send(Box<SendArgs>),
     /// Print the effective configuration, secrets redacted.
     Config,

@@ -479,3 +479,154 @@ async fn the_loader_upserts_with_action_mupsert() {
     );
     worker.stop().await;
 }
+
+/// Runs `send` with `args` on `col`, `stdin` as its input: exit code and printed reply.
+async fn send_action(queue: &str, col: &Collection, args: &[&str], stdin: &str) -> (i32, Value) {
+    let mut command = binary();
+    command
+        .args([
+            "send",
+            "--index",
+            &col.index,
+            "--collection",
+            &col.collection,
+        ])
+        .args(["--refresh", "wait_for", "--timeout", "20"])
+        .args(args)
+        .env("MUPDATE__AMQP__REQUEST_QUEUE", queue)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let stdin = stdin.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = command.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let reply = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        json!({"stdout": String::from_utf8_lossy(&out.stdout),
+               "stderr": String::from_utf8_lossy(&out.stderr)})
+    });
+    (out.status.code().unwrap_or(-1), reply)
+}
+
+/// Issue 21: `send --action` takes every write of Kuzzle's document controller, its
+/// documents in the m-form's shape (ids for mDelete), a single form's one document
+/// sent as `_id` and `body`.
+#[tokio::test]
+async fn send_builds_every_action_from_its_documents() {
+    let col = Collection::create(&[
+        ("a", json!({"n": 1})),
+        ("b", json!({"n": 1})),
+        ("r", json!({"n": 1, "old": true})),
+    ])
+    .await;
+    let worker = Worker::start().await;
+    let queue = worker.request_queue().to_owned();
+    let send = |args: &'static [&'static str], stdin: &'static str| {
+        let (queue, col) = (&queue, &col);
+        async move { send_action(queue, col, args, stdin).await }
+    };
+
+    let (code, reply) = send(
+        &["--action", "mCreate", "--documents", "-"],
+        r#"[{"_id": "c", "body": {"n": 3}}, {"body": {"n": 4}}]"#,
+    )
+    .await;
+    assert_eq!((code, &reply["status"]), (0, &json!(200)), "{reply}");
+    assert_eq!(reply["result"]["hits"].as_array().unwrap().len(), 2);
+    assert_eq!(col.get("c").await.0["n"], 3);
+
+    let (code, reply) = send(
+        &["--action", "create", "--documents", "-"],
+        r#"{"_id": "d", "body": {"n": 5}}"#,
+    )
+    .await;
+    assert_eq!((code, &reply["result"]["_id"]), (0, &json!("d")), "{reply}");
+    assert_eq!(col.get("d").await.0["n"], 5);
+
+    // --id stands for the document's own.
+    let (code, reply) = send(
+        &["--action", "replace", "--id", "r", "--documents", "-"],
+        r#"{"body": {"m": 1}}"#,
+    )
+    .await;
+    assert_eq!(code, 0, "{reply}");
+    let (r, _) = col.get("r").await;
+    assert_eq!((r["m"].as_i64(), r.get("old")), (Some(1), None), "{r}");
+
+    let (code, reply) = send(
+        &["--action", "upsert", "--documents", "-"],
+        r#"{"_id": "e", "changes": {"n": 6}, "default": {"fresh": true}}"#,
+    )
+    .await;
+    assert_eq!(
+        (code, &reply["result"]["created"]),
+        (0, &json!(true)),
+        "{reply}"
+    );
+    assert_eq!(col.get("e").await.0["fresh"], true);
+
+    let (code, reply) = send(
+        &["--action", "update", "--documents", "-"],
+        r#"{"_id": "a", "body": {"n": 7}}"#,
+    )
+    .await;
+    assert_eq!(code, 0, "{reply}");
+    assert_eq!(col.get("a").await.0["n"], 7);
+
+    let (code, reply) = send(
+        &["--action", "mCreateOrReplace", "--documents", "-"],
+        "{\"_id\": \"a\", \"body\": {\"w\": 1}}\n{\"_id\": \"f\", \"body\": {\"w\": 2}}\n",
+    )
+    .await;
+    assert_eq!(code, 0, "{reply}");
+    let (a, f) = (col.get("a").await.0, col.get("f").await.0);
+    assert_eq!(
+        (&a["w"], a.get("n"), &f["w"]),
+        (&json!(1), None, &json!(2)),
+        "{a}"
+    );
+
+    let (code, reply) = send(&["--action", "delete", "--id", "b"], "").await;
+    assert_eq!((code, &reply["result"]["_id"]), (0, &json!("b")), "{reply}");
+    assert_eq!(col.get("b").await.1, 0, "deleted");
+
+    // mDelete: ids as JSON strings or objects with an `_id`; one missing is a 404.
+    let (code, reply) = send(
+        &["--action", "mDelete", "--documents", "-"],
+        r#"["c", {"_id": "d"}, "nope"]"#,
+    )
+    .await;
+    assert_eq!((code, &reply["status"]), (0, &json!(206)), "{reply}");
+    assert_eq!(
+        reply["error"]["errors"],
+        json!([{"_id": "nope", "reason": "document not found", "status": 404}])
+    );
+    assert_eq!((col.get("c").await.1, col.get("d").await.1), (0, 0));
+
+    // A single form takes one document; a name the worker doesn't take is refused.
+    let (code, reply) = send(
+        &["--action", "replace", "--documents", "-"],
+        r#"[{"_id": "a", "body": {}}, {"_id": "e", "body": {}}]"#,
+    )
+    .await;
+    assert_eq!(code, 1, "{reply}");
+    assert!(
+        reply["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("takes one document"),
+        "{reply}"
+    );
+    let (code, reply) = send(&["--action", "mFrobnicate", "--documents", "-"], "[]").await;
+    assert_eq!(code, 2, "{reply}");
+    worker.stop().await;
+}

@@ -1,6 +1,7 @@
 //! The client examples (`examples/python/rpc_client.py`, `examples/node/rpc_client.js`)
 //! against a worker on fresh queues: a 200, a 206, a whole-request error, a timeout, a
-//! queue that doesn't exist and bad arguments, each with its output and exit code. Their
+//! queue that doesn't exist and bad arguments, each with its output and exit code; and
+//! one more action each (issue 21): Python's mCreate, Node's mDelete. Their
 //! dependencies come from `scripts/ops.sh` (a venv under .services/, `npm ci`).
 
 mod support;
@@ -181,4 +182,93 @@ async fn the_python_client_reports_200_206_errors_and_timeouts() {
 #[tokio::test]
 async fn the_node_client_reports_200_206_errors_and_timeouts() {
     exercise(Client::node().await).await;
+}
+
+/// `args` with the queue, index and collection of `worker` and `col` in front.
+fn on(worker: &Worker, col: &Collection, args: &[&str]) -> Vec<String> {
+    let mut all = [
+        "--queue",
+        worker.request_queue(),
+        "--index",
+        &col.index,
+        "--collection",
+        &col.collection,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    all.extend(args.iter().map(|a| a.to_string()));
+    all
+}
+
+#[tokio::test]
+async fn the_python_client_creates_documents_with_mcreate() {
+    let client = Client::python().await;
+    wait_servers().await;
+    let col = Collection::create(&[("a", json!({"n": 1}))]).await;
+    let worker = Worker::start().await;
+    let documents = json!([{"_id": "c", "body": {"n": 2}}, {"body": {"n": 3}},
+                           {"_id": "a", "body": {"n": 4}}])
+    .to_string();
+    let args = on(
+        &worker,
+        &col,
+        &["--action", "mCreate", "--documents", &documents],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = client.run(&args).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("created c version 1 status 201"), "{out}");
+    assert!(
+        out.contains("failed a status 400: document already exists"),
+        "{out}"
+    );
+    assert!(out.contains("206: 2 created, 1 failed"), "{out}");
+    assert_eq!(col.get("c").await.0["n"], 2);
+    assert_eq!(col.get("a").await.0["n"], 1, "left as it was");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_node_client_deletes_documents_with_mdelete() {
+    let client = Client::node().await;
+    wait_servers().await;
+    let col = Collection::create(&[("a", json!({"n": 1})), ("b", json!({"n": 1}))]).await;
+    let worker = Worker::start().await;
+    let ids = json!(["a", "missing"]).to_string();
+    let args = on(&worker, &col, &["--action", "mDelete", "--ids", &ids]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = client.run(&args).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("deleted a version "), "{out}");
+    assert!(
+        out.contains("failed missing status 404: document not found"),
+        "{out}"
+    );
+    assert!(out.contains("206: 1 deleted, 1 failed"), "{out}");
+    assert_eq!((col.get("a").await.1, col.get("b").await.1), (0, 1));
+    // mDelete takes --ids, not --documents: a bad argument.
+    let args = on(&worker, &col, &["--action", "mDelete", "--documents", "[]"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = client.run(&args).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("--ids is required"), "{err}");
+    worker.stop().await;
+
+    // Format v2: mDelete's successes are the deleted ids.
+    let mut settings = settings();
+    settings.response.format = mupdate_worker::config::Format::V2;
+    let worker = Worker::start_with(settings).await;
+    let ids = json!(["b", "missing"]).to_string();
+    let args = on(&worker, &col, &["--action", "mDelete", "--ids", &ids]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = client.run(&args).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("deleted b\n"), "{out}");
+    assert!(
+        out.contains("failed missing status 404: document not found"),
+        "{out}"
+    );
+    assert!(out.contains("200: 1 deleted, 1 failed"), "{out}");
+    assert_eq!(col.get("b").await.1, 0);
+    worker.stop().await;
 }

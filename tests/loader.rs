@@ -211,3 +211,161 @@ async fn a_200_mib_line_without_an_end_costs_bounded_memory() {
     );
     delete_queues(&[&queue]).await;
 }
+
+/// Issue 21: the loader takes every m-form. mCreate, mReplace and mCreateOrReplace read
+/// documents a line as mUpdate does; a document the action refuses is listed with its
+/// line (an id that exists for mCreate, a missing one for mReplace).
+#[tokio::test]
+async fn the_loader_creates_replaces_and_writes_with_every_m_form() {
+    let col = Collection::create(&[("a", json!({"n": 1, "old": true}))]).await;
+    let worker = Worker::start().await;
+    let dir = tempdir();
+    let (input, failures) = (dir.join("in.ndjson"), dir.join("failures.ndjson"));
+    let cases = [
+        // (action, lines, written, the failed line and its status)
+        (
+            "mCreate",
+            vec![
+                json!({"_id": "c1", "body": {"n": 1}}),
+                json!({"_id": "a", "body": {"n": 9}}),
+                json!({"body": {"n": 3}}),
+            ],
+            2,
+            Some((2, 400)),
+        ),
+        (
+            "mReplace",
+            vec![
+                json!({"_id": "nope", "body": {"n": 2}}),
+                json!({"_id": "a", "body": {"n": 2}}),
+            ],
+            1,
+            Some((1, 404)),
+        ),
+        (
+            "mCreateOrReplace",
+            vec![
+                json!({"_id": "c1", "body": {"n": 4}}),
+                json!({"_id": "c2", "body": {"n": 5}}),
+            ],
+            2,
+            None,
+        ),
+    ];
+    for (action, lines, written, failed) in cases {
+        let text: Vec<String> = lines.iter().map(Value::to_string).collect();
+        std::fs::write(&input, text.join("\n")).unwrap();
+        let mut command = loader(worker.request_queue(), &col, &input, &failures);
+        command.args(["--action", action]);
+        let out = output(command).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (&summary["updated"], &summary["failed"]),
+            (&json!(written), &json!(usize::from(failed.is_some()))),
+            "{action}: {summary} {stderr}"
+        );
+        let listed = records(&failures);
+        match failed {
+            Some((line, status)) => {
+                assert_eq!(listed.len(), 1, "{action}: {listed:?}");
+                assert_eq!(
+                    (&listed[0]["line"], &listed[0]["status"]),
+                    (&json!(line), &json!(status)),
+                    "{action}: {listed:?}"
+                );
+                assert_eq!(out.status.code(), Some(1), "{action}");
+            }
+            None => assert!(listed.is_empty() && out.status.success(), "{listed:?}"),
+        }
+    }
+    let (a, _) = col.get("a").await;
+    assert_eq!(
+        (a["n"].as_i64(), a.get("old")),
+        (Some(2), None),
+        "replaced whole"
+    );
+    assert_eq!(col.get("c1").await.0["n"], 4);
+    assert_eq!(col.get("c2").await.0["n"], 5);
+    worker.stop().await;
+}
+
+/// Issue 21: `--action mDelete` reads one id a line, a JSON string or an object with an
+/// `_id`; an id that can't be deleted is listed as its line wrote it, with its line
+/// number, and so is a line that names no id (never sent).
+#[tokio::test]
+async fn the_loader_deletes_one_id_a_line_and_lists_those_it_could_not() {
+    let docs: Vec<(String, Value)> = (0..300)
+        .map(|i| (format!("d{i}"), json!({"n": i})))
+        .collect();
+    let refs: Vec<(&str, Value)> = docs
+        .iter()
+        .map(|(id, v)| (id.as_str(), v.clone()))
+        .collect();
+    let col = Collection::create(&refs).await;
+    let worker = Worker::start().await;
+    let dir = tempdir();
+    let (input, failures) = (dir.join("ids.ndjson"), dir.join("failures.ndjson"));
+    let mut lines: Vec<String> = (0..300)
+        .map(|i| match i % 2 {
+            0 => json!(format!("d{i}")).to_string(),
+            _ => json!({"_id": format!("d{i}"), "note": "kept out"}).to_string(),
+        })
+        .collect();
+    lines.insert(100, json!({"_id": "nope"}).to_string());
+    lines.insert(200, json!({"id": "d0"}).to_string());
+    lines.insert(250, "5".to_owned());
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let mut command = loader(worker.request_queue(), &col, &input, &failures);
+    command.args(["--action", "mDelete"]);
+    let out = output(command).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&summary["lines"], &summary["updated"], &summary["failed"]),
+        (&json!(303), &json!(300), &json!(3)),
+        "{summary}"
+    );
+    assert!(stderr.contains("300 deleted, 3 failed"), "{stderr}");
+    let mut listed = records(&failures);
+    listed.sort_by_key(|f| f["line"].as_u64());
+    let listed: Vec<(Value, Value, Value)> = listed
+        .into_iter()
+        .map(|f| {
+            (
+                f["line"].clone(),
+                f["document"].clone(),
+                f["status"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (json!(101), json!({"_id": "nope"}), json!(404)),
+            (json!(201), json!({"id": "d0"}), json!(400)),
+            (json!(251), json!(5), json!(400)),
+        ]
+    );
+    for id in ["d0", "d1", "d299"] {
+        assert_eq!(col.get(id).await.1, 0, "{id} deleted");
+    }
+    worker.stop().await;
+}
+
+/// A single form sends one document: the loader refuses it before reading anything.
+#[tokio::test]
+async fn the_loader_takes_only_m_forms() {
+    let col = Collection::create(&[]).await;
+    let queue = fresh("mupdate.requests");
+    let dir = tempdir();
+    let (input, failures) = (dir.join("in.ndjson"), dir.join("failures.ndjson"));
+    std::fs::write(&input, "\"a\"\n").unwrap();
+    let mut command = loader(&queue, &col, &input, &failures);
+    command.args(["--action", "delete", "--timeout", "2"]);
+    let out = output(command).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--file sends m-forms"), "{stderr}");
+}

@@ -1,16 +1,17 @@
 #!/usr/bin/env node
-// Sends one document:mUpdate (or mUpsert) to mupdate-worker over RabbitMQ and waits for
-// its reply: an RPC over AMQP with amqplib.
+// Sends one document:mUpdate (or mUpsert, or mDelete) to mupdate-worker over RabbitMQ and
+// waits for its reply: an RPC over AMQP with amqplib.
 //
 //   node rpc_client.js --index shop --collection products \
 //       --documents '[{"_id": "p1", "body": {"price": 10}}]'
+//   node rpc_client.js --index shop --collection products --action mDelete --ids '["p1"]'
 //
 // The request is published to the worker's request queue with `replyTo` (an exclusive
 // server-named queue by default, or RabbitMQ's direct reply-to with --reply-queue direct)
 // and `correlationId` = the requestId; the reply with that correlationId is awaited at
 // most --timeout seconds.
 //
-// Exit codes: 0 all documents updated (200), 1 some failed (206: each is printed),
+// Exit codes: 0 all documents written (200), 1 some failed (206: each is printed),
 // 2 bad arguments, 3 the request failed as a whole (its status, error id and message are
 // printed), 4 no reply within --timeout, 5 the broker is unreachable or refused the
 // request (e.g. no such queue).
@@ -23,9 +24,13 @@ const amqp = require('amqplib');
 
 const DIRECT_REPLY_TO = 'amq.rabbitmq.reply-to';
 
+// What each action does to a document, as the output says it.
+const DONE = { mUpdate: 'updated', mUpsert: 'updated', mDelete: 'deleted' };
+
 function usage(message) {
-  console.error(`${message}\nusage: node rpc_client.js --index I --collection C --documents JSON|- ` +
-    '[--queue Q] [--url URL] [--action mUpdate|mUpsert] [--refresh wait_for|false] ' +
+  console.error(`${message}\nusage: node rpc_client.js --index I --collection C ` +
+    '(--documents JSON|- | --action mDelete --ids JSON|-) ' +
+    '[--queue Q] [--url URL] [--action mUpdate|mUpsert|mDelete] [--refresh wait_for|false] ' +
     '[--timeout SECONDS] [--reply-queue exclusive|direct]');
   process.exit(2);
 }
@@ -41,6 +46,7 @@ function options() {
         collection: { type: 'string' },
         action: { type: 'string', default: 'mUpdate' },
         documents: { type: 'string' },
+        ids: { type: 'string' },
         refresh: { type: 'string' },
         timeout: { type: 'string', default: '10' },
         'reply-queue': { type: 'string', default: 'exclusive' },
@@ -49,25 +55,27 @@ function options() {
   } catch (e) {
     usage(e.message);
   }
-  for (const key of ['index', 'collection', 'documents']) {
+  if (!(values.action in DONE)) usage('--action: mUpdate, mUpsert or mDelete');
+  // mDelete lists ids (`body.ids`); the others, documents (`body.documents`).
+  const listed = values.action === 'mDelete' ? 'ids' : 'documents';
+  for (const key of ['index', 'collection', listed]) {
     if (values[key] === undefined) usage(`--${key} is required`);
   }
-  if (!['mUpdate', 'mUpsert'].includes(values.action)) usage('--action: mUpdate or mUpsert');
   if (!['exclusive', 'direct'].includes(values['reply-queue'])) usage('--reply-queue: exclusive or direct');
   if (values.refresh !== undefined && !['wait_for', 'false'].includes(values.refresh)) usage('--refresh: wait_for or false');
   const timeout = Number(values.timeout);
   if (!(timeout > 0)) usage('--timeout: a number of seconds');
-  let documents;
+  let entries;
   try {
-    documents = JSON.parse(values.documents === '-' ? fs.readFileSync(0, 'utf8') : values.documents);
+    entries = JSON.parse(values[listed] === '-' ? fs.readFileSync(0, 'utf8') : values[listed]);
   } catch (e) {
-    usage(`--documents must be a JSON array: ${e.message}`);
+    usage(`--${listed} must be a JSON array: ${e.message}`);
   }
-  if (!Array.isArray(documents)) usage('--documents must be a JSON array');
-  return { ...values, timeout, documents };
+  if (!Array.isArray(entries)) usage(`--${listed} must be a JSON array`);
+  return { ...values, timeout, body: { [listed]: entries } };
 }
 
-function report(reply) {
+function report(reply, done) {
   const { status } = reply;
   const result = reply.result || {};
   const error = reply.error || {};
@@ -76,14 +84,17 @@ function report(reply) {
     const hits = result.hits || result.successes || [];
     const errors = error.errors || result.errors || [];
     for (const hit of hits) {
-      console.log(`updated ${hit._id} version ${hit._version} status ${hit.status}`);
+      // mDelete's v2 successes are the deleted ids.
+      if (typeof hit === 'string') console.log(`${done} ${hit}`);
+      else console.log(`${done} ${hit._id} version ${hit._version} status ${hit.status}`);
     }
     for (const failed of errors) {
-      const doc = failed.document;
+      // mDelete's errors are `{_id, reason, status}`; the others echo the document.
+      const doc = 'document' in failed ? failed.document : failed;
       const id = doc && typeof doc === 'object' ? doc._id : doc;
       console.log(`failed ${id} status ${failed.status}: ${failed.reason}`);
     }
-    console.log(`${status}: ${hits.length} updated, ${errors.length} failed`);
+    console.log(`${status}: ${hits.length} ${done}, ${errors.length} failed`);
     return errors.length === 0 ? 0 : 1;
   }
   console.log(`${status} ${error.id}: ${error.message}`);
@@ -99,7 +110,7 @@ async function main() {
     controller: 'document',
     action: args.action,
     requestId,
-    body: { documents: args.documents },
+    body: args.body,
   };
   if (args.refresh !== undefined) envelope.refresh = args.refresh;
 
@@ -148,7 +159,7 @@ async function main() {
       console.error(`no reply to ${requestId} within ${args.timeout} s`);
       return 4;
     }
-    return report(JSON.parse(got.reply.toString('utf8')));
+    return report(JSON.parse(got.reply.toString('utf8')), DONE[args.action]);
   } catch (e) {
     console.error(`broker error: ${e.message}`);
     return 5;

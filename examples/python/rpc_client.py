@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Sends one document:mUpdate (or mUpsert) to mupdate-worker over RabbitMQ and waits for
+"""Sends one document:mUpdate (or mUpsert, or mCreate) to mupdate-worker over RabbitMQ and waits for
 its reply: an RPC over AMQP with pika.
 
     python rpc_client.py --index shop --collection products \
@@ -10,7 +10,10 @@ direct reply-to by default, or an exclusive server-named queue with --reply-queu
 exclusive) and `correlation_id` = the requestId; the reply with that correlation_id
 is awaited at most --timeout seconds.
 
-Exit codes: 0 all documents updated (200), 1 some failed (206: each is printed),
+mCreate takes documents {"body"} or {"_id", "body"}: a document left without an _id gets
+one made for it.
+
+Exit codes: 0 all documents written (200), 1 some failed (206: each is printed),
 2 bad arguments, 3 the request failed as a whole (its status, error id and message
 are printed), 4 no reply within --timeout, 5 the broker is unreachable or refused the
 request (e.g. no such queue).
@@ -28,6 +31,9 @@ import pika.exceptions
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
+# What each action does to a document, as the output says it.
+DONE = {"mUpdate": "updated", "mUpsert": "updated", "mCreate": "created"}
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,9 +43,10 @@ def parse_args():
                    help="the worker's request queue (env MUPDATE_QUEUE)")
     p.add_argument("--index", required=True, help="Kuzzle index")
     p.add_argument("--collection", required=True, help="Kuzzle collection")
-    p.add_argument("--action", default="mUpdate", choices=["mUpdate", "mUpsert"])
+    p.add_argument("--action", default="mUpdate", choices=list(DONE))
     p.add_argument("--documents", required=True,
-                   help='a JSON array of {"_id", "body"} (mUpsert: {"_id", "changes", "default"}), or - for stdin')
+                   help='a JSON array of {"_id", "body"} (mUpsert: {"_id", "changes", "default"}; '
+                        'mCreate: {"_id"?, "body"}), or - for stdin')
     p.add_argument("--refresh", choices=["wait_for", "false"], help="wait_for: reply once searchable")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
     p.add_argument("--reply-queue", choices=["direct", "exclusive"], default="direct",
@@ -120,7 +127,7 @@ def main():
                 print(f"no reply to {request_id} within {args.timeout:g} s", file=sys.stderr)
                 return 4
             connection.process_data_events(time_limit=min(left, 0.5))
-        return report(json.loads(reply["body"]))
+        return report(json.loads(reply["body"]), DONE[args.action])
     except pika.exceptions.AMQPError as e:
         print(f"broker error: {e!r}", file=sys.stderr)
         return 5
@@ -129,7 +136,7 @@ def main():
             connection.close()
 
 
-def report(reply):
+def report(reply, done):
     status = reply.get("status")
     result = reply.get("result") or {}
     error = reply.get("error") or {}
@@ -138,12 +145,12 @@ def report(reply):
         hits = result.get("hits", result.get("successes", []))
         errors = error.get("errors", result.get("errors", []))
         for hit in hits:
-            print(f"updated {hit.get('_id')} version {hit.get('_version')} status {hit.get('status')}")
+            print(f"{done} {hit.get('_id')} version {hit.get('_version')} status {hit.get('status')}")
         for failed in errors:
             doc = failed.get("document") or {}
             doc_id = doc.get("_id") if isinstance(doc, dict) else doc
             print(f"failed {doc_id} status {failed.get('status')}: {failed.get('reason')}")
-        print(f"{status}: {len(hits)} updated, {len(errors)} failed")
+        print(f"{status}: {len(hits)} {done}, {len(errors)} failed")
         return 0 if not errors else 1
     print(f"{status} {error.get('id')}: {error.get('message')}")
     return 3

@@ -1,5 +1,7 @@
-//! The batch loader behind `mupdate-worker send --file`: reads one document per line
-//! (`{"_id", "body"}` for mUpdate, `{"_id", "changes", "default"}` for mUpsert), sends
+//! The batch loader behind `mupdate-worker send --file`: reads one document per line in
+//! its m-form's shape (`{"_id", "body"}` for mUpdate, mReplace, and mCreate and
+//! mCreateOrReplace where `_id` may be left out; `{"_id", "changes", "default"}` for
+//! mUpsert; for mDelete, an id: `"a"` or `{"_id": "a"}`), sends
 //! requests of at most `batch` documents and `max_bytes` bytes with a bounded number in
 //! flight, records every failed document, and tallies a summary. Memory stays bounded
 //! whatever the file holds: lines are read as they are sent, each with a bounded reader
@@ -21,7 +23,8 @@ use crate::client::{self, Client};
 
 /// What the loader is told to do.
 pub struct Job {
-    /// `mUpdate` or `mUpsert`.
+    /// An m-form: `mUpdate`, `mUpsert`, `mCreate`, `mCreateOrReplace`, `mReplace` or
+    /// `mDelete`.
     pub action: String,
     pub queue: String,
     pub index: String,
@@ -55,10 +58,10 @@ impl Frame {
         );
         let text = envelope.to_string();
         // Structural: inside a JSON string a quote is escaped, so this can't be in a name.
-        const EMPTY: &str = "\"documents\":[]";
+        let empty = format!("\"{}\":[]", client::listed_key(&job.action));
         let at = text
-            .rfind(EMPTY)
-            .map_or(text.len(), |at| at + EMPTY.len() - 1);
+            .rfind(&empty)
+            .map_or(text.len(), |at| at + empty.len() - 1);
         Frame {
             head: text[..at].to_owned(),
             tail: text[at..].to_owned(),
@@ -71,14 +74,14 @@ impl Frame {
     }
 
     fn envelope(&self, documents: &[Document]) -> Vec<u8> {
-        let bytes: usize = documents.iter().map(|d| d.raw.get().len()).sum();
+        let bytes: usize = documents.iter().map(|d| d.sent().get().len()).sum();
         let mut body = Vec::with_capacity(self.size(bytes, documents.len()));
         body.extend_from_slice(self.head.as_bytes());
         for (i, document) in documents.iter().enumerate() {
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(document.raw.get().as_bytes());
+            body.extend_from_slice(document.sent().get().as_bytes());
         }
         body.extend_from_slice(self.tail.as_bytes());
         body
@@ -89,6 +92,30 @@ impl Frame {
 struct Document {
     line: u64,
     raw: Box<RawValue>,
+    /// What the request carries instead of `raw`: an mDelete line's `_id`, as written.
+    id: Option<Box<RawValue>>,
+}
+
+impl Document {
+    /// What the request carries for this line.
+    fn sent(&self) -> &RawValue {
+        self.id.as_deref().unwrap_or(&self.raw)
+    }
+}
+
+/// The id an mDelete line stands for when it is an object: its `_id`, as written
+/// (`None`: the line itself is sent, an id or any other value, which the worker answers
+/// as Kuzzle does).
+fn delete_id(raw: &RawValue) -> Result<Option<Box<RawValue>>, String> {
+    if !raw.get().starts_with('{') {
+        return Ok(None);
+    }
+    let mut members: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
+    members
+        .remove("_id")
+        .map(Some)
+        .ok_or_else(|| "an id to delete is a JSON string or an object with an _id".into())
 }
 
 /// One line of the input, read with at most `limit` bytes held.
@@ -164,6 +191,8 @@ fn next_line(
 pub struct Summary {
     pub lines: u64,
     pub sent: u64,
+    /// Documents the action wrote (updated, created, replaced or deleted): `updated` for
+    /// every action, as the summary has always named it.
     pub updated: u64,
     pub failed: u64,
     /// "status reason" (reason of the first failure with that status) → count.
@@ -250,6 +279,7 @@ where
         failures,
     }));
     let frame = Arc::new(Frame::of(job));
+    let deletes = client::listed_key(&job.action) == "ids";
     // The largest document a request can carry alone.
     let max_document = job.max_bytes.saturating_sub(frame.size(0, 1));
     let permits = Arc::new(Semaphore::new(job.in_flight.max(1)));
@@ -310,7 +340,21 @@ where
                 continue;
             }
         };
-        let size = raw.get().len();
+        let id = if deletes {
+            match delete_id(&raw) {
+                Ok(id) => id,
+                Err(reason) => {
+                    shared
+                        .lock()
+                        .await
+                        .failure(Some(number), raw.get(), 400, &reason);
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let size = id.as_deref().unwrap_or(&raw).get().len();
         if size > max_document {
             shared.lock().await.failure(
                 Some(number),
@@ -336,7 +380,11 @@ where
             }
         }
         batch_bytes += size;
-        batch.push(Document { line: number, raw });
+        batch.push(Document {
+            line: number,
+            raw,
+            id,
+        });
         if batch.len() >= job.batch {
             let documents = std::mem::take(&mut batch);
             batch_bytes = 0;
@@ -443,22 +491,34 @@ async fn send_batch<W: Write>(
             .map(Vec::as_slice)
             .unwrap_or_default();
         // The errors come in the request's order: each is the next document equal to
-        // the one it echoes, whose line is then known.
+        // the one it echoes (mDelete's: the next whose id is its `_id`), whose line is
+        // then known.
         let mut next = 0;
         for error in errors {
             let status = error["status"].as_u64().unwrap_or(0) as u16;
             let reason = error["reason"].as_str().unwrap_or_default();
-            let echoed = &error["document"];
-            let line = documents[next..]
-                .iter()
-                .position(|d| {
-                    serde_json::from_str::<Value>(d.raw.get()).is_ok_and(|v| v == *echoed)
-                })
-                .map(|at| {
+            let (echoed, by_id) = match error.get("document") {
+                Some(document) => (document, false),
+                None => (&error["_id"], true),
+            };
+            let found = documents[next..].iter().position(|d| {
+                let sent = if by_id { d.sent() } else { &*d.raw };
+                serde_json::from_str::<Value>(sent.get()).is_ok_and(|v| v == *echoed)
+            });
+            match found {
+                Some(at) => {
                     next += at + 1;
-                    documents[next - 1].line
-                });
-            shared.failure(line, &echoed.to_string(), status, reason);
+                    let document = &documents[next - 1];
+                    // An id is listed as its line wrote it; a document as echoed.
+                    let listed = if by_id {
+                        document.raw.get().to_owned()
+                    } else {
+                        echoed.to_string()
+                    };
+                    shared.failure(Some(document.line), &listed, status, reason);
+                }
+                None => shared.failure(None, &echoed.to_string(), status, reason),
+            }
         }
     } else {
         let reason = reply["error"]["message"]
@@ -530,6 +590,7 @@ mod tests {
         .map(|(i, text)| Document {
             line: i as u64,
             raw: serde_json::from_str(text).unwrap(),
+            id: None,
         })
         .collect();
         let body = frame.envelope(&documents);
@@ -547,6 +608,44 @@ mod tests {
         assert_eq!(envelope["refresh"], "wait_for");
         assert_eq!(envelope["body"]["documents"].as_array().unwrap().len(), 2);
         assert_eq!(frame.envelope(&[]).len(), frame.size(0, 0));
+    }
+
+    #[test]
+    fn an_mdelete_request_lists_each_line_s_id_as_written() {
+        let job = Job {
+            action: "mDelete".into(),
+            queue: "q".into(),
+            index: "i".into(),
+            collection: "c".into(),
+            batch: 10,
+            max_bytes: 1000,
+            in_flight: 1,
+            refresh: None,
+            retry_on_conflict: None,
+            timeout: Duration::from_secs(1),
+        };
+        let frame = Frame::of(&job);
+        let documents: Vec<Document> = [r#""a""#, r#"{"x":[1],"_id":"b"}"#, "5"]
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let raw: Box<RawValue> = serde_json::from_str(text).unwrap();
+                let id = delete_id(&raw).unwrap();
+                Document {
+                    line: i as u64,
+                    raw,
+                    id,
+                }
+            })
+            .collect();
+        let body = frame.envelope(&documents);
+        let bytes: usize = documents.iter().map(|d| d.sent().get().len()).sum();
+        assert_eq!(body.len(), frame.size(bytes, 3));
+        let envelope: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(envelope["action"], "mDelete");
+        assert_eq!(envelope["body"], json!({"ids": ["a", "b", 5]}));
+        let raw: Box<RawValue> = serde_json::from_str(r#"{"id":"a"}"#).unwrap();
+        assert!(delete_id(&raw).unwrap_err().contains("_id"));
     }
 
     #[test]

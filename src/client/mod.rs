@@ -10,9 +10,10 @@ use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
 
+use crate::pipeline::envelope::Action;
 use crate::pipeline::reply::DIRECT_REPLY_TO;
 use crate::security::tls::AmqpTls;
 
@@ -201,7 +202,30 @@ pub fn read_documents(text: &str) -> Result<Vec<Value>, ClientError> {
         .collect()
 }
 
-/// An mUpdate or mUpsert (`action`) envelope.
+/// The key of an m-form's body that lists its entries: `ids` for `mDelete`, else
+/// `documents`.
+pub fn listed_key(action: &str) -> &'static str {
+    match Action::from_name(action) {
+        Some((Action::Delete, _)) => "ids",
+        _ => "documents",
+    }
+}
+
+/// The id an `mDelete` entry stands for: a JSON string is the id, an object gives its
+/// `_id`; any other value is sent as it is (the worker answers it, as Kuzzle does,
+/// "document _id must be a string").
+pub fn delete_id(entry: &Value) -> Result<Value, String> {
+    match entry {
+        Value::Object(object) => object
+            .get("_id")
+            .cloned()
+            .ok_or_else(|| "an id to delete is a JSON string or an object with an _id".into()),
+        other => Ok(other.clone()),
+    }
+}
+
+/// The envelope of an m-form `action` (`mDelete`: `documents` are its ids) around
+/// `documents`, as they are.
 pub fn envelope(
     action: &str,
     index: &str,
@@ -213,7 +237,7 @@ pub fn envelope(
     let mut envelope = json!({
         "controller": "document", "action": action,
         "index": index, "collection": collection,
-        "body": {"documents": documents}});
+        "body": {listed_key(action): documents}});
     if let Some(refresh) = refresh {
         envelope["refresh"] = refresh.into();
     }
@@ -221,6 +245,103 @@ pub fn envelope(
         envelope["retryOnConflict"] = retries.into();
     }
     envelope
+}
+
+/// What `send` builds a request from.
+pub struct Target<'a> {
+    pub action: &'a str,
+    pub index: &'a str,
+    pub collection: &'a str,
+    pub refresh: Option<&'a str>,
+    pub retry_on_conflict: Option<u32>,
+}
+
+/// The envelope of any action of `Action::names()`, from entries in the shape of its
+/// m-form (`{_id, body}`, `{_id, changes, default}`; for a delete, an id or `{_id}`).
+/// An m-form lists them (`body.documents`, or `body.ids` for `mDelete`); a single form
+/// takes exactly one, as Kuzzle's does: its `_id` beside the body (`id`, when given,
+/// stands for it), the rest as `body` (`{changes, default}` for `upsert`; none for
+/// `delete`).
+pub fn request(
+    target: &Target,
+    mut documents: Vec<Value>,
+    id: Option<&str>,
+) -> Result<Value, ClientError> {
+    let input = |m: String| ClientError::Input(m);
+    let Some((action, single)) = Action::from_name(target.action) else {
+        return Err(input(format!("unknown action {:?}", target.action)));
+    };
+    if !single {
+        if id.is_some() {
+            return Err(input("--id is for a single-document action".into()));
+        }
+        if action == Action::Delete {
+            documents = documents
+                .iter()
+                .enumerate()
+                .map(|(n, entry)| delete_id(entry).map_err(|e| input(format!("id {}: {e}", n + 1))))
+                .collect::<Result<_, _>>()?;
+        }
+        return Ok(envelope(
+            target.action,
+            target.index,
+            target.collection,
+            documents,
+            target.refresh,
+            target.retry_on_conflict,
+        ));
+    }
+    let mut entry = match (documents.len(), id, action) {
+        (0, Some(_), Action::Delete) => Value::Object(Map::new()),
+        (1, ..) => documents.pop().unwrap_or_default(),
+        (count, ..) => {
+            return Err(input(format!(
+                "{} takes one document, not {count}",
+                target.action
+            )));
+        }
+    };
+    if action == Action::Delete && !entry.is_object() {
+        entry = json!({ "_id": entry });
+    }
+    let Value::Object(mut entry) = entry else {
+        return Err(input(format!(
+            "the document of {} is an object",
+            target.action
+        )));
+    };
+    let mut envelope = envelope(
+        target.action,
+        target.index,
+        target.collection,
+        Vec::new(),
+        target.refresh,
+        target.retry_on_conflict,
+    );
+    envelope.as_object_mut().map(|e| e.remove("body"));
+    if let Some(id) = id {
+        entry.insert("_id".into(), id.into());
+    }
+    if let Some(id) = entry.remove("_id") {
+        envelope["_id"] = id;
+    }
+    let body = match action {
+        Action::Delete => None,
+        Action::Upsert => {
+            let mut body = Map::new();
+            for key in ["changes", "default"] {
+                if let Some(part) = entry.remove(key) {
+                    body.insert(key.into(), part);
+                }
+            }
+            Some(Value::Object(body))
+        }
+        _ => entry.remove("body"),
+    };
+    if let Some(body) = body {
+        envelope["body"] = body;
+    }
+    Ok(envelope)
 }
 
 #[cfg(test)]
@@ -234,5 +355,53 @@ mod tests {
         assert_eq!(read_documents("[{\"_id\":\"a\"}]").unwrap().len(), 1);
         let err = read_documents("{}\n{nope").unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    fn target(action: &str) -> Target<'_> {
+        Target {
+            action,
+            index: "i",
+            collection: "c",
+            refresh: None,
+            retry_on_conflict: None,
+        }
+    }
+
+    #[test]
+    fn every_action_is_built_as_kuzzle_takes_it() {
+        let doc = json!({"_id": "a", "body": {"n": 1}});
+        let made = request(&target("mCreate"), vec![doc.clone()], None).unwrap();
+        assert_eq!(made["body"], json!({"documents": [doc]}));
+        let ids = vec![json!("a"), json!({"_id": "b"}), json!(5)];
+        let made = request(&target("mDelete"), ids, None).unwrap();
+        assert_eq!(made["body"], json!({"ids": ["a", "b", 5]}));
+        let err = request(&target("mDelete"), vec![json!({"x": 1})], None).unwrap_err();
+        assert!(err.to_string().contains("id 1"), "{err}");
+
+        let made = request(&target("replace"), vec![doc.clone()], None).unwrap();
+        assert_eq!(
+            (&made["_id"], &made["body"]),
+            (&json!("a"), &json!({"n": 1}))
+        );
+        assert_eq!(made["action"], "replace");
+        let upsert = json!({"_id": "a", "changes": {"n": 2}, "default": {"d": 1}});
+        let made = request(&target("upsert"), vec![upsert], None).unwrap();
+        assert_eq!(
+            made["body"],
+            json!({"changes": {"n": 2}, "default": {"d": 1}})
+        );
+        let made = request(&target("create"), vec![json!({"body": {}})], None).unwrap();
+        assert_eq!((made.get("_id"), &made["body"]), (None, &json!({})));
+        let made = request(&target("delete"), vec![], Some("z")).unwrap();
+        assert_eq!((&made["_id"], made.get("body")), (&json!("z"), None));
+        let made = request(&target("delete"), vec![json!("y")], None).unwrap();
+        assert_eq!(made["_id"], "y");
+        let made = request(&target("update"), vec![doc.clone()], Some("b")).unwrap();
+        assert_eq!(made["_id"], "b");
+
+        let two = vec![doc.clone(), doc.clone()];
+        assert!(request(&target("update"), two, None).is_err());
+        assert!(request(&target("mUpdate"), vec![doc.clone()], Some("a")).is_err());
+        assert!(request(&target("mFrobnicate"), vec![doc], None).is_err());
     }
 }

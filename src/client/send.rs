@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::client::{self, Client};
+use crate::client::{self, Client, Target};
 use crate::config::Settings;
+use crate::pipeline::envelope::Action;
 
 #[derive(Args)]
 pub struct SendArgs {
     /// A whole envelope (JSON), or `-` for stdin. Not with --index/--collection.
-    #[arg(conflicts_with_all = ["index", "collection", "documents", "file"])]
+    #[arg(conflicts_with_all = ["index", "collection", "documents", "id", "file"])]
     pub(super) envelope: Option<PathBuf>,
     /// Build the envelope: Kuzzle index.
     #[arg(long, requires = "collection")]
@@ -22,11 +23,13 @@ pub struct SendArgs {
     /// Build the envelope: Kuzzle collection.
     #[arg(long)]
     pub(super) collection: Option<String>,
-    /// One request: its documents as NDJSON or a JSON array, or `-` for stdin.
+    /// One request: its documents (mDelete: its ids) as NDJSON or a JSON array, or `-`
+    /// for stdin.
     #[arg(long, conflicts_with = "file")]
     pub(super) documents: Option<PathBuf>,
-    /// Batch load: one `{"_id", "body"}` a line (or `-` for stdin), sent in requests of
-    /// at most `limits.documents_write_count` documents, with progress and a summary.
+    /// Batch load: one document a line in the --action's shape (an m-form; one id a line
+    /// for mDelete), or `-` for stdin, sent in requests of at most
+    /// `limits.documents_write_count` documents, with progress and a summary.
     #[arg(long)]
     pub(super) file: Option<PathBuf>,
     /// Batch load: write every failed document, with its status and reason, here (NDJSON).
@@ -35,9 +38,16 @@ pub struct SendArgs {
     /// Batch load: requests awaiting their reply at once.
     #[arg(long, default_value_t = 4)]
     pub(super) in_flight: usize,
-    /// `mUpdate` (documents `{"_id", "body"}`) or `mUpsert` (`{"_id", "changes", "default"}`).
-    #[arg(long, default_value = "mUpdate", value_parser = ["mUpdate", "mUpsert"])]
+    /// Any write of Kuzzle's document controller. Documents in the m-form's shape:
+    /// `{"_id", "body"}` (`{"_id"?, "body"}` for mCreate and mCreateOrReplace),
+    /// `{"_id", "changes", "default"}` for mUpsert, an id (`"a"` or `{"_id": "a"}`) for
+    /// mDelete. A single form (`update`, `delete`, …) takes exactly one such document.
+    #[arg(long, default_value = "mUpdate", value_parser = action_names())]
     pub(super) action: String,
+    /// A single form's `_id` (it stands for the document's own; `delete` needs no
+    /// --documents with it).
+    #[arg(long, conflicts_with = "file")]
+    pub(super) id: Option<String>,
     /// `wait_for` to reply only once the documents are searchable.
     #[arg(long)]
     pub(super) refresh: Option<String>,
@@ -46,6 +56,10 @@ pub struct SendArgs {
     /// Seconds to wait for the reply.
     #[arg(long, default_value_t = 30)]
     pub(super) timeout: u64,
+}
+
+fn action_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(Action::names())
 }
 
 fn read_input(path: &PathBuf) -> std::io::Result<String> {
@@ -62,27 +76,25 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode
     if args.file.is_some() {
         return super::send_file::run(settings, args).await;
     }
-    let body = match (
-        &args.envelope,
-        &args.index,
-        &args.collection,
-        &args.documents,
-    ) {
+    let body = match (&args.envelope, &args.index, &args.collection) {
         (Some(path), ..) => read_input(path)?.into_bytes(),
-        (None, Some(index), Some(collection), Some(docs)) => {
-            let documents = client::read_documents(&read_input(docs)?)?;
-            let envelope = client::envelope(
-                &args.action,
+        (None, Some(index), Some(collection)) if args.documents.is_some() || args.id.is_some() => {
+            let documents = match &args.documents {
+                Some(docs) => client::read_documents(&read_input(docs)?)?,
+                None => Vec::new(),
+            };
+            let target = Target {
+                action: &args.action,
                 index,
                 collection,
-                documents,
-                args.refresh.as_deref(),
-                args.retry_on_conflict,
-            );
+                refresh: args.refresh.as_deref(),
+                retry_on_conflict: args.retry_on_conflict,
+            };
+            let envelope = client::request(&target, documents, args.id.as_deref())?;
             serde_json::to_vec(&envelope)?
         }
         _ => anyhow::bail!(
-            "give an envelope file, or --index, --collection and --documents or --file"
+            "give an envelope file, or --index, --collection and --documents (or --id) or --file"
         ),
     };
     let client = Client::connect_any(&settings.amqp).await?;

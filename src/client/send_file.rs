@@ -13,6 +13,18 @@ use super::Client;
 use super::loader::{self, Job, Report, Summary};
 use super::send::SendArgs;
 use crate::config::Settings;
+use crate::pipeline::envelope::Action;
+
+/// What the summary line says the action did to a document.
+fn participle(action: Action) -> &'static str {
+    match action {
+        Action::Update | Action::Upsert => "updated",
+        Action::Create => "created",
+        Action::CreateOrReplace => "written",
+        Action::Replace => "replaced",
+        Action::Delete => "deleted",
+    }
+}
 
 /// A bar on a terminal; a plain line every few seconds otherwise.
 enum Progress {
@@ -61,6 +73,13 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode
     let (Some(index), Some(collection), Some(path)) = (&args.index, &args.collection, &args.file)
     else {
         anyhow::bail!("--file needs --index and --collection");
+    };
+    let participle = match Action::from_name(&args.action) {
+        Some((action, false)) => participle(action),
+        _ => anyhow::bail!(
+            "--file sends m-forms (mUpdate, mUpsert, mCreate, mCreateOrReplace, mReplace, mDelete), not {}",
+            args.action
+        ),
     };
     let stdin = path.as_os_str() == "-";
     let input: Box<dyn BufRead + Send> = if stdin {
@@ -118,7 +137,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode
         bar.finish_and_clear();
     }
     eprintln!(
-        "{}: {} updated, {} failed of {} lines ({} sent) in {:.1} s, {:.0} documents/s",
+        "{}: {} {participle}, {} failed of {} lines ({} sent) in {:.1} s, {:.0} documents/s",
         if summary.interrupted {
             "interrupted"
         } else {
