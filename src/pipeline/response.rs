@@ -306,17 +306,10 @@ fn participle(action: Action) -> &'static str {
 }
 
 /// A failed document in an m-form's `errors`: `{document, status, reason}` with the
-/// entry as sent (mDelete's as `{"_id": id}`); in v2, mDelete's as Kuzzle lists them,
-/// `{_id, reason, status}`.
-fn failure(
-    request: &Request,
-    document: &Value,
-    status: u16,
-    reason: &str,
-    format: Format,
-    shape: Shape,
-) -> Value {
-    if request.action == Action::Delete && format == Format::V2 {
+/// entry as sent; mDelete's, in either format, as Kuzzle lists them: `{_id, reason,
+/// status}` (it has no document to echo).
+fn failure(request: &Request, document: &Value, status: u16, reason: &str, shape: Shape) -> Value {
+    if request.action == Action::Delete {
         let id = document.get("_id").cloned().unwrap_or(Value::Null);
         return json!({"_id": id, "reason": reason, "status": status});
     }
@@ -341,7 +334,7 @@ pub fn documents_response(
                 document,
                 status,
                 reason,
-            } => Some(failure(request, document, *status, reason, format, shape)),
+            } => Some(failure(request, document, *status, reason, shape)),
             Outcome::Written { .. } => None,
         })
         .collect();
