@@ -405,6 +405,16 @@ const fn only(case: &'static str, paths: &'static [&'static str], why: &'static 
     }
 }
 
+const UPSERT_CREATED_INFO: &[&str] = &[
+    "stored[*]._source._kuzzle_info.author",
+    "stored[*]._source._kuzzle_info.createdAt",
+    "stored[*]._source._kuzzle_info.updatedAt",
+    "stored[*]._source._kuzzle_info.updater",
+];
+const UPSERT_CREATED_WHY: &str = "(the helper's reading, for the lead to confirm) an upsert \
+     that creates stores {author, createdAt} as mUpsert does; Kuzzle 2.56's upsert lets the \
+     changes' {updatedAt, updater} replace the default's metadata ({...default, ...changes})";
+
 /// Every difference allowed: any other one fails the comparison.
 const DELIBERATE: &[Deliberate] = &[
     everywhere(
@@ -489,6 +499,15 @@ const DELIBERATE: &[Deliberate] = &[
          failures carry {_source: {_kuzzle_info, …}, _id}",
     ),
     only(
+        "mUpsert mapping clash",
+        &[
+            "result.errors[*].document._source",
+            "result.errors[*].document.changes",
+        ],
+        "a failure carries its entry exactly as sent ({_id, changes}); Kuzzle's engine-level \
+         failures carry {_source: {changes, default} with its metadata, _id}",
+    ),
+    only(
         "mCreate body missing",
         &["status", "error"],
         "Kuzzle 2.56 fails with a 500 (reading 'documents' of null); the worker: 400 \
@@ -542,17 +561,19 @@ const DELIBERATE: &[Deliberate] = &[
         "each id is one delete, in input order: an id's second delete is a 404 error; \
          Kuzzle deletes by query, once, listing the id once",
     ),
+    only("upsert creates", UPSERT_CREATED_INFO, UPSERT_CREATED_WHY),
     only(
-        "upsert creates",
-        &[
-            "stored[*]._source._kuzzle_info.author",
-            "stored[*]._source._kuzzle_info.createdAt",
-            "stored[*]._source._kuzzle_info.updatedAt",
-            "stored[*]._source._kuzzle_info.updater",
-        ],
-        "(the helper's reading, for the lead to confirm) an upsert that creates stores \
-         {author, createdAt} as mUpsert does; Kuzzle 2.56's upsert lets the changes' \
-         {updatedAt, updater} replace the default's metadata (`{...default, ...changes}`)",
+        "upsert default clash, overridden",
+        UPSERT_CREATED_INFO,
+        UPSERT_CREATED_WHY,
+    ),
+    only(
+        "mUpsert default clash, overridden",
+        &["result", "stored"],
+        "(the helper's proposal, for the lead to confirm) a created document is default \
+         and changes merged, a key of both taking the changes' value (README), as Kuzzle's \
+         single upsert does; Kuzzle 2.56's mUpsert has the engine parse the default as \
+         sent, so a default field the changes override still fails the mapping",
     ),
 ];
 
@@ -752,6 +773,19 @@ fn cases() -> Vec<Case> {
                    {"_id": "d3", "changes": {"n": 3}, "default": [1]},
                    {"changes": {"n": 0}},
                    {"_id": "d4", "default": {"n": 4}}]),
+        ),
+        case(
+            "mUpsert mapping clash",
+            "mUpsert",
+            wait(),
+            json!([{"_id": "d1", "changes": {"n": "not a number"}},
+                   {"_id": "d2", "changes": {"n": 20}}]),
+        ),
+        case(
+            "mUpsert default clash, overridden",
+            "mUpsert",
+            wait(),
+            json!([{"_id": "d7", "changes": {"n": 7}, "default": {"n": "not a number"}}]),
         ),
         case(
             "mUpsert strict with a failure",
@@ -994,6 +1028,18 @@ fn cases() -> Vec<Case> {
             json!([{"_id": "d1", "body": {"n": 10}}, {"_id": "d7", "body": {"n": 7}}]),
         ),
         case(
+            "mCreateOrReplace strict, all succeed",
+            "mCreateOrReplace",
+            strict(),
+            json!([{"_id": "d1", "body": {"n": 10}}, {"_id": "d7", "body": {"n": 7}}]),
+        ),
+        case(
+            "mCreateOrReplace refresh false",
+            "mCreateOrReplace",
+            json!({"refresh": false}),
+            json!([{"_id": "d7", "body": {"n": 7}}]),
+        ),
+        case(
             "mCreateOrReplace empty",
             "mCreateOrReplace",
             wait(),
@@ -1077,6 +1123,12 @@ fn cases() -> Vec<Case> {
             json!({"refresh": "wait_for", "source": false}),
             json!([{"_id": "d1", "body": {"n": 10}}]),
         ),
+        case(
+            "mReplace strict, all succeed",
+            "mReplace",
+            strict(),
+            json!([{"_id": "d1", "body": {"n": 10}}]),
+        ),
         case("mReplace empty", "mReplace", wait(), json!([])),
         case("mReplace 201 documents", "mReplace", wait(), many("m")),
         case(
@@ -1088,6 +1140,13 @@ fn cases() -> Vec<Case> {
         // ---------------------------------------------------------------- delete
         single("delete", "delete", wait(), Some("d1"), None),
         single("delete missing", "delete", wait(), Some("d9"), None),
+        single(
+            "delete silent",
+            "delete",
+            json!({"refresh": "wait_for", "silent": true}),
+            Some("d1"),
+            None,
+        ),
         single(
             "delete source",
             "delete",
@@ -1153,6 +1212,22 @@ fn cases() -> Vec<Case> {
         Case {
             from_source: mdelete_source(json!({"errors": [], "successes": []}), &[]),
             ..mdelete("mDelete empty", wait(), Some(json!({"ids": []})))
+        },
+        Case {
+            from_source: mdelete_source(json!({"errors": [], "successes": ["d1"]}), &["d1"]),
+            ..mdelete(
+                "mDelete strict, all succeed",
+                strict(),
+                Some(json!({"ids": ["d1"]})),
+            )
+        },
+        Case {
+            from_source: mdelete_source(json!({"errors": [], "successes": ["d1"]}), &["d1"]),
+            ..mdelete(
+                "mDelete silent",
+                json!({"refresh": "wait_for", "silent": true}),
+                Some(json!({"ids": ["d1"]})),
+            )
         },
         mdelete("mDelete body missing", wait(), None),
         mdelete("mDelete ids missing", wait(), Some(json!({}))),
@@ -1235,6 +1310,13 @@ fn cases() -> Vec<Case> {
             wait(),
             Some("d1"),
             Some(json!({"changes": {"n": "not a number"}})),
+        ),
+        single(
+            "upsert default clash, overridden",
+            "upsert",
+            wait(),
+            Some("d7"),
+            Some(json!({"changes": {"n": 7}, "default": {"n": "not a number"}})),
         ),
         single(
             "upsert changes missing",
