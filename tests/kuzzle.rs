@@ -1670,6 +1670,14 @@ async fn run_case(index: &KuzzleIndex, worker: &Worker, n: usize, case: &Case) -
             &mut diffs,
         );
     }
+    if !case.unknown_collection {
+        // Each collection is a shard of the shared engine, and Kuzzle's index:delete
+        // names every collection in one engine URL (over 4 KiB past ~100 collections,
+        // which the engine refuses): the twins go as soon as they are compared.
+        for c in [&k, &w] {
+            kuzzle_ok(Method::DELETE, &format!("/{}/{c}", index.name), None).await;
+        }
+    }
     let (mut deliberate_paths, mut unexpected) = (Vec::new(), Vec::new());
     for d in diffs {
         match deliberate(case.name, &d) {
