@@ -460,16 +460,10 @@ const DELIBERATE: &[Deliberate] = &[
     ),
     // Issue 21: every write action. Decided by the lead unless said otherwise.
     only(
-        "a document with _source",
-        &["status", "error", "result", "stored"],
-        "`_source` in an m-form entry is the whole request's api.assert.unexpected_argument; \
-         Kuzzle's funnel rebuilds every entry as {_id, body} and never sees it",
-    ),
-    only(
         "mCreate a document with _source",
-        &["status", "error", "result"],
-        "`_source` in an m-form entry is the whole request's api.assert.unexpected_argument; \
-         Kuzzle: that entry's \"document body must be an object\"",
+        &["result.errors[*].document._source"],
+        "a failure carries its entry exactly as sent (SPEC 3), `_source` included; Kuzzle's \
+         funnel rebuilds every entry as {_id, body} before it is checked",
     ),
     only(
         "mCreate failures",
