@@ -569,30 +569,11 @@ pub fn ids(s: &Scenario, i: usize, value: u64) -> Vec<String> {
 
 /// Before a mixed run (not timed): the documents its deletes will delete.
 async fn seed_deletes(http: &reqwest::Client, target: &str, s: &Scenario, value: u64) {
-    let ids: Vec<String> = (0..s.requests)
+    let docs = (0..s.requests)
         .filter(|&i| action(s, i) == "mDelete")
         .flat_map(|i| ids(s, i, value))
-        .collect();
-    for chunk in ids.chunks(5_000) {
-        let mut body = String::new();
-        for id in chunk {
-            body.push_str(&format!(
-                "{}\n{}\n",
-                json!({"index": {"_index": target, "_id": id}}),
-                json!({"v": 0})
-            ));
-        }
-        http.post(format!("{ES_URL}/_bulk"))
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-    }
-    http.post(format!("{ES_URL}/{}/_refresh", target.replace('&', "%26")))
-        .send()
-        .await
-        .unwrap();
+        .map(|id| (id, json!({"v": 0})));
+    index_all(http, target, docs.collect()).await;
 }
 
 pub fn documents(s: &Scenario, i: usize, value: u64) -> Vec<Value> {
@@ -916,13 +897,19 @@ async fn seed(http: &reqwest::Client, target: &str, count: usize) {
         .await
         .expect("Elasticsearch on 127.0.0.1:9200 (scripts/services.sh start)");
     assert!(r.status().is_success(), "create the bench index");
-    for chunk in (0..count).collect::<Vec<_>>().chunks(5_000) {
+    let docs = (0..count).map(|i| (format!("d{i}"), json!({"v": 0, "seed": i})));
+    index_all(http, target, docs.collect()).await;
+}
+
+/// Indexes `docs` (`(id, source)`) into `target` straight through `_bulk`, 5,000 a
+/// call, then refreshes it.
+async fn index_all(http: &reqwest::Client, target: &str, docs: Vec<(String, Value)>) {
+    for chunk in docs.chunks(5_000) {
         let mut body = String::new();
-        for i in chunk {
+        for (id, source) in chunk {
             body.push_str(&format!(
-                "{}\n{}\n",
-                json!({"index": {"_index": target, "_id": format!("d{i}")}}),
-                json!({"v": 0, "seed": i})
+                "{}\n{source}\n",
+                json!({"index": {"_index": target, "_id": id}})
             ));
         }
         http.post(format!("{ES_URL}/_bulk"))

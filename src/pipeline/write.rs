@@ -457,6 +457,35 @@ mod tests {
         unreachable!("only replaces are checked")
     }
 
+    /// `apply` of mUpdate entries: no version is ever read.
+    async fn apply_updates<F, Fut>(
+        docs: &[Value],
+        options: &ItemOptions<'_>,
+        retries: u32,
+        backoff: impl Iterator<Item = Duration>,
+        cancel: &CancellationToken,
+        send: F,
+    ) -> Result<Vec<Outcome>, Abandoned>
+    where
+        F: Fn(Vec<u8>, usize) -> Fut,
+        Fut: Future<Output = Result<Vec<Item>, BulkError>>,
+    {
+        let engine = Engine {
+            send,
+            versions: no_versions,
+        };
+        apply(
+            docs,
+            Action::Update,
+            options,
+            retries,
+            backoff,
+            cancel,
+            engine,
+        )
+        .await
+    }
+
     fn ok(id: &str) -> Value {
         json!({"update": {"_id": id, "_version": 2, "result": "updated", "status": 200}})
     }
@@ -489,17 +518,13 @@ mod tests {
         };
         let backoff = std::iter::repeat(Duration::from_millis(1));
         let cancel = CancellationToken::new();
-        let outcomes = apply(
+        let outcomes = apply_updates(
             docs.as_array().unwrap(),
-            Action::Update,
             &OPTIONS,
             retries,
             backoff,
             &cancel,
-            Engine {
-                send,
-                versions: no_versions,
-            },
+            send,
         )
         .await
         .unwrap();
@@ -545,20 +570,9 @@ mod tests {
         let cancel = CancellationToken::new();
         let backoff = std::iter::repeat(Duration::from_millis(1));
         let docs = docs.as_array().unwrap();
-        apply(
-            docs,
-            Action::Update,
-            &OPTIONS,
-            3,
-            backoff,
-            &cancel,
-            Engine {
-                send,
-                versions: no_versions,
-            },
-        )
-        .await
-        .unwrap();
+        apply_updates(docs, &OPTIONS, 3, backoff, &cancel, send)
+            .await
+            .unwrap();
         let bodies = bodies.into_inner().unwrap();
         assert!(!bodies[0].contains("detect_noop"), "{}", bodies[0]);
         assert!(bodies[0].contains("\"retry_on_conflict\":0"));
@@ -596,20 +610,9 @@ mod tests {
         let cancel = CancellationToken::new();
         let docs = docs.as_array().unwrap();
         let backoff = std::iter::empty();
-        apply(
-            docs,
-            Action::Update,
-            options,
-            0,
-            backoff,
-            &cancel,
-            Engine {
-                send,
-                versions: no_versions,
-            },
-        )
-        .await
-        .unwrap();
+        apply_updates(docs, options, 0, backoff, &cancel, send)
+            .await
+            .unwrap();
         source_flags(&bodies.into_inner().unwrap()[0])
     }
 
@@ -655,20 +658,9 @@ mod tests {
         };
         let cancel = CancellationToken::new();
         let docs = docs.as_array().unwrap();
-        let outcomes = apply(
-            docs,
-            Action::Update,
-            &options,
-            0,
-            std::iter::empty(),
-            &cancel,
-            Engine {
-                send,
-                versions: no_versions,
-            },
-        )
-        .await
-        .unwrap();
+        let outcomes = apply_updates(docs, &options, 0, std::iter::empty(), &cancel, send)
+            .await
+            .unwrap();
         outcomes
             .iter()
             .map(|o| match o {
@@ -744,17 +736,13 @@ mod tests {
         };
         let backoff = std::iter::empty();
         let cancel = CancellationToken::new();
-        let outcomes = apply(
+        let outcomes = apply_updates(
             docs.as_array().unwrap(),
-            Action::Update,
             &OPTIONS,
             3,
             backoff,
             &cancel,
-            Engine {
-                send,
-                versions: no_versions,
-            },
+            send,
         )
         .await
         .unwrap();
@@ -778,17 +766,13 @@ mod tests {
             async move { Ok(bulk::parse_response(&bytes, count).unwrap()) }
         };
         let backoff = std::iter::repeat(Duration::from_secs(60));
-        let result = apply(
+        let result = apply_updates(
             docs.as_array().unwrap(),
-            Action::Update,
             &OPTIONS,
             5,
             backoff,
             &cancel,
-            Engine {
-                send,
-                versions: no_versions,
-            },
+            send,
         )
         .await;
         assert_eq!(result.unwrap_err(), Abandoned);
