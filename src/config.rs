@@ -109,7 +109,7 @@ pub enum Format {
 pub struct ResponseSettings {
     pub format: Format,
     pub include_source: bool,
-    /// `_source` bytes one reply may carry; past it, none (update.rs).
+    /// `_source` bytes one reply may carry; past it, none (write.rs).
     pub max_source_bytes: usize,
 }
 

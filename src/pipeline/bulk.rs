@@ -24,7 +24,7 @@ pub struct ItemOptions<'a> {
     pub target: &'a str,
     pub retry_on_conflict: u32,
     /// Whether the request wants `_source`s (`response.include_source`, or its `source`
-    /// argument); update.rs asks them of the engine only where they are needed.
+    /// argument); write.rs asks them of the engine only where they are needed.
     pub include_source: bool,
     /// The `_source` bytes the request's reply may carry (`response.max_source_bytes`).
     pub reply_source_bytes: usize,

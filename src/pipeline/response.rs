@@ -750,7 +750,7 @@ mod tests {
         /// reply stays under `4 × request + 128 bytes a document + 64 KiB`: its echo and
         /// failures are the request's own bytes, its `_updatedFields` within
         /// `updated_fields_budget` plus the top-level keys (its `_source`s are budgeted
-        /// apart: update.rs).
+        /// apart: write.rs).
         #[test]
         fn a_v2_reply_stays_within_its_bound(
             depth in 0usize..24,
