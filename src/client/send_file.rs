@@ -15,17 +15,6 @@ use super::send::SendArgs;
 use crate::config::Settings;
 use crate::pipeline::envelope::Action;
 
-/// What the summary line says the action did to a document.
-fn participle(action: Action) -> &'static str {
-    match action {
-        Action::Update | Action::Upsert => "updated",
-        Action::Create => "created",
-        Action::CreateOrReplace => "written",
-        Action::Replace => "replaced",
-        Action::Delete => "deleted",
-    }
-}
-
 /// A bar on a terminal; a plain line every few seconds otherwise.
 enum Progress {
     Bar(ProgressBar),
@@ -75,7 +64,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<ExitCode
         anyhow::bail!("--file needs --index and --collection");
     };
     let participle = match Action::from_name(&args.action) {
-        Some((action, false)) => participle(action),
+        Some((action, false)) => action.participle(),
         _ => anyhow::bail!(
             "--file sends m-forms (mUpdate, mUpsert, mCreate, mCreateOrReplace, mReplace, mDelete), not {}",
             args.action

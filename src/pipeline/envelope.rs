@@ -113,6 +113,17 @@ impl Action {
             .map(|(_, a, s)| (*a, *s))
     }
 
+    /// What the action does to a document, as summaries and v1's 206 say it.
+    pub fn participle(self) -> &'static str {
+        match self {
+            Action::Update | Action::Upsert => "updated",
+            Action::Create => "created",
+            Action::CreateOrReplace => "written",
+            Action::Replace => "replaced",
+            Action::Delete => "deleted",
+        }
+    }
+
     /// Every Kuzzle action name the worker takes.
     pub fn names() -> impl Iterator<Item = &'static str> {
         ACTIONS.iter().map(|(name, _, _)| *name)

@@ -294,17 +294,6 @@ fn source(item: &Item, shape: Shape) -> Option<&RawValue> {
     }
 }
 
-/// What the 206 of a v1 reply says the failed documents could not be.
-fn participle(action: Action) -> &'static str {
-    match action {
-        Action::Update | Action::Upsert => "updated",
-        Action::Create => "created",
-        Action::CreateOrReplace => "written",
-        Action::Replace => "replaced",
-        Action::Delete => "deleted",
-    }
-}
-
 /// A failed document in an m-form's `errors`: `{document, status, reason}` with the
 /// entry as sent; mDelete's, in either format, as Kuzzle lists them: `{_id, reason,
 /// status}` (it has no document to echo).
@@ -368,7 +357,7 @@ pub fn documents_response(
             let error = json!({
                 "status": 206, "id": "services.storage.incomplete_update",
                 "code": kuzzle_code("services.storage.incomplete_update"),
-                "message": format!("{failed} of {} documents could not be {}", outcomes.len(), participle(request.action)),
+                "message": format!("{failed} of {} documents could not be {}", outcomes.len(), request.action.participle()),
                 "count": failed, "errors": errors});
             envelope(echo, 206, &error, result)
         }
