@@ -10,9 +10,18 @@ use mupdate_worker::security::rights::{ReplyRule, Rights, Rule};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-/// Executes Kuzzle's document:mUpdate requests from RabbitMQ against Elasticsearch.
+/// The version `--version` prints: the package's, and the commit built (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("MUPDATE_GIT_COMMIT"),
+    ")"
+);
+
+/// Executes Kuzzle's document write actions (mUpdate, mUpsert, mCreate, ...) from
+/// RabbitMQ against Elasticsearch.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "mupdate-worker", version = VERSION, about)]
 struct Cli {
     /// A TOML file overriding config/default.toml (environment variables
     /// MUPDATE__SECTION__KEY override both).
@@ -41,6 +50,88 @@ enum Command {
         #[arg(long)]
         unknown: bool,
     },
+    /// Print the man page (roff) on stdout, or write one page per command into a
+    /// directory (--out).
+    Man {
+        /// Write mupdate-worker.1 and a page per subcommand here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print the completion script of a shell (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// What the man page says beyond the command line (roff): the files, the environment,
+/// the signals and the exit status.
+const MAN_SECTIONS: &str = r#".SH FILES
+.TP
+\fI/etc/mupdate\-worker/config.toml\fR
+The configuration the packaged service runs with (\fB\-\-config\fR): every key of the
+built\-in defaults, which apply where a key is absent.
+.TP
+\fI/etc/mupdate\-worker/rules.toml\fR
+The rights rules, when \fBsecurity.enabled\fR is true and \fBsecurity.rules_file\fR names it;
+read again on SIGHUP.
+.TP
+\fI/etc/default/mupdate\-worker\fR
+Environment overrides of the packaged service (MUPDATE__SECTION__KEY=value).
+.TP
+\fI/usr/share/mupdate\-worker/\fR
+Prometheus alerts and a Grafana dashboard for the worker's metrics.
+.SH ENVIRONMENT
+.TP
+\fBMUPDATE__\fISECTION\fB__\fIKEY\fR
+Overrides the key \fIsection.key\fR of the configuration (e.g. MUPDATE__AMQP__URL).
+.TP
+\fBRUST_LOG\fR
+Overrides \fBlog.level\fR (a tracing filter, e.g. info,mupdate_worker=debug).
+.TP
+\fBNOTIFY_SOCKET\fR
+Set by systemd for a Type=notify service: \fBrun\fR sends READY=1 once it consumes,
+STATUS= as it pauses or reconnects, and STOPPING=1 on SIGTERM.
+.SH SIGNALS
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR
+Stop consuming, finish or hand back the requests held within \fBworker.shutdown_timeout_ms\fR,
+then exit 0. A second signal exits at once; what is unsettled goes back to the queue.
+.TP
+\fBSIGHUP\fR
+Read the rights rules file again; a file that doesn't load leaves the rules in force.
+.SH EXIT STATUS
+0 on a clean stop (and \fBsend\fR: a 2xx reply); 1 on a failure (\fBsend\fR: a reply that
+is not 2xx); 2 on a bad command line or configuration.
+.SH SEE ALSO
+\fBsystemctl\fR(1), \fBjournalctl\fR(1); the book under /usr/share/doc/mupdate\-worker/.
+"#;
+
+/// Writes the man page: the main one on stdout, or with `out` every command's page into
+/// that directory (mupdate-worker.1, mupdate-worker-send.1, ...).
+fn manual(out: Option<&std::path::Path>) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use std::io::Write;
+    let main_page = |w: &mut dyn Write| {
+        let man = clap_mangen::Man::new(Cli::command().disable_help_subcommand(true));
+        man.render_title(w)?;
+        man.render_name_section(w)?;
+        man.render_synopsis_section(w)?;
+        man.render_description_section(w)?;
+        man.render_options_section(w)?;
+        man.render_subcommands_section(w)?;
+        w.write_all(MAN_SECTIONS.as_bytes())?;
+        man.render_version_section(w)
+    };
+    match out {
+        None => main_page(&mut std::io::stdout().lock()),
+        Some(dir) => {
+            clap_mangen::generate_to(Cli::command(), dir)?;
+            let mut file = std::fs::File::create(dir.join("mupdate-worker.1"))?;
+            main_page(&mut file)?;
+            file.flush()
+        }
+    }
 }
 
 /// Asks `/readyz` on the metrics endpoint, with a plain HTTP/1.0 request.
@@ -79,6 +170,7 @@ async fn shutdown_signal(signals: Option<Signals>, token: CancellationToken, gra
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+    mupdate_worker::lifecycle::systemd::stopping();
     token.cancel();
     exit_at_the_latest(grace + EXIT_MARGIN);
     let code = tokio::select! {
@@ -191,6 +283,25 @@ fn release_signals(set: &libc::sigset_t) {
 fn main() -> ExitCode {
     let held = hold_signals();
     let cli = Cli::parse();
+    // Generated from the command line's definition, whatever the configuration holds.
+    match &cli.command {
+        Some(Command::Man { out }) => {
+            return match manual(out.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("mupdate-worker: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Completions { shell }) => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "mupdate-worker", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(err) => {
@@ -264,6 +375,7 @@ async fn execute(
             let signals = install_signals();
             release_signals(&held);
             tokio::spawn(shutdown_signal(signals, token.clone(), grace));
+            tracing::info!(version = VERSION, "starting");
             mupdate_worker::lifecycle::session::run(settings, token)
                 .await
                 .map(|()| ExitCode::SUCCESS)
@@ -281,6 +393,7 @@ async fn execute(
                     ExitCode::SUCCESS
                 })
         }
+        Command::Man { .. } | Command::Completions { .. } => Ok(ExitCode::SUCCESS),
         Command::Config => {
             let mut shown = settings.redacted();
             if let Some((rules, replies)) = rules {

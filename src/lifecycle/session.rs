@@ -141,6 +141,7 @@ pub async fn run_with_hangups(
                 }
                 let wait = backoff.next().unwrap_or(Duration::from_secs(5));
                 warn!(error = %err, %node, ?wait, "broker connection lost; reconnecting");
+                crate::lifecycle::systemd::not_consuming("broker connection lost; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => break,
@@ -319,7 +320,8 @@ impl Session<'_> {
         // Cancelled by a handler whose channel failed: the session must start over.
         let broken = CancellationToken::new();
         loop {
-            if self.pause_reason(&broker).is_some() {
+            if let Some(why) = self.pause_reason(&broker) {
+                crate::lifecycle::systemd::not_consuming(&format!("paused: {why}"));
                 match self.pause(&broker, &broken).await {
                     Some(End::Shutdown) => break,
                     Some(End::Failed(err)) => return Err(err),
@@ -337,6 +339,7 @@ impl Session<'_> {
             metrics.set_paused(false);
             self.consuming_since.get_or_insert_with(Instant::now);
             info!(queue = %amqp.request_queue, prefetch, "consuming");
+            crate::lifecycle::systemd::consuming(&amqp.request_queue);
             // None: the end came between two consumers.
             let (end, consumer) = loop {
                 let end = self
@@ -359,6 +362,7 @@ impl Session<'_> {
                     metrics.set_paused(true);
                     let why = self.pause_reason(&broker).unwrap_or("unavailable");
                     warn!(why, "pausing consumption and handing held requests back");
+                    crate::lifecycle::systemd::not_consuming(&format!("paused: {why}"));
                     let stopped = self.stop_consuming(&broker, consumer).await;
                     period.cancel();
                     tracker.close();
