@@ -351,3 +351,87 @@ fn summary_lists_every_chapter_and_only_chapters_that_exist() {
         "SUMMARY.md entries without a file: {missing:?}"
     );
 }
+
+/// The files under `dir` (recursively), but dependencies' folders.
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if path.is_dir() {
+            if !matches!(
+                name.to_str(),
+                Some("node_modules" | ".venv" | "__pycache__")
+            ) {
+                files_under(&path, out);
+            }
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+/// The chapters the code, the scripts, the alerts' runbooks and the default
+/// configuration point at (`docs/src/operating.md#troubleshooting`): each exists, and
+/// its anchor is one of its headings.
+#[test]
+fn every_chapter_named_outside_the_book_exists() {
+    let root = root();
+    let mut files = Vec::new();
+    for dir in [
+        "src", "tests", "benches", "scripts", "ops", "config", "examples", ".ci",
+    ] {
+        files_under(&root.join(dir), &mut files);
+    }
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue; // not text
+        };
+        let name = file.strip_prefix(&root).unwrap().display().to_string();
+        for (at, _) in text.match_indices("docs/src/") {
+            let rest = &text[at..];
+            let Some(end) = rest.find(".md").map(|i| i + ".md".len()) else {
+                continue;
+            };
+            let path = &rest[..end];
+            if !path["docs/src/".len()..end - ".md".len()]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '/'))
+            {
+                continue; // a folder named in passing (`docs/src/bench/`), not a chapter
+            }
+            checked += 1;
+            let full = root.join(path);
+            if !full.exists() {
+                broken.push(format!("{name}: no {path}"));
+                continue;
+            }
+            let Some(anchor) = rest[end..].strip_prefix('#') else {
+                continue;
+            };
+            let anchor: String = anchor
+                .chars()
+                .take_while(|&c| c.is_alphanumeric() || c == '-' || c == '_')
+                .collect();
+            let heads = expanded(&full)
+                .map(|text| anchors(&text))
+                .unwrap_or_default();
+            if !heads.contains(&anchor) {
+                broken.push(format!("{name}: no heading of {path} makes #{anchor}"));
+            }
+        }
+    }
+    assert!(
+        checked > 20,
+        "only {checked} chapters named: is the scan broken?"
+    );
+    assert!(
+        broken.is_empty(),
+        "chapters named but not there:\n{}",
+        broken.join("\n")
+    );
+}
