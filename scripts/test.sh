@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite against the real servers: starts RabbitMQ and Elasticsearch when
-# they are not running (installing them when missing), then a real Kuzzle 2 on that
+# First the book, which needs no server, so that a broken one fails early
+# (scripts/book.sh: builds docs/ with mdbook, installing it when missing, and runs
+# tests/book.rs, its configuration keys and links).
+#
+# Then the whole test suite against the real servers: starts RabbitMQ and Elasticsearch
+# when they are not running (installing them when missing), then a real Kuzzle 2 on that
 # Elasticsearch for tests/kuzzle.rs (scripts/kuzzle.sh: npm ci the first time), installs
 # what tests/ops.rs and tests/examples.rs need when missing (promtool and prometheus, the
 # examples' Python venv and npm packages: scripts/ops.sh), runs every test target but
@@ -18,6 +22,8 @@
 # out; MATRIX_ENGINES="elasticsearch-7 opensearch-3" chooses the engines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+scripts/book.sh
 
 started=()
 cleanup() {

@@ -1,4 +1,4 @@
-//! Cost bounds (README "Cost bounds"): no request costs the worker, its reply or the
+//! Cost bounds (docs/src/security.md, "Cost bounds"): no request costs the worker, its reply or the
 //! engine more than a small constant times its own bytes plus a constant. The hostile
 //! shapes of issue 19 go to the worker binary, whose peak RSS (`VmHWM`) is read after:
 //! a v2 request of deep objects under long keys (`_updatedFields` was quadratic), and 32
@@ -709,8 +709,8 @@ async fn updates_asking_no_source_are_weighed_by_their_stored_documents() {
 
 /// The known gap's own shape (20 requests of 10 updates of stored 8 MiB documents,
 /// `source: false`; here each request's first names a small one), run by hand against a private engine of 1 GiB of heap (it creates
-/// 1.6 GB of documents; `scripts/services.sh` with `ENGINE_PORT`, README "Cost
-/// bounds"): `MUPDATE_TEST_ES_URL=http://127.0.0.1:9230 cargo test --test cost --
+/// 1.6 GB of documents; `scripts/services.sh` with `ENGINE_PORT`,
+/// docs/src/security.md, "Cost bounds"): `MUPDATE_TEST_ES_URL=http://127.0.0.1:9230 cargo test --test cost --
 /// --ignored --nocapture`.
 #[tokio::test]
 #[ignore = "creates 1.6 GB of documents: run by hand against a private engine"]

@@ -565,7 +565,7 @@ const DELIBERATE: &[Deliberate] = &[
         "mUpsert default clash, overridden",
         &["result", "stored"],
         "(the helper's proposal, for the lead to confirm) a created document is default \
-         and changes merged, a key of both taking the changes' value (README), as Kuzzle's \
+         and changes merged, a key of both taking the changes' value (docs/src/messages.md, mUpsert), as Kuzzle's \
          single upsert does; Kuzzle 2.56's mUpsert has the engine parse the default as \
          sent, so a default field the changes override still fails the mapping",
     ),

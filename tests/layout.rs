@@ -1,4 +1,4 @@
-//! The layout's one-way dependencies (README, Layout), read from the sources: the
+//! The layout's one-way dependencies (docs/src/architecture.md, "Layout"), read from the sources: the
 //! `crate::` paths of each module outside its comments and unit tests. A new import
 //! against the grain fails here with the file that made it.
 

@@ -12,7 +12,7 @@
 //! - direct: the same bulk bodies straight to `_bulk`, one call per request, no broker.
 //!
 //! Every reply is checked; the tool exits non-zero on any wrong or missing one. It
-//! writes JSON, Markdown and a PNG chart (report.rs; copied to docs/bench/ with
+//! writes JSON, Markdown and a PNG chart (report.rs; copied to docs/src/bench/ with
 //! `--publish`). `--soak` drives one-document requests through the worker at a fixed
 //! rate instead (soak.rs).
 
@@ -40,8 +40,9 @@ const DOCUMENTS: usize = 20_000;
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// The integration tests' lock on the shared servers (tests/support servers_lock).
 const SERVERS_LOCK: &str = "mupdate-worker-servers.lock";
-/// Where the charts are copied, to be committed beside BENCHMARKS.md.
-const PUBLISHED: &str = "docs/bench";
+/// Where the charts are copied, to be committed: the book's benchmarks chapter
+/// (docs/src/benchmarks.md) shows them.
+const PUBLISHED: &str = "docs/src/bench";
 
 #[derive(Clone, Copy)]
 pub struct Scenario {
@@ -925,7 +926,7 @@ async fn index_all(http: &reqwest::Client, target: &str, docs: Vec<(String, Valu
         .unwrap();
 }
 
-/// Draws chart `name` under `--out`, and with `--publish` copies it to docs/bench/ (a
+/// Draws chart `name` under `--out`, and with `--publish` copies it to docs/src/bench/ (a
 /// partial run leaves the committed charts alone).
 fn write_chart(args: &Args, name: &str, draw: impl Fn(&Path) -> Result<(), Box<dyn Error>>) {
     let path = args.out.join(name);

@@ -12,8 +12,8 @@
 //! coalescer answers a request only once its calls have returned or timed out, whether
 //! it was handed back meanwhile or not), and drops the turn after. What a timeout can't
 //! promise: an engine that still holds a call past it (a frozen node, resumed later)
-//! may apply it after the next request's write; the timeout is the bound (README,
-//! Guarantees).
+//! may apply it after the next request's write; the timeout is the bound
+//! (docs/src/guarantees.md, "Timeouts").
 //!
 //! A turn is over once it is dropped **and** every turn it waits for is over. A request
 //! handed back while waiting (its session lost, consumption paused) drops its turn

@@ -331,7 +331,7 @@ fn written_document(options: &ItemOptions<'_>, item: &[u8]) -> Option<Box<RawVal
 /// - a `create` answered 409 is its own first call's document when its id was derived
 ///   from the request (only a delivery of this same request makes that id: `Ids`), and
 ///   a success; with the client's own id nothing tells its document from another's,
-///   and it fails as existing (README, Guarantees).
+///   and it fails as existing (docs/src/guarantees.md).
 ///
 /// The same holds for a redelivered request's derived-id `create` answered 409: its
 /// first delivery made that document.

@@ -67,7 +67,7 @@ pub enum Writer {
 
 impl Writer {
     /// A write of the documented kind when it lands late: a call given up after its
-    /// connection broke, or after `write_timeout` or longer (README, invariant 5).
+    /// connection broke, or after `write_timeout` or longer (docs/src/simulation.md, invariant 5).
     pub fn late_as_documented(&self, write_timeout: Duration) -> bool {
         match self {
             Writer::Call {

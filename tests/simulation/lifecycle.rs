@@ -1430,7 +1430,7 @@ async fn signal(run: &Run) {
 }
 
 /// Invariant 13: a reply sent after one refused for its size (`first`) is the smaller
-/// one of the README: no `_source`, each failed document its `_id` alone; or, that one
+/// one of docs/src/messages.md ("Reply routing"): no `_source`, each failed document its `_id` alone; or, that one
 /// too large as well, a 500 `api.process.reply_too_large` naming its size (smaller than
 /// the first's when the first had anything to leave out).
 fn check_smaller(run: &Run, label: &str, body: &[u8], first: &[u8]) {
@@ -1527,7 +1527,7 @@ fn check_stale(
     let regressions = run.state.lock().unwrap().regressions.clone();
     // Clients with a request delivered again after its reply reached them (its ack
     // lost, or its confirm later than `confirm_timeout_ms`), or delivered to two
-    // workers (one's call may land after the other's answer: README, Guarantees).
+    // workers (one's call may land after the other's answer: docs/src/guarantees.md).
     let mut answered_again = BTreeSet::new();
     for s in sent {
         let d = deliveries

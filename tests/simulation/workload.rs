@@ -15,7 +15,7 @@
 //! 2. No acknowledged update is overwritten by an older one: a client's counter never
 //!    goes down in the engine, for the waiting clients (acknowledged before the next) and
 //!    the producers (per-document order within a worker). The one exception, documented
-//!    in the README (Guarantees, Timeouts): a write whose call was given up after
+//!    in docs/src/guarantees.md ("Timeouts"): a write whose call was given up after
 //!    `storage.write_timeout_ms`, or whose connection broke, landing after its resend.
 //! 3. Every handed-back request is safe to apply again: sent again, it is answered, and
 //!    its changes are in the engine (1).
