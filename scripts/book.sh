@@ -2,15 +2,16 @@
 # Builds the book (docs/: the README's chapters, mdbook) into docs/book/ and checks it:
 # any mdbook warning or error fails, then tests/book.rs checks that the configuration
 # chapter covers config/default.toml and that every relative link of the README and the
-# book resolves. Installs mdbook (the version pinned here, from crates.io) when missing
-# or another version. Needs no server; scripts/test.sh runs it first.
+# book resolves. Installs mdbook when missing or another version: the version pinned in
+# scripts/versions.env, from crates.io, without its `serve` and `watch` features (only
+# `build` is used). Needs no server; scripts/test.sh runs it first.
 #
 #   scripts/book.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-MDBOOK_VERSION=0.5.4
+source scripts/versions.env
 
 log() { echo "[book] $*"; }
 die() { echo "[book] $*" >&2; exit 1; }
@@ -20,7 +21,7 @@ install_mdbook() {
     return
   fi
   log "installing mdbook $MDBOOK_VERSION (cargo install)"
-  cargo install mdbook --locked --version "$MDBOOK_VERSION"
+  cargo install mdbook --locked --version "$MDBOOK_VERSION" --no-default-features --features search
 }
 
 # mdbook reports problems (a missing include, a bad SUMMARY entry) as WARN or ERROR lines

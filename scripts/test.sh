@@ -8,7 +8,9 @@
 # Elasticsearch for tests/kuzzle.rs (scripts/kuzzle.sh: npm ci the first time), installs
 # what tests/ops.rs and tests/examples.rs need when missing (promtool and prometheus, the
 # examples' Python venv and npm packages: scripts/ops.sh), runs every test target but
-# tests/cluster.rs; then starts the local cluster (scripts/cluster.sh: three RabbitMQ and
+# tests/cluster.rs; then the Debian package (scripts/package-test.sh: built, installed
+# with dpkg, its worker run against the servers, upgraded, removed, purged; PACKAGE=0
+# leaves it out); then starts the local cluster (scripts/cluster.sh: three RabbitMQ and
 # three Elasticsearch nodes) for tests/cluster.rs and says how long that part took.
 # Stops what it started, even when a test fails.
 #
@@ -61,6 +63,14 @@ done
 targets+=(--test simulation)
 scripts/ops.sh install
 cargo test "${targets[@]}" "$@"
+# The Debian package, built, installed here, run against the servers, removed and purged.
+if [ "${PACKAGE:-1}" = 0 ]; then
+  echo "[test] PACKAGE=0: the Debian package is not tested"
+else
+  t0=$SECONDS
+  scripts/package-test.sh
+  echo "[test] the package test took $((SECONDS - t0)) s"
+fi
 
 status=0
 if [ "${MATRIX:-1}" = 0 ]; then

@@ -54,6 +54,12 @@ struct NodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: &'static str,
+    commit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -118,6 +124,18 @@ impl Metrics {
         let slow_writes = Counter::default();
         let paused_gauge = Gauge::default();
         let (prefetch, held_bytes) = (Gauge::default(), Gauge::default());
+        let build_info = Family::<BuildLabel, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: env!("MUPDATE_GIT_COMMIT"),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "1, labelled with the worker's version and the commit it was built from",
+            build_info,
+        );
         registry.register(
             "prefetch",
             "The consumer's prefetch, chosen from the requests' sizes (amqp.max_held_bytes)",
@@ -416,6 +434,22 @@ async fn readyz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
 mod tests {
     use super::*;
     use crate::pipeline::bulk::Item;
+
+    #[test]
+    fn the_build_is_named() {
+        let text = Metrics::new().encode();
+        let line = format!(
+            "mupdate_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            env!("MUPDATE_GIT_COMMIT")
+        );
+        assert!(text.contains(&line), "{line} not in {text}");
+        assert_ne!(
+            env!("MUPDATE_GIT_COMMIT"),
+            "unknown",
+            "built in a git checkout"
+        );
+    }
 
     #[test]
     fn outcomes_and_statuses_are_counted() {

@@ -439,3 +439,55 @@ async fn held_request_bytes_choose_the_prefetch() {
     assert_eq!(metric(&listen, "mupdate_prefetch").await, f64::from(most));
     worker.stop().await;
 }
+
+/// systemd's notify protocol, as a `Type=notify` unit hears it (packaging/debian/): READY=1
+/// with the queue once consuming, a STATUS= saying why when consumption pauses (here an
+/// engine that refuses every connection), and STOPPING=1 on SIGTERM, then exit 0.
+#[tokio::test]
+async fn systemd_hears_ready_a_pause_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = std::env::temp_dir().join(format!("notify-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&dir).unwrap();
+    let socket_path = dir.join("notify");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let mut settings = settings();
+    settings.storage.url = format!("http://127.0.0.1:{}", free_port());
+    let mut binary = BinaryWorker::spawn(
+        worker_command(&settings)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("MUPDATE__WORKER__PAUSE_AFTER_MS", "300")
+            .stderr(Stdio::piped()),
+    );
+    let mut heard = Vec::new();
+    let listen_until = |wanted: &str, heard: &mut Vec<String>| {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let mut buf = [0u8; 4096];
+        while std::time::Instant::now() < deadline {
+            if heard.iter().any(|h| h.contains(wanted)) {
+                return;
+            }
+            if let Ok(n) = socket.recv(&mut buf) {
+                heard.push(String::from_utf8_lossy(&buf[..n]).replace('\n', " "));
+            }
+        }
+        panic!("no {wanted:?} in {heard:?} within {TIMEOUT:?}");
+    };
+    let queue = &settings.amqp.request_queue;
+    listen_until(&format!("READY=1 STATUS=consuming {queue}"), &mut heard);
+    listen_until(
+        "STATUS=paused: the storage engine has been unavailable too long",
+        &mut heard,
+    );
+    binary.signal("-TERM");
+    listen_until("STOPPING=1", &mut heard);
+    let status = binary
+        .exit_within(TIMEOUT)
+        .await
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "{status:?}: {}", binary.stderr());
+    std::fs::remove_dir_all(&dir).unwrap();
+    delete_topology(&settings).await;
+}
