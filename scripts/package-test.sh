@@ -44,6 +44,7 @@ index=pkgtest$suffix
 worker_pid=
 cleanup() {
   if [ -n "$worker_pid" ] && kill -0 "$worker_pid" 2>/dev/null; then kill -9 "$worker_pid" || true; fi
+  [ -n "${tracer_pid:-}" ] && kill -9 "$tracer_pid" 2>/dev/null || true
   [ -n "${notify_pid:-}" ] && kill "$notify_pid" 2>/dev/null || true
   if dpkg-query -W -f='${Status}' "$PKG" 2>/dev/null | grep -qv 'not-installed'; then
     dpkg --purge "$PKG" >/dev/null 2>&1 || true
@@ -157,12 +158,19 @@ PY
 notify_pid=$!
 for _ in $(seq 50); do [ -S "$run/notify" ] && break; sleep 0.1; done
 # setpriv execs the command as the user (no session process in between, as under
-# systemd): the pid is the worker's, and SIGTERM reaches it alone.
+# systemd), traced by strace: every system call it makes, and every socket family it
+# opens, is held against the unit's SystemCallFilter= and RestrictAddressFamilies= below.
+command -v strace >/dev/null ||
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends strace >/dev/null
 setpriv=$(command -v setpriv)
+install -o "$user" -m 600 /dev/null "$run/syscalls"
 # shellcheck disable=SC2086 # ExecStart's words, as systemd splits them.
 env -i PATH=/usr/bin:/bin NOTIFY_SOCKET="$run/notify" $(grep -E '^[A-Z_]+=' "$env_file") \
-  "$setpriv" --reuid="$user" --regid="$user" --init-groups -- $exec_start >"$run/worker.log" 2>&1 &
-worker_pid=$!
+  "$setpriv" --reuid="$user" --regid="$user" --init-groups -- \
+  "$(command -v strace)" -f -qq -o "$run/syscalls" $exec_start >"$run/worker.log" 2>&1 &
+tracer_pid=$!
+for _ in $(seq 50); do worker_pid=$(pgrep -P "$tracer_pid" -x $PKG || true); [ -n "$worker_pid" ] && break; sleep 0.1; done
+[ -n "$worker_pid" ] || fail "the worker didn't start: $(cat "$run/worker.log")"
 for _ in $(seq 300); do grep -q 'READY=1' "$run/notified" 2>/dev/null && break; sleep 0.1; done
 grep -q 'READY=1' "$run/notified" 2>/dev/null || fail "no READY=1 within 30 s: $(cat "$run/worker.log")"
 grep -q "READY=1 STATUS=consuming $queue" "$run/notified" || fail "READY=1 without the status: $(cat "$run/notified")"
@@ -183,13 +191,44 @@ curl -sf "http://127.0.0.1:$port/readyz" | grep -q ready || fail "/readyz on the
 log "installed worker: READY=1 once consuming, one mUpdate answered 200 and applied"
 
 kill -TERM "$worker_pid"
-for _ in $(seq 400); do kill -0 "$worker_pid" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$worker_pid" 2>/dev/null && fail "the worker didn't stop within 40 s of SIGTERM"
-wait "$worker_pid" && code=0 || code=$?
+for _ in $(seq 400); do kill -0 "$tracer_pid" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$tracer_pid" 2>/dev/null && fail "the worker didn't stop within 40 s of SIGTERM"
+wait "$tracer_pid" && code=0 || code=$?
 worker_pid=
 [ "$code" = 0 ] || fail "the worker exited $code on SIGTERM: $(tail -5 "$run/worker.log")"
 grep -q 'STOPPING=1' "$run/notified" || fail "no STOPPING=1: $(cat "$run/notified")"
 log "SIGTERM: STOPPING=1, exit 0 ($(tr '\n' '|' <"$run/notified"))"
+
+# The system calls the worker made, from its start to its exit, against the unit's
+# filter: the allowed list less the denied (systemd-analyze expands the @groups).
+expand() {
+  local group entry
+  for group; do
+    systemd-analyze syscall-filter --no-pager "$group" | awk 'NR > 1 && NF == 1 && $1 !~ /^#/ {print $1}' |
+      while read -r entry; do
+        case $entry in @*) expand "$entry" ;; *) echo "$entry" ;; esac
+      done
+  done | sort -u
+}
+filters=$(sed -n 's/^SystemCallFilter=//p' "$UNIT")
+allow_groups=$(grep -v '^~' <<<"$filters" | tr ' ' '\n' | grep .)
+deny_groups=$(grep '^~' <<<"$filters" | sed 's/^~//' | tr ' ' '\n' | grep .)
+# shellcheck disable=SC2086
+comm -23 <(expand $allow_groups) <(expand $deny_groups) >"$run/allowed"
+sed -n 's/^[0-9]* *\([a-z_0-9]*\)(.*/\1/p' "$run/syscalls" | sort -u >"$run/used"
+[ -s "$run/used" ] || fail "strace recorded no system call"
+refused=$(comm -23 "$run/used" "$run/allowed")
+[ -z "$refused" ] || fail "the worker calls what SystemCallFilter= refuses: $(echo $refused)"
+families=$(sed -n 's/.*socket(\(AF_[A-Z0-9]*\).*/\1/p' "$run/syscalls" | sort -u | tr '\n' ' ')
+allowed_families=" $(sed -n 's/^RestrictAddressFamilies=//p' "$UNIT") "
+for family in $families; do
+  [[ "$allowed_families" == *" $family "* ]] || fail "the worker opens $family sockets, not in RestrictAddressFamilies="
+done
+# MemoryDenyWriteExecute=: no mapping both writable and executable.
+if grep -E '(mmap|mprotect)\(.*PROT_WRITE\|PROT_EXEC|(mmap|mprotect)\(.*PROT_EXEC\|PROT_WRITE' "$run/syscalls"; then
+  fail "the worker maps memory writable and executable (MemoryDenyWriteExecute=)"
+fi
+log "the worker's $(wc -l <"$run/used") system calls are all in SystemCallFilter=, its sockets ($families) in RestrictAddressFamilies="
 
 # --- upgrade: a later revision keeps the edits ------------------------------------
 systemctl enable $PKG >/dev/null 2>&1 || fail "systemctl enable $PKG"
