@@ -35,21 +35,27 @@ fn main() {
 
 fn from_git() -> Option<String> {
     let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
-    // A new commit moves HEAD or the branch it names (a loose ref, or packed).
-    for path in ["HEAD", "packed-refs"] {
-        if let Some(file) = git(&["rev-parse", "--git-path", path]) {
+    // A new commit moves HEAD, or the branch it names (a loose ref, or packed), and
+    // always appends to HEAD's log. Only paths that exist: cargo re-runs the script on
+    // every build for one that doesn't.
+    let mut watched = vec![
+        "HEAD".to_owned(),
+        "logs/HEAD".to_owned(),
+        "packed-refs".to_owned(),
+    ];
+    watched.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for path in watched {
+        if let Some(file) = git(&["rev-parse", "--git-path", &path])
+            && std::path::Path::new(&file).exists()
+        {
             println!("cargo:rerun-if-changed={file}");
         }
-    }
-    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"])
-        && let Some(file) = git(&["rev-parse", "--git-path", &branch])
-    {
-        println!("cargo:rerun-if-changed={file}");
     }
     for source in SOURCES {
         println!("cargo:rerun-if-changed={source}");
     }
-    let mut status = vec!["status", "--porcelain", "--untracked-files=no", "--"];
+    // Without optional locks: a `git commit` beside a build never meets index.lock.
+    let mut status = vec!["--no-optional-locks", "status", "--porcelain", "--"];
     status.extend(SOURCES);
     let modified = git(&status).is_some_and(|changes| !changes.is_empty());
     Some(if modified {

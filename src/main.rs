@@ -91,7 +91,8 @@ Overrides \fBlog.level\fR (a tracing filter, e.g. info,mupdate_worker=debug).
 .TP
 \fBNOTIFY_SOCKET\fR
 Set by systemd for a Type=notify service: \fBrun\fR sends READY=1 once it consumes,
-STATUS= as it pauses or reconnects, and STOPPING=1 on SIGTERM.
+STATUS= as it pauses or reconnects, and STOPPING=1 with EXTEND_TIMEOUT_USEC= (the
+shutdown's bound) on SIGTERM.
 .SH SIGNALS
 .TP
 \fBSIGTERM\fR, \fBSIGINT\fR
@@ -104,7 +105,8 @@ Read the rights rules file again; a file that doesn't load leaves the rules in f
 0 on a clean stop (and \fBsend\fR: a 2xx reply); 1 on a failure (\fBsend\fR: a reply that
 is not 2xx); 2 on a bad command line or configuration.
 .SH SEE ALSO
-\fBsystemctl\fR(1), \fBjournalctl\fR(1); the book under /usr/share/doc/mupdate\-worker/.
+\fBsystemctl\fR(1), \fBjournalctl\fR(1); the changelog under /usr/share/doc/mupdate\-worker/;
+the book: docs/ in the source repository.
 "#;
 
 /// Writes the man page: the main one on stdout, or with `out` every command's page into
@@ -170,9 +172,9 @@ async fn shutdown_signal(signals: Option<Signals>, token: CancellationToken, gra
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    mupdate_worker::lifecycle::systemd::stopping();
     token.cancel();
     exit_at_the_latest(grace + EXIT_MARGIN);
+    mupdate_worker::lifecycle::systemd::stopping(grace + EXIT_MARGIN);
     let code = tokio::select! {
         _ = term.recv() => 128 + 15,
         _ = int.recv() => 128 + 2,

@@ -442,7 +442,8 @@ async fn held_request_bytes_choose_the_prefetch() {
 
 /// systemd's notify protocol, as a `Type=notify` unit hears it (packaging/debian/): READY=1
 /// with the queue once consuming, a STATUS= saying why when consumption pauses (here an
-/// engine that refuses every connection), and STOPPING=1 on SIGTERM, then exit 0.
+/// engine that refuses every connection), and STOPPING=1 on SIGTERM with the time the
+/// shutdown may take (systemd waits that long whatever its TimeoutStopSec=), then exit 0.
 #[tokio::test]
 async fn systemd_hears_ready_a_pause_and_stopping() {
     use std::os::unix::net::UnixDatagram;
@@ -482,7 +483,8 @@ async fn systemd_hears_ready_a_pause_and_stopping() {
         &mut heard,
     );
     binary.signal("-TERM");
-    listen_until("STOPPING=1", &mut heard);
+    // With the shutdown's bound: the default 30 s grace, the 1.5 s margin, 5 s more.
+    listen_until("STOPPING=1 EXTEND_TIMEOUT_USEC=36500000", &mut heard);
     let status = binary
         .exit_within(TIMEOUT)
         .await

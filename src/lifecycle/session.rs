@@ -141,7 +141,7 @@ pub async fn run_with_hangups(
                 }
                 let wait = backoff.next().unwrap_or(Duration::from_secs(5));
                 warn!(error = %err, %node, ?wait, "broker connection lost; reconnecting");
-                crate::lifecycle::systemd::not_consuming("broker connection lost; reconnecting");
+                crate::lifecycle::systemd::not_consuming("no broker connection; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => break,
