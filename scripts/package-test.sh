@@ -269,7 +269,7 @@ grep -q '# revision 2' /etc/$PKG/rules.toml || fail "the unedited rules.toml was
 [ "$(stat -c '%U:%G %a' /etc/$PKG/rules.toml)" = "root:$PKG 640" ] ||
   fail "the upgraded rules.toml is $(stat -c '%U:%G %a' /etc/$PKG/rules.toml)"
 postinst=/var/lib/dpkg/info/$PKG.postinst
-[ "$(grep -n 'chown root:' "$postinst" | head -1 | cut -d: -f1)" -lt "$(grep -n 'try-restart' "$postinst" | head -1 | cut -d: -f1)" ] ||
+[ "$(grep -n 'chown root:' "$postinst" | head -1 | cut -d: -f1)" -lt "$(grep -n 'deb-systemd-invoke try-restart' "$postinst" | head -1 | cut -d: -f1)" ] ||
   fail "the postinst restarts the worker before its configuration is readable"
 [ -L /etc/systemd/system/multi-user.target.wants/$PKG.service ] || fail "the upgrade disabled the unit"
 log "upgrade to $version-2: edits kept, the new rules.toml root:$PKG 640, unit still enabled"
@@ -286,4 +286,20 @@ dpkg --purge "$PKG" >/dev/null
 left=$(leftovers)
 [ -z "$left" ] || fail "dpkg --purge left: $left"
 log "dpkg --purge: nothing left (files, unit symlinks, user, group)"
+
+# --- purge with an operator's file: the user and group stay with it ------------------
+# A TLS key the operator gave to the service's group must not be left to a GID a later
+# group gets: the purge keeps the user and group while a file in /etc/mupdate-worker
+# still names them.
+DEBIAN_FRONTEND=noninteractive dpkg -i "$deb" >/dev/null
+install -o root -g "$PKG" -m 640 /dev/null /etc/$PKG/client.key
+dpkg --purge "$PKG" >/dev/null 2>&1
+getent group "$PKG" >/dev/null || fail "the purge removed the group while /etc/$PKG/client.key is its"
+[ "$(stat -c %G /etc/$PKG/client.key)" = "$PKG" ] || fail "client.key lost its group"
+rm -r /etc/$PKG
+userdel "$PKG"
+getent group "$PKG" >/dev/null && groupdel "$PKG"
+left=$(leftovers)
+[ -z "$left" ] || fail "left after the second purge: $left"
+log "dpkg --purge beside an operator's file: the user and group stay with it"
 log "ok"
