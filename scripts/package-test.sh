@@ -250,8 +250,9 @@ log "the worker's $(wc -l <"$run/used") system calls are all in SystemCallFilter
 # --- upgrade: a later revision keeps the edits ------------------------------------
 # Revision 2 is this package repacked with both an edited config.toml (the operator's
 # edit wins: --force-confold, as apt -o Dpkg::Options::=--force-confold) and a new
-# rules.toml (not edited here, so dpkg installs the new one, as root:root, which the
-# postinst must give to the service's group before it restarts the worker).
+# rules.toml (not edited here, so dpkg installs the new one, keeping the old file's
+# owner and mode); the postinst gives a freshly written conffile to the service's group
+# before it restarts the worker.
 systemctl enable $PKG >/dev/null 2>&1 || fail "systemctl enable $PKG"
 [ -L /etc/systemd/system/multi-user.target.wants/$PKG.service ] || fail "enable made no symlink"
 edited=$(sha256sum /etc/$PKG/config.toml /etc/default/$PKG)
