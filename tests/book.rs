@@ -128,6 +128,55 @@ fn the_configuration_chapter_names_no_key_default_toml_lacks() {
     );
 }
 
+/// A row of the reference table naming one key documents that key's environment
+/// variable (`MUPDATE__SECTION__KEY`) and, first in its default column, the value
+/// config/default.toml gives it (`""` for an empty string). Rows naming two keys (`a` /
+/// `b`) share a default and a variable prefix, and aren't held to either.
+#[test]
+fn the_reference_table_gives_each_key_its_default_and_variable() {
+    let table: toml::Table = read(&root().join("config/default.toml"))
+        .parse()
+        .expect("config/default.toml is TOML");
+    let chapter = read(&root().join("docs/src/configuration.md"));
+    let mut checked = 0;
+    let mut wrong = Vec::new();
+    for row in chapter.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+        let named: Vec<&str> = cells[0]
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|word| {
+                word.split_once('.')
+                    .is_some_and(|(s, k)| is_key(s) && is_key(k))
+            })
+            .collect();
+        let [key] = named[..] else { continue };
+        let (section, name) = key.split_once('.').unwrap();
+        let Some(value) = table.get(section).and_then(|s| s.get(name)) else {
+            continue;
+        };
+        checked += 1;
+        let variable = format!("MUPDATE__{}__{}", section, name).to_uppercase();
+        if !cells[0].contains(&variable) {
+            wrong.push(format!("{key}: its variable is {variable}"));
+        }
+        let expected = match value {
+            toml::Value::String(text) if text.is_empty() => "\"\"".to_owned(),
+            toml::Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        let shown = cells.get(1).and_then(|c| c.split('`').nth(1));
+        if shown != Some(expected.as_str()) {
+            wrong.push(format!(
+                "{key}: default {shown:?}, default.toml says {expected}"
+            ));
+        }
+    }
+    assert!(checked > 40, "only {checked} rows of one key found");
+    assert!(wrong.is_empty(), "docs/src/configuration.md: {wrong:#?}");
+}
+
 /// The README and every Markdown file under docs/src/.
 fn book_files() -> Vec<PathBuf> {
     let mut files = vec![root().join("README.md")];
