@@ -1,5 +1,6 @@
 //! The book (docs/src/, README.md as its landing page), checked without a server: the
-//! configuration chapter against config/default.toml (no key undocumented, none stale),
+//! configuration chapter against config/default.toml (no key undocumented, none stale,
+//! each key's default and environment variable as they are),
 //! every relative link and `#anchor` of the README and the chapters, and SUMMARY.md
 //! against the chapter files. http(s) links, and links leaving the repository (the
 //! contract under ../shared/), are not checked: they are not the repository's to keep.
