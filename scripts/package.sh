@@ -4,7 +4,7 @@
 # then `cargo deb --no-build` (cargo-deb installed when missing) packs them with the
 # files Cargo.toml's [package.metadata.deb] lists. Prints the package's path last.
 #
-#   scripts/package.sh            build target/debian/mupdate-worker_<version>_<arch>.deb
+#   scripts/package.sh            build target/debian/mupdate-worker_<version>-1_<arch>.deb
 #
 # scripts/package-test.sh installs it here, runs it and removes it.
 set -euo pipefail

@@ -92,18 +92,22 @@ Overrides \fBlog.level\fR (a tracing filter, e.g. info,mupdate_worker=debug).
 \fBNOTIFY_SOCKET\fR
 Set by systemd for a Type=notify service: \fBrun\fR sends READY=1 once it consumes,
 STATUS= as it pauses or reconnects, and STOPPING=1 with EXTEND_TIMEOUT_USEC= (the
-shutdown's bound) on SIGTERM.
+shutdown's bound) on SIGTERM or SIGINT.
 .SH SIGNALS
 .TP
 \fBSIGTERM\fR, \fBSIGINT\fR
 Stop consuming, finish or hand back the requests held within \fBworker.shutdown_timeout_ms\fR,
-then exit 0. A second signal exits at once; what is unsettled goes back to the queue.
+then exit 0. A second signal exits at once, with 143 (SIGTERM) or 130 (SIGINT); what is
+unsettled goes back to the queue.
 .TP
 \fBSIGHUP\fR
 Read the rights rules file again; a file that doesn't load leaves the rules in force.
 .SH EXIT STATUS
-0 on a clean stop (and \fBsend\fR: a 2xx reply); 1 on a failure (\fBsend\fR: a reply that
-is not 2xx); 2 on a bad command line or configuration.
+0 on a clean stop (\fBsend\fR: a 2xx reply; \fBsend \-\-file\fR: every document in); 1 on a
+failure (\fBsend\fR: a reply that is not 2xx, or entries it can't make a request of;
+\fBready\fR: not ready); 2 on a command line that doesn't parse, or a bad configuration,
+rules file or TLS file; 143 or 130 when a second SIGTERM or SIGINT ends the worker at
+once; 130 when Ctrl\-C stops \fBsend \-\-file\fR.
 .SH SEE ALSO
 \fBsystemctl\fR(1), \fBjournalctl\fR(1); the changelog under /usr/share/doc/mupdate\-worker/;
 the book: docs/ in the source repository.
