@@ -118,7 +118,7 @@ zsh -fc "autoload -Uz compinit && compinit -u -D && fpath=(/usr/share/zsh/vendor
 head -1 /usr/share/zsh/vendor-completions/_$PKG | grep -qx "#compdef $PKG" || fail "_$PKG is not bound to $PKG"
 fish_words=$(fish --no-config -c "source /usr/share/fish/vendor_completions.d/$PKG.fish; complete -C '$PKG requeue-'")
 grep -q '^requeue-dead' <<<"$fish_words" || fail "fish completes '$PKG requeue-' to '$fish_words'"
-log "completions: bash, zsh and fish load and complete subcommands"
+log "completions: bash and fish complete subcommands, zsh loads them bound to $PKG"
 
 # --- the unit ---------------------------------------------------------------------
 verify=$(systemd-analyze verify "$UNIT" 2>&1) || fail "systemd-analyze verify: $verify"
