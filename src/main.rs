@@ -399,6 +399,7 @@ async fn execute(
                     ExitCode::SUCCESS
                 })
         }
+        // Answered in `main`, before the configuration is read: nothing left to do.
         Command::Man { .. } | Command::Completions { .. } => Ok(ExitCode::SUCCESS),
         Command::Config => {
             let mut shown = settings.redacted();

@@ -141,7 +141,7 @@ pub async fn run_with_hangups(
                 }
                 let wait = backoff.next().unwrap_or(Duration::from_secs(5));
                 warn!(error = %err, %node, ?wait, "broker connection lost; reconnecting");
-                crate::lifecycle::systemd::not_consuming("no broker connection; reconnecting");
+                crate::lifecycle::systemd::reconnecting();
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => break,
@@ -321,7 +321,7 @@ impl Session<'_> {
         let broken = CancellationToken::new();
         loop {
             if let Some(why) = self.pause_reason(&broker) {
-                crate::lifecycle::systemd::not_consuming(&format!("paused: {why}"));
+                crate::lifecycle::systemd::paused(why);
                 match self.pause(&broker, &broken).await {
                     Some(End::Shutdown) => break,
                     Some(End::Failed(err)) => return Err(err),
@@ -362,7 +362,7 @@ impl Session<'_> {
                     metrics.set_paused(true);
                     let why = self.pause_reason(&broker).unwrap_or("unavailable");
                     warn!(why, "pausing consumption and handing held requests back");
-                    crate::lifecycle::systemd::not_consuming(&format!("paused: {why}"));
+                    crate::lifecycle::systemd::paused(why);
                     let stopped = self.stop_consuming(&broker, consumer).await;
                     period.cancel();
                     tracker.close();

@@ -66,9 +66,14 @@ pub fn consuming(queue: &str) {
     ]);
 }
 
-/// Not consuming, for `why` (the engine unavailable, replies blocked, the broker lost).
-pub fn not_consuming(why: &str) {
-    send(vec![status(why)]);
+/// Consumption paused, for `why` (the engine unavailable, replies blocked).
+pub fn paused(why: &str) {
+    send(vec![status(&format!("paused: {why}"))]);
+}
+
+/// No broker connection: the worker is trying the next node, or again after a pause.
+pub fn reconnecting() {
+    send(vec![status("no broker connection; reconnecting")]);
 }
 
 /// A shutdown has started and ends `within` (the grace and the margin to exit): systemd
