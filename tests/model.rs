@@ -252,6 +252,59 @@ async fn returns_come_back_on_some_confirm_of_their_channel() {
     amqp.close().await;
 }
 
+/// What the worker's pairing stands on (`broker/replies.rs`): the channel's return hook
+/// (vendored lapin's `Channel::on_return`) has seen a publish's return by the time the
+/// publish's confirm completes, and has seen no return of a routed publish. Many
+/// publishes outstanding on one channel, every other one unroutable, their confirms
+/// awaited in whatever order they complete.
+#[tokio::test]
+async fn a_return_is_heard_before_its_confirm_completes() {
+    let queue = fresh("model-return-hook");
+    let amqp = Amqp::open().await;
+    let channel = amqp.connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(Default::default())
+        .await
+        .unwrap();
+    declare(&channel, &queue, FieldTable::default()).await;
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let record = heard.clone();
+    channel.on_return(move |message| {
+        let number = number_of(&message.delivery.properties).expect("our header");
+        record.lock().unwrap().insert(number);
+    });
+    let nowhere = fresh("model-no-such-queue");
+    const N: u64 = 400;
+    let mut confirms = futures_util::stream::FuturesUnordered::new();
+    for n in 0..N {
+        let key = if n % 2 == 0 { &queue } else { &nowhere };
+        let confirm = mandatory(&channel, key, b"x", n).await;
+        confirms.push(async move { (n, confirm.await) });
+    }
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut completed = 0;
+    while let Some((n, confirmation)) = tokio::time::timeout_at(deadline, confirms.next())
+        .await
+        .expect("every confirm in time")
+    {
+        assert!(
+            matches!(confirmation, Ok(Confirmation::Ack(_))),
+            "publish {n}: {confirmation:?}"
+        );
+        let was_heard = heard.lock().unwrap().contains(&n);
+        assert_eq!(
+            was_heard,
+            n % 2 == 1,
+            "publish {n}: its return heard when its confirm completed"
+        );
+        completed += 1;
+    }
+    assert_eq!(completed, N);
+    delete_queues(&[&queue]).await;
+    channel.close(200, "done".into()).await.unwrap();
+    amqp.close().await;
+}
+
 /// A queue that refuses publishes (`x-max-length` 0 with `x-overflow` `reject-publish`)
 /// nacks them: the confirm is a nack, nothing is returned, and it keeps refusing.
 #[tokio::test]

@@ -258,6 +258,15 @@ impl port::Channel for Channel {
         })
     }
 
+    fn on_return(&self, hook: port::ReturnHook) {
+        self.channel.on_return(move |returned| {
+            hook(&Returned {
+                reply_code: returned.reply_code,
+                headers: headers_of(returned.delivery.properties.headers()),
+            });
+        });
+    }
+
     fn close<'a>(&'a self, reason: &'a str) -> Call<'a, ()> {
         Box::pin(async move { self.channel.close(200, reason.into()).await.map_err(error) })
     }

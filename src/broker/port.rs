@@ -110,9 +110,16 @@ pub trait Channel: Send + Sync {
     /// Cancels consumer `tag`: its stream ends once the broker's cancel-ok came.
     fn cancel<'a>(&'a self, tag: &'a str) -> Call<'a, ()>;
     /// Publishes `message` and waits for its confirm (on a confirming channel): acked or
-    /// nacked, and the message itself when the broker returned it (mandatory, routed
-    /// nowhere). An error when the channel closed over it.
+    /// nacked, and a returned message (mandatory, routed nowhere), though not
+    /// necessarily this one's: the AMQP client hands each return to some confirm of the
+    /// channel completing after it (`on_return` is how a return is paired exactly). An
+    /// error when the channel closed, over this publish or another.
     fn publish<'a>(&'a self, message: Message<'a>) -> Call<'a, Confirm>;
+    /// Calls `hook` with each message the broker returns on this channel, as soon as it
+    /// has come and before any later frame of the channel is read: RabbitMQ sends a
+    /// return before the ack that confirms its publish, so when a publish's confirm
+    /// completes, its return (if any) has been seen by `hook`. `hook` must not block.
+    fn on_return(&self, hook: ReturnHook);
     fn close<'a>(&'a self, reason: &'a str) -> Call<'a, ()>;
 }
 
@@ -164,6 +171,7 @@ pub enum Value<'a> {
 }
 
 /// A message to publish.
+#[derive(Clone)]
 pub struct Message<'a> {
     pub exchange: &'a str,
     pub routing_key: &'a str,
@@ -174,7 +182,7 @@ pub struct Message<'a> {
 }
 
 /// The properties of a message to publish.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Props<'a> {
     pub correlation_id: Option<&'a str>,
     pub content_type: Option<&'a str>,
@@ -196,6 +204,9 @@ pub struct Confirm {
     /// The message, when the broker returned it as unroutable.
     pub returned: Option<Returned>,
 }
+
+/// What `Channel::on_return` calls with each returned message.
+pub type ReturnHook = std::sync::Arc<dyn Fn(&Returned) + Send + Sync>;
 
 /// A message the broker returned.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -38,6 +38,8 @@ struct Seen {
     /// Connections opened; whether the last one is lost.
     connects: usize,
     lost: bool,
+    /// Every channel's return hook (the channels are one object here).
+    hooks: Vec<super::port::ReturnHook>,
 }
 
 #[derive(Clone, Default)]
@@ -181,11 +183,22 @@ impl Channel for Memory {
                     })
                     .collect(),
             });
+            let hooks = seen.hooks.clone();
+            drop(seen);
+            if let Some(returned) = &returned {
+                for hook in hooks {
+                    hook(returned);
+                }
+            }
             Ok(Confirm {
                 acked: true,
                 returned,
             })
         })
+    }
+
+    fn on_return(&self, hook: super::port::ReturnHook) {
+        self.seen().hooks.push(hook);
     }
 
     fn close<'a>(&'a self, _reason: &'a str) -> Call<'a, ()> {

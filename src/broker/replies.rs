@@ -1,18 +1,26 @@
 //! Confirmed reply publishing, on a connection of its own.
 //!
 //! **A return is matched to its publish by what it carries, never by the order of
-//! confirms.** The AMQP client hands a returned (unroutable) message to whichever confirm of the
-//! channel completes next, and completes the confirms a `multiple` ack covers in no set
-//! order: with several publishes outstanding on one channel, a return can be reported on
-//! another publish's confirm, so one request is dead-lettered for another's vanished
-//! reply queue and the other acked as answered. Here each channel carries at most one
-//! publish at a time (a pool of channels, `amqp.reply_channels` at most), so a confirm's
-//! return can only be its own; and each publish carries a header with a number of its own,
-//! checked on the returned message: one that names another publish is never taken as this
-//! one's (it is reported, and this reply is published again, alone).
+//! confirms.** Replies share one confirming channel, many outstanding at once (at most
+//! `amqp.reply_channels`), so that the broker confirms them together with `multiple`
+//! acks. The AMQP client hands a returned (unroutable) message to whichever confirm of
+//! the channel completes next, in no set order, so the confirm's own `returned` is not
+//! believed. Instead each publish carries a header with a number of its own, and the
+//! channel's return hook (`Channel::on_return`) records the number of every returned
+//! message as soon as it comes. RabbitMQ sends a publish's return before the ack that
+//! confirms it, and the client reads a channel's frames in order, so when a publish's
+//! confirm completes, its number is in the record if and only if it was returned: the
+//! verdict is exact whatever order the confirms complete in, `multiple` included.
+//!
+//! **A channel closed under a reply is not taken as that reply's refusal.** The broker
+//! closes a channel over one publish (too large, an exchange that does not exist), and
+//! every other publish outstanding on it fails with the same error. A reply that failed
+//! so on the shared channel is published again alone, on a channel opened for it, whose
+//! verdict is its own.
 
-use std::sync::Mutex;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -24,6 +32,7 @@ use crate::bounded::{Interrupted, bounded};
 use crate::config::AmqpSettings;
 
 /// A message to publish, confirmed.
+#[derive(Clone)]
 pub(super) struct Message<'a> {
     pub exchange: &'a str,
     pub routing_key: &'a str,
@@ -54,11 +63,38 @@ pub enum Published {
     TooLarge { limit: usize },
 }
 
+/// A confirming channel, and the numbers of the publishes the broker returned on it
+/// that no publish has claimed yet.
+struct Lane {
+    channel: Box<dyn Channel>,
+    returned: Arc<Mutex<HashSet<u64>>>,
+}
+
+impl Lane {
+    /// Whether publish `id` was returned (and forgets it).
+    fn claim(&self, id: u64) -> bool {
+        self.returned.lock().expect("poisoned").remove(&id)
+    }
+}
+
+/// Forgets a publish's return when its wait ends early (a timeout, shutdown): nothing
+/// would claim it.
+struct Unclaimed<'a> {
+    lane: &'a Lane,
+    id: u64,
+}
+
+impl Drop for Unclaimed<'_> {
+    fn drop(&mut self) {
+        self.lane.claim(self.id);
+    }
+}
+
 pub(super) struct Replies {
     connection: Box<dyn Connection>,
-    /// Confirming channels with no publish outstanding.
-    idle: Mutex<Vec<Box<dyn Channel>>>,
-    /// Publishes outstanding at once (one per channel).
+    /// The confirming channel replies share, once opened (and again after it closed).
+    shared: tokio::sync::Mutex<Option<Arc<Lane>>>,
+    /// Publishes outstanding at once.
     slots: Semaphore,
     next: AtomicU64,
     /// The broker's message size limit, once it has told us (by refusing a reply).
@@ -75,7 +111,7 @@ impl Replies {
     ) -> Self {
         Replies {
             connection,
-            idle: Mutex::new(Vec::new()),
+            shared: tokio::sync::Mutex::new(None),
             slots: Semaphore::new(usize::from(settings.reply_channels.max(1))),
             next: AtomicU64::new(0),
             max_reply: AtomicUsize::new(usize::MAX),
@@ -92,7 +128,7 @@ impl Replies {
         self.connection.blocked()
     }
 
-    /// Publishes a reply on a pooled channel, alone on it, and waits for its confirm.
+    /// Publishes a reply on the shared channel and waits for its confirm.
     pub(super) async fn publish(&self, reply: &Outgoing<'_>) -> Result<Published, BrokerError> {
         if let Some(too_large) = self.too_large(reply) {
             return Ok(too_large);
@@ -108,10 +144,7 @@ impl Replies {
         if let Some(too_large) = self.too_large(reply) {
             return Ok(too_large);
         }
-        let channel = self.open_channel().await?;
-        let published = self.publish_message(&*channel, reply_message(reply)).await;
-        self.discard(channel);
-        published
+        self.publish_on_own_channel(reply_message(reply)).await
     }
 
     fn too_large(&self, reply: &Outgoing<'_>) -> Option<Published> {
@@ -119,34 +152,75 @@ impl Replies {
         (reply.body.len() > limit).then_some(Published::TooLarge { limit })
     }
 
-    async fn open_channel(&self) -> Result<Box<dyn Channel>, BrokerError> {
+    async fn publish_on_own_channel(
+        &self,
+        message: Message<'_>,
+    ) -> Result<Published, BrokerError> {
+        let lane = self.open_lane().await?;
+        let published = self.publish_message(&lane, message).await;
+        self.discard(lane);
+        published.map(|(published, _)| published)
+    }
+
+    /// A confirming channel whose returns are recorded.
+    async fn open_lane(&self) -> Result<Lane, BrokerError> {
         let open = async {
             let channel = self.connection.open_channel().await?;
+            let returned = Arc::new(Mutex::new(HashSet::new()));
+            let record = returned.clone();
+            channel.on_return(Arc::new(move |message: &Returned| {
+                match publish_id(message) {
+                    Some(id) => {
+                        record.lock().expect("poisoned").insert(id);
+                    }
+                    None => tracing::error!(
+                        reply_code = message.reply_code,
+                        "the broker returned a message without a publish number"
+                    ),
+                }
+            }));
             channel.confirm_select().await?;
-            Ok::<_, port::Error>(channel)
+            Ok::<_, port::Error>(Lane { channel, returned })
         };
         Ok(bounded("open a reply channel", CALL, &self.stop, open).await??)
     }
 
-    /// Closes `channel` in the background, bounded: nothing waits on it.
-    fn discard(&self, channel: Box<dyn Channel>) {
+    /// Closes `lane`'s channel in the background, bounded: nothing waits on it.
+    fn discard(&self, lane: Lane) {
         let stop = self.stop.clone();
         tokio::spawn(async move {
-            let close = channel.close("done");
+            let close = lane.channel.close("done");
             let _ = bounded("close a reply channel", CALL, &stop, close).await;
         });
     }
 
-    /// Publishes a message on a pooled channel, alone on it, and waits for its confirm.
+    /// The shared channel, opened if there is none standing.
+    async fn shared(&self) -> Result<Arc<Lane>, BrokerError> {
+        let mut shared = self.shared.lock().await;
+        if let Some(lane) = shared.as_ref().filter(|lane| lane.channel.connected()) {
+            return Ok(lane.clone());
+        }
+        let lane = Arc::new(self.open_lane().await?);
+        if let Some(old) = shared.replace(lane.clone()) {
+            // Closed already, or closing: its outstanding publishes hold it meanwhile.
+            if let Ok(old) = Arc::try_unwrap(old) {
+                self.discard(old);
+            }
+        }
+        Ok(lane)
+    }
+
+    /// Publishes a message on the shared channel and waits for its confirm; published
+    /// again alone when the channel closed under it (see the module's doc).
     pub(super) async fn publish_pooled(
         &self,
         message: Message<'_>,
     ) -> Result<Published, BrokerError> {
-        // Every reply channel busy for as long as a confirm may take (confirms that are
-        // late, a blocked connection): this one is unconfirmed too, and goes back to the
-        // queue; the connection is not lost for it.
+        // As many outstanding as a confirm may take (confirms that are late, a blocked
+        // connection): this one is unconfirmed too, and goes back to the queue; the
+        // connection is not lost for it.
         let slot = match bounded(
-            "a reply channel",
+            "room for a reply",
             self.confirm_timeout,
             &self.stop,
             self.slots.acquire(),
@@ -162,28 +236,24 @@ impl Replies {
         let Ok(_slot) = slot else {
             return Ok(Published::Refused);
         };
-        let pooled = self.idle.lock().expect("poisoned").pop();
-        let channel = match pooled {
-            Some(channel) if channel.connected() => channel,
-            _ => self.open_channel().await?,
-        };
-        let published = self.publish_message(&*channel, message).await;
-        if let Ok(Published::Confirmed | Published::Unroutable) = published {
-            self.idle.lock().expect("poisoned").push(channel);
-        } else {
-            self.discard(channel);
+        let lane = self.shared().await?;
+        match self.publish_message(&lane, message.clone()).await? {
+            (Published::Refused, true) => self.publish_on_own_channel(message).await,
+            (published, _) => Ok(published),
         }
-        published
     }
 
+    /// Publishes `message` on `lane` and waits for its confirm; and whether the channel
+    /// closed under it (the verdict is then not necessarily its own).
     async fn publish_message(
         &self,
-        channel: &dyn Channel,
+        lane: &Lane,
         message: Message<'_>,
-    ) -> Result<Published, BrokerError> {
+    ) -> Result<(Published, bool), BrokerError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let _unclaimed = Unclaimed { lane, id };
         let size = message.body.len();
-        let publish = channel.publish(port::Message {
+        let publish = lane.channel.publish(port::Message {
             exchange: message.exchange,
             routing_key: message.routing_key,
             mandatory: message.mandatory,
@@ -205,31 +275,16 @@ impl Replies {
                     blocked = self.blocked(),
                     "a publish's confirm did not come in time"
                 );
-                return Ok(Published::Unconfirmed);
+                return Ok((Published::Unconfirmed, false));
             }
             Err(interrupted) => return Err(interrupted.into()),
         };
         Ok(match confirmed {
-            Ok(Confirm {
-                acked: true,
-                returned: None,
-            }) => Published::Confirmed,
-            Ok(Confirm {
-                acked: true,
-                returned: Some(returned),
-            }) => match publish_id(&returned) {
-                Some(returned_id) if returned_id == id => Published::Unroutable,
-                other => {
-                    tracing::error!(
-                        publish = id,
-                        returned = ?other,
-                        "a returned message names another publish; publishing this one again"
-                    );
-                    Published::Refused
-                }
-            },
-            Ok(Confirm { acked: false, .. }) => Published::Refused,
-            Err(err) if self.connected() => self.refusal(&err, size),
+            // The confirm's own `returned` may be another publish's: the record says.
+            Ok(Confirm { acked: true, .. }) if lane.claim(id) => (Published::Unroutable, false),
+            Ok(Confirm { acked: true, .. }) => (Published::Confirmed, false),
+            Ok(Confirm { acked: false, .. }) => (Published::Refused, false),
+            Err(err) if self.connected() => (self.refusal(&err, size), true),
             Err(err) => return Err(err.into()),
         })
     }

@@ -20,8 +20,9 @@
 //! - confirms come late, by a `multiple` ack that completes every confirm up to it, in
 //!   an order drawn at random, and channels independently of each other; a mandatory
 //!   publish routed nowhere is returned, then acked
-//!   (`an_unroutable_mandatory_publish_is_returned_then_acked`), and the return is
-//!   reported on SOME confirm of its channel completing next, not necessarily its own
+//!   (`an_unroutable_mandatory_publish_is_returned_then_acked`): the channel's return
+//!   hook hears it at once, and the return is also reported on SOME confirm of its
+//!   channel completing next, not necessarily its own
 //!   (`returns_come_back_on_some_confirm_of_their_channel`);
 //! - an alarm blocks the connections that publish: nothing they publish is read (no
 //!   confirm) until it clears, `blocked()` is true meanwhile, consumers go on
@@ -43,7 +44,7 @@ use std::time::Duration;
 
 use mupdate_worker::broker::port::{
     Acker, BrokerLink, Call, Channel, Confirm, Connection, Consumer, Delivery, Error, ErrorKind,
-    ExchangeKind, Message, Original, Returned, Value,
+    ExchangeKind, Message, Original, ReturnHook, Returned, Value,
 };
 use mupdate_worker::pipeline::envelope::Properties;
 use rand::RngExt;
@@ -212,6 +213,8 @@ struct Chan {
     pending: BTreeMap<u64, Pending>,
     /// Returned messages not yet reported on a confirm.
     returns: VecDeque<Returned>,
+    /// Told of each return as it comes (`Channel::on_return`).
+    hook: Option<ReturnHook>,
 }
 
 struct ConsumerEntry {
@@ -638,6 +641,9 @@ impl SimBroker {
                     headers: unread.props.headers.clone(),
                 };
                 if let Some(ch) = state.chans.get_mut(&chan) {
+                    if let Some(hook) = &ch.hook {
+                        hook(&returned);
+                    }
                     ch.returns.push_back(returned);
                 }
             }
@@ -1003,6 +1009,7 @@ impl Connection for SimConnection {
                     next_publish: 0,
                     pending: BTreeMap::new(),
                     returns: VecDeque::new(),
+                    hook: None,
                 },
             );
             Ok(Box::new(SimChannel {
@@ -1295,6 +1302,12 @@ impl Channel for SimChannel {
                 .await
                 .map_err(|_| closed("channel closed before the confirm"))
         })
+    }
+
+    fn on_return(&self, hook: ReturnHook) {
+        if let Some(ch) = self.broker.state().chans.get_mut(&self.id) {
+            ch.hook = Some(hook);
+        }
     }
 
     fn close<'a>(&'a self, _reason: &'a str) -> Call<'a, ()> {

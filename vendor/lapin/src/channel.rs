@@ -317,6 +317,16 @@ impl Channel {
 
     /// Wait for all outstanding publisher confirms and return any returned messages.
     ///
+    /// mupdate-worker's change: calls `hook` with every message the server returns on
+    /// this channel, on the I/O loop, before the frames that follow it (its confirm)
+    /// are handled. It must not block, nor call into this connection.
+    pub fn on_return(
+        &self,
+        hook: impl Fn(&BasicReturnMessage) + Send + Sync + 'static,
+    ) {
+        self.returned_messages.set_hook(Arc::new(hook));
+    }
+
     /// Blocks until every [`PublisherConfirm`] produced by prior
     /// [`basic_publish`] calls on this channel has been resolved by the
     /// broker. Returns the list of messages that were returned (unroutable

@@ -49,6 +49,13 @@ impl ReturnedMessages {
         self.lock_inner().waiting_messages.pop_front()
     }
 
+    /// mupdate-worker's change: `hook` sees every returned message as soon as it is
+    /// complete, on the I/O loop, before any later frame of the channel (the ack that
+    /// confirms it) is handled.
+    pub(crate) fn set_hook(&self, hook: ReturnHook) {
+        self.lock_inner().hook = Some(hook);
+    }
+
     pub(crate) fn clear_dropped_confirms(&self) {
         self.lock_inner().dropped_confirms.clear();
     }
@@ -71,8 +78,12 @@ impl fmt::Debug for ReturnedMessages {
     }
 }
 
+/// Called with each returned message (mupdate-worker's change).
+pub(crate) type ReturnHook = Arc<dyn Fn(&BasicReturnMessage) + Send + Sync>;
+
 #[derive(Default)]
 struct Inner {
+    hook: Option<ReturnHook>,
     current_message: Option<BasicReturnMessage>,
     non_confirm_messages: Vec<BasicReturnMessage>,
     waiting_messages: VecDeque<BasicReturnMessage>,
@@ -112,6 +123,9 @@ impl Inner {
     fn new_delivery_complete(&mut self, confirm_mode: bool) {
         if let Some(message) = self.current_message.take() {
             warn!(?message, "Server returned us a message");
+            if let Some(hook) = &self.hook {
+                hook(&message);
+            }
             if confirm_mode {
                 self.waiting_messages.push_back(message);
             } else {
