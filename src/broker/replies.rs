@@ -362,6 +362,140 @@ mod tests {
         assert_eq!(refused_size("NOT_FOUND - no queue 'x'"), None);
     }
 
+    /// A connection whose first channel (the shared one) fails every publish as a channel
+    /// closed over another publish would, or nacks it; later channels confirm.
+    struct Scripted {
+        opened: Arc<AtomicUsize>,
+        shared_nacks: bool,
+    }
+
+    struct ScriptedChannel {
+        number: usize,
+        shared_nacks: bool,
+    }
+
+    impl Connection for Scripted {
+        fn open_channel(&self) -> port::Call<'_, Box<dyn Channel>> {
+            let number = self.opened.fetch_add(1, Ordering::SeqCst) + 1;
+            let shared_nacks = self.shared_nacks;
+            Box::pin(async move {
+                Ok(Box::new(ScriptedChannel {
+                    number,
+                    shared_nacks,
+                }) as Box<dyn Channel>)
+            })
+        }
+        fn connected(&self) -> bool {
+            true
+        }
+        fn blocked(&self) -> bool {
+            false
+        }
+        fn close<'a>(&'a self, _: &'a str) -> port::Call<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    impl Channel for ScriptedChannel {
+        fn connected(&self) -> bool {
+            true
+        }
+        fn confirm_select(&self) -> port::Call<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn qos(&self, _: u16) -> port::Call<'_, ()> {
+            unreachable!()
+        }
+        fn declare_exchange<'a>(
+            &'a self,
+            _: &'a str,
+            _: port::ExchangeKind,
+            _: bool,
+        ) -> port::Call<'a, ()> {
+            unreachable!()
+        }
+        fn declare_queue<'a>(
+            &'a self,
+            _: &'a str,
+            _: bool,
+            _: &'a [(&'static str, Value<'a>)],
+        ) -> port::Call<'a, ()> {
+            unreachable!()
+        }
+        fn bind_queue<'a>(&'a self, _: &'a str, _: &'a str) -> port::Call<'a, ()> {
+            unreachable!()
+        }
+        fn consume<'a>(&'a self, _: &'a str, _: &'a str) -> port::Call<'a, port::Consumer> {
+            unreachable!()
+        }
+        fn cancel<'a>(&'a self, _: &'a str) -> port::Call<'a, ()> {
+            unreachable!()
+        }
+        fn publish<'a>(&'a self, _: port::Message<'a>) -> port::Call<'a, Confirm> {
+            let (shared, nacks) = (self.number == 1, self.shared_nacks);
+            Box::pin(async move {
+                match (shared, nacks) {
+                    (true, false) => Err(port::Error {
+                        kind: port::ErrorKind::Refused { code: 404 },
+                        message: "NOT_FOUND - no exchange 'another-publish'".into(),
+                    }),
+                    (true, true) => Ok(Confirm {
+                        acked: false,
+                        returned: None,
+                    }),
+                    (false, _) => Ok(Confirm {
+                        acked: true,
+                        returned: None,
+                    }),
+                }
+            })
+        }
+        fn on_return(&self, _: port::ReturnHook) {}
+        fn close<'a>(&'a self, _: &'a str) -> port::Call<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn scripted(shared_nacks: bool) -> (Replies, Arc<AtomicUsize>) {
+        let opened = Arc::new(AtomicUsize::new(0));
+        let connection = Scripted {
+            opened: opened.clone(),
+            shared_nacks,
+        };
+        let settings = crate::config::Settings::defaults().amqp;
+        let replies = Replies::new(Box::new(connection), &settings, CancellationToken::new());
+        (replies, opened)
+    }
+
+    fn message() -> Message<'static> {
+        Message {
+            exchange: "",
+            routing_key: "replies",
+            mandatory: true,
+            body: b"{}",
+            props: Props::default(),
+        }
+    }
+
+    /// The shared channel closed under a reply (over another publish): the reply is
+    /// published again alone, and that verdict is its own; it is not taken as refused.
+    #[tokio::test]
+    async fn a_channel_closed_under_a_reply_is_not_its_refusal() {
+        let (replies, opened) = scripted(false);
+        let published = replies.publish_pooled(message()).await.unwrap();
+        assert_eq!(published, Published::Confirmed);
+        assert_eq!(opened.load(Ordering::SeqCst), 2, "published again alone");
+    }
+
+    /// A nack names its own publish: refused, with no second attempt here.
+    #[tokio::test]
+    async fn a_nack_on_the_shared_channel_is_the_replys_own() {
+        let (replies, opened) = scripted(true);
+        let published = replies.publish_pooled(message()).await.unwrap();
+        assert_eq!(published, Published::Refused);
+        assert_eq!(opened.load(Ordering::SeqCst), 1);
+    }
+
     #[test]
     fn a_publish_is_named_by_its_own_header() {
         let props = with_publish_id(Props::default(), 41);
