@@ -39,7 +39,7 @@ pub struct AmqpSettings {
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
     pub reply_attempts: u32,
-    pub reply_channels: u16,
+    pub max_unconfirmed_replies: usize,
     pub confirm_timeout_ms: u64,
     /// PEM CA bundle trusted for an `amqps://` broker ("" = the system's).
     pub tls_ca_file: String,
@@ -211,8 +211,8 @@ impl Settings {
         if self.amqp.delivery_limit > 0 && self.amqp.queue_type != QueueType::Quorum {
             return invalid("amqp.delivery_limit", "needs amqp.queue_type = \"quorum\"");
         }
-        if self.amqp.reply_channels == 0 {
-            return invalid("amqp.reply_channels", "must be at least 1");
+        if !(1..=crate::broker::MOST_UNCONFIRMED).contains(&self.amqp.max_unconfirmed_replies) {
+            return invalid("amqp.max_unconfirmed_replies", "must be from 1 to 65536");
         }
         if self.amqp.confirm_timeout_ms == 0 {
             return invalid("amqp.confirm_timeout_ms", "must be at least 1");
@@ -663,5 +663,16 @@ mod tests {
         s.amqp.prefetch = 0;
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("amqp.prefetch"), "{err}");
+    }
+
+    /// The bound is a semaphore's permits: past tokio's most, it would panic at start.
+    #[test]
+    fn unconfirmed_replies_are_bounded_both_ways() {
+        for bad in [0, crate::broker::MOST_UNCONFIRMED + 1, usize::MAX] {
+            let mut s = Settings::defaults();
+            s.amqp.max_unconfirmed_replies = bad;
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains("amqp.max_unconfirmed_replies"), "{err}");
+        }
     }
 }

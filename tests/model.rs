@@ -262,10 +262,7 @@ async fn a_return_is_heard_before_its_confirm_completes() {
     let queue = fresh("model-return-hook");
     let amqp = Amqp::open().await;
     let channel = amqp.connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(Default::default())
-        .await
-        .unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
     declare(&channel, &queue, FieldTable::default()).await;
     let heard = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
     let record = heard.clone();

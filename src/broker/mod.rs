@@ -31,7 +31,7 @@ mod topology;
 pub use self::lapin::node_name;
 use port::{BrokerLink, Channel, Connection, Consumer, Delivery, Original, Props, Value};
 pub use refusing::Refusing;
-pub use replies::Published;
+pub use replies::{MOST_UNCONFIRMED, Published};
 
 /// The most a broker call (connect, open a channel, declare, consume, cancel, close) may
 /// wait for its answer.
@@ -149,8 +149,9 @@ impl Broker {
         Ok(received)
     }
 
-    /// Publishes a reply and waits for the broker's confirm, on a channel with no other
-    /// publish outstanding. An error means the session is lost.
+    /// Publishes a reply on the replies' shared channel and waits for the broker's
+    /// confirm (`replies`: how a return is paired with its own publish). An error means
+    /// the session is lost.
     pub async fn publish_reply(&self, reply: &Outgoing<'_>) -> Result<Published, BrokerError> {
         self.replies.publish(reply).await
     }

@@ -2,7 +2,7 @@
 //!
 //! **A return is matched to its publish by what it carries, never by the order of
 //! confirms.** Replies share one confirming channel, many outstanding at once (at most
-//! `amqp.reply_channels`), so that the broker confirms them together with `multiple`
+//! `amqp.max_unconfirmed_replies`), so that the broker confirms them together with `multiple`
 //! acks. The AMQP client hands a returned (unroutable) message to whichever confirm of
 //! the channel completes next, in no set order, so the confirm's own `returned` is not
 //! believed. Instead each publish carries a header with a number of its own, and the
@@ -41,6 +41,10 @@ pub(super) struct Message<'a> {
     pub body: &'a [u8],
     pub props: Props<'a>,
 }
+
+/// The most `amqp.max_unconfirmed_replies` may say (the configuration refuses more):
+/// above any prefetch, which is 16 bits.
+pub const MOST_UNCONFIRMED: usize = 65_536;
 
 /// The header naming a reply's publish (a number of this connection's own).
 pub const PUBLISH_HEADER: &str = "x-mupdate-publish";
@@ -112,7 +116,7 @@ impl Replies {
         Replies {
             connection,
             shared: tokio::sync::Mutex::new(None),
-            slots: Semaphore::new(usize::from(settings.reply_channels.max(1))),
+            slots: Semaphore::new(settings.max_unconfirmed_replies.clamp(1, MOST_UNCONFIRMED)),
             next: AtomicU64::new(0),
             max_reply: AtomicUsize::new(usize::MAX),
             confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
@@ -152,10 +156,7 @@ impl Replies {
         (reply.body.len() > limit).then_some(Published::TooLarge { limit })
     }
 
-    async fn publish_on_own_channel(
-        &self,
-        message: Message<'_>,
-    ) -> Result<Published, BrokerError> {
+    async fn publish_on_own_channel(&self, message: Message<'_>) -> Result<Published, BrokerError> {
         let lane = self.open_lane().await?;
         let published = self.publish_message(&lane, message).await;
         self.discard(lane);

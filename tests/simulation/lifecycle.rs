@@ -397,7 +397,7 @@ fn settings(rng: &mut StdRng, outages: bool) -> Settings {
     a.prefetch = rng.random_range(1..=20);
     a.max_held_bytes = rng.random_range(1..=32) * 1024;
     a.reply_attempts = rng.random_range(1..=3);
-    a.reply_channels = rng.random_range(1..=4);
+    a.max_unconfirmed_replies = rng.random_range(1..=4);
     a.confirm_timeout_ms = rng.random_range(1000..=5000);
     if rng.random_bool(0.5) {
         a.queue_type = QueueType::Quorum;
@@ -800,7 +800,7 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
                 // The most one publish of a worker's weighs (a reply, or a dead letter: the
                 // request as it came).
                 let publish = 4 * largest + 256 * 3 + 3 * run.largest_source as i64;
-                let channels = i64::from(run.settings.amqp.reply_channels);
+                let channels = run.settings.amqp.max_unconfirmed_replies as i64;
                 for (instance, metrics) in live {
                     let held = metrics.held_bytes.get();
                     let seen = highest.entry(instance).or_default();
@@ -813,8 +813,9 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
                         return;
                     }
                     // 11. Held and in flight: the requests held, and the publishes not yet
-                    // confirmed (one per reply channel, and one per delivery held: a
-                    // reply published alone after a refusal), each within its bound.
+                    // confirmed (max_unconfirmed_replies on the shared channel, and one per
+                    // delivery held: a reply published alone after a refusal), each within
+                    // its bound.
                     let (publishes, bytes, unacked) = run.broker.in_flight(instance);
                     let (publishes, bytes, unacked) =
                         (publishes as i64, bytes as i64, unacked as i64);
@@ -826,7 +827,7 @@ pub async fn simulate(seed: u64, trace: Trace) -> Result<Summary, String> {
                     let bound = most + prefetch * largest + (channels + unacked + 1) * publish;
                     if publishes > channels + unacked + 1 || in_flight > bound {
                         run.violation(format!(
-                            "worker {instance} holds {held} bytes of requests and {publishes} publishes of {bytes} bytes unconfirmed, with {unacked} deliveries unacked ({channels} reply channels; bound {bound} bytes)"
+                            "worker {instance} holds {held} bytes of requests and {publishes} publishes of {bytes} bytes unconfirmed, with {unacked} deliveries unacked ({channels} unconfirmed replies at most; bound {bound} bytes)"
                         ));
                         return;
                     }
