@@ -6,11 +6,11 @@
 //! acks. The AMQP client hands a returned (unroutable) message to whichever confirm of
 //! the channel completes next, in no set order, so the confirm's own `returned` is not
 //! believed. Instead each publish carries a header with a number of its own, and the
-//! channel's return hook (`Channel::on_return`) records the number of every returned
-//! message as soon as it comes. RabbitMQ sends a publish's return before the ack that
+//! channel's return hook (`Channel::on_return`) marks the publish a returned message
+//! names as soon as it comes. RabbitMQ sends a publish's return before the ack that
 //! confirms it, and the client reads a channel's frames in order, so when a publish's
-//! confirm completes, its number is in the record if and only if it was returned: the
-//! verdict is exact whatever order the confirms complete in, `multiple` included.
+//! confirm completes, it is marked if and only if it was returned: the verdict is exact
+//! whatever order the confirms complete in, `multiple` included.
 //!
 //! **A channel closed under a reply is not taken as that reply's refusal.** The broker
 //! closes a channel over one publish (too large, an exchange that does not exist), and
@@ -18,7 +18,7 @@
 //! so on the shared channel is published again alone, on a channel opened for it, whose
 //! verdict is its own.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -67,22 +67,36 @@ pub enum Published {
     TooLarge { limit: usize },
 }
 
-/// A confirming channel, and the numbers of the publishes the broker returned on it
-/// that no publish has claimed yet.
+/// A confirming channel, and its publishes awaiting their confirm, each with whether the
+/// broker returned it.
 struct Lane {
     channel: Box<dyn Channel>,
-    returned: Arc<Mutex<HashSet<u64>>>,
+    waiting: Arc<Mutex<HashMap<u64, bool>>>,
 }
 
 impl Lane {
+    /// Publish `id` awaits its confirm: a return naming it is recorded from now on.
+    fn expect(&self, id: u64) {
+        lock(&self.waiting).insert(id, false);
+    }
+
     /// Whether publish `id` was returned (and forgets it).
     fn claim(&self, id: u64) -> bool {
-        self.returned.lock().expect("poisoned").remove(&id)
+        lock(&self.waiting).remove(&id).unwrap_or(false)
     }
 }
 
-/// Forgets a publish's return when its wait ends early (a timeout, shutdown): nothing
-/// would claim it.
+/// A lock that never panics: nothing done under it can leave the map half changed, and
+/// the return hook runs on the AMQP client's I/O thread, which must not die.
+fn lock(waiting: &Mutex<HashMap<u64, bool>>) -> std::sync::MutexGuard<'_, HashMap<u64, bool>> {
+    waiting
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Forgets a publish once its wait is over, however it ends (a timeout, shutdown): a
+/// return that comes later names no publish waiting and is not kept, so the map holds
+/// only publishes awaiting their confirm.
 struct Unclaimed<'a> {
     lane: &'a Lane,
     id: u64,
@@ -167,21 +181,21 @@ impl Replies {
     async fn open_lane(&self) -> Result<Lane, BrokerError> {
         let open = async {
             let channel = self.connection.open_channel().await?;
-            let returned = Arc::new(Mutex::new(HashSet::new()));
-            let record = returned.clone();
+            let waiting = Arc::new(Mutex::new(HashMap::new()));
+            let record = waiting.clone();
             channel.on_return(Arc::new(move |message: &Returned| {
-                match publish_id(message) {
-                    Some(id) => {
-                        record.lock().expect("poisoned").insert(id);
-                    }
-                    None => tracing::error!(
+                let returned = publish_id(message)
+                    .and_then(|id| lock(&record).get_mut(&id).map(|returned| *returned = true));
+                if returned.is_none() {
+                    tracing::warn!(
                         reply_code = message.reply_code,
-                        "the broker returned a message without a publish number"
-                    ),
+                        number = ?publish_id(message),
+                        "the broker returned a message no publish awaits (given up already)"
+                    );
                 }
             }));
             channel.confirm_select().await?;
-            Ok::<_, port::Error>(Lane { channel, returned })
+            Ok::<_, port::Error>(Lane { channel, waiting })
         };
         Ok(bounded("open a reply channel", CALL, &self.stop, open).await??)
     }
@@ -252,6 +266,7 @@ impl Replies {
         message: Message<'_>,
     ) -> Result<(Published, bool), BrokerError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        lane.expect(id);
         let _unclaimed = Unclaimed { lane, id };
         let size = message.body.len();
         let publish = lane.channel.publish(port::Message {
@@ -368,21 +383,25 @@ mod tests {
     struct Scripted {
         opened: Arc<AtomicUsize>,
         shared_nacks: bool,
+        hooks: Arc<Mutex<Vec<port::ReturnHook>>>,
     }
 
     struct ScriptedChannel {
         number: usize,
         shared_nacks: bool,
+        hooks: Arc<Mutex<Vec<port::ReturnHook>>>,
     }
 
     impl Connection for Scripted {
         fn open_channel(&self) -> port::Call<'_, Box<dyn Channel>> {
             let number = self.opened.fetch_add(1, Ordering::SeqCst) + 1;
             let shared_nacks = self.shared_nacks;
+            let hooks = self.hooks.clone();
             Box::pin(async move {
                 Ok(Box::new(ScriptedChannel {
                     number,
                     shared_nacks,
+                    hooks,
                 }) as Box<dyn Channel>)
             })
         }
@@ -451,7 +470,9 @@ mod tests {
                 }
             })
         }
-        fn on_return(&self, _: port::ReturnHook) {}
+        fn on_return(&self, hook: port::ReturnHook) {
+            self.hooks.lock().unwrap().push(hook);
+        }
         fn close<'a>(&'a self, _: &'a str) -> port::Call<'a, ()> {
             Box::pin(async { Ok(()) })
         }
@@ -462,6 +483,7 @@ mod tests {
         let connection = Scripted {
             opened: opened.clone(),
             shared_nacks,
+            hooks: Arc::default(),
         };
         let settings = crate::config::Settings::defaults().amqp;
         let replies = Replies::new(Box::new(connection), &settings, CancellationToken::new());
@@ -486,6 +508,49 @@ mod tests {
         let published = replies.publish_pooled(message()).await.unwrap();
         assert_eq!(published, Published::Confirmed);
         assert_eq!(opened.load(Ordering::SeqCst), 2, "published again alone");
+    }
+
+    fn returned(id: u64) -> Returned {
+        let props = with_publish_id(Props::default(), id);
+        let (name, value) = props.headers[0].clone();
+        Returned {
+            reply_code: 312,
+            headers: vec![(name.to_owned(), value)],
+        }
+    }
+
+    /// A lane keeps only the publishes awaiting their confirm: a return that names one
+    /// marks it, once; one that names a publish given up (or none) is not kept, so
+    /// returns that come after their publish's wait ended can't pile up.
+    #[tokio::test]
+    async fn a_lane_keeps_only_what_awaits_its_confirm() {
+        let hooks = Arc::new(Mutex::new(Vec::new()));
+        let connection = Scripted {
+            opened: Arc::default(),
+            shared_nacks: false,
+            hooks: hooks.clone(),
+        };
+        let settings = crate::config::Settings::defaults().amqp;
+        let replies = Replies::new(Box::new(connection), &settings, CancellationToken::new());
+        let lane = replies.open_lane().await.unwrap();
+        let hook = hooks.lock().unwrap()[0].clone();
+        hook(&returned(5));
+        hook(&Returned {
+            reply_code: 312,
+            headers: Vec::new(),
+        });
+        assert!(lock(&lane.waiting).is_empty(), "no publish 5 awaits");
+        lane.expect(6);
+        lane.expect(7);
+        hook(&returned(6));
+        assert!(lane.claim(6), "6 was returned");
+        assert!(!lane.claim(7), "7 was not");
+        {
+            let _given_up = Unclaimed { lane: &lane, id: 8 };
+            lane.expect(8);
+        }
+        hook(&returned(8));
+        assert!(lock(&lane.waiting).is_empty(), "{:?}", lock(&lane.waiting));
     }
 
     /// A nack names its own publish: refused, with no second attempt here.
