@@ -72,6 +72,11 @@ pub enum Published {
 struct Lane {
     channel: Box<dyn Channel>,
     waiting: Arc<Mutex<HashMap<u64, bool>>>,
+    /// A publish on it was given up before its confirm (a timeout, its request handed
+    /// back): the AMQP client keeps such a confirm for as long as the channel lives, so
+    /// the channel is retired (closed once its other publishes are over) rather than
+    /// collect them.
+    given_up: std::sync::atomic::AtomicBool,
 }
 
 impl Lane {
@@ -100,10 +105,15 @@ fn lock(waiting: &Mutex<HashMap<u64, bool>>) -> std::sync::MutexGuard<'_, HashMa
 struct Unclaimed<'a> {
     lane: &'a Lane,
     id: u64,
+    /// Its confirm came (or the channel failed under it).
+    answered: bool,
 }
 
 impl Drop for Unclaimed<'_> {
     fn drop(&mut self) {
+        if !self.answered {
+            self.lane.given_up.store(true, Ordering::Relaxed);
+        }
         self.lane.claim(self.id);
     }
 }
@@ -195,7 +205,11 @@ impl Replies {
                 }
             }));
             channel.confirm_select().await?;
-            Ok::<_, port::Error>(Lane { channel, waiting })
+            Ok::<_, port::Error>(Lane {
+                channel,
+                waiting,
+                given_up: Default::default(),
+            })
         };
         Ok(bounded("open a reply channel", CALL, &self.stop, open).await??)
     }
@@ -211,18 +225,35 @@ impl Replies {
 
     /// The shared channel, opened if there is none standing.
     async fn shared(&self) -> Result<Arc<Lane>, BrokerError> {
-        let mut shared = self.shared.lock().await;
-        if let Some(lane) = shared.as_ref().filter(|lane| lane.channel.connected()) {
+        let mut shared = bounded("the reply channel", CALL, &self.stop, self.shared.lock()).await?;
+        if let Some(lane) = shared
+            .as_ref()
+            .filter(|lane| lane.channel.connected() && !lane.given_up.load(Ordering::Relaxed))
+        {
             return Ok(lane.clone());
         }
         let lane = Arc::new(self.open_lane().await?);
         if let Some(old) = shared.replace(lane.clone()) {
-            // Closed already, or closing: its outstanding publishes hold it meanwhile.
-            if let Ok(old) = Arc::try_unwrap(old) {
-                self.discard(old);
-            }
+            self.retire(old);
         }
         Ok(lane)
+    }
+
+    /// Closes a lane no longer used once the publishes still on it are over (each ends
+    /// within `confirm_timeout`), in the background, bounded.
+    fn retire(&self, lane: Arc<Lane>) {
+        let stop = self.stop.clone();
+        let within = self.confirm_timeout + CALL;
+        tokio::spawn(async move {
+            let over = async {
+                while Arc::strong_count(&lane) > 1 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            let _ = bounded("the reply channel's last publishes", within, &stop, over).await;
+            let close = lane.channel.close("retired");
+            let _ = bounded("close a reply channel", CALL, &stop, close).await;
+        });
     }
 
     /// Publishes a message on the shared channel and waits for its confirm; published
@@ -267,7 +298,11 @@ impl Replies {
     ) -> Result<(Published, bool), BrokerError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         lane.expect(id);
-        let _unclaimed = Unclaimed { lane, id };
+        let mut unclaimed = Unclaimed {
+            lane,
+            id,
+            answered: false,
+        };
         let size = message.body.len();
         let publish = lane.channel.publish(port::Message {
             exchange: message.exchange,
@@ -284,7 +319,10 @@ impl Replies {
         )
         .await
         {
-            Ok(confirmed) => confirmed,
+            Ok(confirmed) => {
+                unclaimed.answered = true;
+                confirmed
+            }
             Err(Interrupted::TimedOut { .. }) if self.connected() => {
                 tracing::warn!(
                     timeout = ?self.confirm_timeout,
@@ -382,25 +420,38 @@ mod tests {
     /// closed over another publish would, or nacks it; later channels confirm.
     struct Scripted {
         opened: Arc<AtomicUsize>,
-        shared_nacks: bool,
+        closed: Arc<AtomicUsize>,
+        first: First,
         hooks: Arc<Mutex<Vec<port::ReturnHook>>>,
+    }
+
+    /// What the first channel opened (the shared one) does with every publish; the
+    /// others confirm.
+    #[derive(Clone, Copy)]
+    enum First {
+        /// Fails it as a channel closed over another publish would.
+        ClosedUnder,
+        Nacks,
+        /// Never confirms it.
+        Silent,
     }
 
     struct ScriptedChannel {
         number: usize,
-        shared_nacks: bool,
+        first: First,
+        closed: Arc<AtomicUsize>,
         hooks: Arc<Mutex<Vec<port::ReturnHook>>>,
     }
 
     impl Connection for Scripted {
         fn open_channel(&self) -> port::Call<'_, Box<dyn Channel>> {
             let number = self.opened.fetch_add(1, Ordering::SeqCst) + 1;
-            let shared_nacks = self.shared_nacks;
-            let hooks = self.hooks.clone();
+            let (first, hooks, closed) = (self.first, self.hooks.clone(), self.closed.clone());
             Box::pin(async move {
                 Ok(Box::new(ScriptedChannel {
                     number,
-                    shared_nacks,
+                    first,
+                    closed,
                     hooks,
                 }) as Box<dyn Channel>)
             })
@@ -452,18 +503,19 @@ mod tests {
             unreachable!()
         }
         fn publish<'a>(&'a self, _: port::Message<'a>) -> port::Call<'a, Confirm> {
-            let (shared, nacks) = (self.number == 1, self.shared_nacks);
+            let first = (self.number == 1).then_some(self.first);
             Box::pin(async move {
-                match (shared, nacks) {
-                    (true, false) => Err(port::Error {
+                match first {
+                    Some(First::ClosedUnder) => Err(port::Error {
                         kind: port::ErrorKind::Refused { code: 404 },
                         message: "NOT_FOUND - no exchange 'another-publish'".into(),
                     }),
-                    (true, true) => Ok(Confirm {
+                    Some(First::Nacks) => Ok(Confirm {
                         acked: false,
                         returned: None,
                     }),
-                    (false, _) => Ok(Confirm {
+                    Some(First::Silent) => std::future::pending().await,
+                    None => Ok(Confirm {
                         acked: true,
                         returned: None,
                     }),
@@ -474,20 +526,23 @@ mod tests {
             self.hooks.lock().unwrap().push(hook);
         }
         fn close<'a>(&'a self, _: &'a str) -> port::Call<'a, ()> {
+            self.closed.fetch_add(1, Ordering::SeqCst);
             Box::pin(async { Ok(()) })
         }
     }
 
-    fn scripted(shared_nacks: bool) -> (Replies, Arc<AtomicUsize>) {
-        let opened = Arc::new(AtomicUsize::new(0));
+    /// Replies over a scripted connection; how many channels it opened, and closed.
+    fn scripted(first: First) -> (Replies, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let (opened, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let connection = Scripted {
             opened: opened.clone(),
-            shared_nacks,
+            closed: closed.clone(),
+            first,
             hooks: Arc::default(),
         };
         let settings = crate::config::Settings::defaults().amqp;
         let replies = Replies::new(Box::new(connection), &settings, CancellationToken::new());
-        (replies, opened)
+        (replies, opened, closed)
     }
 
     fn message() -> Message<'static> {
@@ -504,7 +559,7 @@ mod tests {
     /// published again alone, and that verdict is its own; it is not taken as refused.
     #[tokio::test]
     async fn a_channel_closed_under_a_reply_is_not_its_refusal() {
-        let (replies, opened) = scripted(false);
+        let (replies, opened, _) = scripted(First::ClosedUnder);
         let published = replies.publish_pooled(message()).await.unwrap();
         assert_eq!(published, Published::Confirmed);
         assert_eq!(opened.load(Ordering::SeqCst), 2, "published again alone");
@@ -527,7 +582,8 @@ mod tests {
         let hooks = Arc::new(Mutex::new(Vec::new()));
         let connection = Scripted {
             opened: Arc::default(),
-            shared_nacks: false,
+            closed: Arc::default(),
+            first: First::Silent,
             hooks: hooks.clone(),
         };
         let settings = crate::config::Settings::defaults().amqp;
@@ -546,17 +602,42 @@ mod tests {
         assert!(lane.claim(6), "6 was returned");
         assert!(!lane.claim(7), "7 was not");
         {
-            let _given_up = Unclaimed { lane: &lane, id: 8 };
+            let _given_up = Unclaimed {
+                lane: &lane,
+                id: 8,
+                answered: false,
+            };
             lane.expect(8);
         }
         hook(&returned(8));
         assert!(lock(&lane.waiting).is_empty(), "{:?}", lock(&lane.waiting));
+        assert!(lane.given_up.load(Ordering::Relaxed), "8 was given up");
+    }
+
+    /// A publish given up before its confirm retires the shared channel: the next reply
+    /// goes on a new one, and the old one is closed once nothing is left on it (the
+    /// AMQP client would otherwise keep every given-up confirm for the channel's life).
+    #[tokio::test(start_paused = true)]
+    async fn a_publish_given_up_retires_the_shared_channel() {
+        let (mut replies, opened, closed) = scripted(First::Silent);
+        replies.confirm_timeout = Duration::from_millis(50);
+        let first = replies.publish_pooled(message()).await.unwrap();
+        assert_eq!(first, Published::Unconfirmed);
+        assert_eq!(opened.load(Ordering::SeqCst), 1);
+        let second = replies.publish_pooled(message()).await.unwrap();
+        assert_eq!(second, Published::Confirmed);
+        assert_eq!(opened.load(Ordering::SeqCst), 2, "a new shared channel");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(closed.load(Ordering::SeqCst), 1, "the old one closed");
+        let third = replies.publish_pooled(message()).await.unwrap();
+        assert_eq!(third, Published::Confirmed);
+        assert_eq!(opened.load(Ordering::SeqCst), 2, "the new one kept");
     }
 
     /// A nack names its own publish: refused, with no second attempt here.
     #[tokio::test]
     async fn a_nack_on_the_shared_channel_is_the_replys_own() {
-        let (replies, opened) = scripted(true);
+        let (replies, opened, _) = scripted(First::Nacks);
         let published = replies.publish_pooled(message()).await.unwrap();
         assert_eq!(published, Published::Refused);
         assert_eq!(opened.load(Ordering::SeqCst), 1);
