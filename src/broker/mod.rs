@@ -208,7 +208,9 @@ impl Broker {
                 ..Props::default()
             },
         };
-        self.replies.publish_pooled(message).await
+        // Alone on a channel: an exchange that doesn't exist closes the channel it is
+        // published on, and the replies outstanding on the shared one would go with it.
+        self.replies.publish_on_own_channel(message).await
     }
 
     /// Closes both connections, each call bounded.

@@ -16,7 +16,13 @@
 //! closes a channel over one publish (too large, an exchange that does not exist), and
 //! every other publish outstanding on it fails with the same error. A reply that failed
 //! so on the shared channel is published again alone, on a channel opened for it, whose
-//! verdict is its own.
+//! verdict is its own. That second publish may copy a reply the broker had routed before
+//! it closed the channel (its confirm lost with it): the client then gets that reply
+//! twice, as it may after any lost confirm. What is published where a close is to be
+//! feared goes alone from the start: dead letters (to an exchange that may be gone),
+//! replies to a destination known to refuse, and a reply sent again after a refusal. A
+//! reply larger than the broker's limit closes the shared channel once per session; from
+//! then on the limit is known and such replies are not sent.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -161,7 +167,7 @@ impl Replies {
         if let Some(too_large) = self.too_large(reply) {
             return Ok(too_large);
         }
-        self.publish_pooled(reply_message(reply)).await
+        self.publish_shared(reply_message(reply)).await
     }
 
     /// Publishes on a channel opened for it, then closed.
@@ -180,7 +186,12 @@ impl Replies {
         (reply.body.len() > limit).then_some(Published::TooLarge { limit })
     }
 
-    async fn publish_on_own_channel(&self, message: Message<'_>) -> Result<Published, BrokerError> {
+    /// Publishes a message on a channel opened for it, then closed: its verdict is its
+    /// own, whatever else is published meanwhile.
+    pub(super) async fn publish_on_own_channel(
+        &self,
+        message: Message<'_>,
+    ) -> Result<Published, BrokerError> {
         let lane = self.open_lane().await?;
         let published = self.publish_message(&lane, message).await;
         self.discard(lane);
@@ -258,7 +269,7 @@ impl Replies {
 
     /// Publishes a message on the shared channel and waits for its confirm; published
     /// again alone when the channel closed under it (see the module's doc).
-    pub(super) async fn publish_pooled(
+    pub(super) async fn publish_shared(
         &self,
         message: Message<'_>,
     ) -> Result<Published, BrokerError> {
@@ -560,7 +571,7 @@ mod tests {
     #[tokio::test]
     async fn a_channel_closed_under_a_reply_is_not_its_refusal() {
         let (replies, opened, _) = scripted(First::ClosedUnder);
-        let published = replies.publish_pooled(message()).await.unwrap();
+        let published = replies.publish_shared(message()).await.unwrap();
         assert_eq!(published, Published::Confirmed);
         assert_eq!(opened.load(Ordering::SeqCst), 2, "published again alone");
     }
@@ -621,15 +632,15 @@ mod tests {
     async fn a_publish_given_up_retires_the_shared_channel() {
         let (mut replies, opened, closed) = scripted(First::Silent);
         replies.confirm_timeout = Duration::from_millis(50);
-        let first = replies.publish_pooled(message()).await.unwrap();
+        let first = replies.publish_shared(message()).await.unwrap();
         assert_eq!(first, Published::Unconfirmed);
         assert_eq!(opened.load(Ordering::SeqCst), 1);
-        let second = replies.publish_pooled(message()).await.unwrap();
+        let second = replies.publish_shared(message()).await.unwrap();
         assert_eq!(second, Published::Confirmed);
         assert_eq!(opened.load(Ordering::SeqCst), 2, "a new shared channel");
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(closed.load(Ordering::SeqCst), 1, "the old one closed");
-        let third = replies.publish_pooled(message()).await.unwrap();
+        let third = replies.publish_shared(message()).await.unwrap();
         assert_eq!(third, Published::Confirmed);
         assert_eq!(opened.load(Ordering::SeqCst), 2, "the new one kept");
     }
@@ -638,7 +649,7 @@ mod tests {
     #[tokio::test]
     async fn a_nack_on_the_shared_channel_is_the_replys_own() {
         let (replies, opened, _) = scripted(First::Nacks);
-        let published = replies.publish_pooled(message()).await.unwrap();
+        let published = replies.publish_shared(message()).await.unwrap();
         assert_eq!(published, Published::Refused);
         assert_eq!(opened.load(Ordering::SeqCst), 1);
     }

@@ -678,9 +678,12 @@ impl Handler {
                 traceparent: props.traceparent.as_deref(),
                 user_id: props.user_id.as_deref(),
             };
+            // Alone after a refusal, or to a destination known to refuse: a refusal that
+            // closes its channel then takes no other reply with it.
+            let alone = refusals > 0 || refusing.as_ref().is_some_and(|r| self.refusing.known(r));
             let published = {
                 let publish = async {
-                    if refusals == 0 {
+                    if !alone {
                         broker.publish_reply(&reply).await
                     } else {
                         broker.publish_reply_alone(&reply).await
