@@ -1061,3 +1061,98 @@ async fn halt_settled(worker: Worker) -> Settings {
     );
     settings
 }
+
+// ------------------------------------------------- a crafted direct reply-to address
+
+/// A producer names as `reply_to` a direct reply-to address RabbitMQ can't decode
+/// (`amq.rabbitmq.reply-to.g1.` + base64 of no Erlang term): RabbitMQ 3.10 answers its
+/// publish with a connection error (`INTERNAL_ERROR`), closing the whole connection the
+/// replies go on. The worker must not lose its other requests over it, nor loop on it:
+/// the crafted request is settled (answered into nowhere, or dead-lettered) and every
+/// other request is answered.
+#[tokio::test]
+async fn a_crafted_direct_reply_to_address_costs_no_other_request() {
+    let col = Collection::create(&[("a", json!({}))]).await;
+    let settings = settings();
+    let mut cleanup = Cleanup::of(&settings);
+    let replies = cleanup.queue(fresh("promises.replies"));
+    let amqp = Amqp::open().await;
+    durable_queue(&amqp, &replies, FieldTable::default()).await;
+    let worker = Worker::start_with(settings).await;
+    let queue = worker.request_queue().to_owned();
+    let dead = worker.settings.amqp.dead_letter_queue.clone();
+    const N: usize = 20;
+    for i in 0..N {
+        if i == N / 2 {
+            let mut envelope = col.envelope(json!([{"_id": "a", "body": {"crafted": true}}]));
+            envelope["requestId"] = json!("crafted");
+            let props = BasicProperties::default()
+                .with_reply_to("amq.rabbitmq.reply-to.g1.ZmFrZQ==".into())
+                .with_message_id("crafted".into());
+            publish(
+                &amqp.channel,
+                &queue,
+                &serde_json::to_vec(&envelope).unwrap(),
+                props,
+            )
+            .await;
+        }
+        let mut envelope = col.envelope(json!([{"_id": "a", "body": {"n": i}}]));
+        envelope["requestId"] = json!(format!("req-{i}"));
+        let props = BasicProperties::default().with_reply_to(replies.as_str().into());
+        publish(
+            &amqp.channel,
+            &queue,
+            &serde_json::to_vec(&envelope).unwrap(),
+            props,
+        )
+        .await;
+    }
+    let mut answered = consume(&amqp, &replies).await;
+    let mut ids = BTreeSet::new();
+    let deadline = Instant::now() + SETTLE;
+    while ids.len() < N {
+        let d = next_within(
+            &mut answered,
+            deadline - Instant::now(),
+            "every other reply",
+        )
+        .await;
+        ids.insert(body(&d)["requestId"].as_str().unwrap_or("?").to_owned());
+    }
+    // The crafted request settled (not looping between the queue and the worker): after
+    // a while more, stopping the worker hands nothing back to the queue.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A second request to the same address: dead-lettered without publishing.
+    let mut envelope = col.envelope(json!([{"_id": "a", "body": {"crafted": 2}}]));
+    envelope["requestId"] = json!("crafted-again");
+    let props = BasicProperties::default()
+        .with_reply_to("amq.rabbitmq.reply-to.g1.ZmFrZQ==".into())
+        .with_message_id("crafted-again".into());
+    publish(
+        &amqp.channel,
+        &queue,
+        &serde_json::to_vec(&envelope).unwrap(),
+        props,
+    )
+    .await;
+    let mut letters = consume(&amqp, &dead).await;
+    let mut seen = BTreeSet::new();
+    for _ in 0..2 {
+        let letter = next_within(&mut letters, SETTLE, "the crafted requests' dead letters").await;
+        let headers = letter.properties.headers().clone().unwrap_or_default();
+        assert_eq!(
+            headers.inner().get("x-mupdate-reason"),
+            Some(&AMQPValue::LongString("refused".into())),
+            "{headers:?}"
+        );
+        seen.insert(letter.properties.message_id().as_ref().unwrap().to_string());
+    }
+    assert_eq!(
+        seen,
+        BTreeSet::from(["crafted".to_owned(), "crafted-again".to_owned()])
+    );
+    let settings = halt_settled(worker).await;
+    delete_topology(&settings).await;
+    amqp.close().await;
+}

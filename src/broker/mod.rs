@@ -10,6 +10,7 @@
 //! publishes during a memory or disk alarm, reading nothing more from it, and acks and
 //! requeues must still reach it then.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ pub mod port;
 mod port_tests;
 mod refusing;
 mod replies;
+pub mod suspects;
 mod topology;
 
 pub use self::lapin::node_name;
@@ -47,11 +49,27 @@ pub enum BrokerError {
     Interrupted(#[from] Interrupted),
 }
 
+impl BrokerError {
+    /// Whether the broker closed the connection with an error of its own (a code of 500
+    /// or more, such as 541 `INTERNAL_ERROR`), rather than the network or a deadline.
+    pub fn closed_by_the_broker(&self) -> bool {
+        matches!(
+            self,
+            BrokerError::Amqp(port::Error {
+                kind: port::ErrorKind::Refused { code },
+                ..
+            }) if *code >= 500
+        )
+    }
+}
+
 /// One consuming connection and one publishing connection to a broker node.
 pub struct Broker {
     connection: Box<dyn Connection>,
     consume: Box<dyn Channel>,
     replies: replies::Replies,
+    /// Where a reply under suspicion of closing the connection it is published on goes.
+    quarantine: Quarantine,
     /// Cancelled when the session ends (connection lost, or the shutdown grace over):
     /// every call still waiting gives up.
     stop: CancellationToken,
@@ -69,7 +87,7 @@ impl Broker {
     /// Connects through `link` to the broker node at `url` (one of `settings.urls()`).
     /// Every call of the broker returned gives up when `stop` is cancelled.
     pub async fn connect(
-        link: &dyn BrokerLink,
+        link: &Arc<dyn BrokerLink>,
         settings: &AmqpSettings,
         url: &str,
         stop: CancellationToken,
@@ -86,11 +104,17 @@ impl Broker {
         let consume = bounded("open a channel", CALL, &stop, connection.open_channel()).await??;
         let publishing = open("mupdate-worker replies").await?;
         let replies = replies::Replies::new(publishing, settings, stop.clone());
+        let quarantine = Quarantine {
+            link: link.clone(),
+            url: url.to_owned(),
+            at_once: tokio::sync::Semaphore::new(QUARANTINED_AT_ONCE),
+        };
         let consumer_tag = format!("mupdate-worker-{}", uuid::Uuid::new_v4());
         Ok(Broker {
             connection,
             consume,
             replies,
+            quarantine,
             stop,
             consumer_tag,
             consumers: AtomicU64::new(0),
@@ -167,6 +191,32 @@ impl Broker {
         self.replies.publish_alone(reply).await
     }
 
+    /// Publishes a reply under suspicion of closing the connection it goes on (a direct
+    /// reply-to address the broker can't decode: `Quarantine`) on a connection opened for
+    /// it, at most `QUARANTINED_AT_ONCE` at a time: `Refused` when the broker closed
+    /// that connection over it.
+    pub async fn publish_reply_quarantined(
+        &self,
+        reply: &Outgoing<'_>,
+    ) -> Result<Published, BrokerError> {
+        let quarantine = &self.quarantine;
+        let turn = bounded(
+            "a quarantined publish's turn",
+            CALL,
+            &self.stop,
+            quarantine.at_once.acquire(),
+        )
+        .await?;
+        let Ok(_turn) = turn else {
+            return Ok(Published::Refused);
+        };
+        let connect = quarantine
+            .link
+            .connect(&quarantine.url, "mupdate-worker quarantine");
+        let connection = self.call("connect", connect).await?;
+        self.replies.publish_quarantined(connection, reply).await
+    }
+
     /// Dead-letters a request by publishing it to `exchange` (with `routing_key`, the
     /// request queue's name, as the broker's own dead-lettering does) with headers saying
     /// why (`x-mupdate-reason`) and whether its update was applied (`x-mupdate-applied`),
@@ -219,6 +269,18 @@ impl Broker {
         self.replies.close().await;
         let _ = self.call("close", self.connection.close("shutdown")).await;
     }
+}
+
+/// How many replies under suspicion are published at once, each on a connection of its
+/// own.
+const QUARANTINED_AT_ONCE: usize = 2;
+
+/// What a reply under suspicion is published through: a connection opened for it to the
+/// session's broker node.
+struct Quarantine {
+    link: Arc<dyn BrokerLink>,
+    url: String,
+    at_once: tokio::sync::Semaphore,
 }
 
 /// Why the worker dead-lettered a request: `unroutable`, `refused`, `too_large`,

@@ -181,6 +181,37 @@ impl Replies {
         self.publish_on_own_channel(reply_message(reply)).await
     }
 
+    /// Publishes a reply on `connection`, a connection of its own opened for it, and
+    /// closes that connection after: whether the reply is `Confirmed`, or `Refused` when
+    /// the broker closed the connection over it (the replies' own connection is not
+    /// touched by it).
+    pub(super) async fn publish_quarantined(
+        &self,
+        connection: Box<dyn Connection>,
+        reply: &Outgoing<'_>,
+    ) -> Result<Published, BrokerError> {
+        if let Some(too_large) = self.too_large(reply) {
+            return Ok(too_large);
+        }
+        let published = async {
+            let lane = self.open_lane_on(&*connection).await?;
+            let published = self.publish_message(&lane, reply_message(reply)).await?;
+            Ok::<_, BrokerError>(match published {
+                (published, false) => published,
+                // The quarantined connection (or its channel) closed under it.
+                (_, true) => Published::Refused,
+            })
+        }
+        .await;
+        let published = match published {
+            Err(_) if self.connected() && !connection.connected() => Ok(Published::Refused),
+            other => other,
+        };
+        let close = connection.close("done");
+        let _ = bounded("close a quarantined connection", CALL, &self.stop, close).await;
+        published
+    }
+
     fn too_large(&self, reply: &Outgoing<'_>) -> Option<Published> {
         let limit = self.max_reply.load(Ordering::Relaxed);
         (reply.body.len() > limit).then_some(Published::TooLarge { limit })
@@ -200,8 +231,13 @@ impl Replies {
 
     /// A confirming channel whose returns are recorded.
     async fn open_lane(&self) -> Result<Lane, BrokerError> {
+        self.open_lane_on(&*self.connection).await
+    }
+
+    /// The same, on `connection`.
+    async fn open_lane_on(&self, connection: &dyn Connection) -> Result<Lane, BrokerError> {
         let open = async {
-            let channel = self.connection.open_channel().await?;
+            let channel = connection.open_channel().await?;
             let waiting = Arc::new(Mutex::new(HashMap::new()));
             let record = waiting.clone();
             channel.on_return(Arc::new(move |message: &Returned| {

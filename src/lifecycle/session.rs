@@ -107,7 +107,7 @@ pub async fn run_with_hangups(
         }
         first = false;
         let mut session = Session {
-            link: &*link,
+            link: &link,
             settings: &settings,
             handler: &handler,
             shutdown: &shutdown,
@@ -270,7 +270,7 @@ enum End {
 }
 
 struct Session<'a> {
-    link: &'a dyn BrokerLink,
+    link: &'a Arc<dyn BrokerLink>,
     settings: &'a Arc<Settings>,
     handler: &'a Arc<Handler>,
     shutdown: &'a CancellationToken,

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::broker::port::{Delivery, Original};
+use crate::broker::suspects::Suspicion;
 use crate::broker::{Broker, Letter, Outgoing, Published, Refusing};
 use crate::config::{Format, Settings};
 use crate::error::RequestError;
@@ -437,6 +438,8 @@ pub struct Handler {
     /// Reply destinations that keep refusing, and the budget of refused replies waiting
     /// to be published again.
     refusing: Refusing,
+    /// Direct reply-to addresses under suspicion of closing the replies' connection.
+    suspects: crate::broker::suspects::Suspects,
     /// Per-document order of the requests received (module `order`).
     sequencer: Arc<crate::pipeline::order::Sequencer>,
     /// Room for request bytes in process, in KiB (`worker.max_processing_bytes`).
@@ -460,6 +463,7 @@ impl Handler {
             metrics: processor.metrics.clone(),
             processor,
             answered,
+            suspects: Default::default(),
             sequencer: Arc::default(),
             room: Arc::new(tokio::sync::Semaphore::new(room_kib as usize)),
             room_kib,
@@ -668,6 +672,18 @@ impl Handler {
         let mut refusals = 0;
         let refusing = Refusing::key(destination, props.user_id.as_deref());
         let mut retrying = None;
+        let direct = match destination {
+            Destination::ReplyTo(address) if destination.is_direct() => Some(address.as_str()),
+            _ => None,
+        };
+        let suspicion = direct.and_then(|address| self.suspects.of(address));
+        if suspicion == Some(Suspicion::Proven) {
+            warn!(
+                ?destination,
+                "a reply to this address closes the connection it goes on"
+            );
+            return Ok(Fate::DeadLetter("refused"));
+        }
         loop {
             let reply = Outgoing {
                 destination,
@@ -681,28 +697,50 @@ impl Handler {
             // Alone after a refusal, or to a destination known to refuse: a refusal that
             // closes its channel then takes no other reply with it.
             let alone = refusals > 0 || refusing.as_ref().is_some_and(|r| self.refusing.known(r));
+            let quarantined = suspicion == Some(Suspicion::Suspect);
             let published = {
                 let publish = async {
-                    if !alone {
+                    if quarantined {
+                        broker.publish_reply_quarantined(&reply).await
+                    } else if !alone {
                         broker.publish_reply(&reply).await
                     } else {
                         broker.publish_reply_alone(&reply).await
                     }
                 };
                 tokio::pin!(publish);
-                tokio::select! {
-                published = &mut publish => published?,
+                let published = tokio::select! {
+                published = &mut publish => published,
                 // Work given up (the connection lost, a pause, shutdown): a confirm still
                 // due gets a little longer, then the delivery is handed back; one stuck on
                 // a dead connection must not hold the next session up.
                 _ = ticket.cancel().cancelled() => {
                     match tokio::time::timeout(CONFIRM_GRACE, &mut publish).await {
-                        Ok(published) => published?,
+                        Ok(published) => published,
                         Err(_) => return Ok(Fate::HandBack),
                     }
                 }
+                };
+                if let (Err(err), Some(address)) = (&published, direct)
+                    && err.closed_by_the_broker()
+                {
+                    warn!(?destination, error = %err, "the broker closed the replies' connection while a reply to this address was under way: it is suspect");
+                    self.suspects.suspect(address);
                 }
+                published?
             };
+            if let (true, Some(address)) = (quarantined, direct) {
+                if published == Published::Confirmed {
+                    self.suspects.cleared(address);
+                } else if published == Published::Refused {
+                    warn!(
+                        ?destination,
+                        "the broker closed a connection over a reply to this address"
+                    );
+                    self.suspects.proven(address);
+                    return Ok(Fate::DeadLetter("refused"));
+                }
+            }
             match published {
                 Published::Confirmed => {
                     if let Some(refusing) = &refusing {
