@@ -194,26 +194,31 @@ impl Broker {
     /// Publishes a reply under suspicion of closing the connection it goes on (a direct
     /// reply-to address the broker can't decode: `Quarantine`) on a connection opened for
     /// it, at most `QUARANTINED_AT_ONCE` at a time: `Refused` when the broker closed
-    /// that connection over it.
+    /// that connection over it (`Replies::publish_quarantined`). Once its turn comes,
+    /// a reply whose address is no longer `suspect` (another reply to it went through
+    /// meanwhile) goes on the shared channel after all. No turn within `CALL`, or no
+    /// connection: `Unconfirmed` (the request goes back to the queue; the session is not
+    /// lost for it).
     pub async fn publish_reply_quarantined(
         &self,
         reply: &Outgoing<'_>,
+        suspect: impl Fn() -> bool,
     ) -> Result<Published, BrokerError> {
         let quarantine = &self.quarantine;
-        let turn = bounded(
-            "a quarantined publish's turn",
-            CALL,
-            &self.stop,
-            quarantine.at_once.acquire(),
-        )
-        .await?;
-        let Ok(_turn) = turn else {
-            return Ok(Published::Refused);
+        let turn = quarantine.at_once.acquire();
+        let Ok(Ok(_turn)) = bounded("a quarantined publish's turn", CALL, &self.stop, turn).await
+        else {
+            return Ok(Published::Unconfirmed);
         };
+        if !suspect() {
+            return self.replies.publish(reply).await;
+        }
         let connect = quarantine
             .link
             .connect(&quarantine.url, "mupdate-worker quarantine");
-        let connection = self.call("connect", connect).await?;
+        let Ok(connection) = self.call("connect", connect).await else {
+            return Ok(Published::Unconfirmed);
+        };
         self.replies.publish_quarantined(connection, reply).await
     }
 

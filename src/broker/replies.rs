@@ -182,9 +182,11 @@ impl Replies {
     }
 
     /// Publishes a reply on `connection`, a connection of its own opened for it, and
-    /// closes that connection after: whether the reply is `Confirmed`, or `Refused` when
-    /// the broker closed the connection over it (the replies' own connection is not
-    /// touched by it).
+    /// closes that connection after. `Refused` only when the broker closed that
+    /// connection over it with an error of its own (code 500 or more) while the replies'
+    /// own connection stands: the address's doing. `Confirmed`, `TooLarge`, or
+    /// `Unconfirmed` for anything else (a nack, a deadline, a connection lost or not
+    /// opened): then the request goes back to the queue and nothing is proven.
     pub(super) async fn publish_quarantined(
         &self,
         connection: Box<dyn Connection>,
@@ -193,19 +195,21 @@ impl Replies {
         if let Some(too_large) = self.too_large(reply) {
             return Ok(too_large);
         }
-        let published = async {
-            let lane = self.open_lane_on(&*connection).await?;
-            let published = self.publish_message(&lane, reply_message(reply)).await?;
-            Ok::<_, BrokerError>(match published {
-                (published, false) => published,
-                // The quarantined connection (or its channel) closed under it.
-                (_, true) => Published::Refused,
-            })
-        }
-        .await;
+        let published = match self.open_lane_on(&*connection).await {
+            Ok(lane) => self.publish_message(&lane, reply_message(reply)).await,
+            Err(_) => Ok((Published::Unconfirmed, None)),
+        };
+        let closed_it = |err: &port::Error| {
+            matches!(err.kind, port::ErrorKind::Refused { code } if code >= 500)
+                && !connection.connected()
+                && self.connected()
+        };
         let published = match published {
-            Err(_) if self.connected() && !connection.connected() => Ok(Published::Refused),
-            other => other,
+            Ok((Published::Confirmed, None)) => Ok(Published::Confirmed),
+            Ok((too_large @ Published::TooLarge { .. }, _)) => Ok(too_large),
+            Ok((_, Some(err))) if closed_it(&err) => Ok(Published::Refused),
+            Ok(_) => Ok(Published::Unconfirmed),
+            Err(err) => Err(err),
         };
         let close = connection.close("done");
         let _ = bounded("close a quarantined connection", CALL, &self.stop, close).await;
@@ -331,18 +335,18 @@ impl Replies {
         };
         let lane = self.shared().await?;
         match self.publish_message(&lane, message.clone()).await? {
-            (Published::Refused, true) => self.publish_on_own_channel(message).await,
+            (Published::Refused, Some(_)) => self.publish_on_own_channel(message).await,
             (published, _) => Ok(published),
         }
     }
 
-    /// Publishes `message` on `lane` and waits for its confirm; and whether the channel
-    /// closed under it (the verdict is then not necessarily its own).
+    /// Publishes `message` on `lane` and waits for its confirm; and the error when the
+    /// channel closed under it (the verdict is then not necessarily its own).
     async fn publish_message(
         &self,
         lane: &Lane,
         message: Message<'_>,
-    ) -> Result<(Published, bool), BrokerError> {
+    ) -> Result<(Published, Option<port::Error>), BrokerError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         lane.expect(id);
         let mut unclaimed = Unclaimed {
@@ -376,23 +380,29 @@ impl Replies {
                     blocked = self.blocked(),
                     "a publish's confirm did not come in time"
                 );
-                return Ok((Published::Unconfirmed, false));
+                return Ok((Published::Unconfirmed, None));
             }
             Err(interrupted) => return Err(interrupted.into()),
         };
         Ok(match confirmed {
             // The confirm's own `returned` may be another publish's: the record says.
-            Ok(Confirm { acked: true, .. }) if lane.claim(id) => (Published::Unroutable, false),
-            Ok(Confirm { acked: true, .. }) => (Published::Confirmed, false),
-            Ok(Confirm { acked: false, .. }) => (Published::Refused, false),
-            Err(err) if self.connected() => (self.refusal(&err, size), true),
+            Ok(Confirm { acked: true, .. }) if lane.claim(id) => (Published::Unroutable, None),
+            Ok(Confirm { acked: true, .. }) => (Published::Confirmed, None),
+            Ok(Confirm { acked: false, .. }) => (Published::Refused, None),
+            Err(err) if self.connected() => (self.refusal(&err, size), Some(err)),
             Err(err) => return Err(err.into()),
         })
     }
 
     /// What a channel closed over a reply of `size` bytes means.
     fn refusal(&self, err: &port::Error, size: usize) -> Published {
-        match refused_size(&err.to_string()) {
+        // Only a channel closed with PRECONDITION_FAILED says a size (any other text may
+        // carry what a producer wrote, such as a routing key).
+        let limit = match err.kind {
+            port::ErrorKind::Refused { code: 406 } => refused_size(&err.message),
+            _ => None,
+        };
+        match limit {
             Some(limit) => {
                 self.max_reply.fetch_min(limit, Ordering::Relaxed);
                 if size > limit {
@@ -470,6 +480,7 @@ mod tests {
         closed: Arc<AtomicUsize>,
         first: First,
         hooks: Arc<Mutex<Vec<port::ReturnHook>>>,
+        alive: Arc<std::sync::atomic::AtomicBool>,
     }
 
     /// What the first channel opened (the shared one) does with every publish; the
@@ -481,6 +492,11 @@ mod tests {
         Nacks,
         /// Never confirms it.
         Silent,
+        /// Closes the whole connection over it, as RabbitMQ 3.10 does over a direct
+        /// reply-to address it can't decode.
+        KillsConnection,
+        /// Confirms it, as the others do.
+        Confirms,
     }
 
     struct ScriptedChannel {
@@ -488,23 +504,26 @@ mod tests {
         first: First,
         closed: Arc<AtomicUsize>,
         hooks: Arc<Mutex<Vec<port::ReturnHook>>>,
+        alive: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl Connection for Scripted {
         fn open_channel(&self) -> port::Call<'_, Box<dyn Channel>> {
             let number = self.opened.fetch_add(1, Ordering::SeqCst) + 1;
             let (first, hooks, closed) = (self.first, self.hooks.clone(), self.closed.clone());
+            let alive = self.alive.clone();
             Box::pin(async move {
                 Ok(Box::new(ScriptedChannel {
                     number,
                     first,
                     closed,
                     hooks,
+                    alive,
                 }) as Box<dyn Channel>)
             })
         }
         fn connected(&self) -> bool {
-            true
+            self.alive.load(Ordering::SeqCst)
         }
         fn blocked(&self) -> bool {
             false
@@ -551,8 +570,16 @@ mod tests {
         }
         fn publish<'a>(&'a self, _: port::Message<'a>) -> port::Call<'a, Confirm> {
             let first = (self.number == 1).then_some(self.first);
+            let alive = self.alive.clone();
             Box::pin(async move {
                 match first {
+                    Some(First::KillsConnection) => {
+                        alive.store(false, Ordering::SeqCst);
+                        Err(port::Error {
+                            kind: port::ErrorKind::Refused { code: 541 },
+                            message: "INTERNAL_ERROR".into(),
+                        })
+                    }
                     Some(First::ClosedUnder) => Err(port::Error {
                         kind: port::ErrorKind::Refused { code: 404 },
                         message: "NOT_FOUND - no exchange 'another-publish'".into(),
@@ -562,7 +589,7 @@ mod tests {
                         returned: None,
                     }),
                     Some(First::Silent) => std::future::pending().await,
-                    None => Ok(Confirm {
+                    None | Some(First::Confirms) => Ok(Confirm {
                         acked: true,
                         returned: None,
                     }),
@@ -586,10 +613,60 @@ mod tests {
             closed: closed.clone(),
             first,
             hooks: Arc::default(),
+            alive: Arc::new(true.into()),
         };
         let settings = crate::config::Settings::defaults().amqp;
         let replies = Replies::new(Box::new(connection), &settings, CancellationToken::new());
         (replies, opened, closed)
+    }
+
+    /// What a reply published on a connection of its own (a quarantine) comes to, when
+    /// that connection's first channel does `first`.
+    async fn quarantined(first: First) -> Published {
+        // The replies' own connection confirms everything (its first channel too).
+        let (mut replies, _, _) = scripted(First::Silent);
+        replies.confirm_timeout = Duration::from_millis(50);
+        let quarantine = Scripted {
+            opened: Arc::default(),
+            closed: Arc::default(),
+            first,
+            hooks: Arc::default(),
+            alive: Arc::new(true.into()),
+        };
+        let destination = crate::pipeline::reply::Destination::ReplyTo(
+            "amq.rabbitmq.reply-to.g1.ZmFrZQ==".into(),
+        );
+        let reply = Outgoing {
+            destination: &destination,
+            key: "k",
+            request_id: "r",
+            status: 200,
+            body: b"{}",
+            traceparent: None,
+            user_id: None,
+        };
+        replies
+            .publish_quarantined(Box::new(quarantine), &reply)
+            .await
+            .unwrap()
+    }
+
+    /// Only a connection the broker closed over the reply (code 500 or more, the
+    /// replies' own connection standing) proves the address closes connections; a nack,
+    /// a channel closed, a confirm that never comes are not its doing.
+    #[tokio::test(start_paused = true)]
+    async fn a_quarantined_reply_is_refused_only_when_its_connection_is_closed_over_it() {
+        assert_eq!(quarantined(First::Confirms).await, Published::Confirmed);
+        assert_eq!(
+            quarantined(First::KillsConnection).await,
+            Published::Refused
+        );
+        assert_eq!(
+            quarantined(First::ClosedUnder).await,
+            Published::Unconfirmed
+        );
+        assert_eq!(quarantined(First::Nacks).await, Published::Unconfirmed);
+        assert_eq!(quarantined(First::Silent).await, Published::Unconfirmed);
     }
 
     fn message() -> Message<'static> {
@@ -632,6 +709,7 @@ mod tests {
             closed: Arc::default(),
             first: First::Silent,
             hooks: hooks.clone(),
+            alive: Arc::new(true.into()),
         };
         let settings = crate::config::Settings::defaults().amqp;
         let replies = Replies::new(Box::new(connection), &settings, CancellationToken::new());

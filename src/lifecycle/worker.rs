@@ -700,8 +700,10 @@ impl Handler {
             let quarantined = suspicion == Some(Suspicion::Suspect);
             let published = {
                 let publish = async {
-                    if quarantined {
-                        broker.publish_reply_quarantined(&reply).await
+                    if let (true, Some(address)) = (quarantined, direct) {
+                        // Suspect or proven meanwhile: not for the shared connection.
+                        let suspect = || self.suspects.of(address).is_some();
+                        broker.publish_reply_quarantined(&reply, suspect).await
                     } else if !alone {
                         broker.publish_reply(&reply).await
                     } else {
