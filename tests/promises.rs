@@ -765,13 +765,7 @@ async fn dead_letters_say_why_and_whether_the_update_was_applied() {
         let mut envelope = col.envelope(json!([{"_id": doc, "body": {"n": 1}}]));
         envelope["requestId"] = json!(id);
         let props = BasicProperties::default().with_reply_to(to.as_str().into());
-        publish(
-            &amqp.channel,
-            &queue,
-            &serde_json::to_vec(&envelope).unwrap(),
-            props,
-        )
-        .await;
+        publish_envelope(&amqp, &queue, &envelope, props).await;
     }
     wait_ready(&dead, 2).await;
     let mut got = HashMap::new();
@@ -1084,29 +1078,12 @@ async fn a_crafted_direct_reply_to_address_costs_no_other_request() {
     const N: usize = 20;
     for i in 0..N {
         if i == N / 2 {
-            let mut envelope = col.envelope(json!([{"_id": "a", "body": {"crafted": true}}]));
-            envelope["requestId"] = json!("crafted");
-            let props = BasicProperties::default()
-                .with_reply_to("amq.rabbitmq.reply-to.g1.ZmFrZQ==".into())
-                .with_message_id("crafted".into());
-            publish(
-                &amqp.channel,
-                &queue,
-                &serde_json::to_vec(&envelope).unwrap(),
-                props,
-            )
-            .await;
+            publish_crafted(&amqp, &col, &queue, "crafted").await;
         }
         let mut envelope = col.envelope(json!([{"_id": "a", "body": {"n": i}}]));
         envelope["requestId"] = json!(format!("req-{i}"));
         let props = BasicProperties::default().with_reply_to(replies.as_str().into());
-        publish(
-            &amqp.channel,
-            &queue,
-            &serde_json::to_vec(&envelope).unwrap(),
-            props,
-        )
-        .await;
+        publish_envelope(&amqp, &queue, &envelope, props).await;
     }
     let mut answered = consume(&amqp, &replies).await;
     let mut ids = BTreeSet::new();
@@ -1120,22 +1097,8 @@ async fn a_crafted_direct_reply_to_address_costs_no_other_request() {
         .await;
         ids.insert(body(&d)["requestId"].as_str().unwrap_or("?").to_owned());
     }
-    // The crafted request settled (not looping between the queue and the worker): after
-    // a while more, stopping the worker hands nothing back to the queue.
-    tokio::time::sleep(Duration::from_secs(3)).await;
     // A second request to the same address: dead-lettered without publishing.
-    let mut envelope = col.envelope(json!([{"_id": "a", "body": {"crafted": 2}}]));
-    envelope["requestId"] = json!("crafted-again");
-    let props = BasicProperties::default()
-        .with_reply_to("amq.rabbitmq.reply-to.g1.ZmFrZQ==".into())
-        .with_message_id("crafted-again".into());
-    publish(
-        &amqp.channel,
-        &queue,
-        &serde_json::to_vec(&envelope).unwrap(),
-        props,
-    )
-    .await;
+    publish_crafted(&amqp, &col, &queue, "crafted-again").await;
     let mut letters = consume(&amqp, &dead).await;
     let mut seen = BTreeSet::new();
     for _ in 0..2 {
@@ -1152,7 +1115,29 @@ async fn a_crafted_direct_reply_to_address_costs_no_other_request() {
         seen,
         BTreeSet::from(["crafted".to_owned(), "crafted-again".to_owned()])
     );
+    // Nothing loops between the queue and the worker: stopping it hands nothing back.
     let settings = halt_settled(worker).await;
     delete_topology(&settings).await;
     amqp.close().await;
+}
+
+/// Publishes a request (`id` as its requestId and message_id) whose `reply_to` is a
+/// direct reply-to address RabbitMQ 3.10 can't decode.
+async fn publish_crafted(amqp: &Amqp, col: &Collection, queue: &str, id: &str) {
+    let mut envelope = col.envelope(json!([{"_id": "a", "body": {"crafted": id}}]));
+    envelope["requestId"] = json!(id);
+    let props = BasicProperties::default()
+        .with_reply_to("amq.rabbitmq.reply-to.g1.ZmFrZQ==".into())
+        .with_message_id(id.into());
+    publish_envelope(amqp, queue, &envelope, props).await;
+}
+
+async fn publish_envelope(amqp: &Amqp, queue: &str, envelope: &Value, props: BasicProperties) {
+    publish(
+        &amqp.channel,
+        queue,
+        &serde_json::to_vec(envelope).unwrap(),
+        props,
+    )
+    .await;
 }
