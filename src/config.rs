@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
+/// The most `amqp.max_unconfirmed_replies` may say (a semaphore's permits; more is
+/// refused): above any prefetch, which is 16 bits.
+pub const MOST_UNCONFIRMED_REPLIES: usize = 65_536;
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Settings {
     pub amqp: AmqpSettings,
@@ -211,7 +215,7 @@ impl Settings {
         if self.amqp.delivery_limit > 0 && self.amqp.queue_type != QueueType::Quorum {
             return invalid("amqp.delivery_limit", "needs amqp.queue_type = \"quorum\"");
         }
-        if !(1..=crate::broker::MOST_UNCONFIRMED).contains(&self.amqp.max_unconfirmed_replies) {
+        if !(1..=MOST_UNCONFIRMED_REPLIES).contains(&self.amqp.max_unconfirmed_replies) {
             return invalid("amqp.max_unconfirmed_replies", "must be from 1 to 65536");
         }
         if self.amqp.confirm_timeout_ms == 0 {
@@ -668,7 +672,7 @@ mod tests {
     /// The bound is a semaphore's permits: past tokio's most, it would panic at start.
     #[test]
     fn unconfirmed_replies_are_bounded_both_ways() {
-        for bad in [0, crate::broker::MOST_UNCONFIRMED + 1, usize::MAX] {
+        for bad in [0, MOST_UNCONFIRMED_REPLIES + 1, usize::MAX] {
             let mut s = Settings::defaults();
             s.amqp.max_unconfirmed_replies = bad;
             let err = s.validate().unwrap_err().to_string();

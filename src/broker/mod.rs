@@ -33,7 +33,7 @@ mod topology;
 pub use self::lapin::node_name;
 use port::{BrokerLink, Channel, Connection, Consumer, Delivery, Original, Props, Value};
 pub use refusing::Refusing;
-pub use replies::{MOST_UNCONFIRMED, Published};
+pub use replies::Published;
 
 /// The most a broker call (connect, open a channel, declare, consume, cancel, close) may
 /// wait for its answer.

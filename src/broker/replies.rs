@@ -48,10 +48,6 @@ pub(super) struct Message<'a> {
     pub props: Props<'a>,
 }
 
-/// The most `amqp.max_unconfirmed_replies` may say (the configuration refuses more):
-/// above any prefetch, which is 16 bits.
-pub const MOST_UNCONFIRMED: usize = 65_536;
-
 /// The header naming a reply's publish (a number of this connection's own).
 pub const PUBLISH_HEADER: &str = "x-mupdate-publish";
 
@@ -146,7 +142,11 @@ impl Replies {
         Replies {
             connection,
             shared: tokio::sync::Mutex::new(None),
-            slots: Semaphore::new(settings.max_unconfirmed_replies.clamp(1, MOST_UNCONFIRMED)),
+            slots: Semaphore::new(
+                settings
+                    .max_unconfirmed_replies
+                    .clamp(1, crate::config::MOST_UNCONFIRMED_REPLIES),
+            ),
             next: AtomicU64::new(0),
             max_reply: AtomicUsize::new(usize::MAX),
             confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
