@@ -50,16 +50,9 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    /// Whether the broker closed the connection with an error of its own (a code of 500
-    /// or more, such as 541 `INTERNAL_ERROR`), rather than the network or a deadline.
+    /// `port::Error::closed_by_the_broker`, for a call's error.
     pub fn closed_by_the_broker(&self) -> bool {
-        matches!(
-            self,
-            BrokerError::Amqp(port::Error {
-                kind: port::ErrorKind::Refused { code },
-                ..
-            }) if *code >= 500
-        )
+        matches!(self, BrokerError::Amqp(err) if err.closed_by_the_broker())
     }
 }
 

@@ -47,6 +47,12 @@ pub enum ErrorKind {
 }
 
 impl Error {
+    /// Whether the broker closed the connection with an error of its own (a code of 500
+    /// or more, such as 541 `INTERNAL_ERROR`), rather than the network or a deadline.
+    pub fn closed_by_the_broker(&self) -> bool {
+        matches!(self.kind, ErrorKind::Refused { code } if code >= 500)
+    }
+
     pub fn closed(message: impl Into<String>) -> Self {
         Error {
             kind: ErrorKind::Closed,

@@ -200,9 +200,7 @@ impl Replies {
             Err(_) => Ok((Published::Unconfirmed, None)),
         };
         let closed_it = |err: &port::Error| {
-            matches!(err.kind, port::ErrorKind::Refused { code } if code >= 500)
-                && !connection.connected()
-                && self.connected()
+            err.closed_by_the_broker() && !connection.connected() && self.connected()
         };
         let published = match published {
             Ok((Published::Confirmed, None)) => Ok(Published::Confirmed),

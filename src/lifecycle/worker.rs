@@ -677,6 +677,8 @@ impl Handler {
             _ => None,
         };
         let suspicion = direct.and_then(|address| self.suspects.of(address));
+        // The address of a reply that goes on a connection of its own.
+        let quarantined = direct.filter(|_| suspicion == Some(Suspicion::Suspect));
         if suspicion == Some(Suspicion::Proven) {
             warn!(
                 ?destination,
@@ -697,10 +699,9 @@ impl Handler {
             // Alone after a refusal, or to a destination known to refuse: a refusal that
             // closes its channel then takes no other reply with it.
             let alone = refusals > 0 || refusing.as_ref().is_some_and(|r| self.refusing.known(r));
-            let quarantined = suspicion == Some(Suspicion::Suspect);
             let published = {
                 let publish = async {
-                    if let (true, Some(address)) = (quarantined, direct) {
+                    if let Some(address) = quarantined {
                         // Suspect or proven meanwhile: not for the shared connection.
                         let suspect = || self.suspects.of(address).is_some();
                         broker.publish_reply_quarantined(&reply, suspect).await
@@ -731,7 +732,7 @@ impl Handler {
                 }
                 published?
             };
-            if let (true, Some(address)) = (quarantined, direct) {
+            if let Some(address) = quarantined {
                 if published == Published::Confirmed {
                     self.suspects.cleared(address);
                 } else if published == Published::Refused {
