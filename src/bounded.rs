@@ -20,12 +20,23 @@ pub enum Interrupted {
 }
 
 /// `call`'s output, unless `limit` passes or `stop` is cancelled first.
+///
+/// A call ready at its first poll (a free permit, an uncontended lock) is answered
+/// without a timer or a place among the stop token's waiters: most calls on the reply
+/// path are, and those two cost more than the call. `stop` is still looked at first.
 pub async fn bounded<F: Future>(
     what: &'static str,
     limit: Duration,
     stop: &CancellationToken,
     call: F,
 ) -> Result<F::Output, Interrupted> {
+    if stop.is_cancelled() {
+        return Err(Interrupted::Stopped { what });
+    }
+    let mut call = std::pin::pin!(call);
+    if let std::task::Poll::Ready(done) = futures_util::poll!(call.as_mut()) {
+        return Ok(done);
+    }
     tokio::select! {
         biased;
         _ = stop.cancelled() => Err(Interrupted::Stopped { what }),

@@ -399,7 +399,8 @@ pub struct Outgoing<'a> {
 
 /// The AMQP properties of a reply (SPEC section 5).
 pub fn reply_properties<'a>(reply: &Outgoing<'a>) -> Props<'a> {
-    let mut headers = vec![("status", Value::ShortInt(reply.status as i16))];
+    let mut headers = Vec::with_capacity(4);
+    headers.push(("status", Value::ShortInt(reply.status as i16)));
     // The properties travel in one frame (128 KiB on RabbitMQ, which closes the whole
     // connection over a larger one): a longer id is in the body only.
     if reply.request_id.len() <= REQUEST_ID_HEADER_MAX {

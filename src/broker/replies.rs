@@ -73,7 +73,7 @@ pub enum Published {
 /// broker returned it.
 struct Lane {
     channel: Box<dyn Channel>,
-    waiting: Arc<Mutex<HashMap<u64, bool>>>,
+    waiting: Arc<Mutex<Waiting>>,
     /// A publish on it was given up before its confirm (a timeout, its request handed
     /// back): the AMQP client keeps such a confirm for as long as the channel lives, so
     /// the channel is retired (closed once its other publishes are over) rather than
@@ -93,9 +93,13 @@ impl Lane {
     }
 }
 
+/// Publishes awaiting their confirm, by number, each with whether it was returned. The
+/// numbers are the worker's own (no client picks them): a fast hash is safe.
+type Waiting = HashMap<u64, bool, foldhash::fast::RandomState>;
+
 /// A lock that never panics: nothing done under it can leave the map half changed, and
 /// the return hook runs on the AMQP client's I/O thread, which must not die.
-fn lock(waiting: &Mutex<HashMap<u64, bool>>) -> std::sync::MutexGuard<'_, HashMap<u64, bool>> {
+fn lock(waiting: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
     waiting
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -196,7 +200,7 @@ impl Replies {
             return Ok(too_large);
         }
         let published = match self.open_lane_on(&*connection).await {
-            Ok(lane) => self.publish_message(&lane, reply_message(reply)).await,
+            Ok(lane) => self.publish_message(&lane, &reply_message(reply)).await,
             Err(_) => Ok((Published::Unconfirmed, None)),
         };
         let closed_it = |err: &port::Error| {
@@ -226,7 +230,7 @@ impl Replies {
         message: Message<'_>,
     ) -> Result<Published, BrokerError> {
         let lane = self.open_lane().await?;
-        let published = self.publish_message(&lane, message).await;
+        let published = self.publish_message(&lane, &message).await;
         self.discard(lane);
         published.map(|(published, _)| published)
     }
@@ -240,7 +244,7 @@ impl Replies {
     async fn open_lane_on(&self, connection: &dyn Connection) -> Result<Lane, BrokerError> {
         let open = async {
             let channel = connection.open_channel().await?;
-            let waiting = Arc::new(Mutex::new(HashMap::new()));
+            let waiting = Arc::new(Mutex::new(Waiting::default()));
             let record = waiting.clone();
             channel.on_return(Arc::new(move |message: &Returned| {
                 let returned = publish_id(message)
@@ -332,7 +336,7 @@ impl Replies {
             return Ok(Published::Refused);
         };
         let lane = self.shared().await?;
-        match self.publish_message(&lane, message.clone()).await? {
+        match self.publish_message(&lane, &message).await? {
             (Published::Refused, Some(_)) => self.publish_on_own_channel(message).await,
             (published, _) => Ok(published),
         }
@@ -343,7 +347,7 @@ impl Replies {
     async fn publish_message(
         &self,
         lane: &Lane,
-        message: Message<'_>,
+        message: &Message<'_>,
     ) -> Result<(Published, Option<port::Error>), BrokerError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         lane.expect(id);
@@ -358,7 +362,7 @@ impl Replies {
             routing_key: message.routing_key,
             mandatory: message.mandatory,
             body: message.body,
-            props: with_publish_id(message.props, id),
+            props: with_publish_id(&message.props, id),
         });
         let confirmed = match bounded(
             "a publish's confirm",
@@ -437,11 +441,15 @@ fn reply_message<'a>(reply: &'a Outgoing<'a>) -> Message<'a> {
 }
 
 /// `props` with the publish's number in `PUBLISH_HEADER`.
-fn with_publish_id(mut props: Props<'_>, id: u64) -> Props<'_> {
-    props
-        .headers
-        .push((PUBLISH_HEADER, Value::LongLongInt(id as i64)));
-    props
+fn with_publish_id<'a>(props: &Props<'a>, id: u64) -> Props<'a> {
+    let mut headers = Vec::with_capacity(props.headers.len() + 1);
+    headers.extend(props.headers.iter().cloned());
+    headers.push((PUBLISH_HEADER, Value::LongLongInt(id as i64)));
+    Props {
+        headers,
+        carried: props.carried,
+        ..*props
+    }
 }
 
 /// The publish number a returned message carries.
@@ -688,7 +696,7 @@ mod tests {
     }
 
     fn returned(id: u64) -> Returned {
-        let props = with_publish_id(Props::default(), id);
+        let props = with_publish_id(&Props::default(), id);
         let (name, value) = props.headers[0].clone();
         Returned {
             reply_code: 312,
@@ -768,7 +776,7 @@ mod tests {
 
     #[test]
     fn a_publish_is_named_by_its_own_header() {
-        let props = with_publish_id(Props::default(), 41);
+        let props = with_publish_id(&Props::default(), 41);
         let returned = |headers| Returned {
             reply_code: 312,
             headers,

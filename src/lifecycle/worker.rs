@@ -919,7 +919,8 @@ struct Answered {
 
 #[derive(Default)]
 struct AnsweredState {
-    keys: std::collections::HashSet<u128>,
+    /// Keyed hashes already (`Answered::key`): a fast hash of them is safe.
+    keys: std::collections::HashSet<u128, foldhash::fast::RandomState>,
     /// In the order they were answered.
     order: std::collections::VecDeque<(u128, tokio::time::Instant)>,
 }

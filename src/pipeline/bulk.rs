@@ -403,7 +403,36 @@ impl Item {
 
 #[derive(Deserialize)]
 struct Response {
-    items: Vec<std::collections::HashMap<String, Item>>,
+    items: Vec<OneAction>,
+}
+
+/// One entry of `items`: an object of one key, the item's action (update, create, index,
+/// delete), read without keeping its name; `None` when it has another number of keys.
+struct OneAction(Option<Item>);
+
+impl<'de> Deserialize<'de> for OneAction {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = OneAction;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of one action")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<OneAction, M::Error> {
+                let mut item = None;
+                let mut actions = 0;
+                while map.next_key::<serde::de::IgnoredAny>()?.is_some() {
+                    item = Some(map.next_value::<Item>()?);
+                    actions += 1;
+                }
+                Ok(OneAction(item.filter(|_| actions == 1)))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
 }
 
 /// Reads a bulk response: its items, in the order of the request's actions.
@@ -419,12 +448,8 @@ pub fn parse_response(bytes: &[u8], expected: usize) -> Result<Vec<Item>, String
     response
         .items
         .into_iter()
-        .map(|entry| {
-            // One key, the item's action (update, create, index, delete).
-            match <[(String, Item); 1]>::try_from(entry.into_iter().collect::<Vec<_>>()) {
-                Ok([(_, item)]) => Ok(item),
-                Err(_) => Err("bulk response item is not one action".to_owned()),
-            }
+        .map(|OneAction(item)| {
+            item.ok_or_else(|| "bulk response item is not one action".to_owned())
         })
         .collect()
 }

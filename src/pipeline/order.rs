@@ -42,7 +42,8 @@ use tokio_util::sync::CancellationToken;
 /// index, collection and id: a collision only makes a request wait needlessly).
 #[derive(Default)]
 pub struct Sequencer {
-    latest: Mutex<HashMap<u64, (u64, CancellationToken)>>,
+    /// By keyed hash (`hasher`) already: a fast hash of those is safe.
+    latest: Mutex<HashMap<u64, (u64, CancellationToken), foldhash::fast::RandomState>>,
     hasher: std::hash::RandomState,
     next: std::sync::atomic::AtomicU64,
 }
@@ -225,12 +226,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for Envelope<'a> {
                 mut map: M,
             ) -> Result<Self::Value, M::Error> {
                 let mut envelope = Envelope::default();
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    match &*key {
-                        "index" => envelope.index = map.next_value::<Text<'de>>()?.0,
-                        "collection" => envelope.collection = map.next_value::<Text<'de>>()?.0,
-                        "body" => envelope.body = map.next_value::<Lenient<Body<'de>>>()?.0,
-                        "_id" => envelope.id = map.next_value::<Text<'de>>()?.0,
+                while let Some(key) = map.next_key::<Field>()? {
+                    match key {
+                        Field::Index => envelope.index = map.next_value::<Text<'de>>()?.0,
+                        Field::Collection => envelope.collection = map.next_value::<Text<'de>>()?.0,
+                        Field::Body => envelope.body = map.next_value::<Lenient<Body<'de>>>()?.0,
+                        Field::Id => envelope.id = map.next_value::<Text<'de>>()?.0,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -256,12 +257,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for Body<'a> {
                 mut map: M,
             ) -> Result<Self::Value, M::Error> {
                 let mut body = Body::default();
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    match &*key {
-                        "documents" => {
+                while let Some(key) = map.next_key::<Field>()? {
+                    match key {
+                        Field::Documents => {
                             body.documents = map.next_value::<Lenient<Vec<Document<'de>>>>()?.0;
                         }
-                        "ids" => body.ids = map.next_value::<Lenient<Vec<Text<'de>>>>()?.0,
+                        Field::Ids => body.ids = map.next_value::<Lenient<Vec<Text<'de>>>>()?.0,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -271,6 +272,43 @@ impl<'de: 'a, 'a> Deserialize<'de> for Body<'a> {
             }
         }
         deserializer.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// A key a turn reads, told from the others without copying it (a key with escapes is
+/// compared unescaped, as `envelope::parse` reads it).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Index,
+    Collection,
+    Body,
+    Id,
+    Documents,
+    Ids,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = Field;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E>(self, key: &str) -> Result<Field, E> {
+                Ok(match key {
+                    "index" => Field::Index,
+                    "collection" => Field::Collection,
+                    "body" => Field::Body,
+                    "_id" => Field::Id,
+                    "documents" => Field::Documents,
+                    "ids" => Field::Ids,
+                    _ => Field::Other,
+                })
+            }
+        }
+        deserializer.deserialize_str(Visit)
     }
 }
 
@@ -346,8 +384,8 @@ impl<'de: 'a, 'a> serde::de::Visitor<'de> for DocumentVisitor<'a> {
 
     fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
         let mut id = None;
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if key == "_id" {
+        while let Some(key) = map.next_key::<Field>()? {
+            if key == Field::Id {
                 id = map.next_value::<Text<'de>>()?.0;
             } else {
                 map.next_value::<IgnoredAny>()?;

@@ -107,7 +107,8 @@ where
 {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; documents.len()];
     let mut entries: Vec<Option<Entry>> = Vec::with_capacity(documents.len());
-    // The last entry of each `_id`: the only one whose `_source` is asked of the engine.
+    // The last entry of each `_id`: the only one whose `_source` is asked of the engine
+    // (kept only when sources are asked).
     let mut last = std::collections::HashMap::new();
     for (slot, document) in documents.iter().enumerate() {
         match envelope::check_document(document, action) {
@@ -119,7 +120,9 @@ where
                         matches!(options.ids, Ids::Derived(_)),
                     ),
                 };
-                last.insert(id.clone(), slot);
+                if options.include_source {
+                    last.insert(id.clone(), slot);
+                }
                 entries.push(Some(Entry {
                     id,
                     derived,
