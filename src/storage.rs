@@ -331,7 +331,9 @@ impl Storage {
         {
             return Ok(IndexState::Exists);
         }
-        if self.exists(target, cancel).await? {
+        // Boxed: a cached answer is the rule, and this call's future would otherwise
+        // make every request's task as large as it is.
+        if Box::pin(self.exists(target, cancel)).await? {
             self.known
                 .lock()
                 .expect("poisoned")
@@ -339,7 +341,7 @@ impl Storage {
             return Ok(IndexState::Exists);
         }
         match index_pattern() {
-            Some(pattern) if self.exists(&pattern, cancel).await? => {
+            Some(pattern) if Box::pin(self.exists(&pattern, cancel)).await? => {
                 Ok(IndexState::UnknownCollection)
             }
             _ => Ok(IndexState::UnknownIndex),

@@ -66,6 +66,8 @@ struct State {
     untrusted: usize,
     /// When idle entries were last swept out (at most once a second: a sweep reads all).
     swept: Option<Instant>,
+    /// The latest end of a destination's window as known to refuse.
+    refusing_until: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -138,10 +140,24 @@ impl Refusing {
         if destination.is_direct() {
             return None;
         }
+        // Written out rather than formatted: one is made per reply.
         Some(match destination {
-            Destination::ReplyTo(queue) | Destination::Queue(queue) => format!("q:{queue}"),
+            Destination::ReplyTo(queue) | Destination::Queue(queue) => {
+                let mut key = String::with_capacity(2 + queue.len());
+                key.push_str("q:");
+                key.push_str(queue);
+                key
+            }
             Destination::Exchange { exchange, .. } => {
-                format!("x:{}:{exchange}:{}", exchange.len(), user.unwrap_or(""))
+                let user = user.unwrap_or("");
+                let mut key = String::with_capacity(2 + 20 + 1 + exchange.len() + 1 + user.len());
+                key.push_str("x:");
+                key.push_str(&exchange.len().to_string());
+                key.push(':');
+                key.push_str(exchange);
+                key.push(':');
+                key.push_str(user);
+                key
             }
         })
     }
@@ -150,6 +166,10 @@ impl Refusing {
     pub fn known(&self, key: &str) -> bool {
         let state = self.state.lock().expect("poisoned");
         let now = Instant::now();
+        // None is known past the latest end of a window: no need to look.
+        if state.refusing_until.is_none_or(|until| now >= until) {
+            return false;
+        }
         state.destinations.get(key).is_some_and(|e| e.refusing(now))
     }
 
@@ -160,6 +180,7 @@ impl Refusing {
         let now = Instant::now();
         if let Some(entry) = state.entry(key, now) {
             entry.refusing_until = Some(now + WINDOW);
+            state.refusing_until = Some(now + WINDOW);
         }
     }
 
@@ -167,7 +188,10 @@ impl Refusing {
     pub fn confirmed(&self, key: &str) {
         let mut state = self.state.lock().expect("poisoned");
         let now = Instant::now();
-        if let Some(entry) = state.entry(key, now) {
+        // Most are known already: one lookup then.
+        if let Some(entry) = state.destinations.get_mut(key) {
+            entry.confirmed_at = Some(now);
+        } else if let Some(entry) = state.entry(key, now) {
             entry.confirmed_at = Some(now);
         }
     }

@@ -563,9 +563,10 @@ impl Handler {
                     applied,
                     error,
                 };
-                let settled = self
-                    .dead_letter(broker, &data, &original, &props, letter, request_id)
-                    .await?;
+                let settled = Box::pin(
+                    self.dead_letter(broker, &data, &original, &props, letter, request_id),
+                )
+                .await?;
                 // Its dead letter is confirmed: a redelivery after a lost ack is acked
                 // without a second dead letter (it is in the dead-letter queue already).
                 if settled == Settlement::Ack {
@@ -704,11 +705,13 @@ impl Handler {
                     if let Some(address) = quarantined {
                         // Suspect or proven meanwhile: not for the shared connection.
                         let suspect = || self.suspects.of(address).is_some();
-                        broker.publish_reply_quarantined(&reply, suspect).await
+                        // Boxed, as the other rare paths: their futures would otherwise
+                        // make every delivery's task as large as the largest of them.
+                        Box::pin(broker.publish_reply_quarantined(&reply, suspect)).await
                     } else if !alone {
                         broker.publish_reply(&reply).await
                     } else {
-                        broker.publish_reply_alone(&reply).await
+                        Box::pin(broker.publish_reply_alone(&reply)).await
                     }
                 };
                 tokio::pin!(publish);
@@ -901,8 +904,8 @@ impl Drop for InFlight<'_> {
 /// envelope's `requestId`, else the `message_id` property; a request with neither is
 /// always applied, byte-identical or not); and its identity, its verified `user_id`, its
 /// other properties and every byte of its body are those of a request this worker
-/// answered (its reply confirmed) within the window. The key is 128 bits of two SipHash
-/// hashers keyed at random per process: a false match is out of reach by chance or by
+/// answered (its reply confirmed) within the window. The key is a 128-bit SipHash keyed
+/// at random per process: a false match is out of reach by chance or by
 /// design. A producer that reuses an id for the same bytes sends, by its own word, the
 /// same request.
 ///
@@ -912,7 +915,8 @@ impl Drop for InFlight<'_> {
 /// `mupdate_answered_window_seconds` shows the window actually held.
 struct Answered {
     state: Mutex<AnsweredState>,
-    hashers: (std::hash::RandomState, std::hash::RandomState),
+    /// The keys of the 128-bit SipHash of requests, random per process.
+    keys: (u64, u64),
     window: Duration,
     most: usize,
 }
@@ -933,24 +937,31 @@ impl Answered {
     fn new(window: Duration, max_bytes: usize) -> Self {
         Answered {
             state: Mutex::default(),
-            hashers: Default::default(),
+            keys: {
+                // Drawn from the operating system's randomness (std's `RandomState`).
+                use std::hash::BuildHasher;
+                let random = std::hash::RandomState::new();
+                (random.hash_one(0u8), random.hash_one(1u8))
+            },
             window,
             most: max_bytes / ANSWERED_ENTRY_BYTES,
         }
     }
 
     fn key(&self, identity: &str, body: &[u8], props: &Properties) -> u128 {
-        use std::hash::BuildHasher;
-        let parts = (
+        use siphasher::sip128::Hasher128;
+        use std::hash::Hash;
+        let mut hasher = siphasher::sip128::SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        (
             identity,
             &props.user_id,
             body,
             &props.correlation_id,
             &props.message_id,
             &props.reply_to,
-        );
-        let (a, b) = (&self.hashers.0, &self.hashers.1);
-        (u128::from(a.hash_one(parts)) << 64) | u128::from(b.hash_one(parts))
+        )
+            .hash(&mut hasher);
+        hasher.finish128().as_u128()
     }
 
     /// Whether this redelivered request was answered within the window.

@@ -108,7 +108,8 @@ where
     let mut outcomes: Vec<Option<Outcome>> = vec![None; documents.len()];
     let mut entries: Vec<Option<Entry>> = Vec::with_capacity(documents.len());
     // The last entry of each `_id`: the only one whose `_source` is asked of the engine
-    // (kept only when sources are asked).
+    // (kept only when sources are asked of several documents; one is its own last).
+    let several = documents.len() > 1;
     let mut last = std::collections::HashMap::new();
     for (slot, document) in documents.iter().enumerate() {
         match envelope::check_document(document, action) {
@@ -120,7 +121,7 @@ where
                         matches!(options.ids, Ids::Derived(_)),
                     ),
                 };
-                if options.include_source {
+                if options.include_source && several {
                     last.insert(id.clone(), slot);
                 }
                 entries.push(Some(Entry {
@@ -135,8 +136,9 @@ where
             }
         }
     }
-    let asks_source =
-        |slot: usize, entry: &Entry| options.include_source && last.get(&entry.id) == Some(&slot);
+    let asks_source = |slot: usize, entry: &Entry| {
+        options.include_source && (!several || last.get(&entry.id) == Some(&slot))
+    };
     // Each entry's item, written once (a replace's once per check: its guard changes):
     // later rounds send the same bytes again.
     let mut written = Vec::new();
@@ -170,7 +172,9 @@ where
                 .iter()
                 .filter_map(|&slot| entries[slot].as_ref().map(|e| e.id.clone().into_owned()))
                 .collect();
-            let found = match versions(ids).await {
+            // Boxed: only replaces check, and its future would make every request's
+            // task as large as it is.
+            let found = match Box::pin(versions(ids)).await {
                 Ok(found) => found,
                 Err(BulkError::Abandoned) => return Err(Abandoned),
                 Err(BulkError::Refused(status, reason)) => {
