@@ -251,13 +251,13 @@ pub fn parse(
         },
         // An empty id identifies nothing (ids made from it would be every such request's).
         own_id: matches!(&request_id, Some(Value::String(id)) if !id.is_empty()),
-        index: object.get("index").cloned(),
-        collection: object.get("collection").cloned(),
-        controller: object.get("controller").cloned(),
-        action: object.get("action").cloned(),
-        volatile: object.get("volatile").cloned(),
-        refresh: object.get("refresh").cloned(),
-        retry_on_conflict: object.get("retryOnConflict").cloned(),
+        index: field(&object, "index").cloned(),
+        collection: field(&object, "collection").cloned(),
+        controller: field(&object, "controller").cloned(),
+        action: field(&object, "action").cloned(),
+        volatile: field(&object, "volatile").cloned(),
+        refresh: field(&object, "refresh").cloned(),
+        retry_on_conflict: field(&object, "retryOnConflict").cloned(),
     };
     let request = validate(object, request_id.as_ref(), limits, defaults).map(|request| Request {
         bytes: body.len(),
@@ -272,13 +272,13 @@ fn validate(
     limits: &Limits,
     defaults: &StorageSettings,
 ) -> Result<Request, RequestError> {
-    match object.get("controller") {
+    match field(&object, "controller") {
         Some(Value::String(c)) if c == "document" => {}
         Some(Value::String(c)) => return Err(RequestError::ControllerNotFound(quote(c))),
         Some(other) => return Err(RequestError::ControllerNotFound(quote(&other.to_string()))),
         None => return Err(RequestError::MissingArgument("controller")),
     }
-    let (action, single) = match object.get("action") {
+    let (action, single) = match field(&object, "action") {
         Some(Value::String(a)) => match Action::from_name(a) {
             Some(found) => found,
             None => return Err(RequestError::ActionNotFound(quote(a))),
@@ -304,7 +304,7 @@ fn validate(
             expected: "string",
         });
     }
-    if let Some(volatile) = object.get("volatile")
+    if let Some(volatile) = field(&object, "volatile")
         && !(volatile.is_object() || volatile.is_null())
     {
         return Err(RequestError::InvalidType {
@@ -312,7 +312,7 @@ fn validate(
             expected: "object",
         });
     }
-    let refresh = match object.get("refresh") {
+    let refresh = match field(&object, "refresh") {
         None | Some(Value::Null) | Some(Value::Bool(false)) => Refresh::No,
         Some(Value::String(s)) if s == "false" => Refresh::No,
         Some(Value::String(s)) if s == "wait_for" => Refresh::WaitFor,
@@ -329,7 +329,7 @@ fn validate(
             });
         }
     };
-    let retry_on_conflict = match object.get("retryOnConflict") {
+    let retry_on_conflict = match field(&object, "retryOnConflict") {
         None | Some(Value::Null) => defaults.default_retry_on_conflict,
         Some(Value::Number(n)) => match n.as_u64() {
             Some(n) if n <= u64::from(limits.max_retry_on_conflict) => n as u32,
@@ -359,10 +359,10 @@ fn validate(
             });
         }
     };
-    let strict = matches!(object.get("strict"), Some(Value::Bool(true)));
-    let silent = matches!(object.get("silent"), Some(Value::Bool(true)));
+    let strict = matches!(field(&object, "strict"), Some(Value::Bool(true)));
+    let silent = matches!(field(&object, "silent"), Some(Value::Bool(true)));
     // As Kuzzle's boolean arguments: a boolean, or (HTTP-style) its string.
-    let source = match object.get("source") {
+    let source = match field(&object, "source") {
         None | Some(Value::Null) => None,
         Some(Value::Bool(b)) => Some(*b),
         Some(Value::String(s)) if s == "true" || s == "false" => Some(s == "true"),
@@ -509,8 +509,23 @@ fn retry_out_of_range(limits: &Limits) -> RequestError {
     }
 }
 
+/// `object[key]`, found by comparing keys while they are few: a request's objects hold a
+/// handful, and hashing the key (serde_json's map hashes each with a keyed SipHash) costs
+/// more than comparing them. Keys are unique in a map: the first match is the one. A
+/// larger object is looked up by hash, so that no object costs more than its keys.
+fn field<'a>(object: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    if object.len() <= FEW_KEYS {
+        object.iter().find_map(|(k, v)| (k == key).then_some(v))
+    } else {
+        object.get(key)
+    }
+}
+
+/// Up to this many keys, `field` compares them rather than hash the one looked up.
+const FEW_KEYS: usize = 16;
+
 fn name_argument(object: &Map<String, Value>, key: &'static str) -> Result<String, RequestError> {
-    match object.get(key) {
+    match field(object, key) {
         None | Some(Value::Null) => Err(RequestError::MissingArgument(key)),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(_) => Err(RequestError::InvalidType {
@@ -613,7 +628,7 @@ static NO_DEFAULT: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock
 /// checked before the `_id`, in Kuzzle's order.
 pub fn check_document(entry: &Value, action: Action) -> Result<Checked<'_>, DocumentError> {
     let content = match action {
-        Action::Update => match entry.get("body") {
+        Action::Update => match entry.as_object().and_then(|e| field(e, "body")) {
             Some(Value::Object(body)) => Content::Merge {
                 changes: body,
                 default: None,
@@ -621,10 +636,11 @@ pub fn check_document(entry: &Value, action: Action) -> Result<Checked<'_>, Docu
             _ => return Err(DocumentError::BodyNotObject),
         },
         Action::Upsert => {
-            let Some(Value::Object(changes)) = entry.get("changes") else {
+            let Some(Value::Object(changes)) = entry.as_object().and_then(|e| field(e, "changes"))
+            else {
                 return Err(DocumentError::ChangesNotObject);
             };
-            let default = match entry.get("default") {
+            let default = match entry.as_object().and_then(|e| field(e, "default")) {
                 None | Some(Value::Null) => &*NO_DEFAULT,
                 Some(Value::Object(default)) => default,
                 Some(_) => return Err(DocumentError::DefaultNotObject),
@@ -634,13 +650,15 @@ pub fn check_document(entry: &Value, action: Action) -> Result<Checked<'_>, Docu
                 default: Some(default),
             }
         }
-        Action::Create | Action::CreateOrReplace | Action::Replace => match entry.get("body") {
-            Some(Value::Object(body)) => Content::Whole(body),
-            _ => return Err(DocumentError::BodyNotObject),
-        },
+        Action::Create | Action::CreateOrReplace | Action::Replace => {
+            match entry.as_object().and_then(|e| field(e, "body")) {
+                Some(Value::Object(body)) => Content::Whole(body),
+                _ => return Err(DocumentError::BodyNotObject),
+            }
+        }
         Action::Delete => Content::Nothing,
     };
-    let id = match entry.get("_id") {
+    let id = match entry.as_object().and_then(|e| field(e, "_id")) {
         Some(Value::String(id)) if !id.is_empty() => Some(id.as_str()),
         // As Kuzzle: no id (or an empty one) is an id to generate where the action makes
         // documents without one.
