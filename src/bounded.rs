@@ -70,5 +70,10 @@ mod tests {
             bounded("x", limit, &CancellationToken::new(), async { 7 }).await,
             Ok(7)
         );
+        // Stopped first, even when the call would answer at once.
+        assert_eq!(
+            bounded("ready", limit, &stop, async { 7 }).await,
+            Err(Interrupted::Stopped { what: "ready" })
+        );
     }
 }

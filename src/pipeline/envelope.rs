@@ -739,6 +739,32 @@ mod tests {
     }
 
     #[test]
+    fn fields_are_found_among_few_keys_and_among_many() {
+        let few = run(with("refresh", json!("wait_for"))).request.unwrap();
+        let mut many = with("refresh", json!("wait_for"));
+        for n in 0..FEW_KEYS {
+            many[format!("extra{n}")] = json!(n);
+        }
+        assert!(many.as_object().unwrap().len() > FEW_KEYS);
+        let many = run(many).request.unwrap();
+        assert_eq!(
+            (
+                many.index.as_str(),
+                many.collection.as_str(),
+                many.refresh,
+                many.documents.len()
+            ),
+            (
+                few.index.as_str(),
+                few.collection.as_str(),
+                few.refresh,
+                few.documents.len()
+            )
+        );
+        assert_eq!(few.refresh, Refresh::WaitFor);
+    }
+
+    #[test]
     fn the_source_argument_is_a_boolean_or_its_string() {
         assert_eq!(run(valid()).request.unwrap().source, None);
         for (value, expected) in [

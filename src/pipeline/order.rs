@@ -587,6 +587,15 @@ mod tests {
     }
 
     #[test]
+    fn keys_written_with_escapes_are_the_keys_they_spell() {
+        let sequencer = Sequencer::default();
+        let plain = request(&["x"]);
+        let escaped = br#"{"\u0069ndex":"i","collectio\u006e":"c","bod\u0079":{"\u0064ocuments":[{"\u005fid":"x"}]}}"#;
+        assert_eq!(sequencer.keys(&plain), sequencer.keys(escaped));
+        assert_eq!(sequencer.keys(escaped).len(), 1);
+    }
+
+    #[test]
     fn the_same_id_in_another_collection_is_another_document() {
         let sequencer = Sequencer::default();
         let a = sequencer.keys(&request(&["x"]));
