@@ -29,6 +29,7 @@
 //! destination is not trusted and a refused reply is not retried.
 
 use std::collections::HashMap;
+use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -152,7 +153,7 @@ impl Refusing {
                 let user = user.unwrap_or("");
                 let mut key = String::with_capacity(2 + 20 + 1 + exchange.len() + 1 + user.len());
                 key.push_str("x:");
-                key.push_str(&exchange.len().to_string());
+                let _ = write!(key, "{}", exchange.len());
                 key.push(':');
                 key.push_str(exchange);
                 key.push(':');

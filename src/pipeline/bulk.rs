@@ -407,7 +407,9 @@ struct Response {
 }
 
 /// One entry of `items`: an object of one key, the item's action (update, create, index,
-/// delete), read without keeping its name; `None` when it has another number of keys.
+/// delete); `None` when it has another number of keys. A key given twice counts once, for
+/// its last value (as a map would read it). The key is borrowed from the response where
+/// it can be: no string is made for it.
 struct OneAction(Option<Item>);
 
 impl<'de> Deserialize<'de> for OneAction {
@@ -416,22 +418,47 @@ impl<'de> Deserialize<'de> for OneAction {
         impl<'de> serde::de::Visitor<'de> for Visit {
             type Value = OneAction;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object of one action")
+                f.write_str("a map")
             }
             fn visit_map<M: serde::de::MapAccess<'de>>(
                 self,
                 mut map: M,
             ) -> Result<OneAction, M::Error> {
-                let mut item = None;
-                let mut actions = 0;
-                while map.next_key::<serde::de::IgnoredAny>()?.is_some() {
+                let mut first: Option<ActionName<'de>> = None;
+                let (mut item, mut others) = (None, false);
+                while let Some(name) = map.next_key::<ActionName<'de>>()? {
                     item = Some(map.next_value::<Item>()?);
-                    actions += 1;
+                    match &first {
+                        None => first = Some(name),
+                        Some(first) => others |= first.0 != name.0,
+                    }
                 }
-                Ok(OneAction(item.filter(|_| actions == 1)))
+                Ok(OneAction(item.filter(|_| !others)))
             }
         }
         deserializer.deserialize_map(Visit)
+    }
+}
+
+/// An item's action name, borrowed when it has no escapes.
+struct ActionName<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for ActionName<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = ActionName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an action name")
+            }
+            fn visit_borrowed_str<E>(self, name: &'de str) -> Result<Self::Value, E> {
+                Ok(ActionName(name.into()))
+            }
+            fn visit_str<E>(self, name: &str) -> Result<Self::Value, E> {
+                Ok(ActionName(name.to_owned().into()))
+            }
+        }
+        deserializer.deserialize_str(Visit)
     }
 }
 
@@ -762,5 +789,12 @@ mod tests {
         let two = br#"{"items":[{"index":{"status":200},"update":{"status":200}}]}"#;
         assert!(parse_response(two, 1).is_err());
         assert!(parse_response(br#"{"items":[{"delete":{"status":404}}]}"#, 1).is_ok());
+        // One action given twice is one action, its last value counting (as a map reads
+        // it), its name escaped or not.
+        let twice = br#"{"items":[{"index":{"status":500},"ind\u0065x":{"status":201}}]}"#;
+        let items = parse_response(twice, 1).unwrap();
+        assert_eq!(items[0].status, 201);
+        let not_a_map = parse_response(br#"{"items":[null]}"#, 1).unwrap_err();
+        assert!(not_a_map.contains("expected a map"), "{not_a_map}");
     }
 }
