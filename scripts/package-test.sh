@@ -98,8 +98,10 @@ for heading in NAME SYNOPSIS OPTIONS SUBCOMMANDS FILES ENVIRONMENT SIGNALS "EXIT
   grep -q "^$heading" <<<"$rendered" || fail "the man page has no $heading section"
 done
 grep -q "$version" <<<"$rendered" || fail "the man page doesn't name version $version"
-MANWIDTH=80 man -l /usr/share/man/man1/$PKG-send.1.gz 2>/dev/null | col -b | grep -q -- '--index' ||
-  fail "mupdate-worker-send(1) doesn't document --index"
+# Read whole before it is searched: `grep -q` leaves at the first match, and under
+# pipefail the SIGPIPE of a `man` still writing failed the check (seen in CI).
+send_page=$(MANWIDTH=80 man -l /usr/share/man/man1/$PKG-send.1.gz 2>/dev/null | col -b)
+grep -q -- '--index' <<<"$send_page" || fail "mupdate-worker-send(1) doesn't document --index"
 man -w $PKG >/dev/null 2>&1 || fail "man can't find $PKG(1) on its path"
 log "man pages: $(ls /usr/share/man/man1/$PKG*.1.gz | wc -l) render without warnings"
 
