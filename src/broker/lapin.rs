@@ -392,6 +392,14 @@ fn headers_of(headers: &Option<FieldTable>) -> Vec<(String, Value<'static>)> {
 /// The bytes of a content header frame's payload (the frame less its 8 bytes of
 /// framing) with `properties`: class id, weight and body size (12 bytes), then the
 /// properties as lapin writes them.
+fn header_payload(properties: &BasicProperties) -> usize {
+    let write = ::lapin::protocol::basic::gen_properties(properties);
+    match write(Vec::new().into()) {
+        Ok(written) => 12 + usize::try_from(written.position).unwrap_or(usize::MAX),
+        Err(_) => usize::MAX,
+    }
+}
+
 /// At least `header_payload` of what `built` makes of `props` alone (nothing carried),
 /// without encoding it: a reply's properties are far below any frame limit, and this
 /// spares encoding them twice.
@@ -417,14 +425,6 @@ fn most_header_payload(props: &port::Props<'_>) -> usize {
         })
         .sum::<usize>();
     fixed + strings + headers
-}
-
-fn header_payload(properties: &BasicProperties) -> usize {
-    let write = ::lapin::protocol::basic::gen_properties(properties);
-    match write(Vec::new().into()) {
-        Ok(written) => 12 + usize::try_from(written.position).unwrap_or(usize::MAX),
-        Err(_) => usize::MAX,
-    }
 }
 
 /// The AMQP properties of a message to publish, whose header frame fits `frame_max`: a

@@ -445,11 +445,7 @@ fn with_publish_id<'a>(props: &Props<'a>, id: u64) -> Props<'a> {
     let mut headers = Vec::with_capacity(props.headers.len() + 1);
     headers.extend(props.headers.iter().cloned());
     headers.push((PUBLISH_HEADER, Value::LongLongInt(id as i64)));
-    Props {
-        headers,
-        carried: props.carried,
-        ..*props
-    }
+    Props { headers, ..*props }
 }
 
 /// The publish number a returned message carries.

@@ -563,10 +563,9 @@ impl Handler {
                     applied,
                     error,
                 };
-                let settled = Box::pin(
-                    self.dead_letter(broker, &data, &original, &props, letter, request_id),
-                )
-                .await?;
+                let settled = self
+                    .dead_letter(broker, &data, &original, &props, letter, request_id)
+                    .await?;
                 // Its dead letter is confirmed: a redelivery after a lost ack is acked
                 // without a second dead letter (it is in the dead-letter queue already).
                 if settled == Settlement::Ack {
@@ -705,13 +704,11 @@ impl Handler {
                     if let Some(address) = quarantined {
                         // Suspect or proven meanwhile: not for the shared connection.
                         let suspect = || self.suspects.of(address).is_some();
-                        // Boxed, as the other rare paths: their futures would otherwise
-                        // make every delivery's task as large as the largest of them.
-                        Box::pin(broker.publish_reply_quarantined(&reply, suspect)).await
+                        broker.publish_reply_quarantined(&reply, suspect).await
                     } else if !alone {
                         broker.publish_reply(&reply).await
                     } else {
-                        Box::pin(broker.publish_reply_alone(&reply)).await
+                        broker.publish_reply_alone(&reply).await
                     }
                 };
                 tokio::pin!(publish);

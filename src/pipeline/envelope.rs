@@ -627,8 +627,9 @@ static NO_DEFAULT: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock
 /// A document entry checked for `action`, or why it can't be written. The content is
 /// checked before the `_id`, in Kuzzle's order.
 pub fn check_document(entry: &Value, action: Action) -> Result<Checked<'_>, DocumentError> {
+    let get = |key| entry.as_object().and_then(|entry| field(entry, key));
     let content = match action {
-        Action::Update => match entry.as_object().and_then(|e| field(e, "body")) {
+        Action::Update => match get("body") {
             Some(Value::Object(body)) => Content::Merge {
                 changes: body,
                 default: None,
@@ -636,11 +637,10 @@ pub fn check_document(entry: &Value, action: Action) -> Result<Checked<'_>, Docu
             _ => return Err(DocumentError::BodyNotObject),
         },
         Action::Upsert => {
-            let Some(Value::Object(changes)) = entry.as_object().and_then(|e| field(e, "changes"))
-            else {
+            let Some(Value::Object(changes)) = get("changes") else {
                 return Err(DocumentError::ChangesNotObject);
             };
-            let default = match entry.as_object().and_then(|e| field(e, "default")) {
+            let default = match get("default") {
                 None | Some(Value::Null) => &*NO_DEFAULT,
                 Some(Value::Object(default)) => default,
                 Some(_) => return Err(DocumentError::DefaultNotObject),
@@ -650,15 +650,13 @@ pub fn check_document(entry: &Value, action: Action) -> Result<Checked<'_>, Docu
                 default: Some(default),
             }
         }
-        Action::Create | Action::CreateOrReplace | Action::Replace => {
-            match entry.as_object().and_then(|e| field(e, "body")) {
-                Some(Value::Object(body)) => Content::Whole(body),
-                _ => return Err(DocumentError::BodyNotObject),
-            }
-        }
+        Action::Create | Action::CreateOrReplace | Action::Replace => match get("body") {
+            Some(Value::Object(body)) => Content::Whole(body),
+            _ => return Err(DocumentError::BodyNotObject),
+        },
         Action::Delete => Content::Nothing,
     };
-    let id = match entry.as_object().and_then(|e| field(e, "_id")) {
+    let id = match get("_id") {
         Some(Value::String(id)) if !id.is_empty() => Some(id.as_str()),
         // As Kuzzle: no id (or an empty one) is an id to generate where the action makes
         // documents without one.

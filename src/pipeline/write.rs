@@ -108,8 +108,7 @@ where
     let mut outcomes: Vec<Option<Outcome>> = vec![None; documents.len()];
     let mut entries: Vec<Option<Entry>> = Vec::with_capacity(documents.len());
     // The last entry of each `_id`: the only one whose `_source` is asked of the engine
-    // (kept only when sources are asked of several documents; one is its own last).
-    let several = documents.len() > 1;
+    // (kept only when sources are asked).
     let mut last = std::collections::HashMap::new();
     for (slot, document) in documents.iter().enumerate() {
         match envelope::check_document(document, action) {
@@ -121,7 +120,7 @@ where
                         matches!(options.ids, Ids::Derived(_)),
                     ),
                 };
-                if options.include_source && several {
+                if options.include_source {
                     last.insert(id.clone(), slot);
                 }
                 entries.push(Some(Entry {
@@ -136,9 +135,8 @@ where
             }
         }
     }
-    let asks_source = |slot: usize, entry: &Entry| {
-        options.include_source && (!several || last.get(&entry.id) == Some(&slot))
-    };
+    let asks_source =
+        |slot: usize, entry: &Entry| options.include_source && last.get(&entry.id) == Some(&slot);
     // Each entry's item, written once (a replace's once per check: its guard changes):
     // later rounds send the same bytes again.
     let mut written = Vec::new();
