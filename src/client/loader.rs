@@ -163,11 +163,17 @@ fn next_line(
             held.shrink_to(limit.min(1 << 20));
         }
         if !too_long {
-            // Grown by doubling, but never past the limit.
+            // Grown by doubling up to 1 MiB; past that the whole limit is reserved at
+            // once: its untouched pages cost no memory, and a long line is never copied
+            // to a buffer twice its size (which, freed, an allocator may keep resident).
             let needed = held.len() + chunk.len();
             if needed > held.capacity() {
-                let grown = (held.capacity() * 2).max(needed).min(limit);
-                held.reserve_exact(grown - held.len());
+                let grown = if needed <= 1 << 20 {
+                    (held.capacity() * 2).max(needed)
+                } else {
+                    limit
+                };
+                held.reserve_exact(grown.min(limit) - held.len());
             }
             held.extend_from_slice(chunk);
         }
