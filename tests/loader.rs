@@ -130,26 +130,23 @@ async fn requests_are_sized_by_bytes_as_well_as_by_count() {
     worker.stop().await;
 }
 
-/// Peak resident memory (VmHWM) of a process, in bytes, while it runs.
-fn peak_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// Runs the loader on `input` and returns its exit code, stdout and peak RSS (polled).
+/// Runs the loader on `input` and returns its exit code, stdout and peak RSS: the
+/// kernel's own figure for the whole run (`wait4`'s `ru_maxrss`), which a poll of
+/// `/proc/PID/status` could miss at the end of a short run.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std's Child doesn't see
 async fn run_measured(mut command: Command) -> (Option<i32>, String, u64) {
     let mut child = command.spawn().unwrap();
-    let pid = child.id();
-    let mut peak = 0;
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
     let deadline = std::time::Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(rss) = peak_rss(pid) {
-            peak = peak.max(rss);
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
+    let (status, usage) = loop {
+        let mut status = 0;
+        // SAFETY: plain out-parameters, zeroed and owned here; wait4 writes them.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; `pid` is this test's own child, reaped here only.
+        let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        assert!(reaped >= 0, "wait4: {}", std::io::Error::last_os_error());
+        if reaped == pid {
+            break (status, usage);
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -157,9 +154,11 @@ async fn run_measured(mut command: Command) -> (Option<i32>, String, u64) {
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
     let mut stdout = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
-    (status.code(), stdout, peak)
+    // ru_maxrss is in KiB on Linux.
+    (code, stdout, u64::try_from(usage.ru_maxrss).unwrap() * 1024)
 }
 
 #[tokio::test]

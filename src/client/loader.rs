@@ -173,7 +173,14 @@ fn next_line(
                 } else {
                     limit
                 };
-                held.reserve_exact(grown.min(limit) - held.len());
+                // Where the limit can't be reserved (larger than the machine allows),
+                // grown by doubling after all.
+                if held
+                    .try_reserve_exact(grown.min(limit) - held.len())
+                    .is_err()
+                {
+                    held.reserve(needed - held.len());
+                }
             }
             held.extend_from_slice(chunk);
         }
