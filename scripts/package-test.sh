@@ -244,9 +244,10 @@ fi
 if grep -E 'open(at)?\(.*"[^"]*".*O_(WRONLY|RDWR|CREAT)' "$run/syscalls" | grep -vE '"/dev/(null|urandom|random)"'; then
   fail "the worker opens a file for writing (ProtectSystem=strict)"
 fi
-# One read is known and harmless: mimalloc, the worker's allocator, reads
+# One read is known: mimalloc, the worker's allocator, reads
 # /proc/sys/vm/overcommit_memory once at start; where ProcSubset=pid hides it, it assumes
-# overcommit, the kernel's default (0, heuristic), and nothing else changes.
+# overcommit (right for the kernel's default, 0, and for 1; docs/src/install.md says what
+# to set on a host with 2).
 if grep -E '"/(home|root|run/user)/|"/proc/(sys|meminfo|cpuinfo|stat|loadavg)' "$run/syscalls" |
   grep -vE 'open(at)?\((AT_FDCWD, )?"/proc/sys/vm/overcommit_memory", O_RDONLY'; then
   fail "the worker reads what ProtectHome= or ProcSubset=pid hides"

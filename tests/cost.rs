@@ -724,3 +724,18 @@ async fn twenty_requests_of_ten_updates_of_8_mib_documents_without_sources() {
     assert!(up, "the engine is still up");
     assert_eq!(replies.len(), 20, "every request answered");
 }
+
+/// Transparent huge pages are off for the worker (`no_huge_pages` in src/main.rs): under
+/// its allocator's arenas, on a host that has them `always` on, they grew its resident
+/// memory 2 MiB at a time.
+#[tokio::test]
+async fn the_worker_runs_without_transparent_huge_pages() {
+    let (worker, settings) = start_binary(&[]).await;
+    let _cleanup = Cleanup::of(&settings);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", worker.pid())).unwrap();
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
+    // An older kernel doesn't say; there is nothing to check then.
+    if let Some(line) = line {
+        assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+    }
+}

@@ -130,23 +130,43 @@ async fn requests_are_sized_by_bytes_as_well_as_by_count() {
     worker.stop().await;
 }
 
-/// Runs the loader on `input` and returns its exit code, stdout and peak RSS: the
-/// kernel's own figure for the whole run (`wait4`'s `ru_maxrss`), which a poll of
-/// `/proc/PID/status` could miss at the end of a short run.
-#[allow(clippy::zombie_processes)] // reaped by wait4, which std's Child doesn't see
-async fn run_measured(mut command: Command) -> (Option<i32>, String, u64) {
-    let mut child = command.spawn().unwrap();
-    let pid = libc::pid_t::try_from(child.id()).unwrap();
+/// Waits for its command and writes the command's peak RSS (KiB) to the file it is given
+/// first: the kernel's `ru_maxrss`, counted from the command's start to its exit.
+const MEASURE: &str = "import resource, subprocess, sys
+code = subprocess.call(sys.argv[2:])
+with open(sys.argv[1], 'w') as out:
+    out.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)";
+
+/// Runs the loader on `input` and returns its exit code, stdout and peak RSS. Neither a
+/// poll of `/proc/PID/status` (it misses the end of a short run) nor this process's
+/// `wait4` will do: a child started from this process (vfork and exec) begins its
+/// `ru_maxrss` at this process's own peak, which another test running beside this one
+/// makes tens of MiB. So a small Python process starts the loader and reports it.
+async fn run_measured(command: Command) -> (Option<i32>, String, u64) {
+    let dir = tempdir();
+    let figure = dir.join("peak-kib");
+    let mut measured = Command::new("python3");
+    measured
+        .arg("-c")
+        .arg(MEASURE)
+        .arg(&figure)
+        .arg(command.get_program())
+        .args(command.get_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => measured.env(key, value),
+            None => measured.env_remove(key),
+        };
+    }
+    let mut child = measured.spawn().unwrap();
     let deadline = std::time::Instant::now() + TIMEOUT;
-    let (status, usage) = loop {
-        let mut status = 0;
-        // SAFETY: plain out-parameters, zeroed and owned here; wait4 writes them.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; `pid` is this test's own child, reaped here only.
-        let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
-        assert!(reaped >= 0, "wait4: {}", std::io::Error::last_os_error());
-        if reaped == pid {
-            break (status, usage);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -154,11 +174,14 @@ async fn run_measured(mut command: Command) -> (Option<i32>, String, u64) {
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
-    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
     let mut stdout = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
-    // ru_maxrss is in KiB on Linux.
-    (code, stdout, u64::try_from(usage.ru_maxrss).unwrap() * 1024)
+    let kib: u64 = std::fs::read_to_string(&figure)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (status.code(), stdout, kib * 1024)
 }
 
 #[tokio::test]

@@ -179,7 +179,8 @@ fn next_line(
                     .try_reserve_exact(grown.min(limit) - held.len())
                     .is_err()
                 {
-                    held.reserve(needed - held.len());
+                    let doubled = held.capacity().saturating_mul(2).max(needed).min(limit);
+                    held.reserve_exact(doubled - held.len());
                 }
             }
             held.extend_from_slice(chunk);
