@@ -139,17 +139,18 @@ proptest::proptest! {
     }
 }
 
+/// The value of `key` (`"VmHWM"`, …) in /proc/PID/status, when the kernel gives it.
+fn proc_status(pid: u32, key: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.split(':').next() == Some(key))?;
+    line.split_whitespace().nth(1).map(str::to_owned)
+}
+
 /// The worker's peak resident memory so far, in MiB (`VmHWM`).
 fn peak_rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM in /proc/PID/status");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
+    let kib: u64 = proc_status(pid, "VmHWM")
+        .expect("VmHWM in /proc/PID/status")
+        .parse()
         .unwrap();
     kib / 1024
 }
@@ -732,10 +733,8 @@ async fn twenty_requests_of_ten_updates_of_8_mib_documents_without_sources() {
 async fn the_worker_runs_without_transparent_huge_pages() {
     let (worker, settings) = start_binary(&[]).await;
     let _cleanup = Cleanup::of(&settings);
-    let status = std::fs::read_to_string(format!("/proc/{}/status", worker.pid())).unwrap();
-    let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
     // An older kernel doesn't say; there is nothing to check then.
-    if let Some(line) = line {
-        assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+    if let Some(enabled) = proc_status(worker.pid(), "THP_enabled") {
+        assert_eq!(enabled, "0", "THP_enabled");
     }
 }

@@ -163,23 +163,14 @@ fn next_line(
             held.shrink_to(limit.min(1 << 20));
         }
         if !too_long {
-            // Grown by doubling up to 1 MiB; past that the whole limit is reserved at
-            // once: its untouched pages cost no memory, and a long line is never copied
-            // to a buffer twice its size (which, freed, an allocator may keep resident).
+            // Grown by doubling, never past the limit; past 1 MiB the whole limit is
+            // reserved at once where it can be: its untouched pages cost no memory, and a
+            // long line is never copied to a buffer twice its size (which, freed, an
+            // allocator may keep resident).
             let needed = held.len() + chunk.len();
             if needed > held.capacity() {
-                let grown = if needed <= 1 << 20 {
-                    (held.capacity() * 2).max(needed)
-                } else {
-                    limit
-                };
-                // Where the limit can't be reserved (larger than the machine allows),
-                // grown by doubling after all.
-                if held
-                    .try_reserve_exact(grown.min(limit) - held.len())
-                    .is_err()
-                {
-                    let doubled = held.capacity().saturating_mul(2).max(needed).min(limit);
+                let doubled = held.capacity().saturating_mul(2).max(needed).min(limit);
+                if needed <= 1 << 20 || held.try_reserve_exact(limit - held.len()).is_err() {
                     held.reserve_exact(doubled - held.len());
                 }
             }
@@ -578,6 +569,18 @@ mod tests {
                 Line::TooLong { bytes: 100_000 },
             ]
         );
+    }
+
+    #[test]
+    fn a_limit_too_large_to_reserve_is_grown_to_by_doubling() {
+        // Past 1 MiB the limit is reserved at once; this one can't be (no machine has
+        // it): the line is still read whole, in a buffer doubled as it grows.
+        let text = [&[b'z'; 3 << 20][..], b"\n"].concat();
+        let mut input = std::io::BufReader::with_capacity(1 << 16, &text[..]);
+        let mut held = Vec::new();
+        let line = next_line(&mut input, isize::MAX as usize, &mut held).unwrap();
+        assert!(matches!(line, Some(Line::Text(t)) if t.len() == 3 << 20));
+        assert!(held.capacity() <= 8 << 20, "{}", held.capacity());
     }
 
     #[test]
