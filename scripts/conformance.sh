@@ -3,9 +3,9 @@
 #
 # The engine matrix: for each engine in turn, starts it beside the default services
 # (scripts/services.sh with ENGINE and ENGINE_PORT, MATRIX_PORT: 9210, heap
-# MATRIX_HEAP: 512m), runs the conformance subset against it, stops it, and prints one
-# line: engine, version, Java, result, seconds (start-up included). A summary table at
-# the end; exit 1 when any engine failed.
+# MATRIX_HEAP: 1g, as the main engine's), runs the conformance subset against it, stops
+# it, and prints one line: engine, version, Java, result, seconds (start-up included).
+# A summary table at the end; exit 1 when any engine failed.
 #
 # The conformance subset, existing tests pointed at the engine by MUPDATE_TEST_ES_URL:
 #   tests/mupdate.rs   a test per row of SPEC sections 1-5: 200, 206 partial errors,
@@ -24,7 +24,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 export ENGINE_PORT=${MATRIX_PORT:-9210}
-export ES_HEAP=${MATRIX_HEAP:-512m}
+export ES_HEAP=${MATRIX_HEAP:-1g}
 export MUPDATE_TEST_ES_URL=http://127.0.0.1:$ENGINE_PORT
 engines=("$@")
 [ ${#engines[@]} -gt 0 ] || engines=(elasticsearch-7 elasticsearch-8 elasticsearch-9 opensearch-2 opensearch-3)

@@ -180,6 +180,24 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(TIMEOUT).build().unwrap()
 }
 
+/// Sends a test's own set-up or read-back call to the engine, again while the engine
+/// answers 429: its memory circuit breaker counts garbage not yet collected, and on the
+/// engine matrix's small heap an earlier test's large documents can trip it for a moment
+/// (`circuit_breaking_exception`, `"durability": "TRANSIENT"`). At most 20 tries, half
+/// a second apart; then the last answer, whatever it is. What the worker sends never
+/// goes through here.
+pub async fn engine_call(request: reqwest::RequestBuilder) -> reqwest::Response {
+    for _ in 1..20 {
+        let again = request.try_clone().expect("a buffered body");
+        let r = again.send().await.unwrap();
+        if r.status() != reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    request.send().await.unwrap()
+}
+
 /// Percent-encodes `&` so a physical Kuzzle index name can stand in a URL path.
 pub fn path(name: &str) -> String {
     name.replace('&', "%26")
@@ -225,30 +243,21 @@ impl Collection {
         let (index, collection) = (index.to_owned(), collection.to_owned());
         let physical = format!("&{index}.{collection}");
         let es = http();
-        let r = es
-            .put(format!("{es_url}/{}", path(&physical)))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = engine_call(es.put(format!("{es_url}/{}", path(&physical))).json(&body)).await;
         assert!(
             r.status().is_success(),
             "create index: {}",
             r.text().await.unwrap()
         );
         for (id, source) in docs {
-            let r = es
-                .put(format!("{es_url}/{}/_doc/{id}", path(&physical)))
-                .json(source)
-                .send()
-                .await
-                .unwrap();
-            assert!(r.status().is_success());
+            let r = engine_call(
+                es.put(format!("{es_url}/{}/_doc/{id}", path(&physical)))
+                    .json(source),
+            )
+            .await;
+            assert!(r.status().is_success(), "{}", r.text().await.unwrap());
         }
-        es.post(format!("{es_url}/{}/_refresh", path(&physical)))
-            .send()
-            .await
-            .unwrap();
+        engine_call(es.post(format!("{es_url}/{}/_refresh", path(&physical)))).await;
         Collection {
             index,
             collection,
@@ -259,14 +268,12 @@ impl Collection {
 
     /// A stored document's `_source` and `_version`.
     pub async fn get(&self, id: &str) -> (Value, u64) {
-        let doc: Value = http()
-            .get(format!("{}/{}/_doc/{id}", self.es, path(&self.physical)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let doc: Value =
+            engine_call(http().get(format!("{}/{}/_doc/{id}", self.es, path(&self.physical))))
+                .await
+                .json()
+                .await
+                .unwrap();
         (
             doc["_source"].clone(),
             doc["_version"].as_u64().unwrap_or(0),
