@@ -142,10 +142,14 @@ sys.exit(code)";
 /// poll of `/proc/PID/status` (it misses the end of a short run) nor this process's
 /// `wait4` will do: a child started from this process (vfork and exec) begins its
 /// `ru_maxrss` at this process's own peak, which another test running beside this one
-/// makes tens of MiB. So a small Python process starts the loader and reports it.
+/// makes tens of MiB. So a small Python process starts the loader and reports it. The
+/// loader's stdout goes to a file (a pipe read only after the exit would stop a loader
+/// that writes more than it holds), and both run in a process group of their own, killed
+/// whole if they outlast the test's bound.
 async fn run_measured(command: Command) -> (Option<i32>, String, u64) {
+    use std::os::unix::process::CommandExt;
     let dir = tempdir();
-    let figure = dir.join("peak-kib");
+    let (figure, output) = (dir.join("peak-kib"), dir.join("stdout"));
     let mut measured = Command::new("python3");
     measured
         .arg("-c")
@@ -154,8 +158,9 @@ async fn run_measured(command: Command) -> (Option<i32>, String, u64) {
         .arg(command.get_program())
         .args(command.get_args())
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stdout(std::fs::File::create(&output).unwrap())
+        .stderr(Stdio::null())
+        .process_group(0);
     for (key, value) in command.get_envs() {
         match value {
             Some(value) => measured.env(key, value),
@@ -168,14 +173,16 @@ async fn run_measured(command: Command) -> (Option<i32>, String, u64) {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the loader still runs"
-        );
+        if std::time::Instant::now() >= deadline {
+            let group = i32::try_from(child.id()).unwrap();
+            // SAFETY: kill(2) with a negated pid signals that process group, ours.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+            let _ = child.wait();
+            panic!("the loader still ran after {TIMEOUT:?}");
+        }
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
-    let mut stdout = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    let stdout = std::fs::read_to_string(&output).unwrap();
     let kib: u64 = std::fs::read_to_string(&figure)
         .unwrap()
         .trim()
