@@ -143,13 +143,13 @@ sys.exit(code)";
 /// `wait4` will do: a child started from this process (vfork and exec) begins its
 /// `ru_maxrss` at this process's own peak, which another test running beside this one
 /// makes tens of MiB. So a small Python process starts the loader and reports it. The
-/// loader's stdout goes to a file (a pipe read only after the exit would stop a loader
-/// that writes more than it holds), and both run in a process group of their own, killed
-/// whole if they outlast the test's bound.
+/// loader's stdout and stderr go to files (a pipe read only after the exit would stop a
+/// loader that writes more than it holds), and both run in a process group of their own,
+/// killed whole if they outlast the test's bound.
 async fn run_measured(command: Command) -> (Option<i32>, String, u64) {
     use std::os::unix::process::CommandExt;
     let dir = tempdir();
-    let (figure, output) = (dir.join("peak-kib"), dir.join("stdout"));
+    let (figure, output, errors) = (dir.join("peak-kib"), dir.join("stdout"), dir.join("stderr"));
     let mut measured = Command::new("python3");
     measured
         .arg("-c")
@@ -159,7 +159,7 @@ async fn run_measured(command: Command) -> (Option<i32>, String, u64) {
         .args(command.get_args())
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&output).unwrap())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&errors).unwrap())
         .process_group(0);
     for (key, value) in command.get_envs() {
         match value {
@@ -178,16 +178,19 @@ async fn run_measured(command: Command) -> (Option<i32>, String, u64) {
             // SAFETY: kill(2) with a negated pid signals that process group, ours.
             unsafe { libc::kill(-group, libc::SIGKILL) };
             let _ = child.wait();
-            panic!("the loader still ran after {TIMEOUT:?}");
+            let errors = std::fs::read_to_string(&errors).unwrap_or_default();
+            panic!("the loader still ran after {TIMEOUT:?}; its stderr:\n{errors}");
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let stdout = std::fs::read_to_string(&output).unwrap();
-    let kib: u64 = std::fs::read_to_string(&figure)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let Some(kib) = std::fs::read_to_string(&figure)
+        .ok()
+        .and_then(|figure| figure.trim().parse::<u64>().ok())
+    else {
+        let errors = std::fs::read_to_string(&errors).unwrap_or_default();
+        panic!("no peak RSS measured ({status}); stderr:\n{errors}");
+    };
     (status.code(), stdout, kib * 1024)
 }
 

@@ -181,21 +181,23 @@ pub fn http() -> reqwest::Client {
 }
 
 /// Sends a test's own set-up or read-back call to the engine, again while the engine
-/// answers 429: its memory circuit breaker counts garbage not yet collected, and on the
-/// engine matrix's small heap an earlier test's large documents can trip it for a moment
+/// answers 429: its memory circuit breaker counts garbage not yet collected, and on a
+/// small heap an earlier test's large documents can trip it for a moment
 /// (`circuit_breaking_exception`, `"durability": "TRANSIENT"`). At most 20 tries, half
-/// a second apart; then the last answer, whatever it is. What the worker sends never
-/// goes through here.
+/// a second apart; then the last answer, whatever it is (callers check its status). What
+/// the worker sends never goes through here.
 pub async fn engine_call(request: reqwest::RequestBuilder) -> reqwest::Response {
+    let (client, request) = request.build_split();
+    let request = request.unwrap();
     for _ in 1..20 {
         let again = request.try_clone().expect("a buffered body");
-        let r = again.send().await.unwrap();
+        let r = client.execute(again).await.unwrap();
         if r.status() != reqwest::StatusCode::TOO_MANY_REQUESTS {
             return r;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    request.send().await.unwrap()
+    client.execute(request).await.unwrap()
 }
 
 /// Percent-encodes `&` so a physical Kuzzle index name can stand in a URL path.
@@ -257,7 +259,12 @@ impl Collection {
             .await;
             assert!(r.status().is_success(), "{}", r.text().await.unwrap());
         }
-        engine_call(es.post(format!("{es_url}/{}/_refresh", path(&physical)))).await;
+        let r = engine_call(es.post(format!("{es_url}/{}/_refresh", path(&physical)))).await;
+        assert!(
+            r.status().is_success(),
+            "refresh: {}",
+            r.text().await.unwrap()
+        );
         Collection {
             index,
             collection,
@@ -266,14 +273,18 @@ impl Collection {
         }
     }
 
-    /// A stored document's `_source` and `_version`.
+    /// A stored document's `_source` and `_version`: `(null, 0)` when the engine says
+    /// it is not there (404: no such document, or no such index). Any other answer fails
+    /// the test, so that an engine error never reads as a deleted document.
     pub async fn get(&self, id: &str) -> (Value, u64) {
-        let doc: Value =
-            engine_call(http().get(format!("{}/{}/_doc/{id}", self.es, path(&self.physical))))
-                .await
-                .json()
-                .await
-                .unwrap();
+        let r = engine_call(http().get(format!("{}/{}/_doc/{id}", self.es, path(&self.physical))))
+            .await;
+        let status = r.status();
+        let doc: Value = r.json().await.unwrap();
+        assert!(
+            status == reqwest::StatusCode::OK || status == reqwest::StatusCode::NOT_FOUND,
+            "read {id}: {status} {doc}"
+        );
         (
             doc["_source"].clone(),
             doc["_version"].as_u64().unwrap_or(0),
@@ -331,13 +342,14 @@ pub fn delete_blocking(url: String) {
 
 /// Whether a physical index exists.
 pub async fn index_exists(name: &str) -> bool {
-    http()
-        .head(format!("{ES_URL}/{}", path(name)))
-        .send()
+    let status = engine_call(http().head(format!("{ES_URL}/{}", path(name))))
         .await
-        .unwrap()
-        .status()
-        == 200
+        .status();
+    assert!(
+        status == reqwest::StatusCode::OK || status == reqwest::StatusCode::NOT_FOUND,
+        "does {name} exist: {status}"
+    );
+    status == reqwest::StatusCode::OK
 }
 
 /// Defaults, with fresh queue names so tests run in parallel.
