@@ -444,13 +444,16 @@ impl Session<'_> {
         let turn = self.handler.sequencer().turn(&delivery.body);
         let (handler, broker) = (self.handler.clone(), broker.clone());
         let (cancel, broken) = (period.child_token(), broken.clone());
-        tracker.spawn(async move {
+        // Boxed: the request's future is some kilobytes (every stage of its work, inline),
+        // and the runtime moves a task's future by value as it spawns and ends it; a box
+        // is moved as a pointer (docs/src/benchmarks.md, "The build profile").
+        tracker.spawn(Box::pin(async move {
             let _hold = hold;
             if let Err(err) = handler.handle(delivery, &broker, cancel, turn).await {
                 warn!(error = %err, "broker channel failed; the request will be redelivered");
                 broken.cancel();
             }
-        });
+        }));
     }
 
     /// Consumes again with the prefetch the requests' sizes call for: cancels the
