@@ -456,20 +456,35 @@ struct Outcome {
     missing: Vec<String>,
     left_queued: u32,
     dead_lettered: u32,
+    /// Replies in the client's reply queue that `collect` never read: tells a reply the
+    /// broker holds but didn't deliver from one never published.
+    replies_unread: u32,
+}
+
+/// A queue's ready messages, read through `url`; waits (30 s at most) while the queue
+/// can't be read (its home node restarting), and fails the test rather than count 0.
+async fn ready_in(url: &str, queue: &str) -> u32 {
+    for _ in 0..30 {
+        if let Some((ready, _)) = queue_counts_at(url, queue).await {
+            return ready;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("the counts of queue {queue} could not be read through {url}")
 }
 
 impl Outcome {
     async fn of(load: &Load, replies: &HashMap<String, Vec<Value>>, settings: &Settings) -> Self {
         load.refresh().await;
         let amqp = &settings.amqp;
-        let count = |q| queue_counts_at(&load.amqp, q);
         Outcome {
             answered: replies.len(),
             duplicates: replies.values().map(Vec::len).sum::<usize>() - replies.len(),
             wrong: load.wrong_replies(replies),
             missing: load.missing_updates(load.requests.keys()).await,
-            left_queued: count(&amqp.request_queue).await.map_or(0, |c| c.0),
-            dead_lettered: count(&amqp.dead_letter_queue).await.map_or(0, |c| c.0),
+            left_queued: ready_in(&load.amqp, &amqp.request_queue).await,
+            dead_lettered: ready_in(&load.amqp, &amqp.dead_letter_queue).await,
+            replies_unread: ready_in(&load.amqp, &load.reply_queue).await,
         }
     }
 
@@ -487,13 +502,14 @@ impl std::fmt::Display for Outcome {
         write!(
             f,
             "answered={}/{N}, duplicates={}, wrong={}, lost updates={}, left queued={}, \
-             dead-lettered={}",
+             dead-lettered={}, replies unread in the reply queue={}",
             self.answered,
             self.duplicates,
             self.wrong.len(),
             self.missing.len(),
             self.left_queued,
-            self.dead_lettered
+            self.dead_lettered,
+            self.replies_unread
         )
     }
 }

@@ -146,7 +146,7 @@ sys.exit(code)";
 /// loader's stdout and stderr go to files (a pipe read only after the exit would stop a
 /// loader that writes more than it holds), and both run in a process group of their own,
 /// killed whole if they outlast the test's bound.
-async fn run_measured(command: Command) -> (Option<i32>, String, u64) {
+async fn run_measured(command: Command) -> Measured {
     use std::os::unix::process::CommandExt;
     let dir = tempdir();
     let (figure, output, errors) = (dir.join("peak-kib"), dir.join("stdout"), dir.join("stderr"));
@@ -178,20 +178,39 @@ async fn run_measured(command: Command) -> (Option<i32>, String, u64) {
             // SAFETY: kill(2) with a negated pid signals that process group, ours.
             unsafe { libc::kill(-group, libc::SIGKILL) };
             let _ = child.wait();
-            let errors = std::fs::read_to_string(&errors).unwrap_or_default();
-            panic!("the loader still ran after {TIMEOUT:?}; its stderr:\n{errors}");
+            panic!(
+                "the loader still ran after {TIMEOUT:?}; its stderr:\n{}",
+                lossy(&errors)
+            );
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
-    let stdout = std::fs::read_to_string(&output).unwrap();
+    let (stdout, stderr) = (lossy(&output), lossy(&errors));
     let Some(kib) = std::fs::read_to_string(&figure)
         .ok()
         .and_then(|figure| figure.trim().parse::<u64>().ok())
     else {
-        let errors = std::fs::read_to_string(&errors).unwrap_or_default();
-        panic!("no peak RSS measured ({status}); stderr:\n{errors}");
+        panic!("no peak RSS measured ({status}); stderr:\n{stderr}");
     };
-    (status.code(), stdout, kib * 1024)
+    Measured {
+        code: status.code(),
+        stdout,
+        stderr,
+        peak: kib * 1024,
+    }
+}
+
+/// What `run_measured` saw of a run: its exit code, its output and its peak RSS (bytes).
+struct Measured {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    peak: u64,
+}
+
+/// A file's text, whatever its bytes (empty when it can't be read).
+fn lossy(file: &std::path::Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(file).unwrap_or_default()).into_owned()
 }
 
 #[tokio::test]
@@ -214,10 +233,12 @@ async fn a_200_mib_line_without_an_end_costs_bounded_memory() {
         }
     }
     // The loader's own footprint (its libraries, its runtime, the broker connection).
-    let (code, _, baseline) = run_measured(loader(&queue, &col, &empty, &failures)).await;
-    assert_eq!(code, Some(0));
-    let (code, stdout, peak) = run_measured(loader(&queue, &col, &input, &failures)).await;
-    assert_eq!(code, Some(1));
+    let empty_run = run_measured(loader(&queue, &col, &empty, &failures)).await;
+    assert_eq!(empty_run.code, Some(0), "stderr:\n{}", empty_run.stderr);
+    let baseline = empty_run.peak;
+    let run = run_measured(loader(&queue, &col, &input, &failures)).await;
+    assert_eq!(run.code, Some(1), "stderr:\n{}", run.stderr);
+    let peak = run.peak;
     let extra = peak.saturating_sub(baseline);
     eprintln!(
         "loader peak RSS: {} MiB on an empty file, {} MiB on a 200 MiB line without an end",
@@ -231,10 +252,13 @@ async fn a_200_mib_line_without_an_end_costs_bounded_memory() {
         "{} MiB more than on an empty file",
         extra >> 20
     );
-    let summary: Value = serde_json::from_str(&stdout).unwrap();
+    let summary: Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}; stderr:\n{}", run.stdout, run.stderr));
     assert_eq!(
         (&summary["lines"], &summary["failed"]),
-        (&json!(1), &json!(1))
+        (&json!(1), &json!(1)),
+        "stderr:\n{}",
+        run.stderr
     );
     let listed = records(&failures);
     assert_eq!(

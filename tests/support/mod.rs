@@ -280,11 +280,13 @@ impl Collection {
         let r = engine_call(http().get(format!("{}/{}/_doc/{id}", self.es, path(&self.physical))))
             .await;
         let status = r.status();
-        let doc: Value = r.json().await.unwrap();
+        let text = r.text().await.unwrap();
         assert!(
             status == reqwest::StatusCode::OK || status == reqwest::StatusCode::NOT_FOUND,
-            "read {id}: {status} {doc}"
+            "read {id}: {status} {text}"
         );
+        let doc: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|err| panic!("read {id}: {status} {err}: {text}"));
         (
             doc["_source"].clone(),
             doc["_version"].as_u64().unwrap_or(0),
