@@ -36,6 +36,12 @@ const PREFETCH: u16 = 64;
 const DELIVERY_LIMIT: u32 = 10;
 /// Every reply after a kill, on a loaded 2-core machine.
 const SETTLE: Duration = Duration::from_secs(300);
+/// How long replies are collected while a killed broker node is down, before it is
+/// started again and the rest collected. A quorum queue keeps the deliveries it had
+/// handed to a consumer on a node that dies checked out to that consumer (RabbitMQ
+/// marks it suspected down, as on a partition, where it may still be working) until
+/// the node is back; only then do they go to another consumer and get their answer.
+const WHILE_DOWN: Duration = Duration::from_secs(60);
 /// A worker moving to another node, a leader election, a node rejoining.
 const RECOVER: Duration = Duration::from_secs(120);
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
@@ -384,6 +390,12 @@ impl WorkerProcess {
         .await
     }
 
+    /// Requests it holds unsettled now (received, not yet acked, requeued or
+    /// dead-lettered): what a queue's ready count doesn't show.
+    async fn in_flight(&self) -> f64 {
+        metric(&self.listen, "mupdate_requests_in_flight").await
+    }
+
     /// SIGTERM, then its exit code (None: killed after TIMEOUT).
     async fn stop(mut self) -> Option<i32> {
         let _ = Command::new("kill")
@@ -545,8 +557,9 @@ async fn killing_the_workers_broker_node_moves_it_and_loses_nothing() {
     let at = until_kill(&load, &queue).await;
     t.killed.kill(&rabbit(node)).await;
     let (moved, took) = worker.wait_node(Some(node)).await;
-    let replies = load.collect(SETTLE).await;
+    let replies = load.collect(WHILE_DOWN).await;
     let rejoined = t.killed.restart(&rabbit(node)).await;
+    let replies = load.collect_more(SETTLE, replies).await;
     wait_queue_ready(&queue, via, &[]).await;
     let outcome = Outcome::of(&load, &replies, &settings).await;
     t.report(format!(
@@ -586,9 +599,10 @@ async fn killing_the_request_queues_leader_loses_nothing() {
     t.killed.kill(&rabbit(leader)).await;
     let new_leader = wait_leader_not(&queue, via, leader).await;
     let elected = t0.elapsed();
-    let replies = load.collect(SETTLE).await;
+    let replies = load.collect(WHILE_DOWN).await;
     let still = worker.node().await;
     let rejoined = t.killed.restart(&rabbit(leader)).await;
+    let replies = load.collect_more(SETTLE, replies).await;
     wait_queue_ready(&queue, via, &[]).await;
     let outcome = Outcome::of(&load, &replies, &settings).await;
     t.report(format!(
@@ -730,17 +744,20 @@ async fn two_workers_on_two_nodes_one_node_killed_the_rest_finish_everything() {
     let before = (a.answered().await, b.answered().await);
     t.killed.kill(&rabbit(node_a)).await;
     let (moved, took) = a.wait_node(Some(node_a)).await;
-    let replies = load.collect(SETTLE).await;
-    let after = (a.answered().await, b.answered().await);
+    let replies = load.collect(WHILE_DOWN).await;
     let rejoined = t.killed.restart(&rabbit(node_a)).await;
+    let replies = load.collect_more(SETTLE, replies).await;
+    let after = (a.answered().await, b.answered().await);
+    let held = (a.in_flight().await, b.in_flight().await);
     wait_queue_ready(&queue, via, &[]).await;
     let outcome = Outcome::of(&load, &replies, &settings).await;
     t.report(format!(
         "N={N}, answered before the kill={} (worker A on rabbit{node_a}: {}, worker \
          B on rabbit{node_b}: {}), queued at the kill={}; SIGKILL rabbit{node_a}: A moved \
-         to rabbit{moved} in {took:.1?}; answered in all by A={}, by B={}; {outcome}; \
+         to rabbit{moved} in {took:.1?}; answered in all by A={}, by B={}; still held \
+         unsettled at the end: by A={}, by B={}; {outcome}; \
          rabbit{node_a} restarted and rejoined in {rejoined:.1?}",
-        at.answered, before.0, before.1, at.queued, after.0, after.1
+        at.answered, before.0, before.1, at.queued, after.0, after.1, held.0, held.1
     ));
     finish(vec![a, b], &settings, load).await;
     outcome.assert_clean();

@@ -151,6 +151,15 @@ impl Load {
     /// Consumes replies until every request has one or `within` passes, then takes
     /// whatever else is waiting: requestId → the replies to it.
     pub async fn collect(&self, within: Duration) -> HashMap<String, Vec<Value>> {
+        self.collect_more(within, HashMap::new()).await
+    }
+
+    /// `collect`, adding to the replies already collected.
+    pub async fn collect_more(
+        &self,
+        within: Duration,
+        mut replies: HashMap<String, Vec<Value>>,
+    ) -> HashMap<String, Vec<Value>> {
         let amqp = Amqp::open_at(&self.amqp).await;
         let mut consumer = amqp
             .channel
@@ -162,9 +171,10 @@ impl Load {
             )
             .await
             .unwrap();
-        let mut replies: HashMap<String, Vec<Value>> = HashMap::new();
         let deadline = tokio::time::Instant::now() + within;
-        let mut settle = None;
+        // Every request answered already: only a short while for late duplicates.
+        let mut settle = (replies.len() == self.requests.len())
+            .then(|| tokio::time::Instant::now() + Duration::from_secs(1));
         loop {
             let until = settle.unwrap_or(deadline).min(deadline);
             let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(until, consumer.next()).await
