@@ -476,13 +476,16 @@ struct Outcome {
 /// A queue's ready messages, read through `url`; waits (30 s at most) while the queue
 /// can't be read (its home node restarting), and fails the test rather than count 0.
 async fn ready_in(url: &str, queue: &str) -> u32 {
-    for _ in 0..30 {
-        if let Some((ready, _)) = queue_counts_at(url, queue).await {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        // A declare the broker stalls on (a queue mid-election) counts as unread.
+        let read = tokio::time::timeout_at(deadline, queue_counts_at(url, queue)).await;
+        if let Ok(Some((ready, _))) = read {
             return ready;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    panic!("the counts of queue {queue} could not be read through {url}")
+    panic!("the counts of queue {queue} could not be read through {url} in 30 s")
 }
 
 impl Outcome {
